@@ -1,0 +1,33 @@
+"""napari-registration: align images in napari and from Python.
+
+The public API is importable without napari, Qt, OpenCV or SimpleITK.
+"""
+
+__version__ = "0.1.0"
+
+from .core.register import (  # noqa: E402
+    BackendResult,
+    RegistrationCancelled,
+    RegistrationError,
+    RegistrationResult,
+    apply_transform,
+    available_methods,
+    method_info,
+    register,
+)
+from .core.transform import Transform, load_transform, save_transform  # noqa: E402
+
+__all__ = [
+    "register",
+    "apply_transform",
+    "RegistrationResult",
+    "BackendResult",
+    "RegistrationError",
+    "RegistrationCancelled",
+    "Transform",
+    "save_transform",
+    "load_transform",
+    "available_methods",
+    "method_info",
+    "__version__",
+]

@@ -1,0 +1,110 @@
+"""Similarity scores between two images on the same grid, and target registration error.
+
+Intensity scores are computed where both images have data (``mask``), after robust
+normalisation of each image to [0, 1] (0.5th and 99.5th percentiles), so MSE is
+comparable across images of different dtypes and ranges.
+
+* ``mse``: mean squared error of the normalised images (lower is better, 0 = identical)
+* ``ncc``: normalised cross-correlation (1 = identical up to gain/offset)
+* ``mi``: mutual information in nats from a 32x32 joint histogram (higher is better)
+* ``ssim``: structural similarity (1 = identical)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    values = image[mask] if mask is not None else image
+    if values.size == 0:
+        return np.zeros_like(image)
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(image)
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+
+
+def mse(a, b, mask=None) -> float:
+    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    d = d[mask] if mask is not None else d
+    return float(np.mean(d * d)) if d.size else float("nan")
+
+
+def ncc(a, b, mask=None) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    if a.size < 2:
+        return float("nan")
+    a = a - a.mean()
+    b = b - b.mean()
+    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / den) if den > 0 else 0.0
+
+
+def mutual_information(a, b, mask=None, bins: int = 32) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    if a.size < 2:
+        return float("nan")
+    hist, _, _ = np.histogram2d(a.ravel(), b.ravel(), bins=bins)
+    pxy = hist / hist.sum()
+    px = pxy.sum(axis=1, keepdims=True)
+    py = pxy.sum(axis=0, keepdims=True)
+    nz = pxy > 0
+    return float(np.sum(pxy[nz] * np.log(pxy[nz] / (px @ py)[nz])))
+
+
+def ssim(a, b, mask=None) -> float:
+    from skimage.metrics import structural_similarity
+
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if min(a.shape) < 7:
+        return float("nan")
+    _, full = structural_similarity(a, b, data_range=1.0, full=True)
+    return float(np.mean(full[mask]) if mask is not None else np.mean(full))
+
+
+def tre(points_a, points_b) -> dict:
+    """Target registration error between paired (N, D) points: mean, median, max, rms."""
+    a = np.asarray(points_a, float)
+    b = np.asarray(points_b, float)
+    if a.shape != b.shape:
+        raise ValueError(f"TRE needs paired points of the same shape; got {a.shape} and {b.shape}")
+    err = np.linalg.norm(a - b, axis=1)
+    return {
+        "mean": float(err.mean()),
+        "median": float(np.median(err)),
+        "max": float(err.max()),
+        "rms": float(np.sqrt(np.mean(err ** 2))),
+    }
+
+
+def compare(fixed, warped, mask=None, *, with_ssim: bool = True) -> dict:
+    """All scores of ``warped`` against ``fixed`` over ``mask`` (both on one grid)."""
+    fixed = np.asarray(fixed)
+    warped = np.asarray(warped)
+    if fixed.shape != warped.shape:
+        raise ValueError(f"images to compare must share a grid; got {fixed.shape} and {warped.shape}")
+    if mask is not None and not np.any(mask):
+        return {"mse": float("nan"), "ncc": float("nan"), "mi": float("nan"),
+                "ssim": float("nan"), "overlap": 0.0}
+    a = robust_normalize(fixed, mask)
+    b = robust_normalize(warped, mask)
+    out = {
+        "mse": mse(a, b, mask),
+        "ncc": ncc(a, b, mask),
+        "mi": mutual_information(a, b, mask),
+    }
+    if with_ssim:
+        out["ssim"] = ssim(a, b, mask)
+    out["overlap"] = float(np.mean(mask)) if mask is not None else 1.0
+    return out

@@ -1,0 +1,58 @@
+"""Preprocessing shared by all backends: grey conversion, normalisation, equalisation,
+smoothing. All functions return new arrays; inputs are never modified."""
+
+from __future__ import annotations
+
+import numpy as np
+
+EQUALIZE_CHOICES = (None, "hist", "clahe")
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """RGB(A) (last axis) -> luminance, as float32."""
+    image = np.asarray(image)
+    rgb = image[..., :3].astype(np.float32)
+    return rgb @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+
+
+def normalize(image: np.ndarray, mask=None, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Robust rescale to [0, 1] by percentiles (float32)."""
+    from .metrics import robust_normalize
+
+    return robust_normalize(image, mask, low, high)
+
+
+def equalize(image: np.ndarray, how: str | None, mask=None) -> np.ndarray:
+    """Histogram equalisation (``"hist"``) or CLAHE (``"clahe"``) of a [0, 1] image."""
+    if how in (None, False, "none"):
+        return image
+    from skimage import exposure
+
+    if how in ("hist", True):
+        return exposure.equalize_hist(image, mask=mask).astype(np.float32)
+    if how == "clahe":
+        return exposure.equalize_adapthist(np.clip(image, 0, 1)).astype(np.float32)
+    raise ValueError(f"equalize must be one of None, 'hist', 'clahe'; got {how!r}")
+
+
+def smooth(image: np.ndarray, sigma: float, spacing=None) -> np.ndarray:
+    """Gaussian smoothing with ``sigma`` in world units (converted per axis with spacing)."""
+    if not sigma:
+        return image
+    if sigma < 0:
+        raise ValueError(f"smooth (Gaussian sigma, world units) must be >= 0; got {sigma}")
+    from scipy import ndimage
+
+    spacing = np.ones(image.ndim) if spacing is None else np.asarray(spacing, float)
+    return ndimage.gaussian_filter(image, sigma / spacing).astype(np.float32)
+
+
+def prepare(image, *, spacing=None, mask=None, normalize_: bool = True, equalize_=None,
+            smooth_: float = 0.0) -> np.ndarray:
+    """The shared pipeline: float32, robust [0, 1] normalisation, equalisation, smoothing."""
+    out = np.asarray(image, dtype=np.float32)
+    if normalize_ or equalize_:
+        out = normalize(out, mask)
+    out = equalize(out, equalize_, mask)
+    out = smooth(out, smooth_, spacing)
+    return np.ascontiguousarray(out, dtype=np.float32)

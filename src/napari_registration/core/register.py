@@ -1,0 +1,482 @@
+"""``register()``: validate, preprocess, dispatch to a backend, warp, score.
+
+Backends live in ``napari_registration.backends`` and are found through a small
+registry (name -> module). A backend module provides
+
+* ``TRANSFORMS``: the transform names it supports;
+* ``NDIMS``: the image dimensions it supports (``None`` for any);
+* ``DESCRIPTION``: one line for menus;
+* ``register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress,
+  cancel, **options) -> BackendResult``: keyword-only options with defaults, which
+  are also what a widget shows for the method.
+
+Backends see float32 arrays in [0, 1], spacing, and masks; they never see origins
+(the core composes them in) and never warp the output image (the core does, once).
+They return a transform mapping moving world -> fixed world *for zero origins*.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .resample import _geometry, overlap_mask, resample
+from .transform import Transform
+
+__all__ = [
+    "register",
+    "RegistrationResult",
+    "BackendResult",
+    "RegistrationError",
+    "RegistrationCancelled",
+    "available_methods",
+    "method_info",
+    "TRANSFORM_CHOICES",
+]
+
+TRANSFORM_CHOICES = ("translation", "rigid", "similarity", "affine", "homography", "bspline",
+                     "demons", "tps")
+
+# name -> module; a backend appears in available_methods() once its module exists
+_BACKENDS: dict[str, str] = {
+    "fourier": "napari_registration.backends.fourier",
+    "features": "napari_registration.backends.features",
+    "intensity": "napari_registration.backends.intensity",
+    "landmarks": "napari_registration.backends.landmarks",
+    "auto": "napari_registration.backends.auto",
+}
+
+# options the core itself handles, for every method
+CORE_OPTIONS = {
+    "normalize": True,        # robust [0, 1] rescale before the backend
+    "equalize": None,         # None | "hist" | "clahe"
+    "smooth": 0.0,            # Gaussian sigma in world units
+    "fixed_mask": None,       # bool array, fixed shape: where to look
+    "moving_mask": None,      # bool array, moving shape
+    "rgb": None,              # None = guess (last axis 3/4 on a 2D image), True, False
+    "warp": True,             # resample moving onto the fixed grid
+    "order": 1,               # interpolation order for the warped image
+    "score": True,            # compute before/after metrics
+}
+
+
+class RegistrationError(RuntimeError):
+    """The method ran but could not find an alignment; the message says what to try."""
+
+
+class RegistrationCancelled(RegistrationError):
+    """The ``cancel`` callback asked to stop."""
+
+
+@dataclass
+class BackendResult:
+    """What a backend returns: a transform (moving world -> fixed world, zero origins)
+    and diagnostics. ``extras`` carries arrays for display (e.g. keypoints) in napari
+    coordinates of the zero-origin worlds; the core shifts them by the origins."""
+
+    transform: Transform
+    info: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """The outcome of :func:`register`.
+
+    Attributes
+    ----------
+    warped : ndarray or None
+        The moving image resampled onto the fixed grid (same shape as ``fixed``).
+    transform : Transform
+        Maps MOVING world coordinates -> FIXED world coordinates (napari axis order).
+    metrics : dict
+        ``{"before": {...}, "after": {...}}`` with ``mse``, ``ncc``, ``mi``, ``ssim`` and
+        ``overlap`` (fraction of the fixed grid covered by the moving image).
+    info : dict
+        Method, options, stop reason, iterations or inliers, seconds, versions.
+    extras : dict
+        Display data from the backend (e.g. ``fixed_keypoints``, ``moving_keypoints``,
+        ``matches``), in world coordinates.
+    """
+
+    warped: np.ndarray | None
+    transform: Transform
+    metrics: dict
+    info: dict
+    fixed_shape: tuple
+    fixed_spacing: tuple
+    fixed_origin: tuple
+    moving_shape: tuple
+    moving_spacing: tuple
+    moving_origin: tuple
+    extras: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-safe: the transform, metrics, info and both grids."""
+        return {
+            "type": "napari-registration result",
+            "transform": self.transform.to_dict(),
+            "metrics": _json_safe(self.metrics),
+            "info": _json_safe(self.info),
+            "fixed": {"shape": list(self.fixed_shape), "spacing": list(self.fixed_spacing),
+                      "origin": list(self.fixed_origin)},
+            "moving": {"shape": list(self.moving_shape), "spacing": list(self.moving_spacing),
+                       "origin": list(self.moving_origin)},
+        }
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Transform):
+        return obj.to_dict()
+    if isinstance(obj, np.ndarray):
+        if obj.size > 64:
+            return f"<array shape={list(obj.shape)} dtype={obj.dtype}>"
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+# ---------------------------------------------------------------------------- registry
+def available_methods() -> list[str]:
+    """Names of the registration methods installed in this version."""
+    return [name for name, mod in _BACKENDS.items() if importlib.util.find_spec(mod) is not None]
+
+
+def _backend(method: str):
+    if not isinstance(method, str) or method not in available_methods():
+        raise ValueError(f"unknown method {method!r}; choose one of {available_methods()}")
+    return importlib.import_module(_BACKENDS[method])
+
+
+def method_info(method: str) -> dict:
+    """Transforms, dimensions, description and options (name -> default) of a method,
+    for widgets and documentation."""
+    mod = _backend(method)
+    sig = inspect.signature(mod.register)
+    options = {
+        name: p.default
+        for name, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _BACKEND_PLUMBING
+    }
+    return {
+        "name": method,
+        "description": getattr(mod, "DESCRIPTION", ""),
+        "transforms": tuple(mod.TRANSFORMS),
+        "ndims": getattr(mod, "NDIMS", None),
+        "options": options,
+    }
+
+
+_BACKEND_PLUMBING = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
+                     "fixed_mask", "moving_mask"}
+
+
+# ------------------------------------------------------------------------- validation
+def _guess_rgb(a: np.ndarray) -> bool:
+    return a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 8
+
+
+def _as_image(name: str, image, rgb) -> tuple[np.ndarray, bool]:
+    if image is None:
+        raise ValueError(f"{name} image is None: pass a numpy or dask array")
+    if hasattr(image, "compute") and hasattr(image, "chunks"):  # dask
+        image = image.compute()
+    try:
+        a = np.asarray(image)
+    except Exception as err:  # pragma: no cover - exotic array-likes
+        raise ValueError(f"{name} image cannot be read as an array: {err}") from None
+    if a.dtype == object or a.dtype.kind in "USV":
+        raise ValueError(f"{name} image has dtype {a.dtype}; pass a numeric array")
+    if a.dtype.kind == "c":
+        raise ValueError(f"{name} image is complex; pass its magnitude (np.abs) or real part")
+    if a.size == 0:
+        raise ValueError(f"{name} image is empty (shape {a.shape})")
+    is_rgb = _guess_rgb(a) if rgb is None else bool(rgb)
+    if is_rgb and (a.ndim < 3 or a.shape[-1] not in (3, 4)):
+        raise ValueError(f"{name} image with rgb=True needs a last axis of 3 or 4; shape is {a.shape}")
+    return a, is_rgb
+
+
+def _grey_float(name, a, is_rgb) -> np.ndarray:
+    from .preprocess import to_grey
+
+    g = to_grey(a) if is_rgb else a.astype(np.float32)
+    if not np.all(np.isfinite(g)):
+        bad = int(np.count_nonzero(~np.isfinite(g)))
+        raise ValueError(
+            f"{name} image has {bad} NaN/inf values; replace them first, e.g. "
+            f"np.nan_to_num({name}, nan=0.0), or mask them with {name}_mask"
+        )
+    if g.ndim < 1 or min(g.shape) < 4:
+        raise ValueError(f"{name} image is too small to register (shape {g.shape}); every axis needs >= 4 pixels")
+    if float(g.max()) == float(g.min()):
+        raise ValueError(f"{name} image is constant (every pixel = {float(g.min())}): there is nothing to align")
+    return g
+
+
+def _mask(name, mask, shape):
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise ValueError(f"{name} must have the image's shape {tuple(shape)}; got {m.shape}")
+    m = m != 0
+    if not m.any():
+        raise ValueError(f"{name} is empty (all False): nothing would be registered")
+    return m
+
+
+# ----------------------------------------------------------------------------- register
+def register(
+    fixed,
+    moving,
+    *,
+    method: str = "fourier",
+    transform: str = "translation",
+    fixed_spacing=None,
+    moving_spacing=None,
+    fixed_origin=None,
+    moving_origin=None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    **options: Any,
+) -> RegistrationResult:
+    """Align ``moving`` to ``fixed``.
+
+    Parameters
+    ----------
+    fixed, moving : array_like
+        2D or 3D images (numpy or dask; ``fourier`` accepts any dimension). They may
+        differ in shape and spacing. RGB(A) images (last axis 3 or 4) are registered
+        on their luminance and warped per channel.
+    method : str
+        One of :func:`available_methods` ("fourier", "features", "intensity",
+        "landmarks", "auto").
+    transform : str
+        "translation", "rigid", "similarity", "affine", "homography", "bspline",
+        "demons" or "tps", as the method supports.
+    fixed_spacing, moving_spacing : sequence of float
+        World size of a pixel per axis (napari ``layer.scale``); default 1.
+    fixed_origin, moving_origin : sequence of float
+        World position of pixel 0 (napari ``layer.translate``); default 0.
+    progress : callable(fraction, message), optional
+    cancel : callable() -> bool, optional
+        Polled; returning True stops with :class:`RegistrationCancelled`.
+    **options
+        Shared: ``normalize``, ``equalize`` (None/"hist"/"clahe"), ``smooth`` (world
+        sigma), ``fixed_mask``, ``moving_mask``, ``rgb``, ``warp``, ``order``, ``score``.
+        Per method: see :func:`method_info`.
+
+    Returns
+    -------
+    RegistrationResult
+        ``result.transform`` maps moving world -> fixed world; ``result.warped`` is the
+        moving image on the fixed grid.
+
+    Raises
+    ------
+    ValueError
+        Bad input; the message says what to change.
+    RegistrationError
+        The method could not find an alignment; the message says what to try.
+    """
+    t0 = time.perf_counter()
+    mod = _backend(method)
+    supported = tuple(mod.TRANSFORMS)
+    if transform not in supported:
+        raise ValueError(
+            f"method {method!r} does not support transform {transform!r}; choose one of {list(supported)}"
+        )
+
+    # split options: core ones vs the backend's
+    core = dict(CORE_OPTIONS)
+    backend_opts = {}
+    info_meta = method_info(method)
+    for key, value in options.items():
+        if key in CORE_OPTIONS:
+            core[key] = value
+        elif key in info_meta["options"]:
+            backend_opts[key] = value
+        else:
+            raise ValueError(
+                f"unknown option {key!r} for method {method!r}. Its options: "
+                f"{sorted(info_meta['options'])}; shared options: {sorted(CORE_OPTIONS)}"
+            )
+
+    fixed_raw, fixed_rgb = _as_image("fixed", fixed, core["rgb"])
+    moving_raw, moving_rgb = _as_image("moving", moving, core["rgb"])
+    fixed_g = _grey_float("fixed", fixed_raw, fixed_rgb)
+    moving_g = _grey_float("moving", moving_raw, moving_rgb)
+    if fixed_g.ndim != moving_g.ndim:
+        raise ValueError(
+            f"fixed is {fixed_g.ndim}D {fixed_g.shape} but moving is {moving_g.ndim}D "
+            f"{moving_g.shape}: both must have the same number of axes (take a slice, "
+            "or pass rgb=True/False if one of them is a colour image)"
+        )
+    ndim = fixed_g.ndim
+    ndims = getattr(mod, "NDIMS", None)
+    if ndims is not None and ndim not in ndims:
+        alt = [m for m in available_methods() if m != method and
+               (getattr(_backend(m), "NDIMS", None) is None or ndim in _backend(m).NDIMS)]
+        hint = f"; try method={alt[0]!r}" if alt else ""
+        raise ValueError(f"method {method!r} works on {'/'.join(f'{d}D' for d in ndims)} images, "
+                         f"not {ndim}D{hint}")
+
+    f_sp = _geometry(fixed_spacing, ndim, 1.0, "fixed_spacing")
+    m_sp = _geometry(moving_spacing, ndim, 1.0, "moving_spacing")
+    f_or = _geometry(fixed_origin, ndim, 0.0, "fixed_origin")
+    m_or = _geometry(moving_origin, ndim, 0.0, "moving_origin")
+    fixed_mask = _mask("fixed_mask", core["fixed_mask"], fixed_g.shape)
+    moving_mask = _mask("moving_mask", core["moving_mask"], moving_g.shape)
+
+    def report(fraction, message):
+        if progress is not None:
+            progress(float(min(max(fraction, 0.0), 1.0)), str(message))
+
+    def should_stop():
+        if cancel is not None and cancel():
+            raise RegistrationCancelled("registration cancelled")
+        return False
+
+    def backend_progress(fraction, message):
+        should_stop()
+        report(0.05 + 0.8 * fraction, message)
+
+    def backend_cancel():
+        return bool(cancel is not None and cancel())
+
+    from .preprocess import prepare
+
+    report(0.0, "preprocessing")
+    should_stop()
+    f_prep = prepare(fixed_g, spacing=f_sp, mask=fixed_mask, normalize_=core["normalize"],
+                     equalize_=core["equalize"], smooth_=core["smooth"])
+    m_prep = prepare(moving_g, spacing=m_sp, mask=moving_mask, normalize_=core["normalize"],
+                     equalize_=core["equalize"], smooth_=core["smooth"])
+
+    # an initial transform (full world) is handed to the backend in zero-origin worlds
+    if "init" in backend_opts and isinstance(backend_opts["init"], Transform):
+        init = backend_opts["init"]
+        if init.ndim != ndim:
+            raise ValueError(f"init is a {init.ndim}D transform but the images are {ndim}D")
+        backend_opts["init"] = (Transform.from_translation(m_or)
+                                .then(init).then(Transform.from_translation(-f_or)))
+
+    report(0.05, f"{method}: {transform}")
+    t_backend = time.perf_counter()
+    out: BackendResult = mod.register(
+        f_prep, m_prep, transform=transform, fixed_spacing=tuple(f_sp), moving_spacing=tuple(m_sp),
+        fixed_mask=fixed_mask, moving_mask=moving_mask, progress=backend_progress,
+        cancel=backend_cancel, **backend_opts,
+    )
+    should_stop()
+    backend_seconds = time.perf_counter() - t_backend
+    if not isinstance(out, BackendResult):  # pragma: no cover - backend contract
+        raise TypeError(f"backend {method!r} returned {type(out).__name__}, not BackendResult")
+
+    # put the origins back: moving world -> zero-origin moving -> ... -> fixed world
+    full = (Transform.from_translation(-m_or).then(out.transform)
+            .then(Transform.from_translation(f_or)))
+    extras = dict(out.extras)
+    for key in list(extras):
+        if key.startswith("fixed_") and isinstance(extras[key], np.ndarray) and extras[key].ndim == 2:
+            extras[key] = extras[key] + f_or
+        elif key.startswith("moving_") and isinstance(extras[key], np.ndarray) and extras[key].ndim == 2:
+            extras[key] = extras[key] + m_or
+
+    geometry = dict(output_spacing=f_sp, output_origin=f_or, input_spacing=m_sp, input_origin=m_or)
+    warped = None
+    metrics: dict = {}
+    if core["warp"] or core["score"]:
+        report(0.86, "warping")
+        should_stop()
+        warped = resample(moving_raw, full, fixed_g.shape, rgb=moving_rgb, order=core["order"], **geometry)
+    if core["score"]:
+        report(0.93, "scoring")
+        should_stop()
+        from .metrics import compare
+
+        ident = Transform.identity(ndim)
+        before_img = resample(moving_g, ident, fixed_g.shape, **geometry)
+        before_mask = overlap_mask(moving_g.shape, ident, fixed_g.shape, **geometry)
+        after_img = resample(moving_g, full, fixed_g.shape, **geometry)
+        after_mask = overlap_mask(moving_g.shape, full, fixed_g.shape, **geometry)
+        if fixed_mask is not None:
+            before_mask &= fixed_mask
+            after_mask &= fixed_mask
+        metrics = {"before": compare(fixed_g, before_img, before_mask),
+                   "after": compare(fixed_g, after_img, after_mask)}
+    if not core["warp"]:
+        warped = None
+
+    info = {
+        "method": method,
+        "transform": transform,
+        "options": {k: v for k, v in {**core, **options}.items()
+                    if k not in ("fixed_mask", "moving_mask")},
+        "masks": {"fixed": fixed_mask is not None, "moving": moving_mask is not None},
+        **out.info,
+        "backend_seconds": backend_seconds,
+        "seconds": time.perf_counter() - t0,
+        "versions": _versions(),
+    }
+    report(1.0, "done")
+    return RegistrationResult(
+        warped=warped, transform=full, metrics=metrics, info=info, extras=extras,
+        fixed_shape=tuple(fixed_g.shape), fixed_spacing=tuple(float(v) for v in f_sp),
+        fixed_origin=tuple(float(v) for v in f_or), moving_shape=tuple(moving_g.shape),
+        moving_spacing=tuple(float(v) for v in m_sp), moving_origin=tuple(float(v) for v in m_or),
+    )
+
+
+def _versions() -> dict:
+    import sys
+
+    from .. import __version__
+
+    out = {"napari-registration": __version__, "python": platform.python_version(),
+           "numpy": np.__version__}
+    for mod, name in (("cv2", "opencv"), ("SimpleITK", "simpleitk"), ("skimage", "scikit-image"),
+                      ("scipy", "scipy")):
+        if mod in sys.modules:
+            out[name] = getattr(sys.modules[mod], "__version__", "?")
+    return out
+
+
+def apply_transform(image, transform: Transform, *, output_shape, output_spacing=None,
+                    output_origin=None, input_spacing=None, input_origin=None,
+                    labels: bool = False, rgb: bool = False, order: int | None = None):
+    """Resample other data of the moving image (channels, labels) onto the fixed grid.
+
+    ``labels=True`` uses nearest neighbour and keeps the dtype. Input is not modified.
+    """
+    if not isinstance(transform, Transform):
+        raise TypeError(f"transform must be a Transform (got {type(transform).__name__}); "
+                        "use load_transform(path) or result.transform")
+    image = image.compute() if hasattr(image, "compute") and hasattr(image, "chunks") else np.asarray(image)
+    if image.dtype.kind == "c":
+        raise ValueError("cannot resample a complex image; pass np.abs(image)")
+    expected = transform.ndim + (1 if rgb else 0)
+    if image.ndim != expected:
+        raise ValueError(f"image is {image.ndim}D but the transform is {transform.ndim}D"
+                         + (" (plus a colour axis)" if rgb else "")
+                         + "; apply it to each frame/channel, or use register_stack")
+    return resample(image, transform, output_shape, output_spacing=output_spacing,
+                    output_origin=output_origin, input_spacing=input_spacing,
+                    input_origin=input_origin, labels=labels, rgb=rgb, order=order)

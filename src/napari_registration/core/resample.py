@@ -1,0 +1,153 @@
+"""Warp images onto a grid and map points, in world coordinates.
+
+Every function takes the *moving -> fixed* :class:`~.transform.Transform` and pulls
+each output (fixed) grid point back into the input (moving) image through
+``transform.apply_inverse``. Images use linear interpolation by default; labels use
+nearest neighbour and keep their dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .transform import Transform, scale_matrix, translation_matrix
+
+
+def _geometry(values, ndim, default, name):
+    if values is None:
+        return np.full(ndim, default, dtype=float)
+    arr = np.asarray(values, dtype=float).ravel()
+    if arr.size == 1 and ndim > 1:
+        arr = np.full(ndim, float(arr[0]))
+    if arr.size != ndim:
+        raise ValueError(f"{name} must have {ndim} values (one per axis, napari order); got {list(arr)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite; got {list(arr)}")
+    if name.endswith("spacing") and np.any(arr <= 0):
+        raise ValueError(f"{name} must be positive (napari layer.scale); got {list(arr)}")
+    return arr
+
+
+def index_to_world(spacing, origin) -> np.ndarray:
+    """Homogeneous matrix: array index -> world (napari: index * scale + translate)."""
+    return translation_matrix(origin) @ scale_matrix(spacing)
+
+
+def world_to_index(spacing, origin) -> np.ndarray:
+    return np.linalg.inv(index_to_world(spacing, origin))
+
+
+def resample(
+    image,
+    transform: Transform,
+    output_shape: Sequence[int],
+    *,
+    output_spacing=None,
+    output_origin=None,
+    input_spacing=None,
+    input_origin=None,
+    labels: bool = False,
+    order: int | None = None,
+    cval: float = 0.0,
+    rgb: bool = False,
+    preserve_dtype: bool = True,
+) -> np.ndarray:
+    """Resample ``image`` (moving grid) onto the output (fixed) grid through ``transform``.
+
+    Parameters
+    ----------
+    image : array
+        The moving image (or labels). With ``rgb=True`` the last axis holds colour
+        channels and is carried through.
+    transform : Transform
+        Maps moving world -> fixed world.
+    output_shape, output_spacing, output_origin :
+        The fixed grid (napari ``layer.data.shape``, ``layer.scale``, ``layer.translate``).
+    input_spacing, input_origin :
+        The moving grid's ``scale`` and ``translate``.
+    labels : bool
+        Nearest-neighbour interpolation, dtype kept, 0 outside.
+    order : int
+        Spline order (default 1; 0 for labels).
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    if rgb:
+        channels = [
+            resample(image[..., c], transform, output_shape, output_spacing=output_spacing,
+                     output_origin=output_origin, input_spacing=input_spacing,
+                     input_origin=input_origin, labels=labels, order=order, cval=cval,
+                     preserve_dtype=preserve_dtype)
+            for c in range(image.shape[-1])
+        ]
+        return np.stack(channels, axis=-1)
+    ndim = image.ndim
+    if transform.ndim != ndim:
+        raise ValueError(f"a {transform.ndim}D transform cannot be applied to a {ndim}D image")
+    output_shape = tuple(int(s) for s in output_shape)
+    if len(output_shape) != ndim:
+        raise ValueError(f"output_shape must have {ndim} values; got {output_shape}")
+    out_sp = _geometry(output_spacing, ndim, 1.0, "output_spacing")
+    out_or = _geometry(output_origin, ndim, 0.0, "output_origin")
+    in_sp = _geometry(input_spacing, ndim, 1.0, "input_spacing")
+    in_or = _geometry(input_origin, ndim, 0.0, "input_origin")
+    if order is None:
+        order = 0 if labels else 1
+    if labels:
+        order = 0
+    if image.dtype == bool:
+        work = image.astype(np.uint8)
+    elif labels or image.dtype in (np.float32, np.float64):
+        work = image
+    else:
+        work = image.astype(np.float32)
+    out_dtype = work.dtype
+
+    if transform.is_linear and not transform.is_projective:
+        # output index -> output world -> moving world -> moving index, all linear
+        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+        out = ndimage.affine_transform(
+            work, m[:ndim, :ndim], offset=m[:ndim, ndim], output_shape=output_shape,
+            order=order, mode="constant", cval=cval, prefilter=order > 1, output=out_dtype,
+        )
+    else:
+        out = np.empty(output_shape, dtype=out_dtype)
+        # pull back chunk by chunk along the first axis to bound memory
+        per_plane = int(np.prod(output_shape[1:])) if ndim > 1 else 1
+        step = max(1, 2_000_000 // max(per_plane, 1))
+        grids = [np.arange(n) for n in output_shape[1:]]
+        for start in range(0, output_shape[0], step):
+            rows = np.arange(start, min(start + step, output_shape[0]))
+            mesh = np.meshgrid(rows, *grids, indexing="ij")
+            idx = np.stack([g.ravel() for g in mesh], axis=1).astype(float)
+            world = idx * out_sp + out_or
+            src = (transform.apply_inverse(world) - in_or) / in_sp
+            vals = ndimage.map_coordinates(work, src.T, order=order, mode="constant", cval=cval,
+                                           prefilter=order > 1, output=out_dtype)
+            out[start:start + len(rows)] = vals.reshape((len(rows),) + output_shape[1:])
+    if bool(image.dtype == bool):
+        return out.astype(bool)
+    if preserve_dtype and not labels and np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(image.dtype)
+    return out
+
+
+def overlap_mask(input_shape, transform, output_shape, **geometry) -> np.ndarray:
+    """Boolean mask of the output grid points that fall inside the input image."""
+    ones = np.ones(tuple(input_shape), dtype=np.uint8)
+    return resample(ones, transform, output_shape, labels=True, **geometry).astype(bool)
+
+
+def map_points(points, transform: Transform) -> np.ndarray:
+    """Map (N, D) moving world points to fixed world points (napari Points data in world
+    units, i.e. data * scale + translate)."""
+    return transform.apply(points)
+
+
+def map_shapes(shapes: Sequence[np.ndarray], transform: Transform) -> list[np.ndarray]:
+    """Map each shape's (K, D) vertices from moving world to fixed world."""
+    return [transform.apply(np.asarray(s, float)) for s in shapes]

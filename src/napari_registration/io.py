@@ -1,0 +1,89 @@
+"""Reading and writing images with their spacing (napari scale) for the command line.
+
+TIFF via tifffile (ImageJ spacing when present), PNG/JPEG via imageio, NIfTI/MHA/NRRD via
+SimpleITK (spacing and origin from the header, converted to napari axis order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+TIFF_SUFFIXES = (".tif", ".tiff")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
+    """Return ``(array, spacing or None, origin or None)`` in napari axis order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    suffix = _suffix(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                array = tif.asarray()
+                spacing = None
+                ij = tif.imagej_metadata or {}
+                page = tif.pages[0]
+                res = page.tags.get("XResolution"), page.tags.get("YResolution")
+                if all(r is not None for r in res) and ij:
+                    x = res[0].value[1] / res[0].value[0]
+                    y = res[1].value[1] / res[1].value[0]
+                    spacing = (y, x)
+                    if "spacing" in ij and array.ndim == 3:
+                        spacing = (float(ij["spacing"]), y, x)
+            return array, spacing, None
+        if suffix in PLAIN_SUFFIXES:
+            import imageio.v3 as iio
+
+            return np.asarray(iio.imread(path)), None, None
+        if suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            img = sitk.ReadImage(str(path))
+            return (sitk.GetArrayFromImage(img), tuple(img.GetSpacing())[::-1],
+                    tuple(img.GetOrigin())[::-1])
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(f"cannot read image {path}: {first[-1] if first else type(err).__name__}") from None
+    raise ValueError(
+        f"unsupported image type {suffix!r} for {path}; use TIFF, PNG/JPEG, NIfTI (.nii/.nii.gz), "
+        "MHA/MHD or NRRD"
+    )
+
+
+def write_image(path, array, spacing=None, origin=None) -> Path:
+    path = Path(path)
+    suffix = _suffix(path)
+    array = np.asarray(array)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        tifffile.imwrite(path, array)
+    elif suffix in ITK_SUFFIXES:
+        from .core.itk import to_sitk_image
+        import SimpleITK as sitk
+
+        sitk.WriteImage(to_sitk_image(array, spacing, origin), str(path))
+    elif suffix in PLAIN_SUFFIXES:
+        import imageio.v3 as iio
+
+        a = array
+        if a.dtype != np.uint8:
+            from .core.metrics import robust_normalize
+
+            a = (robust_normalize(a, low=0, high=100) * 255).astype(np.uint8)
+        iio.imwrite(path, a)
+    else:
+        raise ValueError(f"unsupported output type {suffix!r}; use .tif, .nii.gz, .mha or .png")
+    return path
