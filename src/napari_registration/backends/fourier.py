@@ -85,11 +85,15 @@ def phase_correlate(fixed, moving, *, upsample: int = 100, window: bool = True,
     M = fft.rfftn(m, workers=-1) if real else fft.fftn(m, workers=-1)
     cross = F * np.conj(M)
     cross /= np.abs(cross) + 1e-12 * np.abs(cross).max() + 1e-30
+    norm = 1.0
     if lowpass:
         cross *= _gaussian_weights(shape, float(lowpass), real)
+        # a perfect match then peaks at the mean weight over the full spectrum
+        norm = float(np.prod([np.exp(-(np.fft.fftfreq(n) ** 2) / (2 * float(lowpass) ** 2)).mean()
+                              for n in shape]))
     corr = fft.irfftn(cross, s=shape, workers=-1) if real else fft.ifftn(cross, workers=-1).real
     peak = np.array(np.unravel_index(int(np.argmax(corr)), shape), dtype=float)
-    height = float(corr.max())
+    height = float(corr.max()) / norm
     shape_arr = np.array(shape, dtype=float)
     peak = np.where(peak > shape_arr / 2, peak - shape_arr, peak)
     if upsample and upsample > 1:
@@ -97,7 +101,7 @@ def phase_correlate(fixed, moving, *, upsample: int = 100, window: bool = True,
         fine = _upsampled_correlation(full, peak, upsample, radius=0.75)
         idx = np.array(np.unravel_index(int(np.argmax(np.abs(fine.real))), fine.shape), float)
         peak = peak - 0.75 + idx / upsample
-        height = float(np.abs(fine.real).max()) / np.prod(shape)
+        height = float(np.abs(fine.real).max()) / np.prod(shape) / norm
     return peak, height
 
 
@@ -126,6 +130,33 @@ def _full_spectrum(half, shape):
         mirrored = np.roll(np.flip(mirrored, axis=axis), 1, axis=axis)
     full[..., half.shape[-1]:] = mirrored
     return full
+
+
+def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.1,
+                         iterations=2, fixed_mask=None, moving_mask=None, cancel=None):
+    """Phase correlation, then ``iterations`` passes that shift ``moving`` by the current
+    estimate (cubic spline) and correlate again for the residual.
+
+    Why: the edge taper and the content that enters/leaves the field of view bias a
+    single estimate towards zero shift (0.4-0.7 px measured on 40-plane volumes); on
+    the re-shifted image the residual is small, so the bias, proportional to it, fades.
+    """
+    from scipy import ndimage
+
+    shift, peak = phase_correlate(fixed, moving, upsample=upsample, window=window,
+                                  lowpass=lowpass, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    for _ in range(int(iterations)):
+        if cancel is not None and cancel():
+            break
+        shifted = ndimage.shift(moving, shift, order=3, mode="nearest")
+        mask = None if moving_mask is None else ndimage.shift(
+            moving_mask.astype(np.uint8), shift, order=0, mode="constant").astype(bool)
+        residual, peak = phase_correlate(fixed, shifted, upsample=upsample, window=window,
+                                         lowpass=lowpass, fixed_mask=fixed_mask, moving_mask=mask)
+        shift = shift + residual
+        if np.max(np.abs(residual)) < 1.0 / max(upsample, 1):
+            break
+    return shift, peak
 
 
 # ----------------------------------------------------------------- rotation and scale
@@ -281,7 +312,8 @@ def _to_spacing(image, spacing, target):
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, upsample: int = 100, window: bool = True,
-             lowpass: float | None = 0.1, refine: bool = True) -> BackendResult:
+             lowpass: float | None = 0.1, iterations: int = 2,
+             refine: bool = True) -> BackendResult:
     """Phase correlation (translation, nD) or log-polar + phase correlation (2D rigid,
     similarity), in world units.
 
@@ -294,6 +326,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     lowpass : float or None
         Gaussian weight on the cross-power spectrum (sigma, cycles/pixel); None for
         pure phase correlation. Reduces whole-pixel bias from interpolation and noise.
+    iterations : int
+        Translation: re-correlation passes on the re-shifted moving image (removes the
+        edge bias of a single estimate; 0 for one plain pass).
     refine : bool
         For rigid/similarity: polish the log-polar estimate by maximising NCC.
     """
@@ -312,8 +347,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     info: dict = {}
     progress(0.1, "phase correlation")
     if transform == "translation":
-        shift, peak = phase_correlate(f, m, upsample=int(upsample), window=window,
-                                      lowpass=lowpass, fixed_mask=fm, moving_mask=mm)
+        shift, peak = estimate_translation(f, m, upsample=int(upsample), window=window,
+                                           lowpass=lowpass, iterations=iterations,
+                                           fixed_mask=fm, moving_mask=mm, cancel=cancel)
         m_idx = np.eye(ndim + 1)
         m_idx[:ndim, ndim] = shift
         info.update(peak=peak, shift_px=shift.tolist())

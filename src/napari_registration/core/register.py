@@ -223,8 +223,6 @@ def _grey_float(name, a, is_rgb) -> np.ndarray:
             f"{name} image has {bad} NaN/inf values; replace them first, e.g. "
             f"np.nan_to_num({name}, nan=0.0), or mask them with {name}_mask"
         )
-    if g.ndim < 1 or min(g.shape) < 4:
-        raise ValueError(f"{name} image is too small to register (shape {g.shape}); every axis needs >= 4 pixels")
     if float(g.max()) == float(g.min()):
         raise ValueError(f"{name} image is constant (every pixel = {float(g.min())}): there is nothing to align")
     return g
@@ -330,6 +328,10 @@ def register(
             "or pass rgb=True/False if one of them is a colour image)"
         )
     ndim = fixed_g.ndim
+    for name, g in (("fixed", fixed_g), ("moving", moving_g)):
+        if min(g.shape) < 4:
+            raise ValueError(f"{name} image is too small to register (shape {g.shape}); every "
+                             "axis needs >= 4 pixels (drop length-1 axes with np.squeeze)")
     ndims = getattr(mod, "NDIMS", None)
     if ndims is not None and ndim not in ndims:
         alt = [m for m in available_methods() if m != method and
