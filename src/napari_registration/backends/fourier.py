@@ -49,18 +49,32 @@ def _prepare(image, shape, window, mask=None):
     return a
 
 
-def _upsampled_correlation(cross, peak, upsample, radius):
-    """Inverse DFT of ``cross`` evaluated on a fine grid (step 1/upsample) of
-    +-radius pixels around ``peak``: the matrix-multiply DFT, one axis at a time."""
-    out = cross
-    n_fine = int(np.ceil(2 * radius * upsample)) + 1
-    for axis in range(cross.ndim):
-        n = cross.shape[axis]
-        freqs = np.fft.fftfreq(n) * n
-        pos = peak[axis] - radius + np.arange(n_fine) / upsample
-        kernel = np.exp(2j * np.pi * np.outer(pos, freqs) / n)
-        out = np.moveaxis(np.tensordot(kernel, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
-    return out
+def _local_correlation(cross, shape, real, centre, step, half_width):
+    """The correlation surface (inverse DFT of ``cross``) on a small grid around
+    ``centre`` (spacing ``step`` pixels, +-``half_width``): a matrix-multiply DFT, one axis
+    at a time, so only the points needed are computed. With ``real=True``, ``cross`` is
+    an rfftn half spectrum; Hermitian symmetry gives the other half (weight 2)."""
+    n_points = int(round(2 * half_width / step)) + 1
+    offsets = (np.arange(n_points) - n_points // 2) * step
+    out = cross.astype(np.complex64, copy=False)
+    nd = len(shape)
+    for axis in [nd - 1, *range(nd - 1)]:
+        n = shape[axis]
+        if real and axis == nd - 1:
+            freqs = np.fft.rfftfreq(n) * n
+            weight = np.full(freqs.size, 2.0)
+            weight[0] = 1.0
+            if n % 2 == 0:
+                weight[-1] = 1.0
+        else:
+            freqs = np.fft.fftfreq(n) * n
+            weight = 1.0
+        kernel = (np.exp(2j * np.pi * np.outer(centre[axis] + offsets, freqs) / n) * weight)
+        out = np.moveaxis(np.tensordot(kernel.astype(np.complex64), np.moveaxis(out, axis, 0),
+                                       axes=(1, 0)), 0, axis)
+    surface = out.real
+    idx = np.array(np.unravel_index(int(np.argmax(surface)), surface.shape), float)
+    return centre + (idx - n_points // 2) * step, float(surface.max())
 
 
 def phase_correlate(fixed, moving, *, upsample: int = 100, window: bool = True,
@@ -97,11 +111,12 @@ def phase_correlate(fixed, moving, *, upsample: int = 100, window: bool = True,
     shape_arr = np.array(shape, dtype=float)
     peak = np.where(peak > shape_arr / 2, peak - shape_arr, peak)
     if upsample and upsample > 1:
-        full = cross if not real else _full_spectrum(cross, shape)
-        fine = _upsampled_correlation(full, peak, upsample, radius=0.75)
-        idx = np.array(np.unravel_index(int(np.argmax(np.abs(fine.real))), fine.shape), float)
-        peak = peak - 0.75 + idx / upsample
-        height = float(np.abs(fine.real).max()) / np.prod(shape) / norm
+        # two stages: 1/10 px over +-1 px, then 1/upsample px over +-1/10 px
+        step = max(1.0 / upsample, 0.1)
+        peak, value = _local_correlation(cross, shape, real, peak, step, 1.0)
+        if step > 1.0 / upsample:
+            peak, value = _local_correlation(cross, shape, real, peak, 1.0 / upsample, step)
+        height = value / np.prod(shape) / norm
     return peak, height
 
 
@@ -118,20 +133,6 @@ def _gaussian_weights(shape, sigma, real):
     return w
 
 
-def _full_spectrum(half, shape):
-    """Rebuild the full complex spectrum from an rfftn half spectrum."""
-    n = shape[-1]
-    full = np.empty(shape, dtype=np.complex128)
-    full[..., : half.shape[-1]] = half
-    # Hermitian symmetry: X[-k] = conj(X[k])
-    rest = half[..., 1 : n - half.shape[-1] + 1]
-    mirrored = np.conj(rest[..., ::-1])
-    for axis in range(len(shape) - 1):
-        mirrored = np.roll(np.flip(mirrored, axis=axis), 1, axis=axis)
-    full[..., half.shape[-1]:] = mirrored
-    return full
-
-
 def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.1,
                          iterations=2, fixed_mask=None, moving_mask=None, cancel=None):
     """Phase correlation, then ``iterations`` passes that shift ``moving`` by the current
@@ -141,22 +142,48 @@ def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.
     single estimate towards zero shift (0.4-0.7 px measured on 40-plane volumes); on
     the re-shifted image the residual is small, so the bias, proportional to it, fades.
     """
-    from scipy import ndimage
-
     shift, peak = phase_correlate(fixed, moving, upsample=upsample, window=window,
                                   lowpass=lowpass, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    # the residual is measured on a central crop (<= REFINE_CROP per axis): it only needs
+    # enough structure for a sub-pixel estimate, and keeps the passes cheap on big images
+    region = tuple(slice((n - min(n, REFINE_CROP)) // 2, (n - min(n, REFINE_CROP)) // 2 + min(n, REFINE_CROP))
+                   for n in fixed.shape)
+    fixed_c = fixed[region]
+    fmask_c = None if fixed_mask is None else fixed_mask[region]
     for _ in range(int(iterations)):
         if cancel is not None and cancel():
             break
-        shifted = ndimage.shift(moving, shift, order=3, mode="nearest")
-        mask = None if moving_mask is None else ndimage.shift(
-            moving_mask.astype(np.uint8), shift, order=0, mode="constant").astype(bool)
-        residual, peak = phase_correlate(fixed, shifted, upsample=upsample, window=window,
-                                         lowpass=lowpass, fixed_mask=fixed_mask, moving_mask=mask)
+        shifted = _shifted_crop(moving, shift, region, order=3)
+        mask = None if moving_mask is None else _shifted_crop(
+            moving_mask.astype(np.float32), shift, region, order=0, cval=0.0) > 0.5
+        if mask is not None and mask.sum() < 16:
+            break
+        residual, peak = phase_correlate(fixed_c, shifted, upsample=upsample, window=window,
+                                         lowpass=lowpass, fixed_mask=fmask_c, moving_mask=mask)
         shift = shift + residual
         if np.max(np.abs(residual)) < 1.0 / max(upsample, 1):
             break
     return shift, peak
+
+
+REFINE_CROP = 512
+
+
+def _shifted_crop(moving, shift, region, order=3, cval=None):
+    """``moving`` translated by ``shift`` (moving -> fixed), sampled on the fixed-index
+    ``region`` only: out[i] = moving[i + region.start - shift]."""
+    from scipy import ndimage
+
+    lo = [max(0, int(np.floor(r.start - t)) - 4) for r, t in zip(region, shift)]
+    hi = [min(n, int(np.ceil(r.stop - t)) + 4) for r, t, n in zip(region, shift, moving.shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return np.zeros(tuple(r.stop - r.start for r in region), np.float32)
+    block = moving[tuple(slice(l, h) for l, h in zip(lo, hi))]
+    offset = [r.start - t - l for r, t, l in zip(region, shift, lo)]
+    mode = "nearest" if cval is None else "constant"
+    return ndimage.affine_transform(block, np.ones(len(shift)), offset=offset,
+                                    output_shape=tuple(r.stop - r.start for r in region),
+                                    order=order, mode=mode, cval=cval or 0.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------- rotation and scale
