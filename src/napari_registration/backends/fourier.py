@@ -69,9 +69,13 @@ def _local_correlation(cross, shape, real, centre, step, half_width):
         else:
             freqs = np.fft.fftfreq(n) * n
             weight = 1.0
-        kernel = (np.exp(2j * np.pi * np.outer(centre[axis] + offsets, freqs) / n) * weight)
-        out = np.moveaxis(np.tensordot(kernel.astype(np.complex64), np.moveaxis(out, axis, 0),
-                                       axes=(1, 0)), 0, axis)
+        kernel = (np.exp(2j * np.pi * np.outer(centre[axis] + offsets, freqs) / n)
+                  * weight).astype(np.complex64)
+        if axis == nd - 1:  # the big contraction: one BLAS matrix product on contiguous data
+            lead = out.shape[:-1]
+            out = (np.ascontiguousarray(out).reshape(-1, out.shape[-1]) @ kernel.T).reshape(*lead, n_points)
+        else:
+            out = np.moveaxis(np.tensordot(kernel, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
     surface = out.real
     idx = np.array(np.unravel_index(int(np.argmax(surface)), surface.shape), float)
     return centre + (idx - n_points // 2) * step, float(surface.max())
@@ -166,7 +170,7 @@ def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.
     return shift, peak
 
 
-REFINE_CROP = 512
+REFINE_CROP = 256
 
 
 def _shifted_crop(moving, shift, region, order=3, cval=None):
