@@ -37,9 +37,11 @@ MIN_POINTS = {"translation": 1, "rigid": 2, "similarity": 2, "affine": 3, "homog
 # above this many descriptor comparisons, matcher="auto" uses FLANN instead of brute force
 _AUTO_FLANN_PAIRS = 6000 * 6000
 
-_ADVICE = ("try another detector (detector='sift' or 'akaze'), more keypoints (n_features) "
-           "or a lower threshold, equalize='clahe', masks around the shared region, or "
-           "method='intensity'")
+def _advice(detector: str) -> str:
+    """What to try when matching fails, without suggesting the detector already used."""
+    others = " or ".join(f"detector={d!r}" for d in ("sift", "akaze", "orb") if d != detector)
+    return (f"try {others}, more keypoints (n_features) or a lower threshold, "
+            "equalize='clahe', masks around the shared region, or method='intensity'")
 
 
 # ----------------------------------------------------------------- conventions
@@ -87,7 +89,7 @@ def _cv2_errors(stage: str):
     except cv2.error as err:
         msg = str(err).strip().splitlines()
         detail = msg[-1] if msg else repr(err)
-        raise RegistrationError(f"OpenCV failed while {stage}: {detail}; {_ADVICE}") from None
+        raise RegistrationError(f"OpenCV failed while {stage}: {detail}; {_advice('')}") from None
 
 
 def _make_detector(detector: str, n_features: int, threshold):
@@ -297,9 +299,11 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
             return None, np.zeros(len(src), bool), 0
         m = np.asarray(m, dtype=np.float64)
         rounds = 0
-        if refine or transform in ("rigid",):  # rigid always needs the no-scale refit
+        # rigid always needs one least-squares refit: OpenCV's partial affine has a scale
+        max_rounds = 5 if refine else (1 if transform == "rigid" else 0)
+        if max_rounds:
             need = MIN_POINTS[transform]
-            for rounds in range(1, 6):
+            for rounds in range(1, max_rounds + 1):
                 if inl.sum() < need:
                     break
                 m_new = _refit(src[inl], dst[inl], transform)
@@ -481,7 +485,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             raise RegistrationError(
                 f"{detector} found {len(f_xy)} keypoints in fixed and {len(m_xy)} in moving; a "
                 f"{transform} fit needs at least {need} matching ones (min_inliers). The images may "
-                f"be too smooth or low in contrast: {_ADVICE}")
+                f"be too smooth or low in contrast: {_advice(detector)}")
         progress(0.4, "matching")
         stop()
         t = time.perf_counter()
@@ -492,8 +496,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if len(mi) < need:
             raise RegistrationError(
                 f"only {len(mi)} matches passed the ratio test (keypoints: {len(f_xy)} fixed, "
-                f"{len(m_xy)} moving); a {transform} fit needs at least {need}. Try ratio=0.8-0.9, "
-                f"cross_check=False, or {_ADVICE}")
+                f"{len(m_xy)} moving); a {transform} fit needs at least {need}. Loosen the ratio test "
+                f"(ratio=0.8-0.9, cross_check=False), or {_advice(detector)}")
         progress(0.6, f"fitting {transform} ({estimator})")
         stop()
         t = time.perf_counter()
@@ -515,14 +519,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                 f"{estimator} found {n_inl} inliers among {len(mi)} matches ({len(f_xy)} fixed / "
                 f"{len(m_xy)} moving keypoints); a {transform} fit needs at least {need}. The "
                 f"matches do not agree on one {transform}: raise reproj_threshold (now "
-                f"{reproj_threshold} px), choose a simpler or more flexible transform, or {_ADVICE}")
+                f"{reproj_threshold} px), choose a simpler or more flexible transform, or "
+                f"{_advice(detector)}")
         h, w = np.asarray(moving).shape
         corners = keypoints_to_world([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], m_sp) / unit
         problems = check_model(m, transform, src[inl], corners, float(max_scale))
         if problems:
             raise RegistrationError(
                 f"the {transform} fitted to {n_inl} inliers is degenerate: " + "; ".join(problems)
-                + f". Try a simpler transform (e.g. 'similarity' or 'affine'), or {_ADVICE}")
+                + f". Try a simpler transform (e.g. 'similarity' or 'affine'), or {_advice(detector)}")
         res_units = np.linalg.norm(_project(m, src[inl]) - dst[inl], axis=1)
         diff_world = (_project(m, src[inl]) - dst[inl]) * unit
         info.update(rms_world=float(np.sqrt(np.mean((diff_world ** 2).sum(1)))),
