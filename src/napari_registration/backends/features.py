@@ -127,7 +127,9 @@ def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
             kps, desc = det.detectAndCompute(image_u8, cv_mask)
     if not kps or desc is None:
         return np.empty((0, 2)), None
-    xy = np.array([k.pt for k in kps], dtype=np.float64)
+    import cv2
+
+    xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
     return xy, desc
 
 
