@@ -180,6 +180,36 @@ def test_anisotropic_spacing_fits_in_world_units():
     assert kp[:, 1].max() <= 511
 
 
+def test_strongly_anisotropic_pixels_need_square_pixel_detection():
+    """Pixels 4 x 1: a 25 degree world rotation distorts pixel-space shapes so much that
+    descriptors stop matching; detecting on square pixels recovers it."""
+    spacing = (4.0, 1.0)
+    fixed = _photo("camera")[::4].copy()
+    truth = Transform.from_rotation(25.0, center=(254.0, 255.5), shift=(6.0, -8.0))
+    moving = resample(fixed, truth.inverse(), fixed.shape, order=3, output_spacing=spacing,
+                      input_spacing=spacing).astype(np.float32)
+    kw = dict(method="features", transform="rigid", fixed_spacing=spacing, moving_spacing=spacing,
+              score=False, warp=False)
+    result = register(fixed, moving, **kw)
+    assert _tre_px(result, truth, fixed.shape, spacing) <= 0.5
+    with pytest.raises(RegistrationError):
+        register(fixed, moving, isotropic=False, **kw)
+
+
+def test_square_pixels_keeps_world_positions():
+    img = np.zeros((20, 50), np.float32)
+    img[10, 30] = 1.0
+    mask = np.zeros(img.shape, bool)
+    mask[10, 30] = True
+    out, out_mask, sp = features.square_pixels(img, (4.0, 1.0), mask)
+    np.testing.assert_array_equal(sp, [1.0, 1.0])
+    assert out.shape == (77, 50)  # rows 0..19 of 4 units -> 0..76 of 1 unit
+    assert np.unravel_index(np.argmax(out), out.shape) == (40, 30)  # world (10*4, 30*1)
+    assert out_mask[40, 30] and not out_mask[30, 30]
+    same, _, sp1 = features.square_pixels(img, (1.0, 1.02))
+    assert same is img and tuple(sp1) == (1.0, 1.02)
+
+
 def test_moving_at_half_resolution_is_rigid_in_world():
     """moving sampled every 2 world units: with moving_spacing=2 the world map is rigid."""
     fixed = _photo("astronaut")

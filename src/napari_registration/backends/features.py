@@ -78,6 +78,34 @@ def to_uint8(image, mask=None) -> np.ndarray:
     return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
+    """Resample an image with anisotropic pixels onto square pixels of its smallest side,
+    so that descriptors see undistorted shapes: ``(image, mask, new_spacing)``.
+
+    Index ``j`` of the result sits at world ``j * new_spacing`` (like index ``i`` of the
+    input at ``i * spacing``): keypoints found on it convert to world with
+    :func:`keypoints_to_world` and ``new_spacing``. Images whose pixels are square within
+    ``tolerance`` are returned unchanged."""
+    import cv2
+
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.max() / spacing.min() <= tolerance:
+        return image, mask, spacing
+    side = float(spacing.min())
+    ratio = spacing / side  # >= 1: how many new pixels per old one, per axis
+    shape = tuple(int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(image.shape, ratio))
+    # pull-back in OpenCV (x, y): input index = output index / ratio
+    m_xy = np.array([[1 / ratio[1], 0.0, 0.0], [0.0, 1 / ratio[0], 0.0]])
+    flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
+    with _cv2_errors("resampling to square pixels"):
+        out = cv2.warpAffine(np.ascontiguousarray(image), m_xy, shape[::-1], flags=flags,
+                             borderMode=cv2.BORDER_REPLICATE)
+        if mask is not None:
+            mask = cv2.warpAffine(np.ascontiguousarray(mask, dtype=np.uint8), m_xy, shape[::-1],
+                                  flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
+    return out, mask, np.full(2, side)
+
+
 # -------------------------------------------------------------------- OpenCV calls
 @contextlib.contextmanager
 def _cv2_errors(stage: str):
@@ -418,8 +446,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              ratio: float = 0.75, cross_check: bool = False, matcher: str = "auto",
              estimator: str = "ransac", reproj_threshold: float = 3.0,
              confidence: float = 0.999, max_iters: int = 5000, refine: bool = True,
-             min_inliers: int = 10, max_scale: float = 10.0, seed: int = 0,
-             threads: int = 0) -> BackendResult:
+             min_inliers: int = 10, max_scale: float = 10.0, isotropic: bool = True,
+             seed: int = 0, threads: int = 0) -> BackendResult:
     """Detect keypoints in both images, match their descriptors and fit ``transform``
     robustly, in world coordinates.
 
@@ -453,6 +481,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     max_scale : float
         A fit scaling by more than this (or less than 1/max_scale) is reported as
         degenerate rather than returned.
+    isotropic : bool
+        Detect on a copy resampled to square pixels (of the smallest side) when pixels
+        are anisotropic: descriptors then see the real shapes. The fit is always in
+        world units.
     seed : int
         Seed for the random sampling (OpenCV's RNG and the translation consensus).
     threads : int
@@ -474,12 +506,17 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     with _threads(threads):
         t = time.perf_counter()
         progress(0.0, f"{detector}: keypoints")
-        f_xy, f_desc = detect(to_uint8(fixed, fixed_mask), fixed_mask, detector, n_features, threshold)
+        f_img, f_mask, f_det_sp = fixed, fixed_mask, f_sp
+        m_img, m_mask, m_det_sp = moving, moving_mask, m_sp
+        if isotropic:
+            f_img, f_mask, f_det_sp = square_pixels(fixed, f_sp, fixed_mask)
+            m_img, m_mask, m_det_sp = square_pixels(moving, m_sp, moving_mask)
+        f_xy, f_desc = detect(to_uint8(f_img, f_mask), f_mask, detector, n_features, threshold)
         stop()
-        m_xy, m_desc = detect(to_uint8(moving, moving_mask), moving_mask, detector, n_features, threshold)
+        m_xy, m_desc = detect(to_uint8(m_img, m_mask), m_mask, detector, n_features, threshold)
         timings["detect"] = time.perf_counter() - t
-        f_pts = keypoints_to_world(f_xy, f_sp)
-        m_pts = keypoints_to_world(m_xy, m_sp)
+        f_pts = keypoints_to_world(f_xy, f_det_sp)
+        m_pts = keypoints_to_world(m_xy, m_det_sp)
         info = {"detector": detector, "keypoints_fixed": len(f_xy), "keypoints_moving": len(m_xy)}
         extras = {"fixed_keypoints": f_pts, "moving_keypoints": m_pts}
         need = max(int(min_inliers), MIN_POINTS[transform])
