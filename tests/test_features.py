@@ -150,10 +150,12 @@ def test_matchers_and_estimators(matcher, estimator, detector):
     assert _tre_px(result, truth, fixed.shape) <= 0.5
 
 
-def test_same_seed_same_answer():
+@pytest.mark.parametrize("matcher", ["bf", "flann"])
+def test_same_seed_same_answer(matcher):
+    # FLANN's trees are random: without seeding, two runs in one process differ
     fixed, moving, _ = _pair("coins", "homography", 5)
-    kw = dict(method="features", transform="homography", detector="orb", seed=3, score=False,
-              warp=False)
+    kw = dict(method="features", transform="homography", detector="sift", seed=3, score=False,
+              warp=False, matcher=matcher)
     a = register(fixed, moving, **kw).transform.matrix
     b = register(fixed, moving, **kw).transform.matrix
     np.testing.assert_array_equal(a, b)
@@ -346,3 +348,29 @@ def test_backend_import_does_not_load_cv2():
     code = ("import sys, napari_registration.backends.features as f; "
             "assert 'cv2' not in sys.modules, 'cv2 imported at module level'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("detector", ["sift", "orb"])
+def test_flann_matches_are_reproducible_with_seed(detector):
+    fixed, moving, _ = _pair("astronaut", "homography", 1)
+    _, fd = features.detect(features.to_uint8(fixed), None, detector, 5000)
+    _, md = features.detect(features.to_uint8(moving), None, detector, 5000)
+    a = features.match(md, fd, detector=detector, matcher="flann", seed=1)
+    b = features.match(md, fd, detector=detector, matcher="flann", seed=1)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_progress_and_threads_option_restores_opencv_setting():
+    import cv2
+
+    fixed, moving, truth = _pair("coins", "rigid", 6)
+    before = cv2.getNumThreads()
+    seen = []
+    result = register(fixed, moving, method="features", transform="rigid", threads=1,
+                      progress=lambda f, msg: seen.append((f, msg)), score=False)
+    assert cv2.getNumThreads() == before
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("matching" in msg for _, msg in seen)
+    assert _tre_px(result, truth, fixed.shape) <= 0.5
