@@ -148,10 +148,16 @@ def test_auto_cancel_and_bad_options(rotated_pair):
 
 @pytest.mark.skipif("features" not in available_methods(), reason="features backend not installed")
 def test_auto_homography_uses_features():
+    from skimage.transform import rescale
+
     from napari_registration.data import photo_pair
 
     fixed, moving, truth = photo_pair()
-    res = register(fixed, moving, method="auto", transform="homography")
+    # half resolution, same world: skimage puts small pixel i at big pixel 2 i + 0.5
+    geo = dict(fixed_spacing=(2.0, 2.0), moving_spacing=(2.0, 2.0),
+               fixed_origin=(0.5, 0.5), moving_origin=(0.5, 0.5))
+    res = register(rescale(fixed, 0.5), rescale(moving, 0.5), method="auto",
+                   transform="homography", **geo)
     assert _tre(res, truth, fixed.shape) < 1.0
     assert any(s["method"] == "features" and s["error"] is None for s in res.info["stages"])
 

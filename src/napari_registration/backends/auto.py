@@ -57,6 +57,20 @@ def _structure(image: np.ndarray, spacing) -> np.ndarray:
     return ndimage.gaussian_gradient_magnitude(np.asarray(image, np.float32), 1.5).astype(np.float32)
 
 
+def _shrink(image, spacing, max_side):
+    """A smoothed, downsampled copy and its spacing, covering the same world: with
+    ``ndimage.zoom`` small index i sits at big index i * (n - 1) / (m - 1)."""
+    from scipy import ndimage
+
+    image = np.asarray(image, np.float32)
+    factor = max(image.shape) / float(max_side)
+    if factor <= 1.0:
+        return image, tuple(spacing)
+    small = ndimage.zoom(ndimage.gaussian_filter(image, 0.5 * factor), 1.0 / factor, order=1)
+    ratio = (np.array(image.shape) - 1) / np.maximum(np.array(small.shape) - 1, 1)
+    return small.astype(np.float32), tuple(float(s) for s in np.asarray(spacing) * ratio)
+
+
 def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
     from ..core.metrics import compare
     from ..core.resample import overlap_mask, resample
@@ -74,7 +88,7 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, metric: str = "mi", structure: bool = True,
-             use_features: bool = True, refine: bool = True,
+             use_features: bool = True, refine: bool = True, coarse_size: int = 256,
              min_overlap: float = 0.1) -> BackendResult:
     """Chain and score methods; return the best-scoring transform.
 
@@ -89,6 +103,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Include ``features`` (OpenCV keypoints) as a coarse stage when installed (2D).
     refine : bool
         Polish the best coarse candidate with ``intensity`` when installed.
+    coarse_size : int
+        The Fourier stages run on copies downsampled to at most this many pixels per
+        axis (same world coordinates); 0 keeps full resolution.
     min_overlap : float
         Candidates whose overlap covers less than this fraction of the fixed image are
         discarded (a tiny overlap can score deceptively well).
@@ -98,6 +115,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     if metric not in ("mi", "ncc"):
         raise ValueError(f"metric must be 'mi' (mutual information, any modality) or 'ncc' "
                          f"(normalised cross-correlation, same modality); got {metric!r}")
+    if int(coarse_size) < 0 or 0 < int(coarse_size) < 32:
+        raise ValueError(f"coarse_size must be 0 (full resolution) or >= 32 pixels; got {coarse_size}")
     if not 0.0 <= float(min_overlap) < 1.0:
         raise ValueError(f"min_overlap must be a fraction in [0, 1); got {min_overlap}")
     ndim = fixed.ndim
@@ -130,11 +149,19 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         else:
             candidates.append((float(value), len(stages) - 1, tf))
 
-    def run(method, model, why, *, rep="intensities", fraction=(0.0, 1.0), **opts):
+    def run(method, model, why, *, rep="intensities", fraction=(0.0, 1.0), shrink=False, **opts):
         check_cancel()
         f_img, m_img = fixed, moving
+        fs, ms, f_msk, m_msk = f_sp, m_sp, fixed_mask, moving_mask
+        if shrink and coarse_size:
+            f_img, fs = _shrink(fixed, f_sp, coarse_size)
+            m_img, ms = _shrink(moving, m_sp, coarse_size)
+            if f_img.shape != fixed.shape or m_img.shape != moving.shape:
+                why = why + f"; on a copy of at most {int(coarse_size)} px per axis"
+                f_msk = None if fixed_mask is None else _shrink(fixed_mask, f_sp, coarse_size)[0] > 0.5
+                m_msk = None if moving_mask is None else _shrink(moving_mask, m_sp, coarse_size)[0] > 0.5
         if rep == "gradient magnitude":
-            f_img, m_img = _structure(fixed, f_sp), _structure(moving, m_sp)
+            f_img, m_img = _structure(f_img, fs), _structure(m_img, ms)
         lo, hi = fraction
 
         def sub_progress(frac, message):
@@ -146,9 +173,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         tf = None
         try:
             res = core_register(f_img, m_img, method=method, transform=model,
-                                fixed_spacing=f_sp, moving_spacing=m_sp,
+                                fixed_spacing=fs, moving_spacing=ms,
                                 normalize=rep != "intensities", warp=False, score=False,
-                                fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                fixed_mask=f_msk, moving_mask=m_msk,
                                 progress=sub_progress, cancel=cancel, **opts)
             tf = res.transform
             entry["transform"] = tf
@@ -192,12 +219,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     n_refine = 1 if (refine and supports("intensity", _refine_model(transform))) else 0
     n_total = max(1, len(coarse) + 2 * n_refine)
     for k, (method, model, rep, why) in enumerate(coarse):
-        run(method, model, why, rep=rep, fraction=(k / n_total, (k + 1) / n_total))
+        run(method, model, why, rep=rep, fraction=(k / n_total, (k + 1) / n_total),
+            shrink=method == "fourier")
 
     # ---- refinement from the best coarse candidate
     advice = []
     if n_refine:
-        best = max(candidates, key=lambda c: c[0]) if candidates else (0.0, 0, identity)
+        # intensity starts from a linear, non-projective transform
+        starts = [c for c in candidates if c[2].is_linear and not c[2].is_projective]
+        best = max(starts, key=lambda c: c[0]) if starts else (0.0, baseline_index, identity)
         start = best[2]
         refine_model = _refine_model(transform)
         opts = {"init": start} if "init" in method_info("intensity")["options"] else {}
@@ -209,7 +239,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if mi_opts:  # prefer an MI metric so multi-modal pairs refine too
             tf = run("intensity", refine_model, why + ", mutual information",
                      fraction=(k / n_total, (k + 1) / n_total), **opts, **mi_opts)
-        if tf is None:
+        if tf is None and (not mi_opts or "metric" in (stages[-1]["error"] or "")):
             run("intensity", refine_model, why, fraction=((k + 1) / n_total, 1.0), **opts)
     elif transform not in ("translation", "rigid", "similarity") or ndim == 3:
         missing = [m for m in ("intensity", "features") if m not in methods]
