@@ -379,6 +379,19 @@ def register(
             raise ValueError(f"init is a {init.ndim}D transform but the images are {ndim}D")
         backend_opts["init"] = (Transform.from_translation(m_or)
                                 .then(init).then(Transform.from_translation(-f_or)))
+    # paired points (landmarks) are given in full world coordinates, like init: hand them
+    # to the backend in the zero-origin worlds it works in
+    for key, origin in (("fixed_points", f_or), ("moving_points", m_or)):
+        if backend_opts.get(key) is not None:
+            try:
+                pts = np.array(backend_opts[key], dtype=float)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be an (N, {ndim}) array of numbers in napari "
+                                 "world coordinates") from None
+            if pts.ndim != 2 or pts.shape[1] != ndim:
+                raise ValueError(f"{key} must have shape (N, {ndim}) (napari axis order, world "
+                                 f"coordinates) for {ndim}D images; got shape {pts.shape}")
+            backend_opts[key] = pts - origin
 
     report(0.05, f"{method}: {transform}")
     t_backend = time.perf_counter()

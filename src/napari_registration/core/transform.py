@@ -112,6 +112,8 @@ class Step:
 
 
 _STEP_KINDS: dict[str, type[Step]] = {}
+# step kinds defined in modules of their own, imported when a transform needs them
+_LAZY_STEP_MODULES = {"tps": "napari_registration.core.tps"}
 
 
 def register_step(cls: type[Step]) -> type[Step]:
@@ -409,6 +411,10 @@ class Transform:
         steps = []
         for sd in data["steps"]:
             kind = sd.get("kind") if isinstance(sd, dict) else None
+            if kind not in _STEP_KINDS and kind in _LAZY_STEP_MODULES:
+                import importlib
+
+                importlib.import_module(_LAZY_STEP_MODULES[kind])
             if kind not in _STEP_KINDS:
                 raise ValueError(
                     f"unknown transform step kind {kind!r}; known: {sorted(_STEP_KINDS)}"
