@@ -608,38 +608,30 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
 
 
 # ------------------------------------------------------------------------------- output
-def write_tiff_stack(path, stack, *, frames_per_batch: int = 4, axis: int = 0,
+def write_tiff_stack(path, stack, *, frames_per_batch: int = 4,
                      progress: Callable[[float, str], None] | None = None):
-    """Write a (numpy or dask) stack to one TIFF, ``frames_per_batch`` frames along
-    ``axis`` in memory at a time (dask batches are computed with the current scheduler,
-    e.g. a distributed client). BigTIFF is used when the data exceeds 2 GB."""
+    """Write a (numpy or dask) stack to one TIFF with the stack's shape, computing and
+    holding only ``frames_per_batch`` slices along the first axis at a time (dask
+    batches use the current scheduler, e.g. a distributed client). BigTIFF is used
+    above 2 GB. Read it back with ``tifffile.imread`` (or ``tifffile.memmap``)."""
     import tifffile
 
     shape = tuple(int(s) for s in stack.shape)
     dtype = np.dtype(stack.dtype)
-    n = shape[axis]
+    n = shape[0]
     nbytes = int(np.prod(shape)) * dtype.itemsize
     page_shape = shape[-2:]
+    step = max(1, int(frames_per_batch))
 
     def pages():
-        for start in range(0, n, frames_per_batch):
-            sl = [slice(None)] * len(shape)
-            sl[axis] = slice(start, min(start + frames_per_batch, n))
-            block = stack[tuple(sl)]
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            block = stack[start:stop]
             block = np.asarray(block.compute()) if _is_dask(block) else np.asarray(block)
-            block = np.moveaxis(block, axis, 0)
-            for frame in block:
-                for page in np.asarray(frame).reshape((-1,) + page_shape):
-                    yield page
+            yield from block.reshape((-1,) + page_shape)
             if progress is not None:
-                progress(min(start + frames_per_batch, n) / n, f"wrote {min(start + frames_per_batch, n)}/{n} frames")
+                progress(stop / n, f"wrote {stop}/{n}")
 
-    if axis != 0:
-        # pages are written frame by frame; the file's shape is the stack with its
-        # frame axis first
-        out_shape = (n,) + tuple(s for k, s in enumerate(shape) if k != axis)
-    else:
-        out_shape = shape
-    tifffile.imwrite(path, pages(), shape=out_shape, dtype=dtype,
-                     bigtiff=nbytes > 2 ** 31, photometric="minisblack")
+    tifffile.imwrite(path, pages(), shape=shape, dtype=dtype, bigtiff=nbytes > 2 ** 31,
+                     photometric="minisblack")
     return path
