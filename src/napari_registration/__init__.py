@@ -16,9 +16,11 @@ from .core.register import (  # noqa: E402
     register,
 )
 from .core.transform import Transform, load_transform, save_transform  # noqa: E402
+from .core.stack import StackResult, register_stack  # noqa: E402
 
 __all__ = [
     "register",
+    "register_stack", "StackResult",
     "apply_transform",
     "RegistrationResult",
     "BackendResult",

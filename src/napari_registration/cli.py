@@ -177,7 +177,291 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list methods, their transforms and options")
     p.set_defaults(func=cmd_methods)
+    _add_stack_parsers(sub)
     return parser
+
+
+# ------------------------------------------------------------------ stack and batch
+def _scheduler(args):
+    """A dask.distributed client for ``--scheduler ADDRESS`` (``local``: a LocalCluster
+    of ``--workers`` processes), or None."""
+    if not getattr(args, "scheduler", None):
+        return None
+    from distributed import Client
+
+    if args.scheduler == "local":
+        return Client(n_workers=max(1, args.workers), threads_per_worker=1,
+                      dashboard_address=None)
+    return Client(args.scheduler)
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(round(width * done / max(total, 1)))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done:>{len(str(total))}}/{total}"
+
+
+def _open_stack(path):
+    """``(array, axes or None, spacing of the last two/three axes or None)``. An
+    uncompressed TIFF is memory-mapped and returned as a dask array (one frame per
+    chunk along its first axis) so it is never loaded whole."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".tif", ".tiff")):
+        import tifffile
+
+        if not path.exists():
+            raise FileNotFoundError(f"image file not found: {path}")
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            ij = tif.imagej_metadata or {}
+            spacing = None
+            page = tif.pages[0]
+            xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+            if ij and xres is not None and yres is not None:
+                spacing = (yres.value[1] / yres.value[0], xres.value[1] / xres.value[0])
+                if "Z" in axes and "spacing" in ij:
+                    spacing = (float(ij["spacing"]),) + spacing
+        try:
+            array = tifffile.memmap(path, mode="r")
+        except (ValueError, OSError):
+            array = tifffile.imread(path)
+        if isinstance(array, np.memmap):
+            import dask.array as da
+
+            array = da.from_array(array, chunks=(1,) + array.shape[1:])
+        return array, axes, spacing
+    from .io import read_image
+
+    array, spacing, _ = read_image(path)
+    return array, None, spacing
+
+
+def cmd_stack(args) -> int:
+    from .core.stack import register_stack, write_tiff_stack
+
+    frames, axes, file_spacing = _open_stack(args.input)
+    axes = axes or ""
+    axis = args.axis if args.axis is not None else (axes.index("T") if "T" in axes else 0)
+    channel_axis = args.channel_axis
+    if channel_axis is None and "C" in axes:
+        channel_axis = axes.index("C")
+    reference = args.reference
+    if reference.lstrip("-").isdigit():
+        reference = int(reference)
+    options = _parse_options(args.option)
+    ndim_frame = frames.ndim - 1 - (channel_axis is not None)
+    spacing = args.spacing
+    if spacing is None and file_spacing is not None and len(file_spacing) in (ndim_frame, 2):
+        spacing = file_spacing if len(file_spacing) == ndim_frame else (1.0,) * (ndim_frame - 2) + tuple(file_spacing)
+    client = _scheduler(args)
+    try:
+        result = register_stack(
+            frames, axis=axis, reference=reference, method=args.method,
+            transform=args.transform, spacing=spacing, channel_axis=channel_axis,
+            driver_channel=args.driver_channel, downsample=args.downsample, client=client,
+            workers=args.workers, on_error=args.on_error,
+            progress=_progress_printer(not args.quiet), **options)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        aligned = out / "aligned.tif"
+        write_tiff_stack(aligned, result.warped, frames_per_batch=max(2, 2 * args.workers))
+    finally:
+        if client is not None:
+            client.close()
+    drift = result.drift
+    names = ["plane", "row", "col"][-drift.shape[1]:]
+    lines = ["frame," + ",".join(f"drift_{n}" for n in names) + ",ncc_before,ncc_after,error"]
+    for i, (d, fi) in enumerate(zip(drift, result.info["frames"])):
+        m = fi.get("metrics") or {}
+        b, a = (m.get("before") or {}).get("ncc", ""), (m.get("after") or {}).get("ncc", "")
+        lines.append(f"{i}," + ",".join(f"{v:.4f}" for v in d) + f",{b},{a},{fi.get('error', '')}")
+    (out / "drift.csv").write_text("\n".join(lines) + "\n")
+    report = result.to_dict()
+    report["outputs"] = {"aligned": str(aligned), "drift": str(out / "drift.csv"),
+                         "report": str(out / "report.json")}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    span = np.ptp(drift, axis=0) if len(drift) else np.zeros(0)
+    print(f"stack: {len(result.transforms)} frames, reference={result.info['reference']}, "
+          f"method={args.method} {args.transform}, {result.info['seconds']:.2f} s "
+          f"({result.info['scheduler']})")
+    print("  drift range (world units, " + ", ".join(names) + "): "
+          + ", ".join(f"{v:.2f}" for v in span))
+    if result.info["failed"]:
+        print(f"  {result.info['failed']} frame(s) could not be registered and were kept in place")
+    for key, path in report["outputs"].items():
+        print(f"  {key}: {path}")
+    return 0
+
+
+def _batch_item(fixed_path, moving_path, out, settings) -> dict:
+    """One pair of the batch (runs in a worker): read, register, write the outputs."""
+    from . import register
+    from .io import read_image
+
+    t0 = time.perf_counter()
+    fixed, f_sp, f_or = read_image(fixed_path)
+    moving, m_sp, m_or = read_image(moving_path)
+    result = register(fixed, moving, method=settings["method"], transform=settings["transform"],
+                      fixed_spacing=f_sp, moving_spacing=m_sp, fixed_origin=f_or,
+                      moving_origin=m_or, **settings["options"])
+    name = Path(moving_path).name.lower()
+    suffix = ".nii.gz" if name.endswith((".nii", ".nii.gz")) else ".tif"
+    write_outputs(result, fixed, Path(out), fixed_spacing=f_sp, fixed_origin=f_or, suffix=suffix)
+    after = result.metrics.get("after", {})
+    before = result.metrics.get("before", {})
+    return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
+            "ncc_after": after.get("ncc")}
+
+
+def _batch_items(args) -> list[tuple[str, str, Path]]:
+    import csv
+    import glob
+
+    out_root = Path(args.out)
+    items = []
+    if len(args.pairs) == 1 and args.pairs[0].lower().endswith(".csv"):
+        table = Path(args.pairs[0])
+        if not table.exists():
+            raise FileNotFoundError(f"pairs file not found: {table}")
+        base = table.parent
+        with table.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"fixed", "moving"} <= set(rows[0]):
+            raise ValueError(f"{table} needs a header row with the columns fixed,moving[,out]")
+        for row in rows:
+            fixed = base / row["fixed"].strip()
+            moving = base / row["moving"].strip()
+            out = row.get("out") and row["out"].strip()
+            items.append((str(fixed), str(moving), base / out if out else None))
+    else:
+        if not args.fixed:
+            raise ValueError("a list or glob of moving images needs --fixed FIXED (or give a "
+                             "CSV with fixed,moving[,out] columns)")
+        movings = []
+        for pattern in args.pairs:
+            found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            movings += found
+        if not movings:
+            raise ValueError(f"no moving images match {args.pairs}")
+        items = [(args.fixed, m, None) for m in movings]
+    used: set = set()
+    resolved = []
+    for fixed, moving, out in items:
+        if out is None:
+            stem = Path(moving).name
+            for ext in (".nii.gz", ".tiff", ".tif", ".png", ".jpg", ".jpeg", ".nii", ".mha", ".nrrd"):
+                if stem.lower().endswith(ext):
+                    stem = stem[: -len(ext)]
+                    break
+            out, k = out_root / stem, 2
+            while out in used:
+                out, k = out_root / f"{stem}_{k}", k + 1
+        used.add(out)
+        resolved.append((fixed, moving, out))
+    return resolved
+
+
+def cmd_batch(args) -> int:
+    from .core.stack import iter_tasks
+
+    items = _batch_items(args)
+    settings = {"method": args.method, "transform": args.transform,
+                "options": _parse_options(args.option)}
+    total = len(items)
+    todo, skipped = [], []
+    for k, (fixed, moving, out) in enumerate(items):
+        if not args.force and (Path(out) / "report.json").exists():
+            skipped.append(k)
+        else:
+            todo.append(k)
+    log = sys.stderr
+    if skipped:
+        print(f"batch: {len(skipped)} of {total} already done (report.json present; --force "
+              "to redo)", file=log)
+    done, failed, status = len(skipped), [], {}
+    client = _scheduler(args)
+    t0 = time.perf_counter()
+    try:
+        tasks = ((k, (items[k][0], items[k][1], str(items[k][2]), settings)) for k in todo)
+        for k, out, err in iter_tasks(_batch_item, tasks, client=client, workers=args.workers):
+            done += 1
+            name = Path(items[k][1]).name
+            if err is not None:
+                message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                failed.append((items[k][1], f"{type(err).__name__}: {message}"))
+                status[k] = {"status": "failed", "error": failed[-1][1]}
+                line = f"FAIL {name}: {message}"
+            else:
+                status[k] = {"status": "ok", **out}
+                ncc = (f"ncc {out['ncc_before']:.3f} -> {out['ncc_after']:.3f}  "
+                       if out.get("ncc_after") is not None else "")
+                line = f"ok   {name}  {ncc}{out['seconds']:.2f} s"
+            if not args.quiet or err is not None:
+                print(f"{_bar(done, total)}  {line}", file=log, flush=True)
+    finally:
+        if client is not None:
+            client.close()
+    for k in skipped:
+        status[k] = {"status": "skipped"}
+    summary = {"total": total, "ok": len(todo) - len(failed), "skipped": len(skipped),
+               "failed": len(failed), "seconds": time.perf_counter() - t0,
+               "items": [{"fixed": str(f), "moving": str(m), "out": str(o), **status.get(k, {})}
+                         for k, (f, m, o) in enumerate(items)]}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "batch.json").write_text(json.dumps(summary, indent=1))
+    print(f"batch: {summary['ok']} registered, {summary['skipped']} skipped, "
+          f"{summary['failed']} failed of {total} in {summary['seconds']:.1f} s")
+    for moving, message in failed:
+        print(f"  failed: {moving}: {message}")
+    return 1 if failed else 0
+
+
+def _add_stack_parsers(sub) -> None:
+    def scale_out(p):
+        p.add_argument("--workers", type=int, default=1,
+                       help="local worker processes (default 1: in this process)")
+        p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="dask.distributed scheduler address (tcp://host:8786), or "
+                            "'local' for a LocalCluster of --workers processes")
+
+    p = sub.add_parser("stack", help="align the frames of a stack (time series or z-stack)")
+    p.add_argument("input", help="a TIFF (uncompressed TIFFs are memory-mapped) or other image")
+    p.add_argument("--out", default="stack-out", help="output folder")
+    p.add_argument("--axis", type=int, default=None,
+                   help="frame axis (default: the TIFF's T axis, else 0)")
+    p.add_argument("--reference", default="first",
+                   help="first | previous | mean | a frame index (default first)")
+    p.add_argument("--method", default="fourier")
+    p.add_argument("--transform", default="translation")
+    p.add_argument("--channel-axis", type=int, default=None,
+                   help="channel axis (default: the TIFF's C axis, else none)")
+    p.add_argument("--driver-channel", type=int, default=0,
+                   help="the channel that is registered; the others follow")
+    p.add_argument("--downsample", type=int, default=1,
+                   help="register on a copy reduced by this factor, warp at full resolution")
+    p.add_argument("--spacing", type=float, nargs="+", default=None,
+                   help="pixel size of one frame (napari axis order)")
+    p.add_argument("--on-error", choices=["raise", "identity"], default="raise",
+                   help="a frame that cannot be registered stops the run, or stays in place")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE")
+    p.add_argument("--quiet", "-q", action="store_true")
+    scale_out(p)
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("batch", help="register many pairs: a CSV (fixed,moving[,out]) or "
+                                     "moving files/globs against one --fixed")
+    p.add_argument("pairs", nargs="+", help="PAIRS.csv, or moving images / glob patterns")
+    p.add_argument("--fixed", default=None, help="the fixed image for a list/glob of movings")
+    p.add_argument("--out", default="batch-out",
+                   help="output folder (one subfolder per moving image, unless the CSV names one)")
+    p.add_argument("--method", default="fourier")
+    p.add_argument("--transform", default="translation")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="redo items whose report.json exists")
+    p.add_argument("--quiet", "-q", action="store_true", help="report failures only")
+    scale_out(p)
+    p.set_defaults(func=cmd_batch)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,1 @@
+"""napari dock widgets (Qt): imported only by napari through the manifest."""

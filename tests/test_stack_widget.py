@@ -1,0 +1,92 @@
+"""The stack dock widget in a real viewer (under Xvfb): a drifting series in, the
+corrected stack out with its transforms in metadata and the drift in the table;
+cancel stops the worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+pytestmark = pytest.mark.qt
+
+DRIFTS = np.array([[0, 0], [1.4, -0.3], [2.6, 0.8], [3.3, 2.1], [2.1, 3.7]])
+
+
+def series(n_repeat=1):
+    from skimage import data
+
+    image = data.camera().astype(np.float32)
+    region = image[140:140 + 112, 160:160 + 112]
+    drifts = np.concatenate([DRIFTS] * n_repeat)
+    return np.stack([ndimage.shift(region, -d, order=3, mode="nearest")[8:104, 8:104]
+                     for d in drifts]), drifts
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    from napari_registration.widgets.stack import StackRegistrationWidget
+
+    viewer = make_napari_viewer()
+    w = StackRegistrationWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    return viewer, w
+
+
+def test_widget_registers_a_layer_and_pushes_the_result_back(widget, qtbot):
+    viewer, w = widget
+    frames, drifts = series()
+    source = viewer.add_image(frames, name="drifting", scale=(1.0, 0.5, 0.5))
+    w._layer.reset_choices()
+    w._layer.value = source
+    w._reference.value = "previous"
+    events = []
+    worker = w.make_worker()
+    worker.yielded.connect(events.append)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        worker.start()
+    assert w.result is not None and len(events) >= len(frames)
+    out = viewer.layers["drifting registered"]
+    assert out.data.shape == frames.shape
+    assert tuple(out.scale) == tuple(source.scale)
+    meta = out.metadata["registration"]
+    assert meta["type"] == "napari-registration stack result" and len(meta["transforms"]) == 5
+    # world units are half a pixel: the transform shifts are drift * 0.5
+    shifts = np.array([[t["matrix"][0][2], t["matrix"][1][2]] for t in meta["transforms"]])
+    assert np.allclose(shifts, drifts * 0.5, atol=0.05)
+    table = w._table.to_dict("list")
+    columns = w.drift_table(w.result)
+    assert list(columns) == ["frame", "drift row", "drift col", "ncc after"]
+    assert np.allclose(columns["drift row"], -drifts[:, 0] * 0.5, atol=0.05)
+    assert list(table) == list(columns) and len(table["frame"]) == 5
+    assert w._progress.value == 100 and "5 frames" in w._status.value
+    assert np.all(source.data == frames)          # the input layer is untouched
+
+
+def test_widget_cancel_stops_the_worker(widget, qtbot):
+    viewer, w = widget
+    frames, _ = series(n_repeat=20)                # 100 frames
+    viewer.add_image(frames, name="long")
+    w._layer.reset_choices()
+    w._method.value = "fourier"
+    worker = w.make_worker()
+    seen = []
+
+    def on_yield(event):
+        seen.append(event)
+        if len(seen) == 3:
+            w.cancel()
+
+    worker.yielded.connect(on_yield)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        worker.start()
+    assert w.result is None and len(seen) < 50
+    assert "long registered" not in viewer.layers
+    assert w._run_button.enabled and not w._cancel_button.enabled
+
+
+def test_widget_opens_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-registration", "Register stack")
+    assert type(widget).__name__ == "StackRegistrationWidget"
+    assert "fourier" in widget._method.choices
