@@ -211,6 +211,9 @@ def test_tps_step_rejects_bad_input():
         TpsStep(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="paired"):
         TpsStep(np.zeros((4, 2)), np.zeros((5, 2)))
+    line = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    with pytest.raises(ValueError, match="singular.*one line"):
+        TpsStep(line, line + 1.0)
 
 
 # ------------------------------------------------------------------------------ errors
