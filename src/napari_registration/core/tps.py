@@ -137,9 +137,17 @@ class TpsStep(Step):
         self.iterations = int(iterations)
         self.tol = float(tol)
         self._f = _Spline(source, target, self.regularization)
-        self._g = _Spline(target, source, self.regularization)  # starting guess for f^-1
+        self._g_cache = None
         span = np.ptp(np.vstack([source, target]), axis=0).max()
         self._abs_tol = self.tol * max(float(span), 1.0)
+
+    @property
+    def _g(self):
+        """The reverse spline (target -> source): the starting guess for f^-1, fitted
+        when first needed (warping), not when only the forward map is used."""
+        if self._g_cache is None:
+            self._g_cache = _Spline(self.target, self.source, self.regularization)
+        return self._g_cache
 
     # ---- the two directions of the fitted spline
     def _direct(self, pts):
