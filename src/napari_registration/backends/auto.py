@@ -89,7 +89,7 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, metric: str = "mi", structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
-             min_overlap: float = 0.1) -> BackendResult:
+             stop_ncc: float | None = 0.9, min_overlap: float = 0.1) -> BackendResult:
     """Chain and score methods; return the best-scoring transform.
 
     Options
@@ -106,6 +106,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     coarse_size : int
         The Fourier stages run on copies downsampled to at most this many pixels per
         axis (same world coordinates); 0 keeps full resolution.
+    stop_ncc : float or None
+        Skip the remaining coarse stages once a candidate reaches this absolute
+        normalised cross-correlation on the overlap (clearly aligned; the absolute value
+        also accepts contrast-inverted pairs). None runs every stage.
     min_overlap : float
         Candidates whose overlap covers less than this fraction of the fixed image are
         discarded (a tiny overlap can score deceptively well).
@@ -117,6 +121,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                          f"(normalised cross-correlation, same modality); got {metric!r}")
     if int(coarse_size) < 0 or 0 < int(coarse_size) < 32:
         raise ValueError(f"coarse_size must be 0 (full resolution) or >= 32 pixels; got {coarse_size}")
+    if stop_ncc is not None and not 0.0 < float(stop_ncc) <= 1.0:
+        raise ValueError(f"stop_ncc must be in (0, 1] or None (run every stage); got {stop_ncc}")
     if not 0.0 <= float(min_overlap) < 1.0:
         raise ValueError(f"min_overlap must be a fraction in [0, 1); got {min_overlap}")
     ndim = fixed.ndim
@@ -199,26 +205,45 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
     # ---- coarse, global stages
     reps = ["intensities"] + (["gradient magnitude"] if structure else [])
+    # cheap and global first; log-polar (the slow one) last
     coarse = []
     if "fourier" in methods:
         coarse += [("fourier", "translation", rep,
                     "phase correlation: any shift, fast" +
                     ("" if rep == "intensities" else "; edges survive contrast changes"))
                    for rep in reps]
-        if ndim == 2 and transform != "translation":
-            model = _COARSE_2D[transform]
-            coarse += [("fourier", model, rep,
-                        "log-polar: any rotation and large scale changes" +
-                        ("" if rep == "intensities" else "; edges survive contrast changes"))
-                       for rep in reps]
     if use_features and ndim == 2 and transform != "translation":
         f_model = transform if supports("features", transform) else "similarity"
         if supports("features", f_model):
             coarse.append(("features", f_model, "intensities",
                            "keypoint matching: large motion, perspective, partial overlap"))
+    if "fourier" in methods and ndim == 2 and transform != "translation":
+        model = _COARSE_2D[transform]
+        coarse += [("fourier", model, rep,
+                    "log-polar: any rotation and large scale changes" +
+                    ("" if rep == "intensities" else "; edges survive contrast changes"))
+                   for rep in reps]
     n_refine = 1 if (refine and supports("intensity", _refine_model(transform))) else 0
     n_total = max(1, len(coarse) + 2 * n_refine)
+    skipped = []
+
+    def clearly_aligned():
+        # a candidate that refinement can start from (linear), or any when none follows
+        for _, idx, tf in candidates:
+            if idx == baseline_index or (n_refine and (not tf.is_linear or tf.is_projective)):
+                continue
+            if abs(stages[idx]["score"]["ncc"]) >= stop_ncc:
+                return stages[idx]
+        return None
+
     for k, (method, model, rep, why) in enumerate(coarse):
+        done = clearly_aligned() if stop_ncc is not None else None
+        if done is not None:
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": f"skipped: {done['method']} {done['model']} ({done['on']}) "
+                                   f"already reached |NCC| {abs(done['score']['ncc']):.3f} >= "
+                                   f"stop_ncc {stop_ncc}"})
+            continue
         run(method, model, why, rep=rep, fraction=(k / n_total, (k + 1) / n_total),
             shrink=method == "fourier")
 
@@ -265,6 +290,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     chosen = stages[best_index]
     info = {
         "stages": stages,
+        "skipped": skipped,
         "chosen": {"stage": best_index, "method": chosen["method"],
                    "model": chosen["model"], "on": chosen["on"]},
         "metric": metric,
