@@ -26,22 +26,31 @@ __all__ = ["TpsStep", "fit_tps"]
 _CHUNK = 32768  # points per evaluation chunk: bounds the (chunk, N) distance matrix
 
 
-def _kernel(r: np.ndarray, ndim: int) -> np.ndarray:
-    if ndim == 2:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = r * r * np.log(r)
-        return np.where(r > 0, out, 0.0)
-    return -r
+def _kernel_sq(r2: np.ndarray, ndim: int) -> np.ndarray:
+    """phi as a function of the squared distance: r^2 log r = r^2 log(r^2) / 2 (2D),
+    -r (3D); 0 at r = 0."""
+    if ndim == 2:  # 0 * log(tiny) = 0 at r = 0, without a branch
+        return 0.5 * r2 * np.log(np.maximum(r2, 1e-300))
+    return -np.sqrt(np.maximum(r2, 0.0))
 
 
-def _kernel_slope(r: np.ndarray, ndim: int) -> np.ndarray:
-    """phi'(r) / r, the factor in grad phi(|x - c|) = phi'(r)/r * (x - c); 0 at r = 0."""
+def _slope_sq(r2: np.ndarray, ndim: int) -> np.ndarray:
+    """phi'(r) / r from the squared distance (grad phi(|x - c|) = phi'(r)/r (x - c));
+    0 at r = 0, where (x - c) vanishes."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        if ndim == 2:
-            out = 2.0 * np.log(r) + 1.0
-        else:
-            out = -1.0 / r
-    return np.where(r > 0, out, 0.0)
+        out = np.log(r2) + 1.0 if ndim == 2 else -1.0 / np.sqrt(r2)
+    return np.where(r2 > 0, out, 0.0)
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(M, N) squared distances by |x|^2 + |c|^2 - 2 x.c (one matrix product); the
+    few near-zero entries, where that expansion loses its digits (and -sqrt would turn
+    1e-16 into 1e-8), are recomputed from the differences."""
+    r2 = np.maximum((x * x).sum(1)[:, None] + (c * c).sum(1)[None, :] - 2.0 * x @ c.T, 0.0)
+    rows, cols = np.nonzero(r2 < 1e-6)
+    if rows.size:
+        r2[rows, cols] = ((x[rows] - c[cols]) ** 2).sum(1)
+    return r2
 
 
 class _Spline:
@@ -56,7 +65,7 @@ class _Spline:
         self.scale = float(np.sqrt(((source - self.centre) ** 2).sum(axis=1).mean())) or 1.0
         c = (source - self.centre) / self.scale
         self.controls = c
-        k = _kernel(np.linalg.norm(c[:, None, :] - c[None, :, :], axis=-1), d)
+        k = _kernel_sq(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1), d)
         k = k + float(regularization) * np.eye(n)
         p = np.hstack([np.ones((n, 1)), c])
         system = np.zeros((n + d + 1, n + d + 1))
@@ -83,19 +92,26 @@ class _Spline:
         out = np.empty_like(points, dtype=float)
         for start in range(0, len(points), _CHUNK):
             x = (points[start:start + _CHUNK] - self.centre) / self.scale
-            r = np.linalg.norm(x[:, None, :] - self.controls[None, :, :], axis=-1)
             out[start:start + _CHUNK] = (self.affine[0] + x @ self.affine[1:]
-                                         + _kernel(r, self.ndim) @ self.weights)
+                                         + _kernel_sq(_sq_dist(x, self.controls), self.ndim)
+                                         @ self.weights)
         return out
 
     def jacobian(self, points: np.ndarray) -> np.ndarray:
-        """(M, D, D) with J[m, k, j] = d f_k / d x_j at points[m] (world units)."""
-        x = (points - self.centre) / self.scale
-        diff = x[:, None, :] - self.controls[None, :, :]             # (M, N, D)
-        slope = _kernel_slope(np.linalg.norm(diff, axis=-1), self.ndim)  # (M, N)
-        # sum_i slope_i * w_ik * diff_ij
-        jac = np.einsum("mn,nk,mnj->mkj", slope, self.weights, diff)
-        jac += self.affine[1:].T[None]
+        """(M, D, D) with J[m, k, j] = d f_k / d x_j at points[m] (world units).
+
+        sum_i s_i w_ik (x_j - c_ij) = x_j (S W)_k - (S (w_k * c_j)) with S the (M, N)
+        slopes: two matrix products instead of an (M, N, D) array."""
+        d = self.ndim
+        jac = np.empty((len(points), d, d))
+        wc = (self.weights[:, :, None] * self.controls[:, None, :]).reshape(len(self.controls), d * d)
+        for start in range(0, len(points), _CHUNK):
+            x = (points[start:start + _CHUNK] - self.centre) / self.scale
+            slope = _slope_sq(_sq_dist(x, self.controls), d)
+            sw = slope @ self.weights                    # (m, D): sum_i s_i w_ik
+            swc = (slope @ wc).reshape(len(x), d, d)     # [m, k, j]: sum_i s_i w_ik c_ij
+            jac[start:start + _CHUNK] = (sw[:, :, None] * x[:, None, :] - swc
+                                         + self.affine[1:].T[None])
         return jac / self.scale
 
 
@@ -200,7 +216,7 @@ class TpsStep(Step):
     def bending_energy(self) -> float:
         """trace(W^T K W) in normalised units: 0 for an affine map, grows with bending."""
         c = self._f.controls
-        k = _kernel(np.linalg.norm(c[:, None, :] - c[None, :, :], axis=-1), self.ndim)
+        k = _kernel_sq(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1), self.ndim)
         return float(np.trace(self._f.weights.T @ k @ self._f.weights))
 
     def to_dict(self):
