@@ -285,6 +285,19 @@ def test_register_tps_warps_and_scores():
     json.dumps(res.to_dict())
 
 
+def test_register_landmarks_3d_anisotropic():
+    from napari_registration.data import grid_points, tre_against_truth, volume_pair
+
+    fixed, moving, truth, spacing = volume_pair()
+    rng = np.random.default_rng(14)
+    m_pts = rng.uniform(0.1, 0.9, (5, 3)) * (np.array(moving.shape) - 1) * spacing  # world
+    res = register(fixed, moving, method="landmarks", transform="rigid",
+                   fixed_points=truth.apply(m_pts), moving_points=m_pts,
+                   fixed_spacing=spacing, moving_spacing=spacing)
+    assert tre_against_truth(res.transform, truth, grid_points(fixed.shape, spacing))["max"] < 1e-8
+    assert res.metrics["after"]["ncc"] > res.metrics["before"]["ncc"]
+
+
 def test_register_landmarks_needs_points():
     fixed, moving, _ = _camera_pair()
     with pytest.raises(ValueError, match="needs fixed_points and moving_points"):
