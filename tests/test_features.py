@@ -130,6 +130,19 @@ def test_translation_and_rigid_are_exact_models(kind):
         np.testing.assert_allclose(lin @ lin.T, np.eye(2), atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,estimator", [("rigid", "ransac"), ("similarity", "usac_magsac")])
+def test_without_refine_the_model_is_still_of_its_kind(kind, estimator):
+    fixed, moving, truth = _pair("coins", kind, 9)
+    result = register(fixed, moving, method="features", transform=kind, estimator=estimator,
+                      refine=False, score=False, warp=False)
+    lin = result.transform.matrix[:2, :2]
+    scale = np.sqrt(np.linalg.det(lin))
+    np.testing.assert_allclose(lin @ lin.T, scale ** 2 * np.eye(2), atol=1e-12)
+    if kind == "rigid":
+        assert scale == pytest.approx(1.0, abs=1e-12)
+    assert _tre_px(result, truth, fixed.shape) <= 0.5
+
+
 def test_photo_pair_homography_registers():
     fixed, moving, truth = data.photo_pair()
     result = register(fixed, moving, method="features", transform="homography")
@@ -138,12 +151,14 @@ def test_photo_pair_homography_registers():
     assert result.metrics["after"]["ncc"] > 0.95
 
 
-@pytest.mark.parametrize("matcher,estimator,detector", [
-    ("flann", "usac_magsac", "sift"), ("flann", "lmeds", "orb"), ("bf", "usac_magsac", "akaze"),
+@pytest.mark.parametrize("matcher,estimator,detector,kind", [
+    ("flann", "usac_magsac", "sift", "affine"), ("flann", "lmeds", "orb", "affine"),
+    ("bf", "usac_magsac", "akaze", "homography"), ("bf", "usac_magsac", "brisk", "similarity"),
+    ("flann", "usac_magsac", "sift", "rigid"), ("bf", "lmeds", "sift", "similarity"),
 ])
-def test_matchers_and_estimators(matcher, estimator, detector):
-    fixed, moving, truth = _pair("astronaut", "affine", 11)
-    result = register(fixed, moving, method="features", transform="affine", detector=detector,
+def test_matchers_and_estimators(matcher, estimator, detector, kind):
+    fixed, moving, truth = _pair("astronaut", kind, 11)
+    result = register(fixed, moving, method="features", transform=kind, detector=detector,
                       matcher=matcher, estimator=estimator, cross_check=True, score=False,
                       warp=False)
     assert result.info["matcher"] == matcher and result.info["estimator"] == estimator
@@ -295,6 +310,11 @@ def test_check_model_flags_degenerate_fits():
     h = np.eye(3)
     h[2, :2] = (-0.02, 0.0)  # row 50 maps to infinity
     assert any("singular" in p for p in features.check_model(h, "homography", spread, corners, 10))
+    # a homography and its negative are the same map: both fine
+    ok = np.eye(3)
+    ok[2, :2] = (1e-4, -1e-4)
+    assert features.check_model(ok, "homography", spread, corners, 10) == []
+    assert features.check_model(-ok, "homography", spread, corners, 10) == []
     mirror = np.diag([1.0, -1.0, 1.0])
     assert any("mirrors" in p for p in features.check_model(mirror, "affine", spread, corners, 10))
     big = np.diag([20.0, 20.0, 1.0])

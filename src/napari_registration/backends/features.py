@@ -143,8 +143,10 @@ def _make_detector(detector: str, n_features: int, threshold):
 
 
 def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
-    """Keypoints and descriptors of one uint8 image: ``(xy (N, 2), descriptors or None,
-    responses (N,))`` in OpenCV pixel ``(x, y)``."""
+    """Keypoints and descriptors of one uint8 image: ``(xy, descriptors)`` with ``xy``
+    (N, 2) in OpenCV pixel ``(x, y)`` (convert with :func:`keypoints_to_world`) and
+    ``descriptors`` None when nothing was found. ``mask`` (bool, image shape) limits
+    where keypoints are taken."""
     det = _make_detector(detector, n_features, threshold)
     cv_mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
     with _cv2_errors(f"detecting {detector} keypoints"):
@@ -309,7 +311,10 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     The robust estimator picks the inliers; with ``refine`` the model is then refitted
     by least squares on them (Umeyama for rigid/similarity, linear least squares for
     affine, DLT + Levenberg-Marquardt for homography) and the inliers re-selected with
-    the same threshold, until they stop changing (at most 5 rounds)."""
+    the same threshold, until they stop changing (at most 5 rounds).
+
+    OpenCV has no MAGSAC++ for rotation + scale models: with ``estimator="usac_magsac"``,
+    rigid and similarity fits take their inliers from MAGSAC++ on an affine model."""
     import cv2
 
     cv2.setRNGSeed(int(seed))
@@ -325,7 +330,10 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
                                          maxIters=int(max_iters), confidence=float(confidence))
             inl = None if mask is None else mask.ravel().astype(bool)
         else:
-            est = cv2.estimateAffine2D if transform == "affine" else cv2.estimateAffinePartial2D
+            # OpenCV's partial-affine estimator has no USAC variant: MAGSAC++ then picks the
+            # inliers of an affine model and the similarity/rigid refit below replaces it
+            partial = transform != "affine" and estimator != "usac_magsac"
+            est = cv2.estimateAffinePartial2D if partial else cv2.estimateAffine2D
             a, mask = est(src32, dst32, method=method, ransacReprojThreshold=float(threshold),
                           maxIters=int(max_iters), confidence=float(confidence))
             if a is None:
@@ -337,8 +345,10 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
             return None, np.zeros(len(src), bool), 0
         m = np.asarray(m, dtype=np.float64)
         rounds = 0
-        # rigid always needs one least-squares refit: OpenCV's partial affine has a scale
-        max_rounds = 5 if refine else (1 if transform == "rigid" else 0)
+        # rigid always needs one least-squares refit (OpenCV's partial affine has a scale),
+        # and so does a similarity picked by MAGSAC++ on an affine model
+        must = transform == "rigid" or (transform == "similarity" and estimator == "usac_magsac")
+        max_rounds = 5 if refine else (1 if must else 0)
         if max_rounds:
             need = MIN_POINTS[transform]
             for rounds in range(1, max_rounds + 1):
@@ -378,6 +388,7 @@ def check_model(m, transform, src_inliers, corners, max_scale: float):
         return problems + ["the fitted matrix is not finite"]
     pts = np.vstack([corners, corners.mean(0)])
     if transform == "homography":
+        m = m if pts.mean(0) @ m[2, :2] + m[2, 2] > 0 else -m  # H and -H are one map
         w = pts @ m[2, :2] + m[2, 2]
         if np.any(w <= 0) or w.max() / w.min() > 10:
             problems.append("the homography is near-singular over the image (it sends part of "
