@@ -149,6 +149,11 @@ def test_photo_pair_homography_registers():
     assert _tre_px(result, truth, fixed.shape) <= 0.5
     assert result.metrics["after"]["ncc"] > result.metrics["before"]["ncc"]
     assert result.metrics["after"]["ncc"] > 0.95
+    import json
+
+    saved = json.loads(json.dumps(result.to_dict()))  # info (timings, counts) is JSON-safe
+    assert saved["info"]["inliers"] == result.info["inliers"] >= 10
+    assert set(saved["info"]["timings"]) == {"detect", "match", "fit"}
 
 
 @pytest.mark.parametrize("matcher,estimator,detector,kind", [
