@@ -227,6 +227,7 @@ def test_square_pixels_keeps_world_positions():
     np.testing.assert_array_equal(sp, [1.0, 1.0])
     assert out.shape == (77, 50)  # rows 0..19 of 4 units -> 0..76 of 1 unit
     assert np.unravel_index(np.argmax(out), out.shape) == (40, 30)  # world (10*4, 30*1)
+    assert out.min() >= 0.0 and out.max() <= 1.0  # no cubic overshoot out of [0, 1]
     assert out_mask[40, 30] and not out_mask[30, 30]
     same, _, sp1 = features.square_pixels(img, (1.0, 1.02))
     assert same is img and tuple(sp1) == (1.0, 1.02)

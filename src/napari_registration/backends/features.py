@@ -103,6 +103,8 @@ def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
     with _cv2_errors("resampling to square pixels"):
         out = cv2.warpAffine(np.ascontiguousarray(image), m_xy, shape[::-1], flags=flags,
                              borderMode=cv2.BORDER_REPLICATE)
+        # cubic interpolation overshoots at edges: keep the input's range (e.g. [0, 1])
+        out = np.clip(out, np.min(image), np.max(image))
         if mask is not None:
             mask = cv2.warpAffine(np.ascontiguousarray(mask, dtype=np.uint8), m_xy, shape[::-1],
                                   flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
