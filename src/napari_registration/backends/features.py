@@ -40,6 +40,11 @@ MIN_POINTS = {"translation": 1, "rigid": 2, "similarity": 2, "affine": 3, "homog
 # the same number of matches within 1%)
 _AUTO_FLANN_PAIRS = {"float": 2000 * 2000, "binary": 4000 * 4000}
 
+_SIMPLER = {"homography": "transform='affine' or 'similarity'",
+            "affine": "transform='similarity' or 'rigid'", "similarity": "transform='rigid'",
+            "rigid": "transform='translation'"}
+
+
 def _advice(detector: str) -> str:
     """What to try when matching fails, without suggesting the detector already used."""
     others = " or ".join(f"detector={d!r}" for d in ("sift", "akaze", "orb") if d != detector)
@@ -587,13 +592,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if problems:
             raise RegistrationError(
                 f"the {transform} fitted to {n_inl} inliers is degenerate: " + "; ".join(problems)
-                + f". Try a simpler transform (e.g. 'similarity' or 'affine'), or {_advice(detector)}")
-        res_units = np.linalg.norm(_project(m, src[inl]) - dst[inl], axis=1)
+                + f". Try {_SIMPLER.get(transform, 'another transform')}, or {_advice(detector)}")
         diff_world = (_project(m, src[inl]) - dst[inl]) * unit
+        err_px = np.linalg.norm(diff_world / f_sp, axis=1)  # in fixed pixels, per axis
         info.update(rms_world=float(np.sqrt(np.mean((diff_world ** 2).sum(1)))),
-                    rms_px=float(np.sqrt(np.mean(((diff_world / f_sp) ** 2).sum(1)))),
-                    max_residual_px=float(res_units.max() * unit / f_sp.min()),
-                    timings=timings)
+                    rms_px=float(np.sqrt(np.mean(err_px ** 2))),
+                    max_residual_px=float(err_px.max()), timings=timings)
     # back from fitting units to world: M_world = U M U^-1
     u = np.diag([unit, unit, 1.0])
     matrix = u @ m @ np.linalg.inv(u)
