@@ -400,3 +400,20 @@ def test_progress_and_threads_option_restores_opencv_setting():
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any("matching" in msg for _, msg in seen)
     assert _tre_px(result, truth, fixed.shape) <= 0.5
+
+
+@pytest.mark.parametrize("estimator", features.ESTIMATORS)
+@pytest.mark.parametrize("kind", features.TRANSFORMS)
+def test_fit_recovers_each_model_from_points_with_outliers(kind, estimator):
+    """fit() alone on synthetic pairs: 70% inliers with 0.2 px noise, 30% wild outliers."""
+    rng = np.random.default_rng(1)
+    truth = _random_truth(kind, (400, 400), seed=5).matrix
+    src = rng.uniform(0, 400, (300, 2))
+    dst = features._project(truth, src) + rng.normal(0, 0.2, (300, 2))
+    outliers = rng.random(300) < 0.3
+    dst[outliers] = rng.uniform(0, 400, (outliers.sum(), 2))
+    m, inl, _ = features.fit(src, dst, kind, estimator=estimator, threshold=2.0, seed=0)
+    assert inl[~outliers].mean() > 0.97 and inl[outliers].mean() < 0.05
+    grid = np.stack(np.meshgrid(np.linspace(50, 350, 5), np.linspace(50, 350, 5)), -1).reshape(-1, 2)
+    err = np.linalg.norm(features._project(m, grid) - features._project(truth, grid), axis=1)
+    assert err.mean() < 0.1

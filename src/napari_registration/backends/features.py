@@ -274,21 +274,27 @@ def _project(m, pts) -> np.ndarray:
     return h[:, :2] / h[:, 2:3]
 
 
-def _translation_consensus(src, dst, estimator, threshold, max_iters, rng):
-    """Robust translation: every (or a random subset of) displacement is a candidate;
-    RANSAC keeps the one with most displacements within ``threshold``, LMedS the one
-    with the smallest median distance."""
+def _translation_consensus(src, dst, estimator, threshold, max_iters, confidence, rng):
+    """Robust translation: each match's displacement is a one-point hypothesis, tried in
+    random order. RANSAC keeps the one with most displacements within ``threshold``,
+    LMedS the one with the smallest median distance; both stop once ``confidence`` says
+    a better one is unlikely (the usual adaptive rule; LMedS presumes half are inliers)."""
     disp = dst - src
     n = len(disp)
-    cand = np.arange(n) if n <= max_iters else rng.choice(n, size=max_iters, replace=False)
+    cand = rng.permutation(n)[:max_iters]
     best_score, best = None, None
-    for start in range(0, len(cand), 256):
-        c = disp[cand[start:start + 256]]
+    for start in range(0, len(cand), 128):
+        c = disp[cand[start:start + 128]]
         d = np.linalg.norm(disp[None, :, :] - c[:, None, :], axis=2)
         score = -np.median(d, axis=1) if estimator == "lmeds" else (d < threshold).sum(1)
         i = int(np.argmax(score))
         if best_score is None or score[i] > best_score:
             best_score, best = score[i], c[i]
+        # LMedS presumes at least half the matches are inliers
+        w = 0.5 if estimator == "lmeds" else min(best_score / n, 1 - 1e-12)
+        needed = np.log(1 - confidence) / np.log(1 - w) if w > 0 else np.inf
+        if start + len(c) >= needed:
+            break
     inl = np.linalg.norm(disp - best, axis=1) < threshold
     m = np.eye(3)
     m[:2, 2] = best
@@ -331,7 +337,7 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     with _cv2_errors(f"fitting a {transform} model ({estimator})"):
         if transform == "translation":
             m, inl = _translation_consensus(src, dst, estimator, threshold, int(max_iters),
-                                            np.random.default_rng(seed))
+                                            float(confidence), np.random.default_rng(seed))
         elif transform == "homography":
             m, mask = cv2.findHomography(src32, dst32, method, float(threshold),
                                          maxIters=int(max_iters), confidence=float(confidence))
