@@ -394,7 +394,7 @@ def _shrink_for_search(img, target_spacing, mask=False):
 
 def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric, bins,
                    fixed_mask_img, moving_mask_img, threads, cancel, progress, span,
-                   target_voxels=4000, keep=3, iterations=40):
+                   target_voxels=4000, keep=3, iterations=30):
     """Multi-start on a small copy of the images: the metric is evaluated at every start
     (centres x rotations), the ``keep`` best are optimised (rigid, every voxel, so
     deterministic) and the one with the best final metric wins. Returns the Euler
@@ -517,11 +517,13 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
     if trim_levels and "search" in info:
         # levels coarser than the search's grid only add noise after a good search
         factor = info["search"]["spacing"] / float(min(fixed_img.GetSpacing()))
-        keep = [i for i, s in enumerate(shrink) if s < factor] or [len(shrink) - 1]
+        keep = [i for i, s in enumerate(shrink) if 2 * s < factor] or [len(shrink) - 1]
         shrink = [shrink[i] for i in keep]
         sigmas = [sigmas[i] for i in keep]
         percentages = None if percentages is None else [percentages[i] for i in keep]
     info["shrink_factors"] = list(shrink)
+    info["smoothing_sigmas"] = list(sigmas)
+    info["sampling_percentages"] = percentages
     R = _method(fixed_img, moving_img, metric="mattes" if metric == "auto" else metric,
                 bins=bins, sampling=sampling, percentages=percentages, seed=seed, shrink=shrink,
                 sigmas=sigmas, fixed_mask_img=fixed_mask_img, moving_mask_img=moving_mask_img,
