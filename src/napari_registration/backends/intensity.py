@@ -62,8 +62,6 @@ class _Stopped(Exception):
 def _check_options(transform, ndim, metric, optimizer, sampling, sampling_percentage, init,
                    seed, demons, bins, iterations, shrink_factors, smoothing_sigmas, linear_stage,
                    grid_spacing, mesh_size):
-    from ..core.transform import Transform as _T
-
     if ndim not in NDIMS:
         raise ValueError(f"the intensity method works on 2D and 3D images, not {ndim}D; "
                          "take a slice or a sub-volume (fourier handles nD translations)")
@@ -76,14 +74,12 @@ def _check_options(transform, ndim, metric, optimizer, sampling, sampling_percen
             "metric='mattes', or pass metric='auto'/'mean_squares' for demons")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    if optimizer == "lbfgsb" and transform in LINEAR:
-        pass  # allowed: L-BFGS-B works for any transform, just not the default
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose one of {list(SAMPLINGS)}")
     if sampling_percentage is not None and not (0 < float(sampling_percentage) <= 1):
         raise ValueError(f"sampling_percentage must be in (0, 1] (a fraction of the voxels); "
                          f"got {sampling_percentage}")
-    if not (isinstance(init, _T) or init in INITS):
+    if not (isinstance(init, Transform) or init in INITS):
         raise ValueError(f"init must be one of {list(INITS)} or a Transform; got {init!r}")
     if demons not in DEMONS:
         raise ValueError(f"unknown demons variant {demons!r}; choose one of {list(DEMONS)}")
@@ -283,10 +279,11 @@ class _Observer:
     """Progress (fraction across levels and stages) and cancel for one ITK run."""
 
     def __init__(self, obj, progress, cancel, start, span, nlevels, iterations, stage,
-                 level_of=None, iteration_of=None, metric_of=None):
+                 level_of=None, iteration_of=None, metric_of=None, shown_level=None):
         self.obj, self.progress, self.cancel = obj, progress, cancel
         self.start, self.span, self.nlevels, self.iterations = start, span, nlevels, iterations
         self.stage = stage
+        self.shown_level = shown_level  # (index, count) when one run is one level
         self.level_of = level_of or (lambda: obj.GetCurrentLevel())
         self.iteration_of = iteration_of or (lambda: obj.GetOptimizerIteration())
         self.metric_of = metric_of or (lambda: obj.GetMetricValue())
@@ -309,8 +306,9 @@ class _Observer:
             return
         self._last = now
         frac = self.start + self.span * (level + min(1.0, (it + 1) / self.iterations)) / self.nlevels
+        shown = self.shown_level or (level, self.nlevels)
         try:
-            self.progress(frac, f"{self.stage}: level {level + 1}/{self.nlevels}, "
+            self.progress(frac, f"{self.stage}: level {shown[0] + 1}/{shown[1]}, "
                                 f"iteration {it + 1}, metric {self.metric_of():.5g}")
         except RegistrationCancelled:
             self.stopped = True
@@ -524,23 +522,33 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
     info["shrink_factors"] = list(shrink)
     info["smoothing_sigmas"] = list(sigmas)
     info["sampling_percentages"] = percentages
-    R = _method(fixed_img, moving_img, metric="mattes" if metric == "auto" else metric,
-                bins=bins, sampling=sampling, percentages=percentages, seed=seed, shrink=shrink,
-                sigmas=sigmas, fixed_mask_img=fixed_mask_img, moving_mask_img=moving_mask_img,
-                threads=threads)
     opt = "regular_step" if optimizer == "auto" else optimizer
-    _set_optimizer(R, opt, learning_rate, iterations, convergence, fixed_img.GetSpacing())
-    if moving_initial is not None:
-        R.SetMovingInitialTransform(moving_initial)
-    R.SetInitialTransform(start, inPlace=True)
-    obs = _Observer(R, progress, cancel, offset, span - offset, len(shrink), int(iterations),
-                    f"{kind}")
-    R.AddCommand(sitk.sitkIterationEvent, obs)
-    t_stage = time.perf_counter()
-    _execute(R, fixed_img, moving_img, f"{kind} registration")
-    if obs.stopped:
-        raise _Stopped
-    info.update(seconds=time.perf_counter() - t_stage, metric=float(R.GetMetricValue()), iterations=obs.levels(),
+    # one Execute per level (ITK restarts the optimiser at each level anyway). Stopping
+    # coarse levels early was tried: the finest level then ended further from the truth
+    # (3D brain TRE 0.16-0.43 mm instead of 0.04-0.1 mm), so every level converges fully
+    n = len(shrink)
+    per_level, seconds = [], 0.0
+    for li, (s, sg) in enumerate(zip(shrink, sigmas)):
+        R = _method(fixed_img, moving_img, metric="mattes" if metric == "auto" else metric,
+                    bins=bins, sampling=sampling,
+                    percentages=None if percentages is None else [percentages[li]], seed=seed,
+                    shrink=[s], sigmas=[sg], fixed_mask_img=fixed_mask_img,
+                    moving_mask_img=moving_mask_img, threads=threads)
+        _set_optimizer(R, opt, learning_rate, iterations, convergence, fixed_img.GetSpacing())
+        if moving_initial is not None:
+            R.SetMovingInitialTransform(moving_initial)
+        R.SetInitialTransform(start, inPlace=True)
+        obs = _Observer(R, progress, cancel, offset + (span - offset) * li / n,
+                        (span - offset) / n, 1, int(iterations), kind,
+                        level_of=lambda: 0, shown_level=(li, n))
+        R.AddCommand(sitk.sitkIterationEvent, obs)
+        t_stage = time.perf_counter()
+        _execute(R, fixed_img, moving_img, f"{kind} registration")
+        seconds += time.perf_counter() - t_stage
+        if obs.stopped:
+            raise _Stopped
+        per_level.append(obs.levels()[0])
+    info.update(seconds=seconds, metric=float(R.GetMetricValue()), iterations=per_level,
                 stop_condition=R.GetOptimizerStopConditionDescription(), optimizer=opt)
     final = start
     if moving_initial is not None:
@@ -622,7 +630,7 @@ def _demons_stage(fixed_img, moving_img, linear_tx, *, ndim, variant, iterations
         obs = _Observer(flt, progress, cancel, start + span * level / len(shrink),
                         span / len(shrink), 1, int(iterations), f"demons ({variant})",
                         level_of=lambda: 0, iteration_of=flt.GetElapsedIterations,
-                        metric_of=flt.GetMetric)
+                        metric_of=flt.GetMetric, shown_level=(level, len(shrink)))
         flt.AddCommand(sitk.sitkIterationEvent, obs)
         try:
             field = flt.Execute(f_l, m_l, field) if field is not None else flt.Execute(f_l, m_l)
@@ -728,7 +736,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         SimpleITK threads (None: SimpleITK's default; 1 when ``seed`` is set).
     """
     sitk = _sitk()
-    from ..core.itk import from_sitk_transform, to_sitk_image
+    from ..core.itk import to_sitk_image
 
     t0 = time.perf_counter()
     ndim = fixed.ndim
