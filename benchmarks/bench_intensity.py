@@ -108,6 +108,46 @@ def run_elastix(fixed, moving, kind, f_sp, m_sp):
     return Transform(steps=[FieldStep(field, f_sp, None, "backward")]), seconds
 
 
+def robustness_2d(repeats, quick=False):
+    """Success rate on camera (256 x 256) over rotations up to 30 degrees, shifts of a
+    tenth of the field of view, same and inverted contrast, with our default options
+    (fresh sampling seeds each run) and elastix's default rigid map."""
+    from skimage import data, transform as skt
+
+    from napari_registration import Transform, register
+    from napari_registration.data import _warp_by_truth, grid_points, tre_against_truth
+
+    img = skt.downscale_local_mean(data.camera().astype(np.float32) / 255, 2).astype(np.float32)
+    n = img.shape[0]
+    centre = (np.array(img.shape) - 1) / 2
+    pts = grid_points(img.shape)
+    cases = [(30, (0.1, -0.07)), (-30, (-0.1, 0.05)), (20, (0.06, 0.1)), (-12, (-0.08, -0.08))]
+    if quick:
+        cases = cases[:2]
+    runs = []
+    for angle, shift in cases:
+        truth = Transform.from_rotation(angle, center=centre, shift=(shift[0] * n, shift[1] * n))
+        base = _warp_by_truth(img, truth).astype(np.float32)
+        for contrast in ("same", "inverted"):
+            moving = base if contrast == "same" else ((1 - base) ** 2).astype(np.float32)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                r = register(img, moving, method="intensity", transform="rigid", score=False)
+                ours = (tre_against_truth(r.transform, truth, pts)["mean"], time.perf_counter() - t)
+                est, sec = run_elastix(img, moving, "rigid", (1.0, 1.0), (1.0, 1.0))
+                theirs = (tre_against_truth(est, truth, pts)["mean"], sec)
+                runs.append({"angle_deg": angle, "shift_fov": list(shift), "contrast": contrast,
+                             "ours_tre_px": ours[0], "ours_seconds": ours[1],
+                             "elastix_tre_px": theirs[0], "elastix_seconds": theirs[1]})
+                print(f"2D {angle:+4d} deg {contrast:8s} ours TRE {ours[0]:.3f} px {ours[1]:.2f}s | "
+                      f"elastix TRE {theirs[0]:.3f} px {theirs[1]:.2f}s", flush=True)
+    summary = {tool: {"success": float(np.mean([r[f"{tool}_tre_px"] < 0.5 for r in runs])),
+                      "median_tre_px": float(np.median([r[f"{tool}_tre_px"] for r in runs])),
+                      "median_seconds": float(np.median([r[f"{tool}_seconds"] for r in runs]))}
+               for tool in ("ours", "elastix")}
+    return {"image": "camera 256x256", "success": "TRE < 0.5 px", "runs": runs, "summary": summary}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -156,6 +196,7 @@ def main(argv=None):
               f"(max {row['ours_tre_max_mm']:.3f}) | elastix {row['elastix_seconds']:.2f}s "
               f"TRE {row['elastix_tre_mm']:.3f} mm (max {row['elastix_tre_max_mm']:.3f}) | "
               f"time ratio {row['time_ratio']:.2f}", flush=True)
+    robust = robustness_2d(2 if args.quick else args.repeats, args.quick)
     try:
         load = list(__import__("os").getloadavg())
     except OSError:  # pragma: no cover
@@ -170,6 +211,7 @@ def main(argv=None):
                      "itk-elastix": getattr(itk, "__version__", "?")},
         "tre": "mean over a 7x7x7 grid of fixed points, mm; success = TRE < half the smallest voxel side",
         "cases": rows,
+        "robustness_2d": robust,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -186,6 +228,15 @@ def markdown(out):
             f"{r['time_ratio']:.2f} | {r['ours_tre_mm']:.3f} ({r['ours_tre_max_mm']:.3f}) | "
             f"{r['elastix_tre_mm']:.3f} ({r['elastix_tre_max_mm']:.3f}) | "
             f"{r['ours_success']:.0%} / {r['elastix_success']:.0%} |")
+    rb = out.get("robustness_2d")
+    if rb:
+        sm = rb["summary"]
+        lines += ["", f"2D robustness ({rb['image']}, {len(rb['runs'])} runs per tool: rotations "
+                      "up to 30 deg, shifts up to 0.1 FOV, same and inverted contrast):", "",
+                  "| tool | success (TRE < 0.5 px) | median TRE px | median s |", "|---|---|---|---|"]
+        for tool in ("ours", "elastix"):
+            lines.append(f"| {tool} | {sm[tool]['success']:.0%} | {sm[tool]['median_tre_px']:.3f} | "
+                         f"{sm[tool]['median_seconds']:.2f} |")
     return "\n".join(lines)
 
 
