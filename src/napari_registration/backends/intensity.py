@@ -128,7 +128,7 @@ def _auto_levels(shape, shrink_factors, smoothing_sigmas, min_size=16, max_facto
 
 def _auto_percentages(shape, shrink_factors, sampling_percentage, target=(4000, 16000)):
     """Sampling fraction per level: the given one, or enough for a few thousand samples
-    on coarse levels and ~40k on the finest (every voxel of small images)."""
+    on coarse levels and ~16k on the finest (every voxel of small images)."""
     if sampling_percentage is not None:
         return [float(sampling_percentage)] * len(shrink_factors)
     out = []
@@ -136,7 +136,7 @@ def _auto_percentages(shape, shrink_factors, sampling_percentage, target=(4000, 
     for i, s in enumerate(shrink_factors):
         voxels = n / s ** len(shape)
         want = target[1] if i == len(shrink_factors) - 1 else target[0]
-        out.append(float(min(1.0, max(0.01, want / voxels))))
+        out.append(float(min(1.0, max(1e-4, want / voxels))))
     return out
 
 
@@ -718,25 +718,30 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Metric sampling: "random", "regular" or "none" (every voxel).
     sampling_percentage : float or None
         Fraction of voxels sampled per level; None: a few thousand on coarse levels and
-        ~40k on the finest.
+        ~16k on the finest.
     seed : int or None
-        Sampling seed. Set it for reproducible results: the run then uses one thread,
-        and the same inputs with the same seed give the identical transform.
+        Sampling seed. Set it for reproducible results: the same inputs with the same
+        seed give the identical transform. SimpleITK's random sampling repeats only on
+        one thread, so a seeded run sets SimpleITK's process-wide default thread count
+        to 1 while it runs (restored afterwards). Without a seed the coarse search is
+        still deterministic; the fine stage samples differently each run.
     optimizer : str
         "auto" (regular-step gradient descent for linear, L-BFGS-B for B-splines),
         "regular_step", "gradient_descent" (learning rate estimated each iteration),
         "lbfgsb".
     learning_rate : float or None
-        Initial step in world units (None: 2 pixels).
+        Initial step in world units (None: estimated per level, about one voxel of
+        that level).
     iterations : int
         Maximum optimiser iterations per level.
     convergence : float
         Regular step: stop when the step is below this fraction of a pixel; gradient
-        descent: when the metric changes by less than ``convergence / 1000`` over 10
+        descent: when the metric changes by less than ``convergence / 1000`` over 20
         iterations.
     shrink_factors, smoothing_sigmas : sequence or None
         Multi-resolution pyramid, coarse to fine (sigmas in pixels); None: powers of two
-        until the smallest axis has ~32 pixels (e.g. (8, 4, 2, 1) for 512 x 512).
+        until the smallest axis has ~16 pixels (at most 8), e.g. (8, 4, 2, 1) for
+        512 x 512; after the coarse search, levels coarser than half its grid are skipped.
     init : "auto", "moments", "geometry", "none" or Transform
         Start: "auto" tries geometric centres and intensity centres of mass; a Transform
         (moving -> fixed, e.g. from features or landmarks) starts from it.
@@ -754,6 +759,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Demons iterations per level and field smoothing (sigma in pixels).
     threads : int or None
         SimpleITK threads (None: SimpleITK's default; 1 when ``seed`` is set).
+
+    The core's ``fixed_mask`` / ``moving_mask`` become ITK metric masks (only pixels
+    inside count); demons has no masks, so there they restrict its linear stage only.
+    ``result.info`` holds the final metric, iterations per level, the optimiser's stop
+    condition, seconds per stage, the coarse search's starts, and for deformable
+    transforms the Jacobian determinant's min/max/mean and count of folded pixels.
     """
     sitk = _sitk()
     from ..core.itk import to_sitk_image
