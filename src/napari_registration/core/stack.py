@@ -82,9 +82,26 @@ def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None
                    moving_origin=origin, cancel=cancel, **settings["options"])
     info = {k: v for k, v in res.info.items()
             if k not in ("versions", "options", "method", "transform", "masks")}
+    if not res.metrics:
+        # a cheap quality figure per frame (the full before/after scores, SSIM and MI
+        # included, cost more than a fourier registration: ask for them with score=True)
+        info.update(_quick_ncc(f, m, res.transform, sp, origin))
     info["seconds"] = time.perf_counter() - t0
     return {"transform": res.transform, "metrics": _json_safe(res.metrics),
             "info": _json_safe(info)}
+
+
+def _quick_ncc(fixed, moving, transform, spacing, origin) -> dict:
+    from .metrics import ncc
+
+    geo = dict(output_spacing=spacing, input_spacing=spacing, output_origin=origin,
+               input_origin=origin)
+    after = resample(moving, transform, fixed.shape, **geo)
+    inside = resample(np.ones(moving.shape, np.uint8), transform, fixed.shape, labels=True,
+                      **geo).astype(bool)
+    same = fixed.shape == moving.shape
+    return {"ncc_before": ncc(fixed, moving) if same else None,
+            "ncc_after": ncc(fixed, after, inside) if inside.any() else None}
 
 
 def _warp_frame(frame, transforms, spacing, order: int, channels: bool) -> np.ndarray:
@@ -363,6 +380,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     # per-frame register options: the core warps once at the end, at full resolution
     reg_options = dict(options)
     reg_options.setdefault("rgb", False)
+    reg_options.setdefault("score", False)
     reg_options["warp"] = False
     order = int(options.get("order", 1))
     settings = {"method": method, "transform": transform, "spacing": sp,
@@ -436,7 +454,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                 message = f"frame {i}: failed ({err}); kept in place"
             else:
                 steps[i] = out["transform"]
-                frame_info[i].update(metrics=out["metrics"], **out["info"])
+                frame_info[i].update(out["info"])
+                if out["metrics"]:
+                    frame_info[i]["metrics"] = out["metrics"]
                 message = f"{phase}: frame {i} ({done}/{total})"
             yield {"phase": phase, "frame": i, "done": done, "total": total,
                    "fraction": f0 + (f1 - f0) * done / max(total, 1), "message": message,

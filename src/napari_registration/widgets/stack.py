@@ -23,15 +23,27 @@ from magicgui.widgets import (
     Table,
 )
 
-from ..core.register import available_methods, method_info
+from ..core.register import RegistrationCancelled, available_methods, method_info
 from ..core.stack import iter_register_stack
 
 REFERENCE_CHOICES = ("first", "previous", "mean", "frame")
 
 
+class StackWorkerError(Exception):
+    """A registration error raised in the worker, re-raised as a plain Exception."""
+
+
 def _run(data, **kwargs):
-    """The worker's generator: yields progress events, returns the StackResult."""
-    return (yield from iter_register_stack(data, **kwargs))
+    """The worker's generator: yields progress events, returns the StackResult (None
+    when cancelled)."""
+    try:
+        return (yield from iter_register_stack(data, **kwargs))
+    except RegistrationCancelled:
+        return None
+    except RuntimeError as err:
+        # superqt's GeneratorWorker takes a RuntimeError from the generator for a deleted
+        # worker and emits neither errored nor finished; RegistrationError is one
+        raise StackWorkerError(str(err)) from err
 
 
 class StackRegistrationWidget(Container):
@@ -169,6 +181,8 @@ class StackRegistrationWidget(Container):
         self._status.value = str(event["message"])
 
     def _on_returned(self, result):
+        if result is None:  # cancelled
+            return
         self.result = result
         source = self._source
         name = f"{source.name} registered"
@@ -209,7 +223,9 @@ class StackRegistrationWidget(Container):
             table[f"drift {name}"] = [round(float(v), 3) for v in drift[:, k]]
         ncc = []
         for fi in result.info["frames"]:
-            value = ((fi.get("metrics") or {}).get("after") or {}).get("ncc")
+            value = fi.get("ncc_after")
+            if value is None:
+                value = ((fi.get("metrics") or {}).get("after") or {}).get("ncc")
             ncc.append(None if value is None else round(float(value), 3))
         table["ncc after"] = ncc
         return table
