@@ -69,10 +69,16 @@ def _coarse_geometry(spacing, factor):
     return tuple(spacing * factor), tuple(spacing * (factor - 1) / 2)
 
 
-def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None) -> dict:
+def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None,
+                   full=None) -> dict:
     """One registration of ``moving`` onto ``fixed`` (runs in a worker process, a dask
-    worker, or in-process). Returns the transform and light-weight diagnostics."""
+    worker, or in-process). Returns the transform and light-weight diagnostics.
+
+    With ``full`` (the whole frame, all channels) and ``moving=None`` the driver is taken
+    from ``full`` and ``full`` is warped here too, so a frame travels to a worker once."""
     t0 = time.perf_counter()
+    if moving is None:
+        moving = full if settings["driver_index"] is None else full[settings["driver_index"]]
     factor = settings["downsample"]
     f = fixed if fixed_ready else _downsample(_load(fixed), factor)
     m = _downsample(_load(moving), factor)
@@ -86,9 +92,13 @@ def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None
         # a cheap quality figure per frame (the full before/after scores, SSIM and MI
         # included, cost more than a fourier registration: ask for them with score=True)
         info.update(_quick_ncc(f, m, res.transform, sp, origin))
+    out = {"transform": res.transform, "metrics": _json_safe(res.metrics)}
+    if full is not None:
+        out["warped"] = _warp_frame(full, res.transform, settings["spacing"], settings["order"],
+                                    settings["driver_index"] is not None)
     info["seconds"] = time.perf_counter() - t0
-    return {"transform": res.transform, "metrics": _json_safe(res.metrics),
-            "info": _json_safe(info)}
+    out["info"] = _json_safe(info)
+    return out
 
 
 def _quick_ncc(fixed, moving, transform, spacing, origin) -> dict:
@@ -384,7 +394,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     reg_options["warp"] = False
     order = int(options.get("order", 1))
     settings = {"method": method, "transform": transform, "spacing": sp,
-                "downsample": factor, "options": reg_options}
+                "downsample": factor, "options": reg_options, "order": order,
+                "driver_index": (int(driver_channel) % int(work.shape[1])
+                                 if channel_axis is not None else None)}
 
     # the reference
     if isinstance(reference, str):
@@ -417,7 +429,12 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     def share(ref):
         return client.scatter(ref, broadcast=True) if client is not None else ref
 
-    def items(ref_arg, mode):
+    # numpy frames whose transform is final after one registration are warped in the
+    # same task (one trip to a worker per frame); "previous" chains first, warps after
+    warp_in_task = warp and not lazy and ref_mode != "previous"
+    out_work = np.empty(work.shape, dtype=work.dtype) if (warp and not lazy) else None
+
+    def items(ref_arg, mode, with_warp=False):
         for i in range(n):
             if mode == "previous":
                 if i == 0:
@@ -425,21 +442,24 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                 yield i, (frame_of(i - 1), frame_of(i), settings, False, *extra)
             elif isinstance(mode, int) and i == mode:
                 continue
+            elif with_warp:
+                yield i, (ref_arg, None, settings, True, cancel if serial else None,
+                          np.asarray(work[i]))
             else:
                 yield i, (ref_arg, frame_of(i), settings, True, *extra)
 
     ident = Transform.identity(ndim_spatial)
-    reg_share = 0.85 if (warp and not lazy) else 1.0
+    reg_share = 0.85 if (warp and not lazy and not warp_in_task) else 1.0
     frame_info: list[dict] = [{"frame": i} for i in range(n)]
     failed = [0]
 
-    def run_pass(ref_arg, mode, phase, f0, f1):
+    def run_pass(ref_arg, mode, phase, f0, f1, with_warp=False):
         """Register every frame to ``ref_arg`` (or its predecessor); yields events,
-        fills ``steps``."""
+        fills ``steps`` (and ``out_work`` with_warp)."""
         total = n - (1 if (mode == "previous" or isinstance(mode, int)) else 0)
         done = 0
-        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode), client=client,
-                                      workers=workers, cancel=cancel):
+        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp),
+                                      client=client, workers=workers, cancel=cancel):
             done += 1
             if err is not None:
                 if isinstance(err, RegistrationCancelled):
@@ -450,10 +470,14 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                     raise err
                 failed[0] += 1
                 steps[i] = ident
+                if with_warp:
+                    out_work[i] = work[i]
                 frame_info[i].update(error=f"{type(err).__name__}: {err}")
                 message = f"frame {i}: failed ({err}); kept in place"
             else:
                 steps[i] = out["transform"]
+                if with_warp:
+                    out_work[i] = out["warped"]
                 frame_info[i].update(out["info"])
                 if out["metrics"]:
                     frame_info[i]["metrics"] = out["metrics"]
@@ -487,7 +511,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         mean = (total_img / np.maximum(total_w, 1e-6)).astype(np.float32)
         mean[total_w < 0.5] = float(mean[total_w >= 0.5].mean()) if np.any(total_w >= 0.5) else 0.0
         steps = {}
-        yield from run_pass(share(mean), "mean", "register", 0.4 * reg_share, reg_share)
+        yield from run_pass(share(mean), "mean", "register", 0.4 * reg_share, reg_share,
+                            warp_in_task)
     elif ref_mode == "previous":
         yield from run_pass(None, "previous", "register", 0.0, reg_share)
     else:
@@ -497,7 +522,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
             ref = _downsample(frame_of(ref_mode), factor)
         check_cancel()
         yield from run_pass(share(ref), ref_mode if ref_mode != "image" else "image",
-                            "register", 0.0, reg_share)
+                            "register", 0.0, reg_share, warp_in_task)
+        if warp_in_task and isinstance(ref_mode, int):
+            out_work[ref_mode] = work[ref_mode]
     for i in range(n):
         frame_info[i]["registered_to"] = (
             (i - 1 if i > 0 else None) if ref_mode == "previous" else
@@ -520,8 +547,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
             warped_work = blocks.map_blocks(_warp_block, matrices, sp, order,
                                             channel_axis is not None, dtype=work.dtype)
             warped = move.moveaxis(warped_work, list(range(len(src))), src)
+        elif warp_in_task:
+            warped = np.moveaxis(out_work, list(range(len(src))), src)
         else:
-            out_work = np.empty(work.shape, dtype=work.dtype)
             channels = channel_axis is not None
 
             def warp_items():
