@@ -102,16 +102,21 @@ def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None
 
 
 def _quick_ncc(fixed, moving, transform, spacing, origin) -> dict:
+    """NCC before/after on every other pixel of the fixed grid (a quarter of the cost of
+    the full grid in 2D; the figure differs in the third decimal)."""
     from .metrics import ncc
 
-    geo = dict(output_spacing=spacing, input_spacing=spacing, output_origin=origin,
-               input_origin=origin)
-    after = resample(moving, transform, fixed.shape, **geo)
-    inside = resample(np.ones(moving.shape, np.uint8), transform, fixed.shape, labels=True,
+    stride = 2 if min(fixed.shape) >= 64 else 1
+    sub = fixed[tuple(slice(None, None, stride) for _ in fixed.shape)]
+    geo = dict(output_spacing=tuple(np.asarray(spacing) * stride), input_spacing=spacing,
+               output_origin=origin, input_origin=origin)
+    after = resample(moving, transform, sub.shape, **geo)
+    inside = resample(np.ones(moving.shape, np.uint8), transform, sub.shape, labels=True,
                       **geo).astype(bool)
     same = fixed.shape == moving.shape
-    return {"ncc_before": ncc(fixed, moving) if same else None,
-            "ncc_after": ncc(fixed, after, inside) if inside.any() else None}
+    before = moving[tuple(slice(None, None, stride) for _ in moving.shape)] if same else None
+    return {"ncc_before": ncc(sub, before) if same else None,
+            "ncc_after": ncc(sub, after, inside) if inside.any() else None}
 
 
 def _warp_frame(frame, transforms, spacing, order: int, channels: bool) -> np.ndarray:
