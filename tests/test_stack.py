@@ -183,6 +183,22 @@ def test_downsampled_registration_applies_at_full_resolution():
     assert result.warped.shape == frames.shape
 
 
+def test_pyramid_level_is_registered_and_full_resolution_warped():
+    from skimage.transform import downscale_local_mean
+
+    drifts = smooth_drift(6, seed=7) * 2
+    frames = drifting_series(camera(), drifts, (192, 192), (120, 140), margin=24)
+    level1 = np.stack([downscale_local_mean(f, (2, 2)) for f in frames])  # a napari pyramid level
+    result = register_stack(frames, coarse=level1, reference="previous")
+    assert result.info["coarse_shape"] == [96, 96]
+    assert result.info["registration_spacing"] == [2.0, 2.0]
+    err = frame_tre(result, drifts)
+    assert err.max() <= 0.15, err
+    assert result.warped.shape == frames.shape
+    with pytest.raises(ValueError, match="as many frames"):
+        register_stack(frames, coarse=level1[:3])
+
+
 # ------------------------------------------------------------------------------ dask
 def test_dask_stack_is_warped_lazily_and_matches_numpy(series2d, tmp_path):
     import dask.array as da

@@ -82,7 +82,7 @@ def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None
     factor = settings["downsample"]
     f = fixed if fixed_ready else _downsample(_load(fixed), factor)
     m = _downsample(_load(moving), factor)
-    sp, origin = _coarse_geometry(settings["spacing"], factor)
+    sp, origin = settings["reg_spacing"], settings["reg_origin"]
     res = register(f, m, method=settings["method"], transform=settings["transform"],
                    fixed_spacing=sp, moving_spacing=sp, fixed_origin=origin,
                    moving_origin=origin, cancel=cancel, **settings["options"])
@@ -348,8 +348,9 @@ def _factor(downsample, ndim_spatial):
 def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str = "fourier",
                         transform: str = "translation", spacing=None,
                         cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
-                        driver_channel: int = 0, downsample=1, client=None, workers: int = 1,
-                        on_error: str = "raise", warp: bool = True, **options):
+                        driver_channel: int = 0, downsample=1, coarse=None, client=None,
+                        workers: int = 1, on_error: str = "raise", warp: bool = True,
+                        **options):
     """Generator form of :func:`register_stack`: yields one ``dict`` event per step
     (``phase`` "reference" | "register" | "warp", ``frame``, ``done``, ``total``,
     ``fraction``, ``message``) and returns the :class:`StackResult` (the value of
@@ -392,6 +393,29 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         driver = work
     frame_shape = tuple(int(s) for s in driver.shape[1:])
 
+    # what is registered: the driver frames, or those of a coarser copy (pyramid level)
+    reg_driver, reg_sp, reg_or = driver, np.asarray(sp, float), np.zeros(ndim_spatial)
+    if coarse is not None:
+        cdata = _as_stack(coarse)
+        if cdata.ndim != ndim_total:
+            raise ValueError(f"coarse must have the stack's {ndim_total} axes; got shape "
+                             f"{tuple(cdata.shape)}")
+        cwork = (move.moveaxis(cdata, src, list(range(len(src)))) if _is_dask(cdata)
+                 else np.moveaxis(cdata, src, list(range(len(src)))))
+        if cwork.shape[: len(src)] != work.shape[: len(src)]:
+            raise ValueError("coarse must have as many frames (and channels) as the stack; "
+                             f"got shape {tuple(cdata.shape)} for {tuple(data.shape)}")
+        reg_driver = cwork[:, int(driver_channel) % int(work.shape[1])] if channel_axis is not None else cwork
+        cshape = np.array(reg_driver.shape[1:], float)
+        if np.any(cshape > np.array(frame_shape)):
+            raise ValueError(f"coarse frames {tuple(int(v) for v in cshape)} are larger than "
+                             f"the stack's frames {frame_shape}")
+        ratio = np.array(frame_shape, float) / cshape
+        # coarse pixel k covers full pixels k*r .. k*r + r - 1: its centre in the full world
+        reg_sp, reg_or = reg_sp * ratio, reg_sp * (ratio - 1) / 2
+    reg_or = reg_or + reg_sp * (np.asarray(factor, float) - 1) / 2
+    reg_sp = reg_sp * np.asarray(factor, float)
+
     # per-frame register options: the core warps once at the end, at full resolution
     reg_options = dict(options)
     reg_options.setdefault("rgb", False)
@@ -400,6 +424,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     order = int(options.get("order", 1))
     settings = {"method": method, "transform": transform, "spacing": sp,
                 "downsample": factor, "options": reg_options, "order": order,
+                "reg_spacing": tuple(reg_sp), "reg_origin": tuple(reg_or),
                 "driver_index": (int(driver_channel) % int(work.shape[1])
                                  if channel_axis is not None else None)}
 
@@ -429,7 +454,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
 
     def frame_of(i):
         # slices of a dask stack are computed here (sync) before they are sent
-        return _load(driver[i])
+        return _load(reg_driver[i])
 
     def share(ref):
         return client.scatter(ref, broadcast=True) if client is not None else ref
@@ -448,8 +473,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
             elif isinstance(mode, int) and i == mode:
                 continue
             elif with_warp:
-                yield i, (ref_arg, None, settings, True, cancel if serial else None,
-                          np.asarray(work[i]))
+                yield i, (ref_arg, None if coarse is None else frame_of(i), settings, True,
+                          cancel if serial else None, np.asarray(work[i]))
             else:
                 yield i, (ref_arg, frame_of(i), settings, True, *extra)
 
@@ -498,9 +523,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         mid = n // 2
         yield from run_pass(share(_downsample(frame_of(mid), factor)), mid, "reference",
                             0.0, 0.4 * reg_share)
-        coarse_sp, coarse_or = _coarse_geometry(sp, factor)
-        geo = dict(output_spacing=coarse_sp, input_spacing=coarse_sp,
-                   output_origin=coarse_or, input_origin=coarse_or)
+        geo = dict(output_spacing=tuple(reg_sp), input_spacing=tuple(reg_sp),
+                   output_origin=tuple(reg_or), input_origin=tuple(reg_or))
         total_img = None
         for i in range(n):
             check_cancel()
@@ -579,6 +603,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         "transform": transform,
         "options": {k: v for k, v in options.items() if not isinstance(v, np.ndarray)},
         "downsample": list(factor),
+        "coarse_shape": None if coarse is None else list(reg_driver.shape[1:]),
+        "registration_spacing": [float(v) for v in reg_sp],
         "driver_channel": int(driver_channel) if channel_axis is not None else None,
         "frames": frame_info,
         "failed": failed[0],
@@ -596,8 +622,9 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
                    transform: str = "translation", spacing=None,
                    progress: Callable[[float, str], None] | None = None,
                    cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
-                   driver_channel: int = 0, downsample=1, client=None, workers: int = 1,
-                   on_error: str = "raise", warp: bool = True, **options) -> StackResult:
+                   driver_channel: int = 0, downsample=1, coarse=None, client=None,
+                   workers: int = 1, on_error: str = "raise", warp: bool = True,
+                   **options) -> StackResult:
     """Align every frame of a stack (2D+t or 3D+t, optionally with channels) to a
     reference.
 
@@ -630,6 +657,11 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
         Register on a block-mean copy reduced by this factor per spatial axis and warp
         at full resolution (the coarse copy's spacing and origin make its transforms
         full-resolution world transforms).
+    coarse : array_like, optional
+        A lower-resolution copy of the same stack (e.g. a level of a napari multiscale
+        pyramid: same axes, frames and channels, smaller frames) to register instead of
+        ``frames``; its pixel size is taken as the shape ratio and its pixels as centred
+        on the blocks they summarise. The warp is still done on ``frames``.
     client : dask.distributed.Client, optional
         Run frames as tasks on this cluster.
     workers : int
@@ -649,7 +681,8 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
     gen = iter_register_stack(
         frames, axis=axis, reference=reference, method=method, transform=transform,
         spacing=spacing, cancel=cancel, channel_axis=channel_axis,
-        driver_channel=driver_channel, downsample=downsample, client=client, workers=workers,
+        driver_channel=driver_channel, downsample=downsample, coarse=coarse, client=client,
+        workers=workers,
         on_error=on_error, warp=warp, **options)
     while True:
         try:

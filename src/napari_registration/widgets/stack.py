@@ -72,6 +72,8 @@ class StackRegistrationWidget(Container):
         self._downsample = SpinBox(label="downsample", value=1, min=1, max=32,
                                    tooltip="register on a copy reduced by this factor, "
                                            "warp at full resolution")
+        self._level = SpinBox(label="pyramid level", value=1, min=0, max=16, visible=False,
+                              tooltip="multiscale layers: register this level, warp level 0")
         self._run_button = PushButton(text="Register stack")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
@@ -79,7 +81,7 @@ class StackRegistrationWidget(Container):
         self._table = Table(label="drift per frame", value={"frame": []})
         self.extend([self._layer, self._axis, self._reference, self._reference_frame,
                      self._method, self._transform, self._channels, self._channel_axis,
-                     self._driver, self._downsample, self._run_button, self._cancel_button,
+                     self._driver, self._downsample, self._level, self._run_button, self._cancel_button,
                      self._progress, self._status, self._table])
 
         self._reference.changed.connect(self._on_reference)
@@ -121,6 +123,9 @@ class StackRegistrationWidget(Container):
         if layer is None:
             return
         ndim = layer.data[0].ndim if layer.multiscale else layer.data.ndim
+        self._level.visible = bool(layer.multiscale)
+        if layer.multiscale:
+            self._level.max = len(layer.data) - 1
         self._axis.max = max(0, ndim - 1)
         self._channel_axis.max = max(0, ndim - 1)
 
@@ -134,7 +139,11 @@ class StackRegistrationWidget(Container):
         if reference == "frame":
             reference = int(self._reference_frame.value)
         data = layer.data[0] if layer.multiscale else layer.data
+        coarse = None
+        if layer.multiscale and int(self._level.value) > 0:
+            coarse = layer.data[min(int(self._level.value), len(layer.data) - 1)]
         return dict(
+            coarse=coarse,
             data=data, axis=int(self._axis.value), reference=reference,
             method=self._method.value, transform=self._transform.value,
             spacing=tuple(float(s) for s in layer.scale),
