@@ -1,0 +1,206 @@
+"""Helpers shared by the dock widgets: layer geometry, output layers that replace
+themselves on re-run, an options form built from a method's defaults, and a Qt signal
+bridge that carries progress from a worker thread to the GUI thread."""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Iterable
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, SpinBox
+from qtpy.QtCore import QObject, Signal
+
+from ..core.transform import Transform
+
+#: metadata key that marks a layer as made by one of our widgets (value: its role)
+OUTPUT_KEY = "napari_registration_output"
+
+
+# ------------------------------------------------------------------------ layer access
+def layer_choices(viewer, *kinds: str):
+    """A magicgui ``choices`` callable: (name, layer) for the viewer's layers of ``kinds``
+    ("image", "labels", "points", "shapes"), in layer-list order (top first)."""
+    import napari.layers as nl
+
+    classes = tuple({"image": nl.Image, "labels": nl.Labels, "points": nl.Points,
+                     "shapes": nl.Shapes}[k] for k in kinds)
+
+    def choices(widget=None):
+        return [(layer.name, layer) for layer in reversed(list(viewer.layers))
+                if isinstance(layer, classes)]
+
+    return choices
+
+
+def image_data(layer) -> Any:
+    """The full-resolution array of an Image/Labels layer (multiscale: level 0)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def spatial_ndim(layer) -> int:
+    """Number of spatial axes (an RGB image's colour axis does not count)."""
+    return layer.ndim
+
+
+def geometry(layer) -> tuple[tuple, tuple]:
+    """(spacing, origin) of a layer, i.e. napari ``scale`` and ``translate``, checking
+    that nothing else (rotate, shear) moves it: registration works in that world."""
+    rotate = np.asarray(layer.rotate, float)
+    shear = np.asarray(layer.shear, float)
+    if not (np.allclose(rotate, np.eye(rotate.shape[0])) and np.allclose(shear, 0.0)):
+        raise ValueError(
+            f"layer {layer.name!r} has a rotate/shear set; registration uses each layer's "
+            "scale and translate only. Reset rotate/shear, or resample the layer first"
+        )
+    return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
+
+
+def physical_matrix(layer) -> np.ndarray:
+    """Homogeneous data -> world matrix of scale/translate/rotate/shear (not ``affine``)."""
+    from napari.utils.transforms import Affine
+
+    return np.asarray(Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate,
+                             shear=layer.shear).affine_matrix, float)
+
+
+def affine_matrix(layer) -> np.ndarray:
+    return np.asarray(layer.affine.affine_matrix, float)
+
+
+def transform_from_layer(layer) -> Transform | None:
+    """The transform stored in a layer's metadata by a registration (or a sample pair's
+    ground truth), or None."""
+    meta = getattr(layer, "metadata", None) or {}
+    reg = meta.get("registration")
+    if isinstance(reg, dict) and "transform" in reg:
+        return Transform.from_dict(reg["transform"])
+    truth = meta.get("registration_truth")
+    if isinstance(truth, dict):
+        return Transform.from_dict(truth)
+    return None
+
+
+def put_layer(viewer, data, layer_type: str, *, name: str, role: str, **kwargs):
+    """Add a layer, replacing an earlier output of ours with the same name (kept at the
+    same position in the layer list) so re-running does not pile layers up."""
+    metadata = dict(kwargs.pop("metadata", None) or {})
+    metadata[OUTPUT_KEY] = role
+    old = [ly for ly in viewer.layers if ly.name == name and OUTPUT_KEY in ly.metadata]
+    index = None
+    if old:
+        index = viewer.layers.index(old[0])
+        viewer.layers.remove(old[0])
+    layer = getattr(viewer, f"add_{layer_type}")(data, name=name, metadata=metadata, **kwargs)
+    if index is not None:
+        viewer.layers.move(viewer.layers.index(layer), index)
+    return layer
+
+
+def find_output(viewer, name: str):
+    for ly in viewer.layers:
+        if ly.name == name and OUTPUT_KEY in ly.metadata:
+            return ly
+    return None
+
+
+def show_error(message: str) -> None:
+    """A napari notification (not a traceback)."""
+    from napari.utils.notifications import show_error as _show
+
+    _show(message)
+
+
+def show_info(message: str) -> None:
+    from napari.utils.notifications import show_info as _show
+
+    _show(message)
+
+
+# ------------------------------------------------------------------------ options form
+_NONE_TEXT = ""
+
+
+def _parse(text: str):
+    text = text.strip()
+    if text in ("", "None", "none"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+class OptionsForm(Container):
+    """Widgets for a method's keyword options, built from ``method_info(name)``:
+    bool -> checkbox, int -> spin box, float -> float spin box, an option with known
+    choices -> combo box, anything else (str, None, tuples) -> a line edit read as a
+    Python literal ("" = None). Options named ``init`` (a Transform) are not shown."""
+
+    SKIP = ("init",)
+
+    def __init__(self, info: dict, **kwargs):
+        super().__init__(labels=True, **kwargs)
+        self.defaults = dict(info.get("options", {}))
+        choices = dict(info.get("choices", {}) or {})
+        self._readers = {}
+        for name, default in self.defaults.items():
+            if name in self.SKIP:
+                continue
+            widget, reader = self._make(name, default, choices.get(name))
+            widget.tooltip = f"{name} (default {default!r})"
+            self.append(widget)
+            self._readers[name] = reader
+
+    @staticmethod
+    def _make(name, default, choices):
+        if choices:
+            opts = [("none" if c is None else str(c), c) for c in choices]
+            w = ComboBox(name=name, label=name, choices=opts)
+            if default in [c for _, c in opts]:
+                w.value = default
+            return w, lambda: w.value
+        if isinstance(default, bool):
+            w = CheckBox(name=name, label=name, value=default)
+            return w, lambda: bool(w.value)
+        if isinstance(default, int):
+            w = SpinBox(name=name, label=name, value=default, min=-10**9, max=10**9)
+            return w, lambda: int(w.value)
+        if isinstance(default, float):
+            decimals = 6 if 0 < abs(default) < 0.01 else 4
+            step = abs(default) / 10 if default else 0.1
+            w = FloatSpinBox(name=name, label=name, value=default, min=-1e12, max=1e12,
+                             step=step)
+            w.native.setDecimals(decimals)
+            return w, lambda: float(w.value)
+        w = LineEdit(name=name, label=name, value=_NONE_TEXT if default is None else
+                     (default if isinstance(default, str) else repr(default)))
+        if isinstance(default, str):
+            return w, lambda: (w.value.strip() or default)
+        return w, lambda: _parse(w.value)
+
+    def values(self, changed_only: bool = True) -> dict:
+        """Options to pass to ``register``; by default only those that differ from the
+        backend's defaults (so the recorded options stay short)."""
+        out = {}
+        for name, reader in self._readers.items():
+            value = reader()
+            if not changed_only or value != self.defaults[name]:
+                out[name] = value
+        return out
+
+    def set(self, **values) -> None:
+        for name, value in values.items():
+            getattr(self, name).value = value
+
+
+# ------------------------------------------------------------------------- threading
+class ProgressBridge(QObject):
+    """Created on the GUI thread; a worker thread calls ``progress.emit`` and Qt queues
+    the call to the connected slots on the GUI thread."""
+
+    progress = Signal(float, str)
+
+
+def tidy(values: Iterable[float], digits: int = 4) -> str:
+    return ", ".join(f"{v:.{digits}g}" for v in values)
