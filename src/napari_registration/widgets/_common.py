@@ -5,6 +5,7 @@ bridge that carries progress from a worker thread to the GUI thread."""
 from __future__ import annotations
 
 import ast
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -81,20 +82,54 @@ def transform_from_layer(layer) -> Transform | None:
     return None
 
 
+_IN_PLACE = {"image": ("scale", "translate", "affine", "colormap", "contrast_limits", "blending",
+                       "visible", "opacity"),
+             "labels": ("scale", "translate", "affine", "opacity"),
+             "points": ("scale", "translate", "size", "face_color", "border_color")}
+
+
 def put_layer(viewer, data, layer_type: str, *, name: str, role: str, **kwargs):
     """Add a layer, replacing an earlier output of ours with the same name (kept at the
-    same position in the layer list) so re-running does not pile layers up."""
+    same position in the layer list) so re-running does not pile layers up.
+
+    When the earlier layer has the same type and dimensions its data and properties are
+    updated in place: removing a layer costs napari a ``gc.collect()`` (0.3 s measured)
+    on the GUI thread."""
     metadata = dict(kwargs.pop("metadata", None) or {})
     metadata[OUTPUT_KEY] = role
     old = [ly for ly in viewer.layers if ly.name == name and OUTPUT_KEY in ly.metadata]
     index = None
     if old:
-        index = viewer.layers.index(old[0])
-        viewer.layers.remove(old[0])
+        layer = old[0]
+        if _update_in_place(layer, data, layer_type, metadata, kwargs):
+            return layer
+        index = viewer.layers.index(layer)
+        viewer.layers.remove(layer)
     layer = getattr(viewer, f"add_{layer_type}")(data, name=name, metadata=metadata, **kwargs)
     if index is not None:
         viewer.layers.move(viewer.layers.index(layer), index)
     return layer
+
+
+def _update_in_place(layer, data, layer_type, metadata, kwargs) -> bool:
+    settable = _IN_PLACE.get(layer_type)
+    if settable is None or type(layer).__name__.lower() != layer_type:
+        return False
+    if set(kwargs) - set(settable) - {"rgb"}:
+        return False
+    ndim = np.asarray(data).shape[1] if layer_type == "points" else np.ndim(data) - (
+        1 if kwargs.get("rgb") else 0)
+    if ndim != layer.ndim or bool(kwargs.get("rgb", False)) != bool(getattr(layer, "rgb", False)):
+        return False
+    if layer_type == "image" and "contrast_limits" not in kwargs:
+        return False  # let napari work the range out for new data
+    layer.data = data
+    for key in settable:
+        if key in kwargs:
+            setattr(layer, key, kwargs[key])
+    layer.metadata = metadata
+    layer.refresh()
+    return True
 
 
 def find_output(viewer, name: str):
@@ -131,6 +166,30 @@ def _parse(text: str):
         return text
 
 
+def _allows_none(annotation: str) -> bool:
+    return bool(re.search(r"\bNone\b|\bOptional\[", annotation))
+
+
+def literal_choices(annotation: str):
+    """The values of a ``Literal[...]`` inside an annotation's text, or None."""
+    start = annotation.find("Literal[")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("Literal[")
+    for j in range(i, len(annotation)):
+        if annotation[j] == "[":
+            depth += 1
+        elif annotation[j] == "]":
+            if depth == 0:
+                try:
+                    values = ast.literal_eval("(" + annotation[i:j] + ",)")
+                except (ValueError, SyntaxError):
+                    return None
+                return tuple(values)
+            depth -= 1
+    return None
+
+
 class OptionsForm(Container):
     """Widgets for a method's keyword options, built from ``method_info(name)``:
     bool -> checkbox, int -> spin box, float -> float spin box, an option with known
@@ -142,31 +201,38 @@ class OptionsForm(Container):
     def __init__(self, info: dict, **kwargs):
         super().__init__(labels=True, **kwargs)
         self.defaults = dict(info.get("options", {}))
-        choices = dict(info.get("choices", {}) or {})
+        annotations = dict(info.get("annotations", {}) or {})
         self._readers = {}
         for name, default in self.defaults.items():
             if name in self.SKIP:
                 continue
-            widget, reader = self._make(name, default, choices.get(name))
-            widget.tooltip = f"{name} (default {default!r})"
+            text = str(annotations.get(name, ""))
+            choices = literal_choices(text)
+            if choices is not None and _allows_none(text) and None not in choices:
+                choices = (*choices, None)
+            nullable = _allows_none(text) or default is None
+            widget, reader = self._make(name, default, choices, nullable)
+            widget.tooltip = f"{name} (default {default!r})" + ("; empty = None" if nullable else "")
             self.append(widget)
             self._readers[name] = reader
 
     @staticmethod
-    def _make(name, default, choices):
+    def _make(name, default, choices, nullable):
         if choices:
             opts = [("none" if c is None else str(c), c) for c in choices]
             w = ComboBox(name=name, label=name, choices=opts)
             if default in [c for _, c in opts]:
                 w.value = default
             return w, lambda: w.value
-        if isinstance(default, bool):
+        if nullable:  # a number that may also be None: a line edit, "" = None
+            pass
+        elif isinstance(default, bool):
             w = CheckBox(name=name, label=name, value=default)
             return w, lambda: bool(w.value)
-        if isinstance(default, int):
+        elif isinstance(default, int):
             w = SpinBox(name=name, label=name, value=default, min=-10**9, max=10**9)
             return w, lambda: int(w.value)
-        if isinstance(default, float):
+        elif isinstance(default, float):
             decimals = 6 if 0 < abs(default) < 0.01 else 4
             step = abs(default) / 10 if default else 0.1
             w = FloatSpinBox(name=name, label=name, value=default, min=-1e12, max=1e12,
@@ -175,7 +241,7 @@ class OptionsForm(Container):
             return w, lambda: float(w.value)
         w = LineEdit(name=name, label=name, value=_NONE_TEXT if default is None else
                      (default if isinstance(default, str) else repr(default)))
-        if isinstance(default, str):
+        if isinstance(default, str) and not nullable:
             return w, lambda: (w.value.strip() or default)
         return w, lambda: _parse(w.value)
 

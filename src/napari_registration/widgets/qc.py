@@ -81,9 +81,10 @@ class InspectWidget(Container):
     # ---------------------------------------------------------------------- compute
     def compute(self, *_):
         try:
-            self._compute()
+            return self._compute()
         except ValueError as err:
             show_error(str(err))
+            return None
 
     def _compute(self):
         a_layer, b_layer = self.first.value, self.second.value
