@@ -51,6 +51,8 @@ class InspectWidget(Container):
                      self.compute_button, self.summary])
         self._pair = None  # (reference array, compared-on-reference array, grid, names)
         self.compute_button.changed.connect(self.compute)
+        self.first.changed.connect(self._forget)
+        self.second.changed.connect(self._forget)
         self.first.changed.connect(self._on_first)
         self.tile.changed.connect(self._update_checkerboard)
         self.reset_choices()
@@ -68,6 +70,10 @@ class InspectWidget(Container):
             others = [ly for ly in layers if ly is not self.first.value]
             if others:
                 self.second.value = others[0]
+
+    def _forget(self, *_):
+        """A new selection: the slider must not redraw the previous pair."""
+        self._pair = None
 
     def _on_first(self, layer):
         if layer is None:

@@ -115,6 +115,8 @@ class RegisterWidget(Container):
         self.timing: dict = {}
 
         self.method.changed.connect(self._on_method)
+        self.fixed.changed.connect(self._forget)
+        self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
         self.output.changed.connect(self._on_fixed)
         self.tile.changed.connect(self._refresh_checkerboard)
@@ -137,6 +139,10 @@ class RegisterWidget(Container):
         if self.moving.value is None and len(layers) > 1:
             others = [ly for ly in layers if ly is not self.fixed.value]
             self.moving.value = others[0]
+
+    def _forget(self, *_):
+        """A new selection: the tile spin box must not redraw the previous result."""
+        self._last = None
 
     def _transform_choices(self, widget=None):
         return list(method_info(self.method.value)["transforms"])
