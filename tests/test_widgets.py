@@ -17,14 +17,18 @@ from napari_registration.data import _warp_by_truth, blobs_volume, fluorescence_
 pytest.importorskip("napari")
 pytestmark = pytest.mark.qt
 
-# Longest acceptable GUI freeze while a registration runs in the worker. Measured on
-# this 2-core machine shared by other jobs (load ~6): numpy/scipy calls that hold the
-# GIL freeze the GUI for their duration - scipy.ndimage.affine_transform in the core's
-# warping/scoring takes 50-120 ms per call on a 0.8 M-voxel volume, fourier's upsampled
-# DFT does transposing copies of ~40 MB that took 0.17-0.4 s at upsample=100 (hence
-# UPSAMPLE below; ~20x less data). A frozen GUI would show one gap as long as the run.
+# GUI freezes while a registration runs in the worker. A frozen GUI shows one gap as
+# long as the whole run (seconds). What remains with a worker is measured here, on a
+# 2-core machine shared with other jobs (load average 6-10): numpy/scipy calls that
+# hold the GIL freeze the GUI for their duration - scipy.ndimage.affine_transform in the
+# core's warping/scoring takes 50-120 ms per call on a 0.8 M-voxel volume, and fourier's
+# upsampled DFT does transposing copies of ~40 MB that took 0.17-0.4 s at upsample=100
+# (hence UPSAMPLE: ~20x less data). With UPSAMPLE the longest gap measured 90-160 ms at
+# load ~6 and up to 330 ms at load ~10, where the OS alone delays a 10 ms timer.
+# BOUND leaves room for that load; BLOCKED_FRACTION catches a GUI that is mostly stuck.
 UPSAMPLE = 20
-BOUND = 0.25
+BOUND = 0.5
+BLOCKED_FRACTION = 0.3
 
 REGISTER = "Register images"
 INSPECT = "Inspect alignment"
@@ -320,7 +324,8 @@ def _max_event_loop_gap(qtbot, widget, worker, timer_ms=10):
     done = widget.timing["worker_done"]
     running = np.array([start] + [t for t in ticks if t <= done] + [done])
     gaps = np.diff(running)
-    return float(gaps.max()), done - start, widget.timing["shown"] - done
+    blocked = float(np.sum(gaps[gaps > 0.05] - timer_ms / 1000))
+    return float(gaps.max()), blocked, done - start, widget.timing["shown"] - done
 
 
 @pytest.mark.parametrize("method, transform, shape", [
@@ -338,9 +343,9 @@ def test_viewer_stays_responsive_during_3d_registration(viewer, open_widget, qtb
     if method == "fourier":
         w.method_options.upsample.value = UPSAMPLE
     worker = w.make_worker()
-    gap, seconds, showing = _max_event_loop_gap(qtbot, w, worker)
+    gap, blocked, seconds, showing = _max_event_loop_gap(qtbot, w, worker)
     print(f"\n{method} 3D {shape}: worker {seconds:.2f} s, longest GUI gap {gap * 1000:.0f} ms, "
-          f"adding layers {showing * 1000:.0f} ms")
+          f"blocked {blocked * 1000:.0f} ms in gaps > 50 ms, adding layers {showing * 1000:.0f} ms")
     out = viewer.layers["moving registered"]
     est = Transform.from_dict(out.metadata["registration"]["transform"])
     pts = np.array([[20.0, 30.0, 40.0], [60.0, 60.0, 60.0]])
@@ -350,6 +355,7 @@ def test_viewer_stays_responsive_during_3d_registration(viewer, open_widget, qtb
     assert seconds > 3 * BOUND  # long enough for the measurement to mean something
     # 10 ms timer: a frozen GUI would show one gap as long as the whole run
     assert gap < BOUND, f"GUI event loop stalled for {gap * 1000:.0f} ms"
+    assert blocked < BLOCKED_FRACTION * seconds
 
 
 # -------------------------------------------------------------------- Inspect alignment
