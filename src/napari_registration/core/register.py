@@ -188,6 +188,8 @@ def method_info(method: str) -> dict:
         # option -> its annotation as text (e.g. "float | None", "Literal['orb', 'sift']"):
         # lets a widget offer None or a fixed set of choices
         "annotations": annotations,
+        # the backend's docstring: its "Options" section documents each option
+        "doc": inspect.getdoc(mod.register) or "",
     }
 
 
