@@ -239,7 +239,9 @@ def test_options_form_follows_the_method(viewer, open_widget):
         w.method.value = method
         info = method_info(method)
         shown = {child.name for child in w.method_options}
-        assert shown == set(info["options"]) - {"init"}
+        plain = {k for k, v in info["options"].items()
+                 if v is None or isinstance(v, (bool, int, float, str, tuple))}
+        assert shown == plain
         assert w.method_options.values() == {}  # defaults: nothing to pass
         assert tuple(w.transform.choices) == tuple(info["transforms"])
     w.method.value = "fourier"
@@ -248,6 +250,64 @@ def test_options_form_follows_the_method(viewer, open_widget):
     assert w.method_options.values() == {"upsample": 7, "window": False}
     w.method_options.lowpass.value = ""  # the line edit of an option that may be None
     assert w.method_options.values()["lowpass"] is None
+
+
+def test_options_form_reads_annotations_and_docstrings(qapp):
+    """The form rules on the kinds of options backends declare (per the contract)."""
+    from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, LineEdit, SpinBox
+
+    from napari_registration.widgets._common import OptionsForm
+
+    def register(fixed, moving, *, transform, detector: str = "sift", matcher: str = "auto",
+                 threshold: float | None = None, iterations: int = 200, refine: bool = True,
+                 ratio: float = 0.75, shrink_factors: tuple | None = None, init="auto",
+                 fixed_points=None, moving_points=None):
+        """Options
+        -------
+        detector : {"sift", "orb", "akaze"}
+            SIFT is the most precise.
+        matcher : str
+            "auto", "bf" or "flann".
+        threshold : float or None
+            Detector threshold.
+        init : "auto", "moments" or Transform
+            Start.
+        fixed_points, moving_points : (N, D) arrays
+            Paired landmarks in world coordinates.
+        """
+
+    import inspect
+
+    sig = inspect.signature(register)
+    options = {n: p.default for n, p in sig.parameters.items()
+               if p.kind is p.KEYWORD_ONLY and n != "transform"}
+    info = {"options": options, "doc": inspect.getdoc(register),
+            "annotations": {n: inspect.formatannotation(p.annotation)
+                            for n, p in sig.parameters.items()
+                            if n in options and p.annotation is not p.empty}}
+    points = np.array([[1.0, 2.0], [3.0, 4.0]])
+
+    class FakePoints:  # what the picker needs from a napari Points layer
+        data, scale, translate = points, np.array([2.0, 2.0]), np.array([1.0, 0.0])
+
+    layer = FakePoints()
+    form = OptionsForm(info, points_choices=lambda w=None: [("landmarks", layer)])
+    kinds = {child.name: type(child) for child in form}
+    assert kinds == {"detector": ComboBox, "matcher": LineEdit, "threshold": LineEdit,
+                     "iterations": SpinBox, "refine": CheckBox, "ratio": FloatSpinBox,
+                     "shrink_factors": LineEdit, "init": ComboBox, "fixed_points": ComboBox,
+                     "moving_points": ComboBox}
+    assert form.detector.choices == ("sift", "orb", "akaze")
+    assert form.init.choices == ("auto", "moments")
+    assert "most precise" in form.detector.tooltip
+    assert form.values() == {}
+    form.threshold.value = "0.02"
+    form.shrink_factors.value = "(4, 2, 1)"
+    form.detector.value = "orb"
+    form.fixed_points.value = layer
+    values = form.values()
+    assert values.pop("fixed_points") == pytest.approx(points * 2.0 + [1.0, 0.0])
+    assert values == {"threshold": 0.02, "shrink_factors": (4, 2, 1), "detector": "orb"}
 
 
 # --------------------------------------------------------------- 3D, cancel, event loop

@@ -190,29 +190,93 @@ def literal_choices(annotation: str):
     return None
 
 
+def option_docs(doc: str) -> dict[str, tuple[str, str]]:
+    """``{name: (type text, description)}`` from a numpydoc "Options" (or "Parameters")
+    section; ``a, b : type`` documents both names."""
+    out: dict[str, tuple[str, str]] = {}
+    lines = (doc or "").splitlines()
+    in_section = False
+    current: list[str] = []
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.strip() in ("Options", "Parameters") and set(nxt.strip()) == {"-"}:
+            in_section = True
+            continue
+        if not in_section or set(line.strip()) == {"-"}:
+            continue
+        if line and not line.startswith(" "):
+            if " : " in line or line.rstrip().endswith(" :") or line.rstrip().endswith(":"):
+                names, _, type_text = line.partition(":")
+                current = [n.strip() for n in names.split(",") if n.strip()]
+                for name in current:
+                    out[name] = (type_text.strip(), "")
+                continue
+            if line.strip() and not nxt.startswith(" "):
+                in_section = False  # next section header
+            continue
+        for name in current:
+            type_text, desc = out[name]
+            out[name] = (type_text, (desc + " " + line.strip()).strip())
+    return out
+
+
+def doc_choices(type_text: str):
+    """Choices a numpydoc type line lists: ``{"a", "b"}`` or ``"a", "b" or Transform``."""
+    found = re.findall(r"""["']([^"']+)["']""", type_text)
+    return tuple(found) if len(found) >= 2 else None
+
+
+def points_world(layer) -> np.ndarray:
+    """A Points layer's data in world coordinates (data * scale + translate)."""
+    return np.asarray(layer.data, float) * np.asarray(layer.scale) + np.asarray(layer.translate)
+
+
 class OptionsForm(Container):
     """Widgets for a method's keyword options, built from ``method_info(name)``:
-    bool -> checkbox, int -> spin box, float -> float spin box, an option with known
-    choices -> combo box, anything else (str, None, tuples) -> a line edit read as a
-    Python literal ("" = None). Options named ``init`` (a Transform) are not shown."""
 
-    SKIP = ("init",)
+    * choices (a ``Literal[...]`` annotation, or the numpydoc type line
+      ``{"a", "b"}``) -> combo box;
+    * bool -> checkbox; int -> spin box; float -> float spin box;
+    * ``*_points`` options (paired landmarks) -> a Points layer picker, passed in world
+      coordinates;
+    * anything else (str, tuples, numbers that may be None) -> a line edit read as a
+      Python literal ("" = None).
 
-    def __init__(self, info: dict, **kwargs):
+    Tooltips come from the option's docstring. Options whose default is not a plain
+    value (e.g. ``init`` taking a Transform) keep their default.
+    """
+
+    def __init__(self, info: dict, points_choices=None, **kwargs):
         super().__init__(labels=True, **kwargs)
         self.defaults = dict(info.get("options", {}))
         annotations = dict(info.get("annotations", {}) or {})
+        docs = option_docs(info.get("doc", ""))
         self._readers = {}
         for name, default in self.defaults.items():
-            if name in self.SKIP:
-                continue
             text = str(annotations.get(name, ""))
+            type_text, help_text = docs.get(name, ("", ""))
+            if name.endswith("_points") and default is None:
+                if points_choices is None:
+                    continue
+                w = ComboBox(name=name, label=name, choices=points_choices, nullable=True,
+                             value=None)
+                w.tooltip = help_text or "a Points layer (world coordinates)"
+                self.append(w)
+                self._readers[name] = (lambda w=w: None if w.value is None else points_world(w.value))
+                continue
+            if name == "init" and not isinstance(default, str):
+                continue  # a Transform: set from Python, not from a form
             choices = literal_choices(text)
+            if choices is None and isinstance(default, str):
+                choices = doc_choices(type_text)
+                if choices is not None and default not in choices:
+                    choices = None
             if choices is not None and _allows_none(text) and None not in choices:
                 choices = (*choices, None)
             nullable = _allows_none(text) or default is None
             widget, reader = self._make(name, default, choices, nullable)
-            widget.tooltip = f"{name} (default {default!r})" + ("; empty = None" if nullable else "")
+            tip = f"{name} (default {default!r})" + ("; empty = None" if nullable and not choices else "")
+            widget.tooltip = f"{tip}: {help_text}" if help_text else tip
             self.append(widget)
             self._readers[name] = reader
 
@@ -224,8 +288,8 @@ class OptionsForm(Container):
             if default in [c for _, c in opts]:
                 w.value = default
             return w, lambda: w.value
-        if nullable:  # a number that may also be None: a line edit, "" = None
-            pass
+        if nullable and not isinstance(default, bool):
+            pass  # a number that may also be None: a line edit, "" = None
         elif isinstance(default, bool):
             w = CheckBox(name=name, label=name, value=default)
             return w, lambda: bool(w.value)
@@ -251,7 +315,10 @@ class OptionsForm(Container):
         out = {}
         for name, reader in self._readers.items():
             value = reader()
-            if not changed_only or value != self.defaults[name]:
+            default = self.defaults[name]
+            same = (value is None and default is None) if (
+                isinstance(value, np.ndarray) or isinstance(default, np.ndarray)) else value == default
+            if not changed_only or not same:
                 out[name] = value
         return out
 

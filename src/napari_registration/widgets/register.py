@@ -70,7 +70,9 @@ class RegisterWidget(Container):
         self.description = Label(label="")
         self.description.native.setWordWrap(True)
         self.transform = ComboBox(label="transform", choices=self._transform_choices)
-        self.method_options = OptionsForm(method_info(self.method.value), label="options")
+        self._points = layer_choices(napari_viewer, "points")
+        self.method_options = OptionsForm(method_info(self.method.value), self._points,
+                                          label="options")
         self.equalize = ComboBox(label="equalize",
                                  choices=[("none", None), ("histogram", "hist"), ("CLAHE", "clahe")])
         self.smooth = FloatSpinBox(label="smooth (world σ)", value=0.0, min=0.0, max=1000.0, step=0.5)
@@ -153,7 +155,7 @@ class RegisterWidget(Container):
         self.transform.reset_choices()  # keeps the current choice if the method has it
         index = self.index(self.method_options)
         self.remove(self.method_options)
-        self.method_options = OptionsForm(info, label="options")
+        self.method_options = OptionsForm(info, self._points, label="options")
         self.insert(index, self.method_options)
         self._on_fixed()
 
