@@ -297,11 +297,12 @@ class OptionsForm(Container):
             w = SpinBox(name=name, label=name, value=default, min=-10**9, max=10**9)
             return w, lambda: int(w.value)
         elif isinstance(default, float):
-            decimals = 6 if 0 < abs(default) < 0.01 else 4
-            step = abs(default) / 10 if default else 0.1
-            w = FloatSpinBox(name=name, label=name, value=default, min=-1e12, max=1e12,
-                             step=step)
-            w.native.setDecimals(decimals)
+            text = np.format_float_positional(default, trim="-")
+            decimals = max(2, len(text.partition(".")[2]) + 1)
+            step = float(f"{abs(default) / 10:.1g}") if default else 0.1
+            w = FloatSpinBox(name=name, label=name, min=-1e12, max=1e12, step=step)
+            w.native.setDecimals(decimals)  # before the value: Qt rounds to the decimals
+            w.value = default
             return w, lambda: float(w.value)
         w = LineEdit(name=name, label=name, value=_NONE_TEXT if default is None else
                      (default if isinstance(default, str) else repr(default)))

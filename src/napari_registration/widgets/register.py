@@ -42,6 +42,8 @@ from ._common import (
     show_info,
 )
 
+PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
+
 RESAMPLE = "resample"
 AFFINE = "affine"
 
@@ -214,6 +216,16 @@ class RegisterWidget(Container):
         qc = dict(checkerboard=self.checkerboard.value, tile=float(self.tile.value) or None,
                   difference=self.difference.value)
 
+        last = [0.0, ""]
+
+        def report(fraction, message):
+            # at most ~4 GUI updates a second: each repaint of the window costs the GUI
+            # thread 50-150 ms under software OpenGL (Xvfb, measured), a real GPU far less
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_INTERVAL or fraction >= 1.0:
+                last[0] = now
+                bridge.progress.emit(fraction, message)
+
         def job():
             try:
                 result = register(
@@ -221,7 +233,7 @@ class RegisterWidget(Container):
                     transform=params["transform"], fixed_spacing=params["fixed_spacing"],
                     moving_spacing=params["moving_spacing"], fixed_origin=params["fixed_origin"],
                     moving_origin=params["moving_origin"],
-                    progress=lambda fraction, message: bridge.progress.emit(fraction, message),
+                    progress=report,
                     cancel=cancel_event.is_set, **params["options"],
                 )
             except RegistrationCancelled as err:
@@ -405,7 +417,8 @@ def _warm_up(method: str) -> None:
     import importlib
 
     for name in ("scipy.ndimage", "scipy.fft", "skimage.metrics", "skimage.exposure",
-                 "napari_registration.core.metrics", "napari_registration.core.qc"):
+                 "napari_registration.core.metrics", "napari_registration.core.qc",
+                 "SimpleITK", "cv2"):  # backends import these on first use (SimpleITK: 0.5 s)
         try:
             importlib.import_module(name)
         except ImportError:  # pragma: no cover - optional pieces
