@@ -178,7 +178,7 @@ def test_register_affine_preview_lines_up_with_scale_and_translate(viewer, open_
     assert notifications["error"] == []
 
 
-def test_register_extras_become_points_and_match_lines(viewer, open_widget, qtbot):
+def test_register_extras_masks_preprocessing_rgb(viewer, open_widget, qtbot, notifications):
     from dataclasses import replace
 
     truth = Transform.from_translation([3.0, -2.0])
@@ -200,6 +200,35 @@ def test_register_extras_become_points_and_match_lines(viewer, open_widget, qtbo
     assert np.allclose(viewer.layers["moving keypoints (moving)"].data, kp_m)
     lines = viewer.layers["moving matches"]
     assert lines.nshapes == 2 and np.allclose(lines.data[1], [kp_f[1], kp_m[1]])
+
+    # masks from Labels layers and preprocessing reach register()
+    mask = np.zeros(fixed.shape, np.uint8)
+    mask[16:-16, 16:-16] = 1
+    w.fixed_mask.value = viewer.add_labels(mask, name="fixed mask")
+    w.equalize.value, w.smooth.value = "clahe", 1.0
+    _run(qtbot, w)
+    info = viewer.layers["moving registered"].metadata["registration"]["info"]
+    assert info["masks"] == {"fixed": True, "moving": False}
+    assert info["options"]["equalize"] == "clahe" and info["options"]["smooth"] == 1.0
+    w.moving_mask.value = viewer.layers["fixed mask"]  # wrong shape for the moving image
+    w.moving.value = viewer.add_image(moving[:100], name="cropped")
+    _run(qtbot, w)
+    assert "moving_mask must have the image's shape" in notifications["error"][-1]
+
+    # RGB layers: registered on luminance, warped per channel, shown as RGB
+    from skimage import data
+
+    rgb = data.astronaut()[::4, ::4]
+    f_rgb = viewer.add_image(rgb, name="rgb fixed")
+    m_rgb = viewer.add_image(np.roll(rgb, (3, -5), axis=(0, 1)), name="rgb moving")
+    w.fixed_mask.value = w.moving_mask.value = None
+    w.equalize.value, w.smooth.value = None, 0.0
+    w.fixed.value, w.moving.value = f_rgb, m_rgb
+    _run(qtbot, w)
+    out = viewer.layers["rgb moving registered"]
+    assert out.rgb and out.data.shape == rgb.shape
+    shift = Transform.from_dict(out.metadata["registration"]["transform"]).matrix[:2, 2]
+    assert np.allclose(shift, [-3, 5], atol=0.2)
 
 
 @pytest.mark.skipif("features" not in available_methods(), reason="features backend not installed")
@@ -233,6 +262,20 @@ def test_register_errors_are_notifications_not_tracebacks(viewer, open_widget, q
     assert "same number of axes" in notifications["error"][-1]
     assert len(viewer.layers) == n_layers and w.run_button.enabled
     assert w.status.value == "failed"
+
+
+def test_layers_menus_open_the_widgets(viewer, qtbot):
+    from napari._app_model import get_app_model
+
+    app = get_app_model()
+    ids = {mid: [getattr(getattr(i, "command", None), "id", None) for i in app.menus.get_menu(mid)]
+           for mid in ("napari/layers/register", "napari/layers/transform")}
+    assert ids["napari/layers/register"][:2] == ["napari-registration.register_widget",
+                                                 "napari-registration.inspect_widget"]
+    assert ids["napari/layers/transform"][0] == "napari-registration.transform_widget"
+    app.commands.execute_command("napari-registration.inspect_widget").result()
+    qtbot.wait(10)
+    assert any("Inspect alignment" in name for name in viewer.window.dock_widgets)
 
 
 def test_options_form_follows_the_method(viewer, open_widget):
