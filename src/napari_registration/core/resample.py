@@ -18,7 +18,11 @@ from .transform import Transform, scale_matrix, translation_matrix
 def _geometry(values, ndim, default, name):
     if values is None:
         return np.full(ndim, default, dtype=float)
-    arr = np.asarray(values, dtype=float).ravel()
+    try:
+        arr = np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {ndim} numbers (one per axis, napari order) or one "
+                         f"number; got {values!r}") from None
     if arr.size == 1 and ndim > 1:
         arr = np.full(ndim, float(arr[0]))
     if arr.size != ndim:
