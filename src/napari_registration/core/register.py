@@ -568,11 +568,29 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
     image = image.compute() if hasattr(image, "compute") and hasattr(image, "chunks") else np.asarray(image)
     if image.dtype.kind == "c":
         raise ValueError("cannot resample a complex image; pass np.abs(image)")
+    if image.dtype == object or image.dtype.kind in "USV":
+        raise ValueError(f"image has dtype {image.dtype}; pass a numeric array")
+    if image.size == 0:
+        raise ValueError(f"image is empty (shape {image.shape})")
+    try:
+        shape = tuple(int(n) for n in np.ravel(output_shape))
+    except (TypeError, ValueError):
+        raise ValueError(f"output_shape must be whole numbers (the fixed image's shape); "
+                         f"got {output_shape!r}") from None
+    if len(shape) != transform.ndim or min(shape) < 1:
+        raise ValueError(f"output_shape must be {transform.ndim} positive whole numbers (the "
+                         f"fixed image's shape, without a colour axis); got {output_shape!r}")
+    if order is not None and (isinstance(order, bool) or not 0 <= int(order) <= 5
+                              or int(order) != order):
+        raise ValueError(f"order (spline interpolation order) must be 0-5; got {order!r}")
     expected = transform.ndim + (1 if rgb else 0)
     if image.ndim != expected:
         raise ValueError(f"image is {image.ndim}D but the transform is {transform.ndim}D"
                          + (" (plus a colour axis)" if rgb else "")
-                         + "; apply it to each frame/channel, or use register_stack")
-    return resample(image, transform, output_shape, output_spacing=output_spacing,
+                         + "; apply it to each frame/channel, or use register_stack"
+                         + ("; if the last axis holds colour channels, pass rgb=True"
+                            if not rgb and image.ndim == expected + 1 and image.shape[-1] in (3, 4) else ""))
+    return resample(image, transform, shape, output_spacing=output_spacing,
                     output_origin=output_origin, input_spacing=input_spacing,
-                    input_origin=input_origin, labels=labels, rgb=rgb, order=order)
+                    input_origin=input_origin, labels=labels, rgb=rgb,
+                    order=None if order is None else int(order))

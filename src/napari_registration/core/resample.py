@@ -104,6 +104,9 @@ def resample(
         order = 0
     if image.dtype == bool:
         work = image.astype(np.uint8)
+    elif image.dtype.kind == "f" and image.dtype not in (np.float32, np.float64):
+        # float16 / long double: scipy.ndimage has no kernels for them
+        work = image.astype(np.float32 if image.dtype.itemsize < 4 else np.float64)
     elif labels or image.dtype in (np.float32, np.float64):
         work = image
     else:
@@ -134,6 +137,8 @@ def resample(
             out[start:start + len(rows)] = vals.reshape((len(rows),) + output_shape[1:])
     if bool(image.dtype == bool):
         return out.astype(bool)
+    if labels and out.dtype != image.dtype:
+        return out.astype(image.dtype)
     if preserve_dtype and not labels and np.issubdtype(image.dtype, np.integer):
         info = np.iinfo(image.dtype)
         return np.clip(np.rint(out), info.min, info.max).astype(image.dtype)
