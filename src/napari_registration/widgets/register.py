@@ -117,6 +117,7 @@ class RegisterWidget(Container):
         self._started_at = 0.0
         self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
         self.timing: dict = {}
+        self._running = False
 
         self.method.changed.connect(self._on_method)
         self.fixed.changed.connect(self._forget)
@@ -259,10 +260,12 @@ class RegisterWidget(Container):
 
     def run(self, *_):
         """Start a registration (the *Register* button)."""
-        if self._worker is not None and self.cancel_button.enabled:
-            return  # already running
+        if self._running:
+            return None  # one registration at a time
         worker = self.make_worker()
         if worker is not None:
+            self._running = True
+            self.run_button.enabled = False  # now, not when the queued `started` arrives
             worker.start()
         return worker
 
@@ -284,6 +287,7 @@ class RegisterWidget(Container):
         self.status.value = message
 
     def _on_finished(self):
+        self._running = False
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self._cancel_event = None
