@@ -537,6 +537,12 @@ def test_transform_widget_applies_saves_loads_and_inverts(viewer, open_widget, q
     w.apply()
     assert len(viewer.layers) == n_layers  # replaced, not piled up
 
+    # an image as a copy with an affine (no resampling), placed by the reference's affine
+    w.target.value, w.mode.value = reg, "affine"
+    out = w.apply()
+    assert np.allclose(out.affine.affine_matrix, truth.matrix) and out.data is not None
+    assert np.array_equal(reg.affine.affine_matrix, np.eye(3))
+
     # save (JSON and ITK), load back, invert
     for name in ("t.json", "t.tfm"):
         w.save(tmp_path / name)

@@ -442,12 +442,17 @@ def summary_text(result) -> str:
     info = result.info
     bits = [f"{info.get('method')}/{info.get('transform')}"]
     for key in ("iterations", "inliers", "matches", "refine_evaluations"):
-        if info.get(key) is not None:
-            bits.append(f"{key.replace('_', ' ')} {info[key]}")
-    if info.get("stop_reason"):
-        bits.append(f"stop: {info['stop_reason']}")
+        value = info.get(key)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
+            value = "+".join(str(v) for v in value) + (f" = {sum(value)}" if len(value) > 1 else "")
+        if value is not None:
+            bits.append(f"{key.replace('_', ' ')} {value}")
     bits.append(f"{info.get('seconds', float('nan')):.2f} s")
     lines.append(" | ".join(str(b) for b in bits))
+    stop = info.get("stop_reason") or info.get("stop_condition")
+    if stop:
+        stop = str(stop)
+        lines.append("stop: " + (stop if len(stop) <= 90 else stop[:87] + "..."))
     return "\n".join(lines)
 
 
