@@ -256,6 +256,8 @@ class RegisterWidget(Container):
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._cancel_event = cancel_event
+        # closing the widget (or napari) mid-run stops the run instead of leaving it going
+        self.native.destroyed.connect(cancel_event.set)
         return worker
 
     def run(self, *_):
