@@ -314,3 +314,14 @@ def test_time_axis_not_first(series2d):
     assert frame_tre(result, drifts[:6]).max() <= 0.1
     eager = register_stack(frames[:6])
     np.testing.assert_allclose(np.moveaxis(result.warped, 2, 0), eager.warped, atol=1e-5)
+
+
+def test_stack_api_imports_no_dask_or_qt():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_registration as n; n.register_stack; "
+            "print(sorted(m for m in ('dask', 'distributed', 'napari', 'qtpy', 'magicgui', "
+            "'tifffile') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
