@@ -245,6 +245,10 @@ def test_bad_input_says_what_to_change(series2d):
         register_stack(frames, downsample=0)
     with pytest.raises(ValueError, match="1D frames"):
         register_stack(frames[:, 0])
+    with pytest.raises(ValueError, match="reference image cannot be combined"):
+        register_stack(frames[:3], reference=frames[0], coarse=frames[:3, ::2, ::2])
+    with pytest.raises(ValueError, match="one frame's shape"):
+        register_stack(frames[:3], reference=frames[0, :10])
     with pytest.raises(ValueError, match="unknown option"):
         register_stack(frames[:3], colour="red")
 
