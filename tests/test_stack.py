@@ -70,10 +70,13 @@ def series2d():
 
 
 # ------------------------------------------------------------------------- accuracy
-@pytest.mark.parametrize("reference", ["first", "mean", 7])
+@pytest.mark.parametrize("reference", ["first", "mean", 7, "image"])
 def test_2d_series_recovered_to_a_tenth_of_a_pixel(series2d, reference):
     frames, drifts = series2d
+    if reference == "image":                         # a template image: here frame 0
+        reference = frames[0].copy()
     result = register_stack(frames, reference=reference)
+    reference = "image" if isinstance(reference, np.ndarray) else reference
     ref = 7 if reference == 7 else 0
     err = frame_tre(result, drifts, ref=ref)
     assert err.max() <= 0.1, err
