@@ -220,7 +220,13 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
                     concurrent.futures.wait(list(pending), timeout=0.1,
                                             return_when=concurrent.futures.FIRST_COMPLETED)
                 else:
-                    time.sleep(0.005)
+                    import distributed
+
+                    try:  # block without spinning (the driver may host the scheduler)
+                        distributed.wait(list(pending), timeout=0.1,
+                                         return_when="FIRST_COMPLETED")
+                    except (TimeoutError, distributed.TimeoutError):
+                        pass
                 continue
             for fut in done:
                 key = pending.pop(fut)
