@@ -7,12 +7,16 @@ Pipeline
    centres of mass (moments); ``"geometry"``, ``"moments"`` or ``"none"`` pick one;
    an explicit :class:`Transform` (e.g. from features or landmarks) is used as is.
 2. **Coarse search** (rigid, similarity, affine and the linear stage of bspline/demons):
-   short rigid registrations on a small copy of the images from a few start rotations
-   (2D: -30..30 degrees; 3D: +-20 degrees about each axis) and the candidate centres;
-   the start with the best metric wins. This is what makes the default set-up converge
-   for rotations up to ~30 degrees and multi-modal pairs whatever the sampling seed.
+   on a ~4000-voxel copy of the images, the metric is evaluated at every start (start
+   rotations 2D: -30..30 degrees, 3D: +-20 degrees about each axis, times the candidate
+   centres), the 3 best are optimised as rigid transforms using every voxel (no random
+   sampling, so the search is the same whatever the seed) and the best final metric
+   wins. This is what makes the default set-up converge for rotations up to ~30
+   degrees and multi-modal pairs (camera 2D: 24/24 runs; elastix's defaults 15/24).
 3. **Linear stage**: multi-resolution ``ImageRegistrationMethod`` (Mattes mutual
-   information, regular-step gradient descent, scales from physical shift).
+   information, regular-step gradient descent with a per-level estimated step, scales
+   from physical shift), one ITK run per level on bin-averaged copies, skipping levels
+   coarser than half the search grid.
 4. **Deformable stage**: a B-spline (L-BFGS-B) or a demons field on top of the linear
    result. The result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
 
@@ -21,7 +25,10 @@ conversion goes through :mod:`napari_registration.core.itk`.
 
 Reproducibility: with ``seed`` set, metric sampling uses that seed and the registration
 runs on one thread (SimpleITK's random sampling is not reproducible with several
-threads), so the same inputs and the same seed give the identical transform.
+threads; a seeded run sets SimpleITK's process-wide default thread count to 1 and
+restores it afterwards), so the same inputs and the same seed give the identical
+transform. Without a seed each run samples differently; results agree to within the
+sampling noise (3D brain rigid: 0.02-0.1 mm).
 """
 
 from __future__ import annotations
