@@ -440,8 +440,8 @@ def _max_event_loop_gap(qtbot, widget, worker, timer_ms=10):
 
 
 @pytest.mark.parametrize("method, transform, shape", [
-    ("fourier", "translation", (48, 128, 128)),
-    pytest.param("intensity", "rigid", (48, 96, 96), marks=pytest.mark.skipif(
+    ("fourier", "translation", (64, 192, 192)),
+    pytest.param("intensity", "rigid", (128, 224, 224), marks=pytest.mark.skipif(
         "intensity" not in available_methods(), reason="intensity backend not installed")),
 ])
 def test_viewer_stays_responsive_during_3d_registration(viewer, open_widget, qtbot,

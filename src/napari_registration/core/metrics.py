@@ -15,11 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 
+PERCENTILE_SAMPLES = 1_000_000
+
+
 def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
-    values = image[mask] if mask is not None else image
+    values = image[mask] if mask is not None else image.ravel()
     if values.size == 0:
         return np.zeros_like(image)
+    if values.size > PERCENTILE_SAMPLES:
+        # an even subsample estimates the percentiles as well and, on volumes, keeps one
+        # GIL-holding np.percentile call from freezing napari's GUI for ~0.1-0.2 s
+        values = values[:: values.size // PERCENTILE_SAMPLES]
     lo, hi = np.percentile(values, [low, high])
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
