@@ -337,8 +337,30 @@ def _to_spacing(image, spacing, target):
     if np.allclose(spacing, target):
         return image
     ratio = target / spacing
-    shape = tuple(max(1, int(round(n / r))) for n, r in zip(image.shape, ratio))
+    shape = _spacing_shape(image.shape, spacing, target)
     return ndimage.affine_transform(image, ratio, output_shape=shape, order=1, mode="nearest")
+
+
+def _spacing_shape(shape, spacing, target) -> tuple:
+    ratio = np.asarray(target, float) / np.asarray(spacing, float)
+    return tuple(max(1, int(round(n / r))) for n, r in zip(shape, ratio))
+
+
+# resampling to a common pixel size may grow an image by at most this factor (or up to
+# this many pixels): beyond it the spacings are almost surely in different units
+_MAX_GROWTH, _MAX_PIXELS = 4, 2 ** 24
+
+
+def _check_growth(name, shape, spacing, target):
+    new = _spacing_shape(shape, spacing, target)
+    n_old, n_new = int(np.prod(shape)), int(np.prod(new, dtype=float))
+    if n_new > max(_MAX_PIXELS, _MAX_GROWTH * n_old):
+        raise ValueError(
+            f"fourier works at one pixel size ({[float(t) for t in target]}); the {name} image "
+            f"(spacing {[float(v) for v in spacing]}) would be resampled from {tuple(shape)} to "
+            f"{new} pixels ({n_new / n_old:.0f}x). Check that both spacings use the same units; "
+            "otherwise pass the image with the coarser pixels as fixed, or downsample the "
+            "finer one first")
 
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
@@ -371,6 +393,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         raise ValueError(f"upsample must be >= 1; got {upsample}")
     f_sp = np.asarray(fixed_spacing, float)
     target = f_sp if transform == "translation" else np.full(ndim, f_sp.min())
+    _check_growth("fixed", fixed.shape, f_sp, target)
+    _check_growth("moving", moving.shape, moving_spacing, target)
     f = _to_spacing(fixed, f_sp, target)
     m = _to_spacing(moving, moving_spacing, target)
     fm = None if fixed_mask is None else _to_spacing(fixed_mask.astype(np.float32), f_sp, target) > 0.5
