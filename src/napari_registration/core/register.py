@@ -174,12 +174,22 @@ def method_info(method: str) -> dict:
         for name, p in sig.parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _BACKEND_PLUMBING
     }
+    annotations = {
+        name: p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+        for name, p in sig.parameters.items()
+        if name in options and p.annotation is not inspect.Parameter.empty
+    }
     return {
         "name": method,
         "description": getattr(mod, "DESCRIPTION", ""),
         "transforms": tuple(mod.TRANSFORMS),
         "ndims": getattr(mod, "NDIMS", None),
         "options": options,
+        # option -> its annotation as text (e.g. "float | None", "Literal['orb', 'sift']"):
+        # lets a widget offer None or a fixed set of choices
+        "annotations": annotations,
+        # the backend's docstring: its "Options" section documents each option
+        "doc": inspect.getdoc(mod.register) or "",
     }
 
 
