@@ -394,8 +394,11 @@ def _shrink(img, target_spacing, sigma=None, mask=False):
     sigma = 0.5 * target_spacing if sigma is None else float(sigma)
     # a box of width f*s has variance (f*s)^2 / 12; add what is missing
     rest = [float(np.sqrt(max(0.0, sigma ** 2 - (f * sp) ** 2 / 12.0))) for f, sp in zip(factors, spacing)]
-    if max(rest) > 0:
-        small = sitk.SmoothingRecursiveGaussian(small, rest)
+    # one axis at a time: with anisotropic voxels some axes are already blurred enough
+    # (rest 0), and SmoothingRecursiveGaussian rejects a zero sigma on any axis
+    for axis, sg in enumerate(rest):
+        if sg > 0:
+            small = sitk.RecursiveGaussian(small, sg, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return small
 
 
