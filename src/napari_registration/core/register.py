@@ -269,8 +269,13 @@ def _check_option_type(method, key, value, default, annotation) -> None:
     naming the option, instead of surfacing as a TypeError deep inside a backend."""
     import numbers
 
+    if annotation is inspect.Parameter.empty:
+        return  # an unannotated option may take anything (e.g. init: a name or a Transform)
+    kinds = {t.strip() for t in str(annotation).split("|")} - {"None", ""}
+    if len(kinds) > 1:
+        return  # several accepted types: the backend checks them itself
     if value is None:
-        if default is None or annotation is inspect.Parameter.empty or "None" in str(annotation):
+        if default is None or "None" in str(annotation):
             return
         raise ValueError(f"option {key!r} of method {method!r} cannot be None; its default is {default!r}")
     if isinstance(default, bool):
@@ -300,9 +305,9 @@ def _check_option_types(method, backend_register, backend_opts, core) -> None:
         p = params[key]
         _check_option_type(method, key, value, p.default, p.annotation)
     for key in ("normalize", "warp", "score", "order", "smooth"):
-        _check_option_type(method, key, core[key], CORE_OPTIONS[key], "")
+        _check_option_type(method, key, core[key], CORE_OPTIONS[key], type(CORE_OPTIONS[key]).__name__)
     if core["rgb"] is not None:
-        _check_option_type(method, "rgb", core["rgb"], False, "")
+        _check_option_type(method, "rgb", core["rgb"], False, "bool")
     if not 0 <= int(core["order"]) <= 5:
         raise ValueError(f"order (spline interpolation order of the warped image) must be 0-5; "
                          f"got {core['order']}")
