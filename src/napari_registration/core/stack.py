@@ -400,9 +400,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     else:
         driver = work
     frame_shape = tuple(int(s) for s in driver.shape[1:])
-    coarse = tuple(n // f for n, f in zip(frame_shape, factor))
-    if max(factor) > 1 and min(coarse) < 4:
-        raise ValueError(f"downsample={list(factor)} leaves frames of {coarse} pixels from "
+    reduced = tuple(n // f for n, f in zip(frame_shape, factor))
+    if max(factor) > 1 and min(reduced) < 4:
+        raise ValueError(f"downsample={list(factor)} leaves frames of {reduced} pixels from "
                          f"{frame_shape}; registration needs >= 4 per axis: use a smaller factor")
 
     # what is registered: the driver frames, or those of a coarser copy (pyramid level)
