@@ -226,10 +226,13 @@ def _as_image(name: str, image, rgb) -> tuple[np.ndarray, bool]:
 def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
     from .preprocess import to_grey
 
-    g = to_grey(a) if is_rgb else a.astype(np.float32)
+    # float32 input is used as is (no copy: it is only read); see the fill below
+    g = to_grey(a) if is_rgb else np.asarray(a, dtype=np.float32)
     finite = np.isfinite(g)
     if not finite.all():
         bad = ~finite
+        if g is a or np.shares_memory(g, a):
+            g = g.copy()
         if mask is None or np.any(bad & mask):
             where = "" if mask is None else f" inside {name}_mask"
             raise ValueError(
@@ -473,6 +476,13 @@ def register(
                                  f"coordinates) for {ndim}D images; got shape {pts.shape}")
             backend_opts[key] = pts - origin
 
+    # the backends get arrays of their own: with normalize=False (and no other
+    # preprocessing) prepare() may hand back the caller's float32 array itself
+    if np.shares_memory(f_prep, fixed_raw):
+        f_prep = f_prep.copy()
+    if np.shares_memory(m_prep, moving_raw):
+        m_prep = m_prep.copy()
+
     report(0.05, f"{method}: {transform}")
     t_backend = time.perf_counter()
     out: BackendResult = mod.register(
@@ -480,6 +490,7 @@ def register(
         fixed_mask=fixed_mask, moving_mask=moving_mask, progress=backend_progress,
         cancel=backend_cancel, **backend_opts,
     )
+    del f_prep, m_prep  # not needed for warping and scoring: free them before the warp
     should_stop()
     backend_seconds = time.perf_counter() - t_backend
     if not isinstance(out, BackendResult):  # pragma: no cover - backend contract
