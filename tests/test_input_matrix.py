@@ -138,6 +138,18 @@ def _non_contiguous():
     return case(fs, np.asfortranarray(ms))
 
 
+VOLUME_SHIFT = np.array([2.0, -3.0, 1.0])  # voxels, moving -> fixed
+
+
+def _volumes():
+    from napari_registration.data import blobs_volume
+
+    vol = blobs_volume(shape=(28, 48, 48), seed=3)
+    fixed = vol[2:22, 4:40, 3:39].copy()
+    moving = vol[4:24, 1:37, 4:40].copy()  # moving(q) = fixed(q + VOLUME_SHIFT)
+    return case(fixed, moving, fixed_spacing=(2.0, 1.0, 1.0), moving_spacing=(2.0, 1.0, 1.0))
+
+
 def _other_methods_option(method):
     for other in METHODS:
         if other != method:
@@ -190,6 +202,9 @@ REGISTER_CASES = [
     ("3x3 images", lambda m: case(base()[0][:3, :3], base()[1][:3, :3]),
      Raises(ValueError, "too small")),
     ("8x8 images", lambda m: case(base()[0][:8, :8], base()[1][:8, :8]), FEW_FEATURES),
+    ("3D volumes, anisotropic voxels", lambda m: _volumes(),
+     per_method(OK(shift_is(VOLUME_SHIFT * [2.0, 1.0, 1.0])),
+                features=Raises(ValueError, "works on 2D images, not 3D"))),
     ("1D signals", lambda m: case(base()[0][40], base()[1][40]), ND_ONLY_2D3D),
     ("spacing 1e6", lambda m: case(*base(), fixed_spacing=1e6, moving_spacing=1e6),
      OK(shift_is(SHIFT * 1e6))),
@@ -258,6 +273,10 @@ REGISTER_CASES = [
 def _landmarks_for(c):
     """Paired points consistent with the base pair's shift, in each image's world."""
     ndim = np.ndim(c["fixed"]) - (1 if np.ndim(c["fixed"]) == 3 and np.shape(c["fixed"])[-1] in (3, 4) else 0)
+    if ndim == 3 and np.shape(c["fixed"])[-1] not in (3, 4):
+        idx = np.array([[2, 5, 5], [2, 30, 8], [15, 8, 30], [10, 20, 20]], float)
+        sp = np.array(c["kwargs"].get("moving_spacing", (1.0, 1.0, 1.0)), float)
+        return {"moving_points": idx * sp, "fixed_points": (idx + VOLUME_SHIFT) * sp}
     idx = np.array([[10, 10], [10, 70], [70, 30], [50, 50]], float)
     if ndim != 2:
         return {}
