@@ -67,8 +67,12 @@ CORE_OPTIONS = {
 }
 
 
-class RegistrationError(RuntimeError):
-    """The method ran but could not find an alignment; the message says what to try."""
+class RegistrationError(Exception):
+    """The method ran but could not find an alignment; the message says what to try.
+
+    Deliberately not a RuntimeError: superqt's generator workers (napari's
+    thread_worker) take a RuntimeError for a deleted worker and emit neither
+    ``errored`` nor ``finished``, which left widgets waiting forever."""
 
 
 class RegistrationCancelled(RegistrationError):
