@@ -69,6 +69,7 @@ def test_cancel_at_any_poll_raises_and_returns_nothing(job):
     fixed, moving = FIXED.copy(), MOVING.copy()
     fixed.setflags(write=False)
     moving.setflags(write=False)
+    fired = 0
     for k in ks:
         calls, seen = [0], []
 
@@ -76,10 +77,19 @@ def test_cancel_at_any_poll_raises_and_returns_nothing(job):
             calls[0] += 1
             return calls[0] > k
 
-        with pytest.raises(RegistrationCancelled):
-            register(fixed, moving, method=method, transform=transform, cancel=cancel,
-                     progress=lambda f, msg: seen.append((f, msg)), **options)
-        assert (1.0, "done") not in seen, f"cancelled at poll {k} but reported done"
+        # the number of polls can vary a little between runs (progress reports are
+        # throttled by time); the rule: once cancel() has said True, the call raises
+        try:
+            result = register(fixed, moving, method=method, transform=transform, cancel=cancel,
+                              progress=lambda f, msg: seen.append((f, msg)), **options)
+        except RegistrationCancelled:
+            fired += 1
+            assert calls[0] > k
+            assert (1.0, "done") not in seen, f"cancelled at poll {k} but reported done"
+        else:
+            assert calls[0] <= k, f"cancel() said True at poll {k + 1} but a result came back"
+            assert result.transform is not None
+    assert fired >= len(ks) - 1
     np.testing.assert_array_equal(fixed, FIXED)
     np.testing.assert_array_equal(moving, MOVING)
 
