@@ -32,7 +32,9 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros_like(image)
-    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    out = image - np.float32(lo)  # one new float32 array, then in place
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def mse(a, b, mask=None) -> float:
