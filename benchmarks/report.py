@@ -171,8 +171,8 @@ def summarise(runs: list[dict]) -> dict:
 def _fmt(v, digits=3):
     if v is None:
         return "—"
-    if v == 0:
-        return "0"
+    if abs(v) < 1e-4:
+        return "<1e-4"
     if abs(v) >= 100:
         return f"{v:.0f}"
     if abs(v) >= 0.01:
@@ -492,6 +492,12 @@ def run(builders, methods, repeats, threshold, log=print):
 
 
 def main(argv=None):
+    import warnings
+
+    # keep the log readable: library deprecation chatter is not a result
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few cases, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")

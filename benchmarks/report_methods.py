@@ -69,7 +69,8 @@ class Ours(Method):
     def __init__(self, method: str):
         self.method = method
         self.name = f"ours: {method}"
-        self.settings = f"register(method={method!r}, transform=<case>, score=False), defaults otherwise"
+        self.settings = (f"register(method={method!r}, transform=<case>, score=False) (stacks: "
+                         f"register_stack(reference='first', ..., score=False)), defaults otherwise")
 
     def _info(self):
         from napari_registration import method_info
@@ -101,7 +102,7 @@ class Ours(Method):
         tf = self.transform_for(case)
         if case.is_stack:
             return register_stack(case.frames, reference="first", method=self.method,
-                                  transform=tf, spacing=case.spacing)
+                                  transform=tf, spacing=case.spacing, score=False)
         return register(case.fixed, case.moving, method=self.method, transform=tf,
                         fixed_spacing=case.spacing, moving_spacing=case.spacing, score=False)
 
