@@ -127,6 +127,22 @@ def test_tps_preview_is_resampled_on_the_fixed_grid(widget, pair):
     assert w.transform.is_linear and w.fit_info["fre_rms"] > 0.5  # scale 1.1 is not rigid
 
 
+def test_one_image_at_a_time_shows_the_image_to_click(widget, pair):
+    w = widget
+    fixed, moving = w.fixed_layer.value, w.moving_layer.value
+    w.one_at_a_time.value = True
+    w.start()
+    assert fixed.visible and not moving.visible
+    w.fixed_points.add([100.0, 100.0])
+    assert moving.visible and not fixed.visible
+    w.moving_points.add([90.0, 110.0])
+    assert fixed.visible and not moving.visible
+    # without alternation the active layer stays where the user put it
+    w.alternate.value = False
+    w.fixed_points.add([150.0, 60.0])
+    assert w.viewer.layers.selection.active is w.fixed_points
+
+
 def test_widget_opens_through_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     viewer.add_image(np.zeros((16, 16), np.float32), name="a")

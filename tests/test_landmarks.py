@@ -211,6 +211,9 @@ def test_tps_step_rejects_bad_input():
         TpsStep(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="paired"):
         TpsStep(np.zeros((4, 2)), np.zeros((5, 2)))
+    line = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    with pytest.raises(ValueError, match="singular.*one line"):
+        TpsStep(line, line + 1.0)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -280,6 +283,19 @@ def test_register_tps_warps_and_scores():
     assert res.warped.shape == fixed.shape
     assert res.metrics["after"]["ncc"] > 0.95
     json.dumps(res.to_dict())
+
+
+def test_register_landmarks_3d_anisotropic():
+    from napari_registration.data import grid_points, tre_against_truth, volume_pair
+
+    fixed, moving, truth, spacing = volume_pair()
+    rng = np.random.default_rng(14)
+    m_pts = rng.uniform(0.1, 0.9, (5, 3)) * (np.array(moving.shape) - 1) * spacing  # world
+    res = register(fixed, moving, method="landmarks", transform="rigid",
+                   fixed_points=truth.apply(m_pts), moving_points=m_pts,
+                   fixed_spacing=spacing, moving_spacing=spacing)
+    assert tre_against_truth(res.transform, truth, grid_points(fixed.shape, spacing))["max"] < 1e-8
+    assert res.metrics["after"]["ncc"] > res.metrics["before"]["ncc"]
 
 
 def test_register_landmarks_needs_points():

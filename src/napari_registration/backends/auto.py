@@ -89,7 +89,7 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, metric: str = "mi", structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
-             min_overlap: float = 0.1) -> BackendResult:
+             stop_ncc: float | None = 0.95, min_overlap: float = 0.1) -> BackendResult:
     """Chain and score methods; return the best-scoring transform.
 
     Options
@@ -106,6 +106,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     coarse_size : int
         The Fourier stages run on copies downsampled to at most this many pixels per
         axis (same world coordinates); 0 keeps full resolution.
+    stop_ncc : float or None
+        Skip the (slow) log-polar stages once a candidate reaches this absolute
+        normalised cross-correlation on the overlap (clearly aligned; the absolute value
+        also accepts contrast-inverted pairs). None runs every stage.
     min_overlap : float
         Candidates whose overlap covers less than this fraction of the fixed image are
         discarded (a tiny overlap can score deceptively well).
@@ -117,6 +121,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                          f"(normalised cross-correlation, same modality); got {metric!r}")
     if int(coarse_size) < 0 or 0 < int(coarse_size) < 32:
         raise ValueError(f"coarse_size must be 0 (full resolution) or >= 32 pixels; got {coarse_size}")
+    if stop_ncc is not None and not 0.0 < float(stop_ncc) <= 1.0:
+        raise ValueError(f"stop_ncc must be in (0, 1] or None (run every stage); got {stop_ncc}")
     if not 0.0 <= float(min_overlap) < 1.0:
         raise ValueError(f"min_overlap must be a fraction in [0, 1); got {min_overlap}")
     ndim = fixed.ndim
@@ -199,26 +205,46 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
     # ---- coarse, global stages
     reps = ["intensities"] + (["gradient magnitude"] if structure else [])
+    # cheap and global first; log-polar (the slow one) last, skipped when not needed
     coarse = []
     if "fourier" in methods:
         coarse += [("fourier", "translation", rep,
                     "phase correlation: any shift, fast" +
                     ("" if rep == "intensities" else "; edges survive contrast changes"))
                    for rep in reps]
-        if ndim == 2 and transform != "translation":
-            model = _COARSE_2D[transform]
-            coarse += [("fourier", model, rep,
-                        "log-polar: any rotation and large scale changes" +
-                        ("" if rep == "intensities" else "; edges survive contrast changes"))
-                       for rep in reps]
     if use_features and ndim == 2 and transform != "translation":
         f_model = transform if supports("features", transform) else "similarity"
         if supports("features", f_model):
             coarse.append(("features", f_model, "intensities",
                            "keypoint matching: large motion, perspective, partial overlap"))
+    if "fourier" in methods and ndim == 2 and transform != "translation":
+        model = _COARSE_2D[transform]
+        coarse += [("fourier", model, rep,
+                    "log-polar: any rotation and large scale changes" +
+                    ("" if rep == "intensities" else "; edges survive contrast changes"))
+                   for rep in reps]
     n_refine = 1 if (refine and supports("intensity", _refine_model(transform))) else 0
     n_total = max(1, len(coarse) + 2 * n_refine)
+    skipped = []
+
+    def clearly_aligned():
+        # a candidate that refinement can start from (linear), or any when none follows
+        for _, idx, tf in candidates:
+            if idx == baseline_index or (n_refine and (not tf.is_linear or tf.is_projective)):
+                continue
+            if abs(stages[idx]["score"]["ncc"]) >= stop_ncc:
+                return stages[idx]
+        return None
+
     for k, (method, model, rep, why) in enumerate(coarse):
+        expensive = method == "fourier" and model != "translation"  # log-polar
+        done = clearly_aligned() if (stop_ncc is not None and expensive) else None
+        if done is not None:
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": f"skipped: {done['method']} {done['model']} ({done['on']}) "
+                                   f"already reached |NCC| {abs(done['score']['ncc']):.3f} >= "
+                                   f"stop_ncc {stop_ncc}"})
+            continue
         run(method, model, why, rep=rep, fraction=(k / n_total, (k + 1) / n_total),
             shrink=method == "fourier")
 
@@ -234,23 +260,18 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         why = (f"intensity {refine_model} refinement from the best coarse stage "
                f"({stages[best[1]]['method']} {stages[best[1]]['model']} on {stages[best[1]]['on']})")
         k = len(coarse)
-        mi_opts = _mi_metric_option(metric)
+        mi_opts, uses_mi = _mi_metric_option(metric)
         tf = None
         if mi_opts:  # prefer an MI metric so multi-modal pairs refine too
             tf = run("intensity", refine_model, why + ", mutual information",
                      fraction=(k / n_total, (k + 1) / n_total), **opts, **mi_opts)
         if tf is None and (not mi_opts or "metric" in (stages[-1]["error"] or "")):
-            run("intensity", refine_model, why, fraction=((k + 1) / n_total, 1.0), **opts)
-    elif transform not in ("translation", "rigid", "similarity") or ndim == 3:
-        missing = [m for m in ("intensity", "features") if m not in methods]
-        if missing:
-            advice.append(f"{transform} in {ndim}D is refined by method 'intensity'"
-                          + (" or 'features'" if ndim == 2 else "") + f"; not installed here: "
-                          f"{missing}. The result is the best coarse (lower-order) estimate.")
+            run("intensity", refine_model, why + (", mutual information" if uses_mi else ""),
+                fraction=((k + 1) / n_total, 1.0), **opts)
 
     progress(1.0, "scoring done")
     errors = [f"{s['method']} {s['model']} ({s['on']}): {s['error']}" for s in stages if s["error"]]
-    if len(candidates) <= 1:  # only the baseline survived
+    if not [c for c in candidates if c[1] != baseline_index]:  # nothing but the baseline
         raise RegistrationError(
             "auto: no method produced an alignment. "
             + ("Stage errors: " + "; ".join(errors) + ". " if errors else "")
@@ -263,8 +284,16 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         advice.append("no stage scored better than the unaligned images: they may already be "
                       "aligned, or share too little structure (try method='landmarks')")
     chosen = stages[best_index]
+    if best_index != baseline_index and chosen["model"] != transform:
+        missing = [m for m in ("intensity", "features") if m not in methods]
+        advice.append(
+            f"the best candidate is a {chosen['model']}, not the requested {transform}: "
+            + (f"{' and '.join(repr(m) for m in missing)} (which fit it) not installed"
+               if missing else "the stages that fit it failed or scored lower (see stages)")
+            + "; the result is the best lower-order estimate")
     info = {
         "stages": stages,
+        "skipped": skipped,
         "chosen": {"stage": best_index, "method": chosen["method"],
                    "model": chosen["model"], "on": chosen["on"]},
         "metric": metric,
@@ -281,14 +310,15 @@ def _refine_model(transform: str) -> str:
     return "affine" if transform == "homography" else transform
 
 
-def _mi_metric_option(metric: str) -> dict:
-    """An option for the intensity backend selecting mutual information, if it has one."""
+def _mi_metric_option(metric: str) -> tuple[dict, bool]:
+    """Options selecting mutual information in the intensity backend (if it has such an
+    option), and whether it then uses mutual information."""
     if metric != "mi":
-        return {}
+        return {}, False
     opts = method_info("intensity")["options"]
     if "metric" not in opts:
-        return {}
+        return {}, False
     default = str(opts["metric"]).lower()
     if "mattes" in default or "mi" == default or "mutual" in default:
-        return {}  # already mutual information
-    return {"metric": "mattes"}
+        return {}, True  # already mutual information
+    return {"metric": "mattes"}, True

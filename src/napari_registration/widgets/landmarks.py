@@ -25,6 +25,7 @@ from ..core.transform import Transform
 FIXED_COLOUR = "magenta"
 MOVING_COLOUR = "lime"
 _ROLE_KEY = "napari_registration_landmarks"
+PREVIEW_SIDE = 512  # thin-plate spline previews are resampled at most this size per axis
 
 
 def _image_layers(viewer):
@@ -233,12 +234,16 @@ class LandmarkWidget(Container):
 
             f_sp, f_or = _geometry(fixed)
             m_sp, m_or = _geometry(moving)
-            shape = fixed.data.shape[:-1] if fixed.rgb else fixed.data.shape
-            data = resample(np.asarray(moving.data), tf, shape, output_spacing=f_sp,
-                            output_origin=f_or, input_spacing=m_sp, input_origin=m_or,
+            shape = np.array(fixed.data.shape[:-1] if fixed.rgb else fixed.data.shape)
+            # a display preview: at most PREVIEW_SIDE pixels per axis over the fixed extent
+            factor = max(1.0, float(shape.max()) / PREVIEW_SIDE)
+            out_shape = np.maximum(1, np.ceil(shape / factor)).astype(int)
+            out_sp = np.asarray(f_sp) * shape / out_shape
+            out_or = np.asarray(f_or) + (out_sp - np.asarray(f_sp)) / 2  # same pixel extent
+            data = resample(np.asarray(moving.data), tf, tuple(out_shape), output_spacing=out_sp,
+                            output_origin=out_or, input_spacing=m_sp, input_origin=m_or,
                             rgb=bool(moving.rgb))
-            geometry = {"scale": fixed.scale, "translate": fixed.translate,
-                        "affine": np.eye(len(f_sp) + 1)}
+            geometry = {"scale": out_sp, "translate": out_or, "affine": np.eye(len(f_sp) + 1)}
         active = self.viewer.layers.selection.active
         if self.preview is None or self.preview not in self.viewer.layers:
             self.preview = self.viewer.add_image(

@@ -1,0 +1,239 @@
+"""Landmarks and auto: accuracy and speed, side by side with peers in one run.
+
+    .venv/bin/python benchmarks/bench_auto.py
+
+* landmarks vs scikit-image's point-set estimators (``EuclideanTransform``,
+  ``AffineTransform``, ``ThinPlateSplineTransform`` ``from_estimate``): the same fit,
+  timed on the same points; noisy clicks checked against the theoretical TRE
+  (Fitzpatrick's rigid formula);
+* auto vs single methods on real 2D pairs with known transforms: the core default
+  (``register(fixed, moving)``, Fourier translation) and each installed method with the
+  same transform model.
+
+Writes ``benchmarks/results/auto.json`` and the tables into the ``landmarks`` section of
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from napari_registration import Transform, available_methods, register  # noqa: E402
+from napari_registration.backends.landmarks import fit_landmarks  # noqa: E402
+from napari_registration.data import _warp_by_truth, grid_points, tre_against_truth  # noqa: E402
+
+
+def _best_time(fn, repeat=5):
+    best = np.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ------------------------------------------------------------------------ landmarks
+def bench_landmarks():
+    from skimage import transform as sk
+
+    rng = np.random.default_rng(0)
+    rows = []
+    truth = Transform.from_rotation(30.0, center=(256, 256), scale=1.0, shift=(12, -7))
+    for kind, peer_cls, n in [("rigid", sk.EuclideanTransform, 20), ("affine", sk.AffineTransform, 20),
+                              ("tps", sk.ThinPlateSplineTransform, 20),
+                              ("tps", sk.ThinPlateSplineTransform, 200)]:
+        moving = rng.uniform(0, 512, (n, 2))
+        fixed = truth.apply(moving)
+        if kind == "tps":
+            fixed = fixed + 5 * np.sin(moving[:, ::-1] / 60.0)
+        ours_t = _best_time(lambda: fit_landmarks(fixed, moving, kind, leave_one_out=False))
+        peer_t = _best_time(lambda: peer_cls.from_estimate(moving[:, ::-1], fixed[:, ::-1]))
+        ours, _ = fit_landmarks(fixed, moving, kind, leave_one_out=False)
+        peer = peer_cls.from_estimate(moving[:, ::-1], fixed[:, ::-1])
+        ours_err = float(np.abs(ours.apply(moving) - fixed).max())
+        peer_err = float(np.abs(peer(moving[:, ::-1])[:, ::-1] - fixed).max())
+        grid = rng.uniform(0, 512, (2000, 2))
+        agree = float(np.abs(ours.apply(grid) - peer(grid[:, ::-1])[:, ::-1]).max())
+        rows.append({"model": kind, "pairs": n, "ours_ms": ours_t * 1e3, "skimage_ms": peer_t * 1e3,
+                     "ours_landmark_err": ours_err, "skimage_landmark_err": peer_err,
+                     "max_difference_ours_vs_skimage": agree})
+    # noisy clicks: measured rigid TRE vs Fitzpatrick's prediction
+    noise = []
+    sigma = 1.0
+    for n in (4, 8, 16, 32):
+        moving = rng.uniform(100, 400, (n, 2))
+        centroid = moving.mean(axis=0)
+        f2 = np.mean(np.sum((moving - centroid) ** 2, axis=1))
+        target = centroid + np.array([[0.0, 0.0], [200.0, 0.0]])
+        sq = np.zeros(2)
+        trials = 1000
+        for _ in range(trials):
+            mc = moving + rng.normal(0, sigma, moving.shape)
+            fc = truth.apply(moving) + rng.normal(0, sigma, moving.shape)
+            est, _ = fit_landmarks(fc, mc, "rigid", leave_one_out=False)
+            sq += np.sum((est.apply(target) - truth.apply(target)) ** 2, axis=1)
+        fle2 = 2 * (2 * sigma ** 2)
+        d2 = np.sum((target - centroid) ** 2, axis=1)
+        pred = np.sqrt(fle2 / n * (1 + d2 / (2 * f2)))
+        meas = np.sqrt(sq / trials)
+        noise.append({"pairs": n, "sigma_px": sigma, "tre_rms_centroid": float(meas[0]),
+                      "predicted_centroid": float(pred[0]), "tre_rms_200px": float(meas[1]),
+                      "predicted_200px": float(pred[1])})
+    return rows, noise
+
+
+# ------------------------------------------------------------------------------ auto
+def _cases():
+    from skimage import color, data
+
+    camera = data.camera().astype(np.float32) / 255
+    astro = color.rgb2gray(data.astronaut()).astype(np.float32)
+    c = (np.array(camera.shape) - 1) / 2
+    big = Transform.from_rotation(60.0, center=c, scale=1.3, shift=(20.0, -30.0))
+    cases = []
+    for name, img in (("camera", camera), ("astronaut", astro)):
+        cases.append((f"{name}: 60 deg + 1.3x scale", img, _warp_by_truth(img, big), big, "similarity"))
+    small = Transform.from_rotation(8.0, center=c, shift=(24.6, -41.2))
+    remapped = 1.0 - np.sqrt(np.clip(_warp_by_truth(camera, small), 0, 1))
+    cases.append(("camera vs inverted sqrt remap: 8 deg + shift", camera, remapped, small, "rigid"))
+    hed = color.rgb2hed(data.immunohistochemistry())
+    h = hed[..., 0]
+    d = hed[..., 2]
+    h = (h - h.min()) / np.ptp(h)
+    d = (d - d.min()) / np.ptp(d)
+    t_ihc = Transform.from_rotation(20.0, center=c, shift=(15.0, 10.0))
+    cases.append(("IHC hematoxylin vs DAB stain: 20 deg + shift", h.astype(np.float32),
+                  _warp_by_truth(d.astype(np.float32), t_ihc), t_ihc, "rigid"))
+    return cases
+
+
+def _run(fixed, moving, truth, **kw):
+    pts = grid_points(fixed.shape)
+    t = time.perf_counter()
+    try:
+        res = register(fixed, moving, **kw)
+        err = tre_against_truth(res.transform, truth, pts)["mean"]
+        chosen = res.info.get("chosen")
+        note = "" if chosen is None else f"{chosen['method']} {chosen['model']} ({chosen['on']})"
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures
+        err, note = float("inf"), f"{type(e).__name__}: {str(e)[:60]}"
+    return {"tre_mean_px": float(err), "seconds": time.perf_counter() - t, "note": note}
+
+
+def bench_auto():
+    methods = available_methods()
+    rows = []
+    for name, fixed, moving, truth, model in _cases():
+        runs = {"default (fourier translation)": _run(fixed, moving, truth)}
+        for m in ("fourier", "features", "intensity"):
+            if m in methods:
+                runs[m] = _run(fixed, moving, truth, method=m, transform=model)
+        runs["auto"] = _run(fixed, moving, truth, method="auto", transform=model)
+        rows.append({"case": name, "model": model, "runs": runs})
+        print(name, {k: (round(v["tre_mean_px"], 3), round(v["seconds"], 2)) for k, v in runs.items()},
+              flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+def _fmt(x, digits=3):
+    if x is None or not np.isfinite(x):
+        return "fail"
+    return f"{x:.{digits}g}"
+
+
+def write_docs(lm_rows, noise_rows, auto_rows, env):
+    lines = ["", "Command: `.venv/bin/python benchmarks/bench_auto.py` "
+             f"({env['machine']}; methods installed: {', '.join(env['methods'])}).", "",
+             "**Landmark fits vs scikit-image** (`from_estimate`, same points; best of 5):", "",
+             "| model | pairs | ours (ms) | skimage (ms) | ratio | max landmark error ours / skimage | max difference of the two fits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in lm_rows:
+        lines.append(f"| {r['model']} | {r['pairs']} | {_fmt(r['ours_ms'])} | {_fmt(r['skimage_ms'])} | "
+                     f"{r['skimage_ms'] / r['ours_ms']:.2f}x | {r['ours_landmark_err']:.1e} / "
+                     f"{r['skimage_landmark_err']:.1e} | {r['max_difference_ours_vs_skimage']:.1e} |")
+    lines += ["", "**Noisy clicks** (rigid 2D, sigma = 1 px on both images, 1000 trials): RMS TRE "
+              "measured vs Fitzpatrick's prediction sqrt(FLE^2/N (1 + d^2/(2 f^2))):", "",
+              "| pairs | at centroid: measured / predicted | 200 px away: measured / predicted |",
+              "|---|---|---|"]
+    for r in noise_rows:
+        lines.append(f"| {r['pairs']} | {r['tre_rms_centroid']:.3f} / {r['predicted_centroid']:.3f} | "
+                     f"{r['tre_rms_200px']:.3f} / {r['predicted_200px']:.3f} |")
+    lines += ["", "**auto vs single methods** (512 x 512, mean TRE in pixels over a 7 x 7 grid; "
+              "`fail` = error raised):", ""]
+    cols = [k for k in ("default (fourier translation)", "fourier", "features", "intensity", "auto")
+            if any(k in r["runs"] for r in auto_rows)]
+    lines.append("| case | model | " + " | ".join(cols) + " | auto chose |")
+    lines.append("|---" * (len(cols) + 3) + "|")
+    for r in auto_rows:
+        cells = []
+        for k in cols:
+            v = r["runs"].get(k)
+            if v is None:
+                cells.append("-")
+            elif np.isfinite(v["tre_mean_px"]):
+                cells.append(f"{_fmt(v['tre_mean_px'])} px, {v['seconds']:.1f} s")
+            else:
+                cells.append(f"fail, {v['seconds']:.1f} s")
+        auto = r["runs"]["auto"]
+        lines.append(f"| {r['case']} | {r['model']} | " + " | ".join(cells) + f" | {auto['note']} |")
+    gaps, unsolved, ratios = [], [], []
+    for r in auto_rows:
+        single = [v["tre_mean_px"] for k, v in r["runs"].items() if k != "auto"]
+        if min(single) < 1.0:
+            gaps.append(r["runs"]["auto"]["tre_mean_px"] - min(single))
+            fastest = min(v["seconds"] for k, v in r["runs"].items()
+                          if k != "auto" and v["tre_mean_px"] < 1.0)
+            ratios.append(r["runs"]["auto"]["seconds"] / fastest)
+        else:
+            unsolved.append(r["case"])
+    lines += ["", "Reading the tables: the landmark fits agree with scikit-image's to ~1e-13 "
+              "(linear) and interpolate exactly where scikit-image's TPS leaves ~1e-4; the "
+              "timings are fractions of a millisecond either way except TPS with 200 pairs "
+              "(tens of ms, dominated by the dense solve). Noisy clicks follow the theory: the "
+              "error at the centroid falls as sigma*sqrt(2 D / N) and grows away from it as "
+              "Fitzpatrick's formula says, within Monte-Carlo noise. `auto` costs the sum of "
+              f"its stages ({min(ratios):.1f}-{max(ratios):.1f}x the time of the fastest single "
+              "method that works, in this run) and buys not having to know "
+              "which one works: on the cases where some single method reaches < 1 px, auto is "
+              f"at most {max(gaps):.3f} px behind the best of them. "
+              + (f"Unsolved by every method, auto included: {'; '.join(unsolved)} (for the IHC "
+                 "stains: they mark different structures); use landmarks there." if unsolved else ""),
+              ""]
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    new = re.sub(r"(<!-- BEGIN landmarks -->)(.*?)(<!-- END landmarks -->)",
+                 lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(3), text, flags=re.S)
+    doc.write_text(new)
+
+
+def main():
+    env = {"machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+           "methods": available_methods()}
+    lm_rows, noise_rows = bench_landmarks()
+    for r in lm_rows:
+        print(r)
+    for r in noise_rows:
+        print(r)
+    auto_rows = bench_auto()
+    out = HERE / "results" / "auto.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"env": env, "landmarks": lm_rows, "noise": noise_rows,
+                               "auto": auto_rows}, indent=1))
+    write_docs(lm_rows, noise_rows, auto_rows, env)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
