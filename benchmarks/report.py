@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +134,8 @@ def run_one(method, case, threshold) -> dict:
     try:
         t = tre_of(case, method.mapper(case, raw))
     except Exception as err:
-        rec.update(ok=False, error=f"TRE evaluation: {type(err).__name__}: {err}"[:200])
-        traceback.print_exc()
+        # e.g. a singular matrix: the method returned something unusable
+        rec.update(ok=False, error=f"unusable result: {type(err).__name__}: {err}"[:200])
         return rec
     rec.update(tre_mean=t["mean"], tre_max=t["max"], ok=bool(np.isfinite(t["mean"]) and t["mean"] <= threshold))
     if not rec["ok"]:
@@ -399,7 +398,9 @@ def write_docs(payload, table, cases, methods, images, skipped_methods, skipped_
     rep = [
         f"Command: `{cmd}` (raw numbers: `benchmarks/results/report.json`; `--quick` runs "
         f"{len(report_cases.QUICK)} cases once). Run {payload['started']}, "
-        f"{payload['seconds_total']:.0f} s in total, {payload['repeats']} interleaved repeat(s), "
+        f"{payload['seconds_total']:.0f} s in total, {payload['repeats']} interleaved repeat(s)"
+        + (f" (of {payload['repeats_asked']} asked: the {payload['budget_s']:.0f} s budget stopped the rest)"
+           if payload["repeats"] < payload["repeats_asked"] else "") + ", "
         f"{env['cpus']} cores, Python {env['python']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         "",
@@ -467,7 +468,11 @@ def environment(methods) -> dict:
             "platform": platform.platform(), "versions": vers}
 
 
-def run(builders, methods, repeats, threshold, log=print):
+def run(builders, methods, repeats, threshold, budget=None, log=print):
+    """Build the cases, set the methods up, and run ``repeats`` interleaved rounds, or
+    fewer when the next round would end after ``budget`` seconds (every round is a full
+    round: all methods on all cases)."""
+    t_start = time.perf_counter()
     cases, skipped_cases = report_cases.build(builders)
     avail = [m for m in methods if m.available()]
     skipped = [f"{m.name} ({m.package} not installed)" for m in methods if not m.available()]
@@ -476,7 +481,16 @@ def run(builders, methods, repeats, threshold, log=print):
         m.setup()
         log(f"setup {m.name}: {time.perf_counter() - t0:.1f} s")
     runs = []
+    t_rounds = time.perf_counter()
+    done = 0
     for r in range(repeats):
+        if r and budget:
+            per_round = (time.perf_counter() - t_rounds) / r
+            if time.perf_counter() - t_start + per_round > budget:
+                log(f"stopping after {r} round(s): another ({per_round:.0f} s) would pass the "
+                    f"{budget:.0f} s budget")
+                break
+        done = r + 1
         for case in cases:
             for m in avail:
                 if not m.applies(case):
@@ -488,7 +502,7 @@ def run(builders, methods, repeats, threshold, log=print):
                     + (f"TRE {rec.get('tre_mean', float('nan')):8.3f}  {rec.get('seconds', float('nan')):6.2f} s  "
                        f"{rec.get('peak_mb') or 0:6.1f} MB" if "seconds" in rec else "")
                     + ("" if rec["ok"] else f"  FAIL {rec.get('error')}"))
-    return cases, avail, skipped, skipped_cases, runs
+    return cases, avail, skipped, skipped_cases, runs, done
 
 
 def main(argv=None):
@@ -503,6 +517,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--cases", default="", help="comma-separated case builder names")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names")
+    parser.add_argument("--budget", type=float, default=780.0,
+                        help="seconds: run fewer repeats if the next would end later (0 = no limit)")
     parser.add_argument("--threshold", type=float, default=2.0, help="failure: mean TRE above this")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs or plots")
     parser.add_argument("--out", default=str(RESULTS))
@@ -520,7 +536,8 @@ def main(argv=None):
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.perf_counter()
-    cases, avail, skipped, skipped_cases, runs = run(builders, methods, repeats, args.threshold)
+    cases, avail, skipped, skipped_cases, runs, done = run(builders, methods, repeats, args.threshold,
+                                                           budget=args.budget)
     table = summarise(runs)
     from napari_registration import available_methods
 
@@ -530,7 +547,8 @@ def main(argv=None):
     if args.methods:
         cmd += f" --methods {args.methods}"
     payload = {
-        "command": cmd, "started": started, "repeats": repeats, "threshold": args.threshold,
+        "command": cmd, "started": started, "repeats": done, "repeats_asked": repeats,
+        "budget_s": args.budget, "threshold": args.threshold,
         "seconds_total": time.perf_counter() - t0, "environment": environment(avail),
         "our_methods": available_methods(),
         "cases": [c.describe() for c in cases], "skipped_cases": skipped_cases,

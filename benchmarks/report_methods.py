@@ -328,8 +328,19 @@ class Elastix(Method):
     def mapper(self, case, raw):
         import itk
 
+        import os
+        import tempfile
+
         params, _, moving = raw
-        field_img = itk.transformix_deformation_field(moving, params)
+        # transformix writes deformationField.nii into the working directory: keep it out
+        # of the repository
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)
+            try:
+                field_img = itk.transformix_deformation_field(moving, params)
+            finally:
+                os.chdir(here)
         field_ = np.asarray(field_img, dtype=np.float64)[..., ::-1]   # (x,y,z) -> napari
         return lambda p: np.asarray(p, float) + _sample(field_, p, case.spacing)
 
