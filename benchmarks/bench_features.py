@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -98,19 +99,80 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--n-features", type=int, default=5000)
     ap.add_argument("--image", choices=["retina", "astronaut", "both"], default="both")
+    ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args(argv)
     images = ["retina", "astronaut"] if args.image == "both" else [args.image]
     results = {"cases": [run_case(args, image) for image in images]}
+    if not args.skip_accuracy:
+        results["accuracy"] = accuracy_table()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "features.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def accuracy_table():
+    """TRE (px, mean over a 7x7 grid) of every detector on scikit-image photos warped by
+    random transforms of each kind (fixed seeds), as in tests/test_features.py."""
+    from skimage import color
+    from skimage import data as skdata
+
+    from napari_registration import Transform, data, register
+    from napari_registration.core.resample import resample
+
+    def photo(name):
+        img = getattr(skdata, name)()
+        img = (color.rgb2gray(img) if img.ndim == 3 else img).astype(np.float32)
+        return (img - img.min()) / np.ptp(img)
+
+    def truth_of(kind, shape, seed):
+        rng = np.random.default_rng(seed)
+        centre = (np.array(shape, float) - 1) / 2
+        angle = rng.uniform(-15, 15) if kind != "translation" else 0.0
+        scale = rng.uniform(0.9, 1.1) if kind in ("similarity", "affine", "homography") else 1.0
+        m = Transform.from_rotation(angle, center=centre, scale=scale,
+                                    shift=rng.uniform(-12, 12, 2)).matrix
+        c = np.eye(3)
+        c[:2, 2] = centre
+        if kind in ("affine", "homography"):
+            lin = np.eye(3)
+            lin[:2, :2] += rng.uniform(-0.06, 0.06, (2, 2))
+            m = m @ c @ lin @ np.linalg.inv(c)
+        if kind == "homography":
+            p = np.eye(3)
+            p[2, :2] = rng.uniform(-1.5e-4, 1.5e-4, 2)
+            m = c @ p @ np.linalg.inv(c) @ m
+        return Transform(m)
+
+    rows = []
+    cases = [("astronaut", "homography", 1), ("camera", "affine", 2), ("coins", "similarity", 3),
+             ("camera", "rigid", 7), ("camera", "translation", 7)]
+    for name, kind, seed in cases:
+        fixed = photo(name)
+        truth = truth_of(kind, fixed.shape, seed)
+        moving = resample(fixed, truth.inverse(), fixed.shape, order=3).astype(np.float32)
+        pts = data.grid_points(fixed.shape)
+        for detector in ("sift", "orb", "akaze", "brisk"):
+            t = time.perf_counter()
+            r = register(fixed, moving, method="features", transform=kind, detector=detector,
+                         score=False, warp=False)
+            rows.append({"image": name, "shape": list(fixed.shape), "transform": kind,
+                         "detector": detector, "seconds": time.perf_counter() - t,
+                         "tre_px": data.tre_against_truth(r.transform, truth, pts)["mean"],
+                         "matches": r.info["matches"], "inliers": r.info["inliers"],
+                         "rms_px": r.info["rms_px"]})
+    print(f"{'image':10s} {'transform':12s} {'detector':8s} {'TRE px':>7s} {'inliers':>8s} {'s':>6s}")
+    for r in rows:
+        print(f"{r['image']:10s} {r['transform']:12s} {r['detector']:8s} {r['tre_px']:7.3f} "
+              f"{r['inliers']:8d} {r['seconds']:6.2f}")
+    return rows
 
 
 def run_case(args, image):
     import cv2
 
     from napari_registration import Transform, data, register
-    from napari_registration.core.resample import resample
+    from napari_registration.core.metrics import compare
+    from napari_registration.core.resample import overlap_mask, resample
 
     fixed, moving, truth = make_pair(args.size, image)
     pts = data.grid_points(fixed.shape)
@@ -126,15 +188,19 @@ def run_case(args, image):
     for fn in variants.values():  # warm up: imports, OpenCV's first-call costs
         fn()
     times = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}  # CPU seconds of all threads: less hurt by a busy machine
     outputs = {}
     names = list(variants)
     for r in range(args.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no fixed position
         for name in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outputs[name] = variants[name]()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
 
     # accuracy of each
     h_raw, _, raw_inliers, raw_kp = outputs["raw_opencv"]
@@ -144,7 +210,7 @@ def run_case(args, image):
 
     # where the time of register() goes: backend stages vs core warp and scoring
     stages = {k: [] for k in ("detect", "match", "fit", "backend", "core_warp_scipy",
-                              "cv2_warp_proposal")}
+                              "cv2_warp_proposal", "score_4_resamples", "score_2_compare")}
     for _ in range(max(3, args.repeats // 2)):
         r = register(fixed, moving, score=False, warp=False, **kw)
         for k in ("detect", "match", "fit"):
@@ -156,6 +222,19 @@ def run_case(args, image):
         t = time.perf_counter()
         cv2_resample(moving, res.transform, fixed.shape)
         stages["cv2_warp_proposal"].append(time.perf_counter() - t)
+        # what score=True adds in core.register: four resamples (before/after image and
+        # overlap mask) and two compare() calls (MSE, NCC, MI, SSIM)
+        ident = Transform.identity(2)
+        t = time.perf_counter()
+        b_img = resample(moving, ident, fixed.shape)
+        b_mask = overlap_mask(moving.shape, ident, fixed.shape)
+        a_img = resample(moving, res.transform, fixed.shape)
+        a_mask = overlap_mask(moving.shape, res.transform, fixed.shape)
+        stages["score_4_resamples"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        compare(fixed, b_img, b_mask)
+        compare(fixed, a_img, a_mask)
+        stages["score_2_compare"].append(time.perf_counter() - t)
     stage_med = {k: statistics.median(v) for k, v in stages.items()}
     # the proposal gives the same image as core.resample (up to OpenCV's 1/32 px
     # fixed-point interpolation weights)
@@ -175,6 +254,11 @@ def run_case(args, image):
         "repeats": args.repeats,
         "median_seconds": med,
         "ratio_to_raw": {k: v / base for k, v in med.items()},
+        "min_seconds": best,
+        "median_cpu_seconds": cpu_med,
+        "ratio_to_raw_cpu": {k: v / cpu_med["raw_opencv"] for k, v in cpu_med.items()},
+        "all_cpu_seconds": cpu,
+        "ratio_to_raw_of_min": {k: v / best["raw_opencv"] for k, v in best.items()},
         "all_seconds": times,
         "stages_median_seconds": stage_med,
         "cv2_warp_proposal_max_abs_diff_vs_core": warp_diff,
@@ -183,12 +267,16 @@ def run_case(args, image):
         "keypoints": {"raw_opencv": list(raw_kp),
                       "register": [res.info["keypoints_fixed"], res.info["keypoints_moving"]]},
         "machine": {"python": platform.python_version(), "opencv": cv2.__version__,
-                    "cv2_threads": cv2.getNumThreads(), "cpus": __import__("os").cpu_count()},
+                    "cv2_threads": cv2.getNumThreads(), "cpus": os.cpu_count(),
+                    "load_average_after": os.getloadavg()},
     }
     print(f"{out['image']}; {args.repeats} interleaved repeats, medians")
-    print(f"{'variant':28s} {'seconds':>8s} {'x raw':>7s}")
+    print(f"{'variant':28s} {'median s':>8s} {'x raw':>7s} {'min s':>8s} {'x raw':>7s} "
+          f"{'cpu s':>8s} {'x raw':>7s}")
     for k in names:
-        print(f"{k:28s} {med[k]:8.3f} {med[k] / base:7.2f}")
+        print(f"{k:28s} {med[k]:8.3f} {med[k] / base:7.2f} {best[k]:8.3f} "
+              f"{best[k] / best['raw_opencv']:7.2f} {cpu_med[k]:8.3f} "
+              f"{cpu_med[k] / cpu_med['raw_opencv']:7.2f}")
     print(f"TRE px: raw {tre_raw:.3f}, register {tre_ours:.3f}; inliers raw {raw_inliers}, "
           f"register {res.info['inliers']}; keypoints raw {raw_kp}, register "
           f"{out['keypoints']['register']}")

@@ -130,20 +130,40 @@ def test_translation_and_rigid_are_exact_models(kind):
         np.testing.assert_allclose(lin @ lin.T, np.eye(2), atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,estimator", [("rigid", "ransac"), ("similarity", "usac_magsac")])
+def test_without_refine_the_model_is_still_of_its_kind(kind, estimator):
+    fixed, moving, truth = _pair("coins", kind, 9)
+    result = register(fixed, moving, method="features", transform=kind, estimator=estimator,
+                      refine=False, score=False, warp=False)
+    lin = result.transform.matrix[:2, :2]
+    scale = np.sqrt(np.linalg.det(lin))
+    np.testing.assert_allclose(lin @ lin.T, scale ** 2 * np.eye(2), atol=1e-12)
+    if kind == "rigid":
+        assert scale == pytest.approx(1.0, abs=1e-12)
+    assert _tre_px(result, truth, fixed.shape) <= 0.5
+
+
 def test_photo_pair_homography_registers():
     fixed, moving, truth = data.photo_pair()
     result = register(fixed, moving, method="features", transform="homography")
     assert _tre_px(result, truth, fixed.shape) <= 0.5
     assert result.metrics["after"]["ncc"] > result.metrics["before"]["ncc"]
     assert result.metrics["after"]["ncc"] > 0.95
+    import json
+
+    saved = json.loads(json.dumps(result.to_dict()))  # info (timings, counts) is JSON-safe
+    assert saved["info"]["inliers"] == result.info["inliers"] >= 10
+    assert set(saved["info"]["timings"]) == {"detect", "match", "fit"}
 
 
-@pytest.mark.parametrize("matcher,estimator,detector", [
-    ("flann", "usac_magsac", "sift"), ("flann", "lmeds", "orb"), ("bf", "usac_magsac", "akaze"),
+@pytest.mark.parametrize("matcher,estimator,detector,kind", [
+    ("flann", "usac_magsac", "sift", "affine"), ("flann", "lmeds", "orb", "affine"),
+    ("bf", "usac_magsac", "akaze", "homography"), ("bf", "usac_magsac", "brisk", "similarity"),
+    ("flann", "usac_magsac", "sift", "rigid"), ("bf", "lmeds", "sift", "similarity"),
 ])
-def test_matchers_and_estimators(matcher, estimator, detector):
-    fixed, moving, truth = _pair("astronaut", "affine", 11)
-    result = register(fixed, moving, method="features", transform="affine", detector=detector,
+def test_matchers_and_estimators(matcher, estimator, detector, kind):
+    fixed, moving, truth = _pair("astronaut", kind, 11)
+    result = register(fixed, moving, method="features", transform=kind, detector=detector,
                       matcher=matcher, estimator=estimator, cross_check=True, score=False,
                       warp=False)
     assert result.info["matcher"] == matcher and result.info["estimator"] == estimator
@@ -207,6 +227,7 @@ def test_square_pixels_keeps_world_positions():
     np.testing.assert_array_equal(sp, [1.0, 1.0])
     assert out.shape == (77, 50)  # rows 0..19 of 4 units -> 0..76 of 1 unit
     assert np.unravel_index(np.argmax(out), out.shape) == (40, 30)  # world (10*4, 30*1)
+    assert out.min() >= 0.0 and out.max() <= 1.0  # no cubic overshoot out of [0, 1]
     assert out_mask[40, 30] and not out_mask[30, 30]
     same, _, sp1 = features.square_pixels(img, (1.0, 1.02))
     assert same is img and tuple(sp1) == (1.0, 1.02)
@@ -295,6 +316,11 @@ def test_check_model_flags_degenerate_fits():
     h = np.eye(3)
     h[2, :2] = (-0.02, 0.0)  # row 50 maps to infinity
     assert any("singular" in p for p in features.check_model(h, "homography", spread, corners, 10))
+    # a homography and its negative are the same map: both fine
+    ok = np.eye(3)
+    ok[2, :2] = (1e-4, -1e-4)
+    assert features.check_model(ok, "homography", spread, corners, 10) == []
+    assert features.check_model(-ok, "homography", spread, corners, 10) == []
     mirror = np.diag([1.0, -1.0, 1.0])
     assert any("mirrors" in p for p in features.check_model(mirror, "affine", spread, corners, 10))
     big = np.diag([20.0, 20.0, 1.0])
@@ -374,3 +400,20 @@ def test_progress_and_threads_option_restores_opencv_setting():
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any("matching" in msg for _, msg in seen)
     assert _tre_px(result, truth, fixed.shape) <= 0.5
+
+
+@pytest.mark.parametrize("estimator", features.ESTIMATORS)
+@pytest.mark.parametrize("kind", features.TRANSFORMS)
+def test_fit_recovers_each_model_from_points_with_outliers(kind, estimator):
+    """fit() alone on synthetic pairs: 70% inliers with 0.2 px noise, 30% wild outliers."""
+    rng = np.random.default_rng(1)
+    truth = _random_truth(kind, (400, 400), seed=5).matrix
+    src = rng.uniform(0, 400, (300, 2))
+    dst = features._project(truth, src) + rng.normal(0, 0.2, (300, 2))
+    outliers = rng.random(300) < 0.3
+    dst[outliers] = rng.uniform(0, 400, (outliers.sum(), 2))
+    m, inl, _ = features.fit(src, dst, kind, estimator=estimator, threshold=2.0, seed=0)
+    assert inl[~outliers].mean() > 0.97 and inl[outliers].mean() < 0.05
+    grid = np.stack(np.meshgrid(np.linspace(50, 350, 5), np.linspace(50, 350, 5)), -1).reshape(-1, 2)
+    err = np.linalg.norm(features._project(m, grid) - features._project(truth, grid), axis=1)
+    assert err.mean() < 0.1

@@ -73,7 +73,7 @@ def series2d():
 @pytest.mark.parametrize("reference", ["first", "mean", 7])
 def test_2d_series_recovered_to_a_tenth_of_a_pixel(series2d, reference):
     frames, drifts = series2d
-    result = register_stack(frames, reference=reference, score=reference == "first")
+    result = register_stack(frames, reference=reference)
     ref = 7 if reference == 7 else 0
     err = frame_tre(result, drifts, ref=ref)
     assert err.max() <= 0.1, err
@@ -88,7 +88,7 @@ def test_2d_series_recovered_to_a_tenth_of_a_pixel(series2d, reference):
 def test_previous_chains_100_frames_without_accumulating():
     drifts = smooth_drift(100, seed=3)
     frames = drifting_series(camera(), drifts, (128, 128), (150, 260))
-    result = register_stack(frames, reference="previous", score=False)
+    result = register_stack(frames, reference="previous")
     err = frame_tre(result, drifts)
     assert err[-1] <= 0.5 and err.max() <= 0.5, err
     assert err.mean() <= 0.1
@@ -181,6 +181,22 @@ def test_downsampled_registration_applies_at_full_resolution():
         # in full-resolution pixels: half a world unit per pixel
         assert tre_against_truth(t, truth, pts)["mean"] / 0.5 <= 0.15, i
     assert result.warped.shape == frames.shape
+
+
+def test_pyramid_level_is_registered_and_full_resolution_warped():
+    from skimage.transform import downscale_local_mean
+
+    drifts = smooth_drift(6, seed=7) * 2
+    frames = drifting_series(camera(), drifts, (192, 192), (120, 140), margin=24)
+    level1 = np.stack([downscale_local_mean(f, (2, 2)) for f in frames])  # a napari pyramid level
+    result = register_stack(frames, coarse=level1, reference="previous")
+    assert result.info["coarse_shape"] == [96, 96]
+    assert result.info["registration_spacing"] == [2.0, 2.0]
+    err = frame_tre(result, drifts)
+    assert err.max() <= 0.15, err
+    assert result.warped.shape == frames.shape
+    with pytest.raises(ValueError, match="as many frames"):
+        register_stack(frames, coarse=level1[:3])
 
 
 # ------------------------------------------------------------------------------ dask
@@ -283,7 +299,11 @@ def test_to_dict_round_trips(series2d):
     again = [Transform.from_dict(t) for t in d["transforms"]]
     assert all(a == b for a, b in zip(again, result.transforms))
     assert np.allclose(d["drift"], result.drift)
-    assert "metrics" in d["info"]["frames"][1]
+    first = d["info"]["frames"][1]
+    assert first["ncc_after"] > first["ncc_before"] and "metrics" not in first
+    scored = register_stack(frames[:3], score=True)
+    metrics = scored.info["frames"][2]["metrics"]
+    assert metrics["after"]["ncc"] > metrics["before"]["ncc"] and "ssim" in metrics["after"]
 
 
 def test_time_axis_not_first(series2d):

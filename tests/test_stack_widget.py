@@ -13,13 +13,13 @@ pytestmark = pytest.mark.qt
 DRIFTS = np.array([[0, 0], [1.4, -0.3], [2.6, 0.8], [3.3, 2.1], [2.1, 3.7]])
 
 
-def series(n_repeat=1):
+def series(n_repeat=1, size=96):
     from skimage import data
 
     image = data.camera().astype(np.float32)
-    region = image[140:140 + 112, 160:160 + 112]
+    region = image[140:140 + size + 16, 160:160 + size + 16]
     drifts = np.concatenate([DRIFTS] * n_repeat)
-    return np.stack([ndimage.shift(region, -d, order=3, mode="nearest")[8:104, 8:104]
+    return np.stack([ndimage.shift(region, -d, order=3, mode="nearest")[8:8 + size, 8:8 + size]
                      for d in drifts]), drifts
 
 
@@ -90,3 +90,23 @@ def test_widget_opens_through_the_manifest(make_napari_viewer):
     dock, widget = viewer.window.add_plugin_dock_widget("napari-registration", "Register stack")
     assert type(widget).__name__ == "StackRegistrationWidget"
     assert "fourier" in widget._method.choices
+
+
+def test_widget_registers_a_pyramid_level_of_a_multiscale_layer(widget, qtbot):
+    from skimage.transform import downscale_local_mean
+
+    viewer, w = widget
+    frames, drifts = series(size=192)
+    level1 = np.stack([downscale_local_mean(f, (2, 2)) for f in frames]).astype(np.float32)
+    viewer.add_image([frames, level1], multiscale=True, name="pyramid")
+    w._layer.reset_choices()
+    w._layer.value = viewer.layers["pyramid"]
+    assert not w._level.native.isHidden() and w._level.max == 1
+    w._level.value = 1
+    worker = w.make_worker()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        worker.start()
+    assert w.result.info["coarse_shape"] == [96, 96]
+    shifts = np.array([t.matrix[:2, 2] for t in w.result.transforms])
+    assert np.allclose(shifts, drifts, atol=0.15)
+    assert viewer.layers["pyramid registered"].data.shape == frames.shape

@@ -273,8 +273,7 @@ def cmd_stack(args) -> int:
     names = ["plane", "row", "col"][-drift.shape[1]:]
     lines = ["frame," + ",".join(f"drift_{n}" for n in names) + ",ncc_before,ncc_after,error"]
     for i, (d, fi) in enumerate(zip(drift, result.info["frames"])):
-        m = fi.get("metrics") or {}
-        b, a = (m.get("before") or {}).get("ncc", ""), (m.get("after") or {}).get("ncc", "")
+        b, a = (f"{fi[k]:.4f}" if fi.get(k) is not None else "" for k in ("ncc_before", "ncc_after"))
         lines.append(f"{i}," + ",".join(f"{v:.4f}" for v in d) + f",{b},{a},{fi.get('error', '')}")
     (out / "drift.csv").write_text("\n".join(lines) + "\n")
     report = result.to_dict()

@@ -40,6 +40,11 @@ MIN_POINTS = {"translation": 1, "rigid": 2, "similarity": 2, "affine": 3, "homog
 # the same number of matches within 1%)
 _AUTO_FLANN_PAIRS = {"float": 2000 * 2000, "binary": 4000 * 4000}
 
+_SIMPLER = {"homography": "transform='affine' or 'similarity'",
+            "affine": "transform='similarity' or 'rigid'", "similarity": "transform='rigid'",
+            "rigid": "transform='translation'"}
+
+
 def _advice(detector: str) -> str:
     """What to try when matching fails, without suggesting the detector already used."""
     others = " or ".join(f"detector={d!r}" for d in ("sift", "akaze", "orb") if d != detector)
@@ -103,6 +108,8 @@ def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
     with _cv2_errors("resampling to square pixels"):
         out = cv2.warpAffine(np.ascontiguousarray(image), m_xy, shape[::-1], flags=flags,
                              borderMode=cv2.BORDER_REPLICATE)
+        # cubic interpolation overshoots at edges: keep the input's range (e.g. [0, 1])
+        out = np.clip(out, np.min(image), np.max(image))
         if mask is not None:
             mask = cv2.warpAffine(np.ascontiguousarray(mask, dtype=np.uint8), m_xy, shape[::-1],
                                   flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
@@ -143,8 +150,10 @@ def _make_detector(detector: str, n_features: int, threshold):
 
 
 def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
-    """Keypoints and descriptors of one uint8 image: ``(xy (N, 2), descriptors or None,
-    responses (N,))`` in OpenCV pixel ``(x, y)``."""
+    """Keypoints and descriptors of one uint8 image: ``(xy, descriptors)`` with ``xy``
+    (N, 2) in OpenCV pixel ``(x, y)`` (convert with :func:`keypoints_to_world`) and
+    ``descriptors`` None when nothing was found. ``mask`` (bool, image shape) limits
+    where keypoints are taken."""
     det = _make_detector(detector, n_features, threshold)
     cv_mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
     with _cv2_errors(f"detecting {detector} keypoints"):
@@ -265,21 +274,27 @@ def _project(m, pts) -> np.ndarray:
     return h[:, :2] / h[:, 2:3]
 
 
-def _translation_consensus(src, dst, estimator, threshold, max_iters, rng):
-    """Robust translation: every (or a random subset of) displacement is a candidate;
-    RANSAC keeps the one with most displacements within ``threshold``, LMedS the one
-    with the smallest median distance."""
+def _translation_consensus(src, dst, estimator, threshold, max_iters, confidence, rng):
+    """Robust translation: each match's displacement is a one-point hypothesis, tried in
+    random order. RANSAC keeps the one with most displacements within ``threshold``,
+    LMedS the one with the smallest median distance; both stop once ``confidence`` says
+    a better one is unlikely (the usual adaptive rule; LMedS presumes half are inliers)."""
     disp = dst - src
     n = len(disp)
-    cand = np.arange(n) if n <= max_iters else rng.choice(n, size=max_iters, replace=False)
+    cand = rng.permutation(n)[:max_iters]
     best_score, best = None, None
-    for start in range(0, len(cand), 256):
-        c = disp[cand[start:start + 256]]
+    for start in range(0, len(cand), 128):
+        c = disp[cand[start:start + 128]]
         d = np.linalg.norm(disp[None, :, :] - c[:, None, :], axis=2)
         score = -np.median(d, axis=1) if estimator == "lmeds" else (d < threshold).sum(1)
         i = int(np.argmax(score))
         if best_score is None or score[i] > best_score:
             best_score, best = score[i], c[i]
+        # LMedS presumes at least half the matches are inliers
+        w = 0.5 if estimator == "lmeds" else min(best_score / n, 1 - 1e-12)
+        needed = np.log(1 - confidence) / np.log(1 - w) if w > 0 else np.inf
+        if start + len(c) >= needed:
+            break
     inl = np.linalg.norm(disp - best, axis=1) < threshold
     m = np.eye(3)
     m[:2, 2] = best
@@ -309,7 +324,10 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     The robust estimator picks the inliers; with ``refine`` the model is then refitted
     by least squares on them (Umeyama for rigid/similarity, linear least squares for
     affine, DLT + Levenberg-Marquardt for homography) and the inliers re-selected with
-    the same threshold, until they stop changing (at most 5 rounds)."""
+    the same threshold, until they stop changing (at most 5 rounds).
+
+    OpenCV has no MAGSAC++ for rotation + scale models: with ``estimator="usac_magsac"``,
+    rigid and similarity fits take their inliers from MAGSAC++ on an affine model."""
     import cv2
 
     cv2.setRNGSeed(int(seed))
@@ -319,13 +337,16 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     with _cv2_errors(f"fitting a {transform} model ({estimator})"):
         if transform == "translation":
             m, inl = _translation_consensus(src, dst, estimator, threshold, int(max_iters),
-                                            np.random.default_rng(seed))
+                                            float(confidence), np.random.default_rng(seed))
         elif transform == "homography":
             m, mask = cv2.findHomography(src32, dst32, method, float(threshold),
                                          maxIters=int(max_iters), confidence=float(confidence))
             inl = None if mask is None else mask.ravel().astype(bool)
         else:
-            est = cv2.estimateAffine2D if transform == "affine" else cv2.estimateAffinePartial2D
+            # OpenCV's partial-affine estimator has no USAC variant: MAGSAC++ then picks the
+            # inliers of an affine model and the similarity/rigid refit below replaces it
+            partial = transform != "affine" and estimator != "usac_magsac"
+            est = cv2.estimateAffinePartial2D if partial else cv2.estimateAffine2D
             a, mask = est(src32, dst32, method=method, ransacReprojThreshold=float(threshold),
                           maxIters=int(max_iters), confidence=float(confidence))
             if a is None:
@@ -337,8 +358,10 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
             return None, np.zeros(len(src), bool), 0
         m = np.asarray(m, dtype=np.float64)
         rounds = 0
-        # rigid always needs one least-squares refit: OpenCV's partial affine has a scale
-        max_rounds = 5 if refine else (1 if transform == "rigid" else 0)
+        # rigid always needs one least-squares refit (OpenCV's partial affine has a scale),
+        # and so does a similarity picked by MAGSAC++ on an affine model
+        must = transform == "rigid" or (transform == "similarity" and estimator == "usac_magsac")
+        max_rounds = 5 if refine else (1 if must else 0)
         if max_rounds:
             need = MIN_POINTS[transform]
             for rounds in range(1, max_rounds + 1):
@@ -378,6 +401,7 @@ def check_model(m, transform, src_inliers, corners, max_scale: float):
         return problems + ["the fitted matrix is not finite"]
     pts = np.vstack([corners, corners.mean(0)])
     if transform == "homography":
+        m = m if pts.mean(0) @ m[2, :2] + m[2, 2] > 0 else -m  # H and -H are one map
         w = pts @ m[2, :2] + m[2, 2]
         if np.any(w <= 0) or w.max() / w.min() > 10:
             problems.append("the homography is near-singular over the image (it sends part of "
@@ -574,13 +598,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if problems:
             raise RegistrationError(
                 f"the {transform} fitted to {n_inl} inliers is degenerate: " + "; ".join(problems)
-                + f". Try a simpler transform (e.g. 'similarity' or 'affine'), or {_advice(detector)}")
-        res_units = np.linalg.norm(_project(m, src[inl]) - dst[inl], axis=1)
+                + f". Try {_SIMPLER.get(transform, 'another transform')}, or {_advice(detector)}")
         diff_world = (_project(m, src[inl]) - dst[inl]) * unit
+        err_px = np.linalg.norm(diff_world / f_sp, axis=1)  # in fixed pixels, per axis
         info.update(rms_world=float(np.sqrt(np.mean((diff_world ** 2).sum(1)))),
-                    rms_px=float(np.sqrt(np.mean(((diff_world / f_sp) ** 2).sum(1)))),
-                    max_residual_px=float(res_units.max() * unit / f_sp.min()),
-                    timings=timings)
+                    rms_px=float(np.sqrt(np.mean(err_px ** 2))),
+                    max_residual_px=float(err_px.max()), timings=timings)
     # back from fitting units to world: M_world = U M U^-1
     u = np.diag([unit, unit, 1.0])
     matrix = u @ m @ np.linalg.inv(u)

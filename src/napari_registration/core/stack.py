@@ -69,22 +69,54 @@ def _coarse_geometry(spacing, factor):
     return tuple(spacing * factor), tuple(spacing * (factor - 1) / 2)
 
 
-def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None) -> dict:
+def _register_task(fixed, moving, settings: dict, fixed_ready: bool, cancel=None,
+                   full=None) -> dict:
     """One registration of ``moving`` onto ``fixed`` (runs in a worker process, a dask
-    worker, or in-process). Returns the transform and light-weight diagnostics."""
+    worker, or in-process). Returns the transform and light-weight diagnostics.
+
+    With ``full`` (the whole frame, all channels) and ``moving=None`` the driver is taken
+    from ``full`` and ``full`` is warped here too, so a frame travels to a worker once."""
     t0 = time.perf_counter()
+    if moving is None:
+        moving = full if settings["driver_index"] is None else full[settings["driver_index"]]
     factor = settings["downsample"]
     f = fixed if fixed_ready else _downsample(_load(fixed), factor)
     m = _downsample(_load(moving), factor)
-    sp, origin = _coarse_geometry(settings["spacing"], factor)
+    sp, origin = settings["reg_spacing"], settings["reg_origin"]
     res = register(f, m, method=settings["method"], transform=settings["transform"],
                    fixed_spacing=sp, moving_spacing=sp, fixed_origin=origin,
                    moving_origin=origin, cancel=cancel, **settings["options"])
     info = {k: v for k, v in res.info.items()
             if k not in ("versions", "options", "method", "transform", "masks")}
+    if not res.metrics:
+        # a cheap quality figure per frame (the full before/after scores, SSIM and MI
+        # included, cost more than a fourier registration: ask for them with score=True)
+        info.update(_quick_ncc(f, m, res.transform, sp, origin))
+    out = {"transform": res.transform, "metrics": _json_safe(res.metrics)}
+    if full is not None:
+        out["warped"] = _warp_frame(full, res.transform, settings["spacing"], settings["order"],
+                                    settings["driver_index"] is not None)
     info["seconds"] = time.perf_counter() - t0
-    return {"transform": res.transform, "metrics": _json_safe(res.metrics),
-            "info": _json_safe(info)}
+    out["info"] = _json_safe(info)
+    return out
+
+
+def _quick_ncc(fixed, moving, transform, spacing, origin) -> dict:
+    """NCC before/after on every other pixel of the fixed grid (a quarter of the cost of
+    the full grid in 2D; the figure differs in the third decimal)."""
+    from .metrics import ncc
+
+    stride = 2 if min(fixed.shape) >= 64 else 1
+    sub = fixed[tuple(slice(None, None, stride) for _ in fixed.shape)]
+    geo = dict(output_spacing=tuple(np.asarray(spacing) * stride), input_spacing=spacing,
+               output_origin=origin, input_origin=origin)
+    after = resample(moving, transform, sub.shape, **geo)
+    inside = resample(np.ones(moving.shape, np.uint8), transform, sub.shape, labels=True,
+                      **geo).astype(bool)
+    same = fixed.shape == moving.shape
+    before = moving[tuple(slice(None, None, stride) for _ in moving.shape)] if same else None
+    return {"ncc_before": ncc(sub, before) if same else None,
+            "ncc_after": ncc(sub, after, inside) if inside.any() else None}
 
 
 def _warp_frame(frame, transforms, spacing, order: int, channels: bool) -> np.ndarray:
@@ -316,8 +348,9 @@ def _factor(downsample, ndim_spatial):
 def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str = "fourier",
                         transform: str = "translation", spacing=None,
                         cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
-                        driver_channel: int = 0, downsample=1, client=None, workers: int = 1,
-                        on_error: str = "raise", warp: bool = True, **options):
+                        driver_channel: int = 0, downsample=1, coarse=None, client=None,
+                        workers: int = 1, on_error: str = "raise", warp: bool = True,
+                        **options):
     """Generator form of :func:`register_stack`: yields one ``dict`` event per step
     (``phase`` "reference" | "register" | "warp", ``frame``, ``done``, ``total``,
     ``fraction``, ``message``) and returns the :class:`StackResult` (the value of
@@ -360,13 +393,40 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         driver = work
     frame_shape = tuple(int(s) for s in driver.shape[1:])
 
+    # what is registered: the driver frames, or those of a coarser copy (pyramid level)
+    reg_driver, reg_sp, reg_or = driver, np.asarray(sp, float), np.zeros(ndim_spatial)
+    if coarse is not None:
+        cdata = _as_stack(coarse)
+        if cdata.ndim != ndim_total:
+            raise ValueError(f"coarse must have the stack's {ndim_total} axes; got shape "
+                             f"{tuple(cdata.shape)}")
+        cwork = (move.moveaxis(cdata, src, list(range(len(src)))) if _is_dask(cdata)
+                 else np.moveaxis(cdata, src, list(range(len(src)))))
+        if cwork.shape[: len(src)] != work.shape[: len(src)]:
+            raise ValueError("coarse must have as many frames (and channels) as the stack; "
+                             f"got shape {tuple(cdata.shape)} for {tuple(data.shape)}")
+        reg_driver = cwork[:, int(driver_channel) % int(work.shape[1])] if channel_axis is not None else cwork
+        cshape = np.array(reg_driver.shape[1:], float)
+        if np.any(cshape > np.array(frame_shape)):
+            raise ValueError(f"coarse frames {tuple(int(v) for v in cshape)} are larger than "
+                             f"the stack's frames {frame_shape}")
+        ratio = np.array(frame_shape, float) / cshape
+        # coarse pixel k covers full pixels k*r .. k*r + r - 1: its centre in the full world
+        reg_sp, reg_or = reg_sp * ratio, reg_sp * (ratio - 1) / 2
+    reg_or = reg_or + reg_sp * (np.asarray(factor, float) - 1) / 2
+    reg_sp = reg_sp * np.asarray(factor, float)
+
     # per-frame register options: the core warps once at the end, at full resolution
     reg_options = dict(options)
     reg_options.setdefault("rgb", False)
+    reg_options.setdefault("score", False)
     reg_options["warp"] = False
     order = int(options.get("order", 1))
     settings = {"method": method, "transform": transform, "spacing": sp,
-                "downsample": factor, "options": reg_options}
+                "downsample": factor, "options": reg_options, "order": order,
+                "reg_spacing": tuple(reg_sp), "reg_origin": tuple(reg_or),
+                "driver_index": (int(driver_channel) % int(work.shape[1])
+                                 if channel_axis is not None else None)}
 
     # the reference
     if isinstance(reference, str):
@@ -394,12 +454,17 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
 
     def frame_of(i):
         # slices of a dask stack are computed here (sync) before they are sent
-        return _load(driver[i])
+        return _load(reg_driver[i])
 
     def share(ref):
         return client.scatter(ref, broadcast=True) if client is not None else ref
 
-    def items(ref_arg, mode):
+    # numpy frames whose transform is final after one registration are warped in the
+    # same task (one trip to a worker per frame); "previous" chains first, warps after
+    warp_in_task = warp and not lazy and ref_mode != "previous"
+    out_work = np.empty(work.shape, dtype=work.dtype) if (warp and not lazy) else None
+
+    def items(ref_arg, mode, with_warp=False):
         for i in range(n):
             if mode == "previous":
                 if i == 0:
@@ -407,21 +472,24 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                 yield i, (frame_of(i - 1), frame_of(i), settings, False, *extra)
             elif isinstance(mode, int) and i == mode:
                 continue
+            elif with_warp:
+                yield i, (ref_arg, None if coarse is None else frame_of(i), settings, True,
+                          cancel if serial else None, np.asarray(work[i]))
             else:
                 yield i, (ref_arg, frame_of(i), settings, True, *extra)
 
     ident = Transform.identity(ndim_spatial)
-    reg_share = 0.85 if (warp and not lazy) else 1.0
+    reg_share = 0.85 if (warp and not lazy and not warp_in_task) else 1.0
     frame_info: list[dict] = [{"frame": i} for i in range(n)]
     failed = [0]
 
-    def run_pass(ref_arg, mode, phase, f0, f1):
+    def run_pass(ref_arg, mode, phase, f0, f1, with_warp=False):
         """Register every frame to ``ref_arg`` (or its predecessor); yields events,
-        fills ``steps``."""
+        fills ``steps`` (and ``out_work`` with_warp)."""
         total = n - (1 if (mode == "previous" or isinstance(mode, int)) else 0)
         done = 0
-        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode), client=client,
-                                      workers=workers, cancel=cancel):
+        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp),
+                                      client=client, workers=workers, cancel=cancel):
             done += 1
             if err is not None:
                 if isinstance(err, RegistrationCancelled):
@@ -432,11 +500,17 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                     raise err
                 failed[0] += 1
                 steps[i] = ident
+                if with_warp:
+                    out_work[i] = work[i]
                 frame_info[i].update(error=f"{type(err).__name__}: {err}")
                 message = f"frame {i}: failed ({err}); kept in place"
             else:
                 steps[i] = out["transform"]
-                frame_info[i].update(metrics=out["metrics"], **out["info"])
+                if with_warp:
+                    out_work[i] = out["warped"]
+                frame_info[i].update(out["info"])
+                if out["metrics"]:
+                    frame_info[i]["metrics"] = out["metrics"]
                 message = f"{phase}: frame {i} ({done}/{total})"
             yield {"phase": phase, "frame": i, "done": done, "total": total,
                    "fraction": f0 + (f1 - f0) * done / max(total, 1), "message": message,
@@ -449,9 +523,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         mid = n // 2
         yield from run_pass(share(_downsample(frame_of(mid), factor)), mid, "reference",
                             0.0, 0.4 * reg_share)
-        coarse_sp, coarse_or = _coarse_geometry(sp, factor)
-        geo = dict(output_spacing=coarse_sp, input_spacing=coarse_sp,
-                   output_origin=coarse_or, input_origin=coarse_or)
+        geo = dict(output_spacing=tuple(reg_sp), input_spacing=tuple(reg_sp),
+                   output_origin=tuple(reg_or), input_origin=tuple(reg_or))
         total_img = None
         for i in range(n):
             check_cancel()
@@ -467,7 +540,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         mean = (total_img / np.maximum(total_w, 1e-6)).astype(np.float32)
         mean[total_w < 0.5] = float(mean[total_w >= 0.5].mean()) if np.any(total_w >= 0.5) else 0.0
         steps = {}
-        yield from run_pass(share(mean), "mean", "register", 0.4 * reg_share, reg_share)
+        yield from run_pass(share(mean), "mean", "register", 0.4 * reg_share, reg_share,
+                            warp_in_task)
     elif ref_mode == "previous":
         yield from run_pass(None, "previous", "register", 0.0, reg_share)
     else:
@@ -477,7 +551,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
             ref = _downsample(frame_of(ref_mode), factor)
         check_cancel()
         yield from run_pass(share(ref), ref_mode if ref_mode != "image" else "image",
-                            "register", 0.0, reg_share)
+                            "register", 0.0, reg_share, warp_in_task)
+        if warp_in_task and isinstance(ref_mode, int):
+            out_work[ref_mode] = work[ref_mode]
     for i in range(n):
         frame_info[i]["registered_to"] = (
             (i - 1 if i > 0 else None) if ref_mode == "previous" else
@@ -500,8 +576,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
             warped_work = blocks.map_blocks(_warp_block, matrices, sp, order,
                                             channel_axis is not None, dtype=work.dtype)
             warped = move.moveaxis(warped_work, list(range(len(src))), src)
+        elif warp_in_task:
+            warped = np.moveaxis(out_work, list(range(len(src))), src)
         else:
-            out_work = np.empty(work.shape, dtype=work.dtype)
             channels = channel_axis is not None
 
             def warp_items():
@@ -526,6 +603,8 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         "transform": transform,
         "options": {k: v for k, v in options.items() if not isinstance(v, np.ndarray)},
         "downsample": list(factor),
+        "coarse_shape": None if coarse is None else list(reg_driver.shape[1:]),
+        "registration_spacing": [float(v) for v in reg_sp],
         "driver_channel": int(driver_channel) if channel_axis is not None else None,
         "frames": frame_info,
         "failed": failed[0],
@@ -543,8 +622,9 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
                    transform: str = "translation", spacing=None,
                    progress: Callable[[float, str], None] | None = None,
                    cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
-                   driver_channel: int = 0, downsample=1, client=None, workers: int = 1,
-                   on_error: str = "raise", warp: bool = True, **options) -> StackResult:
+                   driver_channel: int = 0, downsample=1, coarse=None, client=None,
+                   workers: int = 1, on_error: str = "raise", warp: bool = True,
+                   **options) -> StackResult:
     """Align every frame of a stack (2D+t or 3D+t, optionally with channels) to a
     reference.
 
@@ -577,6 +657,11 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
         Register on a block-mean copy reduced by this factor per spatial axis and warp
         at full resolution (the coarse copy's spacing and origin make its transforms
         full-resolution world transforms).
+    coarse : array_like, optional
+        A lower-resolution copy of the same stack (e.g. a level of a napari multiscale
+        pyramid: same axes, frames and channels, smaller frames) to register instead of
+        ``frames``; its pixel size is taken as the shape ratio and its pixels as centred
+        on the blocks they summarise. The warp is still done on ``frames``.
     client : dask.distributed.Client, optional
         Run frames as tasks on this cluster.
     workers : int
@@ -596,7 +681,8 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
     gen = iter_register_stack(
         frames, axis=axis, reference=reference, method=method, transform=transform,
         spacing=spacing, cancel=cancel, channel_axis=channel_axis,
-        driver_channel=driver_channel, downsample=downsample, client=client, workers=workers,
+        driver_channel=driver_channel, downsample=downsample, coarse=coarse, client=client,
+        workers=workers,
         on_error=on_error, warp=warp, **options)
     while True:
         try:

@@ -23,15 +23,27 @@ from magicgui.widgets import (
     Table,
 )
 
-from ..core.register import available_methods, method_info
+from ..core.register import RegistrationCancelled, available_methods, method_info
 from ..core.stack import iter_register_stack
 
 REFERENCE_CHOICES = ("first", "previous", "mean", "frame")
 
 
+class StackWorkerError(Exception):
+    """A registration error raised in the worker, re-raised as a plain Exception."""
+
+
 def _run(data, **kwargs):
-    """The worker's generator: yields progress events, returns the StackResult."""
-    return (yield from iter_register_stack(data, **kwargs))
+    """The worker's generator: yields progress events, returns the StackResult (None
+    when cancelled)."""
+    try:
+        return (yield from iter_register_stack(data, **kwargs))
+    except RegistrationCancelled:
+        return None
+    except RuntimeError as err:
+        # superqt's GeneratorWorker takes a RuntimeError from the generator for a deleted
+        # worker and emits neither errored nor finished; RegistrationError is one
+        raise StackWorkerError(str(err)) from err
 
 
 class StackRegistrationWidget(Container):
@@ -60,6 +72,8 @@ class StackRegistrationWidget(Container):
         self._downsample = SpinBox(label="downsample", value=1, min=1, max=32,
                                    tooltip="register on a copy reduced by this factor, "
                                            "warp at full resolution")
+        self._level = SpinBox(label="pyramid level", value=1, min=0, max=16, visible=False,
+                              tooltip="multiscale layers: register this level, warp level 0")
         self._run_button = PushButton(text="Register stack")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
@@ -67,7 +81,7 @@ class StackRegistrationWidget(Container):
         self._table = Table(label="drift per frame", value={"frame": []})
         self.extend([self._layer, self._axis, self._reference, self._reference_frame,
                      self._method, self._transform, self._channels, self._channel_axis,
-                     self._driver, self._downsample, self._run_button, self._cancel_button,
+                     self._driver, self._downsample, self._level, self._run_button, self._cancel_button,
                      self._progress, self._status, self._table])
 
         self._reference.changed.connect(self._on_reference)
@@ -109,6 +123,9 @@ class StackRegistrationWidget(Container):
         if layer is None:
             return
         ndim = layer.data[0].ndim if layer.multiscale else layer.data.ndim
+        self._level.visible = bool(layer.multiscale)
+        if layer.multiscale:
+            self._level.max = len(layer.data) - 1
         self._axis.max = max(0, ndim - 1)
         self._channel_axis.max = max(0, ndim - 1)
 
@@ -122,7 +139,11 @@ class StackRegistrationWidget(Container):
         if reference == "frame":
             reference = int(self._reference_frame.value)
         data = layer.data[0] if layer.multiscale else layer.data
+        coarse = None
+        if layer.multiscale and int(self._level.value) > 0:
+            coarse = layer.data[min(int(self._level.value), len(layer.data) - 1)]
         return dict(
+            coarse=coarse,
             data=data, axis=int(self._axis.value), reference=reference,
             method=self._method.value, transform=self._transform.value,
             spacing=tuple(float(s) for s in layer.scale),
@@ -169,6 +190,8 @@ class StackRegistrationWidget(Container):
         self._status.value = str(event["message"])
 
     def _on_returned(self, result):
+        if result is None:  # cancelled
+            return
         self.result = result
         source = self._source
         name = f"{source.name} registered"
@@ -209,7 +232,9 @@ class StackRegistrationWidget(Container):
             table[f"drift {name}"] = [round(float(v), 3) for v in drift[:, k]]
         ncc = []
         for fi in result.info["frames"]:
-            value = ((fi.get("metrics") or {}).get("after") or {}).get("ncc")
+            value = fi.get("ncc_after")
+            if value is None:
+                value = ((fi.get("metrics") or {}).get("after") or {}).get("ncc")
             ncc.append(None if value is None else round(float(value), 3))
         table["ncc after"] = ncc
         return table
