@@ -390,7 +390,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if mm is not None:
             m = np.where(mm, m, 0.0).astype(np.float32)
         est = _estimate_similarity(f, m, transform, int(upsample), cancel)
-        if est[0] is None:
+        if est is None or est[0] is None:
             return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
         (score, angle, scale, shift, peak), lp_peak = est
         info.update(coarse={"angle_deg": angle, "scale": scale, "shift_px": list(shift), "ncc": score},

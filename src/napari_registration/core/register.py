@@ -174,12 +174,22 @@ def method_info(method: str) -> dict:
         for name, p in sig.parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _BACKEND_PLUMBING
     }
+    annotations = {
+        name: p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+        for name, p in sig.parameters.items()
+        if name in options and p.annotation is not inspect.Parameter.empty
+    }
     return {
         "name": method,
         "description": getattr(mod, "DESCRIPTION", ""),
         "transforms": tuple(mod.TRANSFORMS),
         "ndims": getattr(mod, "NDIMS", None),
         "options": options,
+        # option -> its annotation as text (e.g. "float | None", "Literal['orb', 'sift']"):
+        # lets a widget offer None or a fixed set of choices
+        "annotations": annotations,
+        # the backend's docstring: its "Options" section documents each option
+        "doc": inspect.getdoc(mod.register) or "",
     }
 
 
@@ -213,31 +223,90 @@ def _as_image(name: str, image, rgb) -> tuple[np.ndarray, bool]:
     return a, is_rgb
 
 
-def _grey_float(name, a, is_rgb) -> np.ndarray:
+def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
     from .preprocess import to_grey
 
     g = to_grey(a) if is_rgb else a.astype(np.float32)
-    if not np.all(np.isfinite(g)):
-        bad = int(np.count_nonzero(~np.isfinite(g)))
-        raise ValueError(
-            f"{name} image has {bad} NaN/inf values; replace them first, e.g. "
-            f"np.nan_to_num({name}, nan=0.0), or mask them with {name}_mask"
-        )
+    finite = np.isfinite(g)
+    if not finite.all():
+        bad = ~finite
+        if mask is None or np.any(bad & mask):
+            where = "" if mask is None else f" inside {name}_mask"
+            raise ValueError(
+                f"{name} image has {int(np.count_nonzero(bad if mask is None else bad & mask))} "
+                f"NaN/inf values{where}; replace them first, e.g. np.nan_to_num({name}, nan=0.0), "
+                f"or exclude them with {name}_mask (True where the image is valid)"
+            )
+        # every NaN/inf lies outside the mask: give them a finite value (the backends
+        # never look there) so that normalisation and resampling stay finite
+        g[bad] = float(np.min(g[finite & mask]))
     if float(g.max()) == float(g.min()):
         raise ValueError(f"{name} image is constant (every pixel = {float(g.min())}): there is nothing to align")
     return g
 
 
+def _spatial_shape(a, is_rgb) -> tuple:
+    return tuple(a.shape[:-1]) if is_rgb else tuple(a.shape)
+
+
 def _mask(name, mask, shape):
     if mask is None:
         return None
-    m = np.asarray(mask)
+    m = mask.compute() if hasattr(mask, "compute") and hasattr(mask, "chunks") else np.asarray(mask)
+    if m.dtype == object or m.dtype.kind in "USVc":
+        raise ValueError(f"{name} must be a boolean (or 0/1) array; got dtype {m.dtype}")
     if m.shape != tuple(shape):
         raise ValueError(f"{name} must have the image's shape {tuple(shape)}; got {m.shape}")
     m = m != 0
     if not m.any():
         raise ValueError(f"{name} is empty (all False): nothing would be registered")
     return m
+
+
+def _check_option_type(method, key, value, default, annotation) -> None:
+    """An option's value must have the kind of its default (bool, whole number, number,
+    text), or be None where the signature allows it: a wrong type is reported here,
+    naming the option, instead of surfacing as a TypeError deep inside a backend."""
+    import numbers
+
+    if value is None:
+        if default is None or annotation is inspect.Parameter.empty or "None" in str(annotation):
+            return
+        raise ValueError(f"option {key!r} of method {method!r} cannot be None; its default is {default!r}")
+    if isinstance(default, bool):
+        ok = isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))
+        kind = "True or False"
+    elif isinstance(default, numbers.Integral):
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+              and np.isfinite(value) and float(value) == int(value))
+        kind = "a whole number"
+    elif isinstance(default, numbers.Real):
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+              and not np.isnan(value))
+        kind = "a number"
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+        kind = "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"option {key!r} of method {method!r} must be {kind} (default "
+                         f"{default!r}); got {value!r} ({type(value).__name__})")
+
+
+def _check_option_types(method, backend_register, backend_opts, core) -> None:
+    params = inspect.signature(backend_register).parameters
+    for key, value in backend_opts.items():
+        p = params[key]
+        _check_option_type(method, key, value, p.default, p.annotation)
+    for key in ("normalize", "warp", "score", "order", "smooth"):
+        _check_option_type(method, key, core[key], CORE_OPTIONS[key], "")
+    if core["rgb"] is not None:
+        _check_option_type(method, "rgb", core["rgb"], False, "")
+    if not 0 <= int(core["order"]) <= 5:
+        raise ValueError(f"order (spline interpolation order of the warped image) must be 0-5; "
+                         f"got {core['order']}")
+    core["order"] = int(core["order"])
 
 
 # ----------------------------------------------------------------------------- register
@@ -312,15 +381,21 @@ def register(
         elif key in info_meta["options"]:
             backend_opts[key] = value
         else:
+            owners = [m for m in available_methods()
+                      if m != method and key in method_info(m)["options"]]
+            hint = f" ({key!r} is an option of method {owners[0]!r})" if owners else ""
             raise ValueError(
-                f"unknown option {key!r} for method {method!r}. Its options: "
+                f"unknown option {key!r} for method {method!r}{hint}. Its options: "
                 f"{sorted(info_meta['options'])}; shared options: {sorted(CORE_OPTIONS)}"
             )
+    _check_option_types(method, mod.register, backend_opts, core)
 
     fixed_raw, fixed_rgb = _as_image("fixed", fixed, core["rgb"])
     moving_raw, moving_rgb = _as_image("moving", moving, core["rgb"])
-    fixed_g = _grey_float("fixed", fixed_raw, fixed_rgb)
-    moving_g = _grey_float("moving", moving_raw, moving_rgb)
+    fixed_mask = _mask("fixed_mask", core["fixed_mask"], _spatial_shape(fixed_raw, fixed_rgb))
+    moving_mask = _mask("moving_mask", core["moving_mask"], _spatial_shape(moving_raw, moving_rgb))
+    fixed_g = _grey_float("fixed", fixed_raw, fixed_rgb, fixed_mask)
+    moving_g = _grey_float("moving", moving_raw, moving_rgb, moving_mask)
     if fixed_g.ndim != moving_g.ndim:
         raise ValueError(
             f"fixed is {fixed_g.ndim}D {fixed_g.shape} but moving is {moving_g.ndim}D "
@@ -330,8 +405,10 @@ def register(
     ndim = fixed_g.ndim
     for name, g in (("fixed", fixed_g), ("moving", moving_g)):
         if min(g.shape) < 4:
+            colour = (" If the last axis holds colour channels, pass rgb=True (register_stack: "
+                      "channel_axis=-1)." if g.shape[-1] in (3, 4) and min(g.shape[:-1]) >= 4 else "")
             raise ValueError(f"{name} image is too small to register (shape {g.shape}); every "
-                             "axis needs >= 4 pixels (drop length-1 axes with np.squeeze)")
+                             "axis needs >= 4 pixels (drop length-1 axes with np.squeeze)." + colour)
     ndims = getattr(mod, "NDIMS", None)
     if ndims is not None and ndim not in ndims:
         alt = [m for m in available_methods() if m != method and
@@ -344,8 +421,6 @@ def register(
     m_sp = _geometry(moving_spacing, ndim, 1.0, "moving_spacing")
     f_or = _geometry(fixed_origin, ndim, 0.0, "fixed_origin")
     m_or = _geometry(moving_origin, ndim, 0.0, "moving_origin")
-    fixed_mask = _mask("fixed_mask", core["fixed_mask"], fixed_g.shape)
-    moving_mask = _mask("moving_mask", core["moving_mask"], moving_g.shape)
 
     def report(fraction, message):
         if progress is not None:
@@ -503,11 +578,29 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
     image = image.compute() if hasattr(image, "compute") and hasattr(image, "chunks") else np.asarray(image)
     if image.dtype.kind == "c":
         raise ValueError("cannot resample a complex image; pass np.abs(image)")
+    if image.dtype == object or image.dtype.kind in "USV":
+        raise ValueError(f"image has dtype {image.dtype}; pass a numeric array")
+    if image.size == 0:
+        raise ValueError(f"image is empty (shape {image.shape})")
+    try:
+        shape = tuple(int(n) for n in np.ravel(output_shape))
+    except (TypeError, ValueError):
+        raise ValueError(f"output_shape must be whole numbers (the fixed image's shape); "
+                         f"got {output_shape!r}") from None
+    if len(shape) != transform.ndim or min(shape) < 1:
+        raise ValueError(f"output_shape must be {transform.ndim} positive whole numbers (the "
+                         f"fixed image's shape, without a colour axis); got {output_shape!r}")
+    if order is not None and (isinstance(order, bool) or not 0 <= int(order) <= 5
+                              or int(order) != order):
+        raise ValueError(f"order (spline interpolation order) must be 0-5; got {order!r}")
     expected = transform.ndim + (1 if rgb else 0)
     if image.ndim != expected:
         raise ValueError(f"image is {image.ndim}D but the transform is {transform.ndim}D"
                          + (" (plus a colour axis)" if rgb else "")
-                         + "; apply it to each frame/channel, or use register_stack")
-    return resample(image, transform, output_shape, output_spacing=output_spacing,
+                         + "; apply it to each frame/channel, or use register_stack"
+                         + ("; if the last axis holds colour channels, pass rgb=True"
+                            if not rgb and image.ndim == expected + 1 and image.shape[-1] in (3, 4) else ""))
+    return resample(image, transform, shape, output_spacing=output_spacing,
                     output_origin=output_origin, input_spacing=input_spacing,
-                    input_origin=input_origin, labels=labels, rgb=rgb, order=order)
+                    input_origin=input_origin, labels=labels, rgb=rgb,
+                    order=None if order is None else int(order))

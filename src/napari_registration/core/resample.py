@@ -18,7 +18,11 @@ from .transform import Transform, scale_matrix, translation_matrix
 def _geometry(values, ndim, default, name):
     if values is None:
         return np.full(ndim, default, dtype=float)
-    arr = np.asarray(values, dtype=float).ravel()
+    try:
+        arr = np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {ndim} numbers (one per axis, napari order) or one "
+                         f"number; got {values!r}") from None
     if arr.size == 1 and ndim > 1:
         arr = np.full(ndim, float(arr[0]))
     if arr.size != ndim:
@@ -100,6 +104,9 @@ def resample(
         order = 0
     if image.dtype == bool:
         work = image.astype(np.uint8)
+    elif image.dtype.kind == "f" and image.dtype not in (np.float32, np.float64):
+        # float16 / long double: scipy.ndimage has no kernels for them
+        work = image.astype(np.float32 if image.dtype.itemsize < 4 else np.float64)
     elif labels or image.dtype in (np.float32, np.float64):
         work = image
     else:
@@ -130,6 +137,8 @@ def resample(
             out[start:start + len(rows)] = vals.reshape((len(rows),) + output_shape[1:])
     if bool(image.dtype == bool):
         return out.astype(bool)
+    if labels and out.dtype != image.dtype:
+        return out.astype(image.dtype)
     if preserve_dtype and not labels and np.issubdtype(image.dtype, np.integer):
         info = np.iinfo(image.dtype)
         return np.clip(np.rint(out), info.min, info.max).astype(image.dtype)

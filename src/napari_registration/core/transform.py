@@ -130,7 +130,11 @@ class MatrixStep(Step):
     linear = True
 
     def __init__(self, matrix: Any):
-        m = np.array(matrix, dtype=float)
+        try:
+            m = np.array(matrix, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError("a transform matrix must be a square (D+1, D+1) array of numbers; "
+                             f"got {str(matrix)[:80]!r}") from None
         if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
             raise ValueError(f"a transform matrix must be square (D+1, D+1); got shape {m.shape}")
         if not np.all(np.isfinite(m)):
@@ -198,8 +202,16 @@ class FieldStep(Step):
             raise ValueError("direction must be 'backward' or 'forward'")
         self.ndim = field.ndim - 1
         self.field = field
-        self.spacing = np.ones(self.ndim) if spacing is None else np.asarray(spacing, float)
-        self.origin = np.zeros(self.ndim) if origin is None else np.asarray(origin, float)
+        self.spacing = np.ones(self.ndim) if spacing is None else np.asarray(spacing, float).ravel()
+        self.origin = np.zeros(self.ndim) if origin is None else np.asarray(origin, float).ravel()
+        if (self.spacing.size != self.ndim or self.origin.size != self.ndim
+                or not np.all(np.isfinite(self.spacing)) or not np.all(self.spacing > 0)
+                or not np.all(np.isfinite(self.origin))):
+            raise ValueError(f"a {self.ndim}D displacement field needs {self.ndim} positive "
+                             f"spacings and {self.ndim} finite origin values; got spacing "
+                             f"{self.spacing.tolist()}, origin {self.origin.tolist()}")
+        if not np.all(np.isfinite(field)):
+            raise ValueError("a displacement field must contain only finite numbers")
         self.direction = direction
 
     def displacement(self, points: np.ndarray) -> np.ndarray:
@@ -408,6 +420,9 @@ class Transform:
                 "not a napari-registration transform: expected a dict with 'steps' "
                 "(as written by Transform.to_dict or save_transform)"
             )
+        if not isinstance(data["steps"], (list, tuple)):
+            raise ValueError("corrupt transform data: 'steps' must be a list of steps; got "
+                             f"{type(data['steps']).__name__}")
         steps = []
         for sd in data["steps"]:
             kind = sd.get("kind") if isinstance(sd, dict) else None
@@ -421,8 +436,10 @@ class Transform:
                 )
             try:
                 steps.append(_STEP_KINDS[kind].from_dict(sd))
-            except (KeyError, TypeError) as err:
+            except (KeyError, TypeError, IndexError) as err:
                 raise ValueError(f"corrupt {kind!r} step in transform data: {err!r}") from None
+            except ValueError as err:
+                raise ValueError(f"corrupt {kind!r} step in transform data: {err}") from None
         return cls(steps=steps)
 
     def __eq__(self, other):
@@ -468,6 +485,9 @@ def load_transform(path: str | Path) -> Transform:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"transform file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the transform file inside it (e.g. "
+                         f"{path / 'transform.json'})")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

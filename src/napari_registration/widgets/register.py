@@ -1,0 +1,457 @@
+"""*Register images*: pick a fixed and a moving layer, a method and its options, run
+:func:`napari_registration.register` in a worker thread, and push the result back as
+layers (warped image, checkerboard, difference, keypoints and matches).
+
+The options form is built from ``method_info(method)``, so a new backend shows up here
+without changes to this file.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+)
+
+from ..core.register import (
+    RegistrationCancelled,
+    RegistrationError,
+    available_methods,
+    method_info,
+    register,
+)
+from ._common import (
+    OptionsForm,
+    ProgressBridge,
+    affine_matrix,
+    find_output,
+    geometry,
+    image_data,
+    layer_choices,
+    put_layer,
+    show_error,
+    show_info,
+)
+
+PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
+
+RESAMPLE = "resample"
+AFFINE = "affine"
+
+NOTE_3D = ("3D: the result is resampled onto the fixed grid. napari cannot slice a volume "
+           "whose affine rotates out of plane in the 2D view, so 'set moving affine' is "
+           "only a 3D-view preview.")
+
+
+class RegisterWidget(Container):
+    """Dock widget: register a moving Image layer onto a fixed Image layer.
+
+    ``make_worker()`` returns the unstarted worker of a run (tests start it inside
+    ``qtbot.waitSignal(worker.finished)``); the *Register* button starts it.
+    """
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        images = layer_choices(napari_viewer, "image")
+        labels = layer_choices(napari_viewer, "labels")
+        self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
+        self.moving = ComboBox(label="moving", choices=images, nullable=True)
+        methods = available_methods()
+        self.method = ComboBox(label="method", choices=methods,
+                               value="fourier" if "fourier" in methods else methods[0])
+        self.description = Label(label="")
+        self.description.native.setWordWrap(True)
+        self.transform = ComboBox(label="transform", choices=self._transform_choices)
+        self._points = layer_choices(napari_viewer, "points")
+        self.method_options = OptionsForm(method_info(self.method.value), self._points,
+                                          label="options")
+        self.equalize = ComboBox(label="equalize",
+                                 choices=[("none", None), ("histogram", "hist"), ("CLAHE", "clahe")])
+        self.smooth = FloatSpinBox(label="smooth (world σ)", value=0.0, min=0.0, max=1000.0, step=0.5)
+        self.fixed_mask = ComboBox(label="fixed mask", choices=labels, nullable=True, value=None)
+        self.moving_mask = ComboBox(label="moving mask", choices=labels, nullable=True, value=None)
+        self.output = ComboBox(label="output", choices=[
+            ("new layer, resampled on the fixed grid", RESAMPLE),
+            ("set moving layer's affine (linear, no resampling)", AFFINE),
+        ])
+        self.overlay = CheckBox(label="green/magenta", value=True,
+                                tooltip="colour fixed green and result magenta, additive")
+        self.checkerboard = CheckBox(label="checkerboard", value=True)
+        self.tile = FloatSpinBox(label="tile (world, 0=auto)", value=0.0, min=0.0, max=1e6, step=1.0)
+        self.difference = CheckBox(label="difference", value=False)
+        self.note = Label(label="")
+        self.note.native.setWordWrap(True)
+        self.run_button = PushButton(text="Register")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="", min=0, max=1000, value=0)
+        self.status = Label(label="", value="")
+        self.summary = Label(label="", value="")
+        self.summary.native.setWordWrap(True)
+        try:
+            from qtpy.QtGui import QFontDatabase
+
+            self.summary.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        except Exception:  # pragma: no cover - cosmetic
+            pass
+        self.extend([
+            self.fixed, self.moving, self.method, self.description, self.transform, self.method_options,
+            self.equalize, self.smooth, self.fixed_mask, self.moving_mask, self.output,
+            self.overlay, self.checkerboard, self.tile, self.difference, self.note,
+            self.run_button, self.cancel_button, self.progress, self.status, self.summary,
+        ])
+
+        self._bridge = ProgressBridge()
+        self._bridge.progress.connect(self._on_progress)
+        self._worker = None
+        self._cancel_event: threading.Event | None = None
+        self._started_at = 0.0
+        self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
+        self.timing: dict = {}
+
+        self.method.changed.connect(self._on_method)
+        self.fixed.changed.connect(self._forget)
+        self.moving.changed.connect(self._forget)
+        self.fixed.changed.connect(self._on_fixed)
+        self.output.changed.connect(self._on_fixed)
+        self.tile.changed.connect(self._refresh_checkerboard)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.reset_choices()
+        self._default_layers()
+        self._on_method(self.method.value)
+
+    # ------------------------------------------------------------------ form updates
+    def reset_choices(self, *_):
+        super().reset_choices()
+        if self.fixed.value is None or self.moving.value is None:
+            self._default_layers()
+
+    def _default_layers(self):
+        layers = [c for c in self.fixed.choices if c is not None]
+        if self.fixed.value is None and layers:
+            self.fixed.value = layers[-1]  # bottom-most image: usually the reference
+        if self.moving.value is None and len(layers) > 1:
+            others = [ly for ly in layers if ly is not self.fixed.value]
+            self.moving.value = others[0]
+
+    def _forget(self, *_):
+        """A new selection: the tile spin box must not redraw the previous result."""
+        self._last = None
+
+    def _transform_choices(self, widget=None):
+        return list(method_info(self.method.value)["transforms"])
+
+    def _on_method(self, name):
+        info = method_info(name)
+        self.description.value = info["description"]
+        self.transform.reset_choices()  # keeps the current choice if the method has it
+        index = self.index(self.method_options)
+        self.remove(self.method_options)
+        self.method_options = OptionsForm(info, self._points, label="options")
+        self.insert(index, self.method_options)
+        self._on_fixed()
+
+    def _on_fixed(self, *_):
+        layer = self.fixed.value
+        notes = []
+        if layer is not None and layer.ndim >= 3:
+            if self.output.value == AFFINE:
+                notes.append(NOTE_3D)
+            else:
+                notes.append("3D: the result is resampled onto the fixed grid.")
+        ndims = method_info(self.method.value)["ndims"]
+        if layer is not None and ndims is not None and layer.ndim not in ndims:
+            notes.append(f"{self.method.value} works on "
+                         f"{'/'.join(f'{d}D' for d in ndims)} images only.")
+        self.note.value = " ".join(notes)
+
+    # ---------------------------------------------------------------------- running
+    def _collect(self) -> dict:
+        """Everything the worker needs, read on the GUI thread. Raises ValueError."""
+        fixed, moving = self.fixed.value, self.moving.value
+        if fixed is None or moving is None:
+            raise ValueError("pick a fixed and a moving Image layer (open two images first)")
+        if fixed is moving:
+            raise ValueError("fixed and moving are the same layer: pick two different layers")
+        f_sp, f_or = geometry(fixed)
+        m_sp, m_or = geometry(moving)
+        options = self.method_options.values()
+        options.update(equalize=self.equalize.value, smooth=float(self.smooth.value))
+        if fixed.rgb == moving.rgb:
+            options["rgb"] = bool(fixed.rgb)
+        for key, layer in (("fixed_mask", self.fixed_mask.value), ("moving_mask", self.moving_mask.value)):
+            if layer is not None:
+                options[key] = np.asarray(image_data(layer)) != 0
+        return dict(
+            fixed=fixed, moving=moving,
+            fixed_data=image_data(fixed), moving_data=image_data(moving),
+            method=self.method.value, transform=self.transform.value,
+            fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
+            options=options, output=self.output.value,
+        )
+
+    def make_worker(self):
+        """Read the form and return an unstarted worker (None if the form is invalid,
+        after showing why). Its ``returned`` signal carries ``(outcome, payload)``."""
+        from napari.qt.threading import create_worker
+
+        try:
+            params = self._collect()
+        except ValueError as err:
+            show_error(str(err))
+            return None
+        cancel_event = threading.Event()
+        bridge = self._bridge
+        _warm_up(params["method"])
+        qc = dict(checkerboard=self.checkerboard.value, tile=float(self.tile.value) or None,
+                  difference=self.difference.value)
+
+        last = [0.0, ""]
+
+        def report(fraction, message):
+            # at most ~4 GUI updates a second: each repaint of the window costs the GUI
+            # thread 50-150 ms under software OpenGL (Xvfb, measured), a real GPU far less
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_INTERVAL or fraction >= 1.0:
+                last[0] = now
+                bridge.progress.emit(fraction, message)
+
+        def job():
+            try:
+                result = register(
+                    params["fixed_data"], params["moving_data"], method=params["method"],
+                    transform=params["transform"], fixed_spacing=params["fixed_spacing"],
+                    moving_spacing=params["moving_spacing"], fixed_origin=params["fixed_origin"],
+                    moving_origin=params["moving_origin"],
+                    progress=report,
+                    cancel=cancel_event.is_set, **params["options"],
+                )
+            except RegistrationCancelled as err:
+                return "cancelled", err
+            except (ValueError, RegistrationError) as err:
+                return "error", err
+            except Exception as err:  # noqa: BLE001 - shown to the user, not swallowed
+                return "bug", err
+            # QC images are plain numpy: make them here, not on the GUI thread
+            bridge.progress.emit(1.0, "quality-control images")
+            images = _qc_images(params, result, qc)
+            self.timing["worker_done"] = time.perf_counter()
+            return "ok", (result, images)
+
+        self.timing = {}  # perf_counter stamps: worker_done (set by the worker), shown
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        worker.started.connect(self._on_started)
+        worker.returned.connect(lambda out: self._on_returned(out, params))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._cancel_event = cancel_event
+        return worker
+
+    def run(self, *_):
+        """Start a registration (the *Register* button)."""
+        if self._worker is not None and self.cancel_button.enabled:
+            return  # already running
+        worker = self.make_worker()
+        if worker is not None:
+            worker.start()
+        return worker
+
+    def cancel(self, *_):
+        """Ask the running registration to stop (polled by the method)."""
+        if self._cancel_event is not None:
+            self._cancel_event.set()
+            self.status.value = "cancelling…"
+
+    def _on_started(self):
+        self._started_at = time.perf_counter()
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.status.value = "starting…"
+
+    def _on_progress(self, fraction: float, message: str):
+        self.progress.value = int(round(1000 * fraction))
+        self.status.value = message
+
+    def _on_finished(self):
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self._cancel_event = None
+
+    def _on_returned(self, out, params):
+        outcome, payload = out
+        if outcome == "cancelled":
+            self.status.value = "cancelled"
+            self.progress.value = 0
+            show_info("registration cancelled; no layers were changed")
+            return
+        if outcome in ("error", "bug"):
+            self.status.value = "failed"
+            prefix = "" if outcome == "error" else f"unexpected {type(payload).__name__}: "
+            show_error(prefix + str(payload))
+            return
+        try:
+            self._show_result(*payload, params)
+            self.timing["shown"] = time.perf_counter()
+        except (ValueError, RegistrationError) as err:
+            show_error(str(err))
+            self.status.value = "failed"
+
+    # --------------------------------------------------------------------- results
+    def _show_result(self, result, qc, params):
+        viewer = self.viewer
+        fixed, moving = params["fixed"], params["moving"]
+        meta = {"registration": result.to_dict(),
+                "registration_layers": {"fixed": fixed.name, "moving": moving.name}}
+        grid = dict(scale=params["fixed_spacing"], translate=params["fixed_origin"],
+                    affine=affine_matrix(fixed))
+        colour = self.overlay.value
+        notes = []
+        output = params["output"]
+        if output == AFFINE and (not result.transform.is_linear or result.transform.is_projective):
+            notes.append(f"{result.transform.kind} transform cannot be shown as a napari affine: "
+                         "resampled instead")
+            output = RESAMPLE
+        if output == AFFINE:
+            # napari: world = affine @ (data * scale + translate). The registration maps the
+            # moving layer's scale/translate world to the fixed one's, which the fixed
+            # layer's own affine then places in the viewer.
+            moving.affine = affine_matrix(fixed) @ result.transform.matrix
+            moving.metadata["registration"] = meta["registration"]
+            if colour and not moving.rgb:
+                moving.colormap = "magenta"
+                moving.blending = "additive"
+            warped_layer = moving
+        else:
+            kwargs = {}
+            if not moving.rgb and colour:
+                kwargs.update(colormap="magenta", blending="additive")
+            elif not moving.rgb:
+                kwargs.update(colormap=moving.colormap.name)
+            if not moving.rgb:
+                kwargs.update(contrast_limits=tuple(moving.contrast_limits))
+            warped_layer = put_layer(
+                viewer, result.warped, "image", name=f"{moving.name} registered", role="warped",
+                metadata=meta, rgb=moving.rgb, **grid, **kwargs)
+        if colour and not fixed.rgb:
+            fixed.colormap = "green"  # display only: data and geometry stay as they were
+        self._last = dict(fixed=fixed, moving=moving, grid=grid, result=result, params=params)
+        if qc.get("checkerboard") is not None:
+            self._put_checkerboard(qc["checkerboard"])
+        if qc.get("difference") is not None:
+            put_layer(viewer, qc["difference"], "image", name=f"difference: {moving.name}",
+                      role="difference", colormap="PiYG", contrast_limits=(-1, 1), **grid)
+        self._show_extras(result, moving.name)
+        if warped_layer is not None:
+            viewer.layers.selection.active = warped_layer
+        self.summary.value = summary_text(result)
+        seconds = result.info.get("seconds", float("nan"))
+        self.status.value = f"done in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else "")
+        self.progress.value = 1000
+        for note in notes:
+            show_info(note)
+
+    def _refresh_checkerboard(self, *_):
+        """The tile spin box: redo the checkerboard of the last result."""
+        last = self._last
+        if last is None or not self.checkerboard.value or last["result"].warped is None:
+            return
+        qc = dict(checkerboard=True, tile=float(self.tile.value) or None, difference=False)
+        self._put_checkerboard(_qc_images(last["params"], last["result"], qc)["checkerboard"])
+
+    def _put_checkerboard(self, board):
+        last = self._last
+        put_layer(self.viewer, board, "image", name=f"checkerboard: {last['moving'].name}",
+                  role="checkerboard", colormap="gray", blending="translucent",
+                  contrast_limits=(0.0, 1.0), **last["grid"])
+
+    def _show_extras(self, result, name):
+        ex = result.extras or {}
+        for side in ("fixed", "moving"):
+            pts = ex.get(f"{side}_keypoints")
+            if isinstance(pts, np.ndarray) and pts.ndim == 2 and len(pts):
+                put_layer(self.viewer, pts, "points", name=f"{name} keypoints ({side})",
+                          role="keypoints", size=6, face_color="transparent",
+                          border_color="green" if side == "fixed" else "magenta")
+        fm, mm = ex.get("fixed_matches"), ex.get("moving_matches")
+        if (isinstance(fm, np.ndarray) and isinstance(mm, np.ndarray) and fm.ndim == 2
+                and fm.shape == mm.shape and len(fm)):
+            lines = [np.stack([a, b]) for a, b in zip(fm, mm)]
+            put_layer(self.viewer, lines, "shapes", name=f"{name} matches", role="matches",
+                      shape_type="line", edge_color="yellow", edge_width=1.0)
+        elif find_output(self.viewer, f"{name} matches") is not None:
+            self.viewer.layers.remove(find_output(self.viewer, f"{name} matches"))
+
+
+def _qc_images(params, result, qc) -> dict:
+    """Checkerboard and difference of fixed and warped (grey), on the fixed grid."""
+    from ..core.preprocess import to_grey
+    from ..core.qc import checkerboard, difference
+
+    out = {"checkerboard": None, "difference": None}
+    if result.warped is None or not (qc["checkerboard"] or qc["difference"]):
+        return out
+    f = np.asarray(params["fixed_data"])
+    f = to_grey(f) if params["fixed"].rgb else f
+    w = to_grey(result.warped) if params["moving"].rgb else result.warped
+    if qc["checkerboard"]:
+        out["checkerboard"] = checkerboard(f, w, tile=qc["tile"], spacing=params["fixed_spacing"])
+    if qc["difference"]:
+        out["difference"] = difference(f, w)
+    return out
+
+
+def _warm_up(method: str) -> None:
+    """Import on the GUI thread what the run will import: an import in the worker holds
+    the GIL for its whole duration and would freeze the viewer (measured: ~0.15 s)."""
+    import importlib
+
+    for name in ("scipy.ndimage", "scipy.fft", "skimage.metrics", "skimage.exposure",
+                 "napari_registration.core.metrics", "napari_registration.core.qc",
+                 "SimpleITK", "cv2"):  # backends import these on first use (SimpleITK: 0.5 s)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - optional pieces
+            pass
+    method_info(method)  # imports the backend module
+
+
+def summary_text(result) -> str:
+    """Before/after metrics and the method's diagnostics, as a small table."""
+    before = result.metrics.get("before", {})
+    after = result.metrics.get("after", {})
+    lines = [f"{'':8}{'before':>10}{'after':>10}"]
+    for key, label in (("mse", "MSE"), ("ncc", "NCC"), ("mi", "MI"), ("ssim", "SSIM"),
+                       ("overlap", "overlap")):
+        if key in before or key in after:
+            lines.append(f"{label:8}{_fmt(before.get(key)):>10}{_fmt(after.get(key)):>10}")
+    info = result.info
+    bits = [f"{info.get('method')}/{info.get('transform')}"]
+    for key in ("iterations", "inliers", "matches", "refine_evaluations"):
+        if info.get(key) is not None:
+            bits.append(f"{key.replace('_', ' ')} {info[key]}")
+    if info.get("stop_reason"):
+        bits.append(f"stop: {info['stop_reason']}")
+    bits.append(f"{info.get('seconds', float('nan')):.2f} s")
+    lines.append(" | ".join(str(b) for b in bits))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "nan" if not np.isfinite(v) else f"{v:.4g}"
