@@ -269,6 +269,8 @@ def _check_option_type(method, key, value, default, annotation) -> None:
     naming the option, instead of surfacing as a TypeError deep inside a backend."""
     import numbers
 
+    if key == "init" and isinstance(value, Transform):
+        return  # the contract: a Transform given as `init` is converted by the core
     if value is None:
         if default is None or annotation is inspect.Parameter.empty or "None" in str(annotation):
             return
