@@ -133,6 +133,10 @@ def run_one(method, case, threshold) -> dict:
         return rec
     rec.update(seconds=seconds, peak_mb=mb)
     try:
+        rec["details"] = method.details(raw)
+    except Exception:  # diagnostics only
+        rec["details"] = {}
+    try:
         t = tre_of(case, method.mapper(case, raw))
     except Exception as err:
         # e.g. a singular matrix: the method returned something unusable
@@ -199,9 +203,19 @@ def best(table, case, family, methods):
     return cands[0][3], cands[0][4]
 
 
-def fastest_ok_peer(table, case, methods):
-    cands = [(s["seconds"], m.name, s) for m in methods if m.family == "peer"
-             for s in [table.get((case, m.name))] if s and s["failures"] == 0 and s["seconds"]]
+def _tie(a, b) -> bool:
+    """Accuracies within 25 % or both below 0.1 units (a tenth of a pixel in 2D) count
+    as a tie: such differences rarely matter to a user."""
+    return max(a, b) < 0.1 or abs(a - b) <= 0.25 * max(a, b)
+
+
+def fastest_good(table, case, family, methods, tre_limit):
+    """Fastest method of a family with no failed run and a TRE no worse than
+    ``tre_limit`` on a case: (name, stats) or None."""
+    cands = [(s["seconds"], m.name, s) for m in methods if m.family == family
+             for s in [table.get((case, m.name))]
+             if s and s["failures"] == 0 and s["seconds"] and s["tre_mean"] is not None
+             and s["tre_mean"] <= tre_limit]
     if not cands:
         return None
     cands.sort(key=lambda c: c[0])
@@ -209,7 +223,9 @@ def fastest_ok_peer(table, case, methods):
 
 
 def verdicts(table, cases, methods):
-    """One line per case: ours vs the best peer, in accuracy and speed."""
+    """Per case: our most accurate method against the most accurate peer (accuracy),
+    and our fastest method against the fastest peer among those as accurate as the other
+    side's best (speed at comparable accuracy). Combined: ahead / behind / mixed / even."""
     rows = []
     for case in cases:
         o = best(table, case.name, "ours", methods)
@@ -219,35 +235,58 @@ def verdicts(table, cases, methods):
         v = {"case": case.name, "ours": o and o[0], "peer": p and p[0]}
         if o is None:
             v["verdict"] = "not covered by us"
-        elif p is None:
+            rows.append(v)
+            continue
+        if p is None:
             v["verdict"] = "no peer applies"
+            rows.append(v)
+            continue
+        so, sp = o[1], p[1]
+        o_ok, p_ok = so["failures"] == 0, sp["failures"] == 0
+        v.update(ours_tre=so["tre_mean"], peer_tre=sp["tre_mean"], ours_fail=so["failures"],
+                 peer_fail=sp["failures"], ours_n=so["n"], peer_n=sp["n"])
+        if o_ok and not p_ok:
+            acc = "ahead"
+        elif p_ok and not o_ok:
+            acc = "behind"
+        elif not o_ok and not p_ok:
+            v["accuracy"] = v["verdict"] = "both fail"
+            rows.append(v)
+            continue
         else:
-            so, sp = o[1], p[1]
-            o_ok = so["failures"] == 0
-            p_ok = sp["failures"] == 0
-            v.update(ours_tre=so["tre_mean"], peer_tre=sp["tre_mean"], ours_s=so["seconds"],
-                     peer_s=sp["seconds"], ours_fail=so["failures"], peer_fail=sp["failures"], n=so["n"])
-            if o_ok and not p_ok:
-                v["verdict"] = "ahead"
-            elif p_ok and not o_ok:
-                v["verdict"] = "behind"
-            elif not o_ok and not p_ok:
-                v["verdict"] = "both fail"
-            else:
-                a, b = so["tre_mean"], sp["tre_mean"]
-                # accuracies within 25 % or both below 0.1 units (a tenth of a pixel in
-                # 2D) count as a tie: such differences rarely matter to a user
-                tie = (max(a, b) < 0.1) or abs(a - b) <= 0.25 * max(a, b)
-                acc = "tie" if tie else ("ahead" if a < b else "behind")
-                v["accuracy"] = acc
-                v["speed_ratio"] = so["seconds"] / sp["seconds"] if sp["seconds"] else None
-                v["verdict"] = acc
+            a, b = so["tre_mean"], sp["tre_mean"]
+            acc = "tie" if _tie(a, b) else ("ahead" if a < b else "behind")
+        v["accuracy"] = acc
+        # speed at comparable accuracy
+        ref = min(so["tre_mean"], sp["tre_mean"]) if o_ok and p_ok else (so if o_ok else sp)["tre_mean"]
+        limit = max(ref / 0.75, 0.1)   # what _tie() would call a tie with ref
+        fo = fastest_good(table, case.name, "ours", methods, limit)
+        fp = fastest_good(table, case.name, "peer", methods, limit)
+        speed = None
+        if fo and fp:
+            v.update(fast_ours=fo[0], fast_ours_s=fo[1]["seconds"], fast_ours_tre=fo[1]["tre_mean"],
+                     fast_peer=fp[0], fast_peer_s=fp[1]["seconds"], fast_peer_tre=fp[1]["tre_mean"])
+            v["speed_ratio"] = fo[1]["seconds"] / fp[1]["seconds"]
+            speed = ("ahead" if v["speed_ratio"] < 0.8 else "behind" if v["speed_ratio"] > 1.25
+                     else "tie")
+        elif fo:
+            v.update(fast_ours=fo[0], fast_ours_s=fo[1]["seconds"], fast_ours_tre=fo[1]["tre_mean"])
+        elif fp:
+            v.update(fast_peer=fp[0], fast_peer_s=fp[1]["seconds"], fast_peer_tre=fp[1]["tre_mean"])
+        v["speed"] = speed
+        marks = {acc, speed or "tie"}
+        if marks == {"tie"}:
+            v["verdict"] = "even"
+        elif "ahead" in marks and "behind" in marks:
+            v["verdict"] = "mixed"
+        else:
+            v["verdict"] = "ahead" if "ahead" in marks else "behind"
         rows.append(v)
     return rows
 
 
 # explanations, each tied to a condition the numbers must show before it is printed
-def _why(v, case, table, methods):
+def _why(v, case, table, methods, runs=()):
     """Reasons, each printed only when the numbers of this run show its premise. The
     mechanisms were checked by profiling or by the libraries' documentation."""
     notes = []
@@ -255,12 +294,11 @@ def _why(v, case, table, methods):
     fails = lambda name: stat(name).get("failures", 0)  # noqa: E731
     has = lambda name: (case.name, name) in table  # noqa: E731
     ours = {m.name for m in methods if m.family == "ours"}
-    if case.modality == "multi" and has("ours: features") and fails("ours: features"):
-        notes.append("keypoint descriptors (SIFT) do not match across contrasts, so `features` "
-                     "fails here; mutual-information methods do not depend on matching")
-    if case.modality == "multi" and has("ours: fourier") and fails("ours: fourier"):
-        notes.append("phase correlation assumes the same contrast; `auto` adds gradient-magnitude "
-                     "stages for this")
+    multi_fail = [n for n in ("ours: features", "ours: fourier") if has(n) and fails(n)]
+    if case.modality == "multi" and multi_fail:
+        notes.append(f"{' and '.join('`' + n.split(': ')[1] + '`' for n in multi_fail)} fail on this "
+                     "contrast change (keypoint descriptors and phase correlation assume one "
+                     "contrast); mutual information (`intensity`, `auto`'s refinement) does not")
     if case.model == "deformable" and not any(has(n) for n in ours):
         notes.append("napari-registration has no deformable method without the `intensity` "
                      "(SimpleITK B-spline/demons) backend")
@@ -274,15 +312,29 @@ def _why(v, case, table, methods):
         notes.append("the true mapping jumps at depth edges, which no smooth transform can follow; "
                      "TRE is dominated by those jumps")
     ratio = v.get("speed_ratio") or 0
-    if v.get("ours") == "ours: fourier" and case.model in ("rigid", "similarity") and ratio > 1.25:
+    fast = v.get("fast_ours")
+    if fast == "ours: fourier" and case.model in ("rigid", "similarity") and ratio > 1.25:
         notes.append("`fourier` rigid/similarity polishes its log-polar estimate with a Powell search "
                      "over ~200 image warps (profiled: ~90 % of its time)")
-    if v.get("ours") == "ours: auto" and ratio > 1.25:
+    if fast == "ours: auto" and ratio > 1.25:
         notes.append("`auto` runs and scores several coarse stages before refining, and pays for "
                      "all of them")
     if case.is_stack and ratio > 1.25:
         notes.append("`register_stack` runs the full `register()` per frame, whose 1/100-px local-DFT "
                      "refinement (2 passes) dominates the time (profiled)")
+    if fast == "ours: intensity" and case.model == "deformable" and ratio > 1.25:
+        its = [r["details"] for r in runs if r["case"] == case.name and r["method"] == fast
+               and (r.get("details") or {}).get("deformable_iterations")]
+        if its:
+            d = its[0]
+            notes.append(f"`intensity` B-spline spends {d['deformable_seconds']:.0f} s in ITK's "
+                         f"LBFGSB over {len(d['deformable_iterations'])} pyramid levels "
+                         f"({sum(d['deformable_iterations'])} iterations) after a linear search")
+    auto_err = [r["details"] for r in runs if r["case"] == case.name and r["method"] == "ours: auto"
+                and (r.get("details") or {}).get("stage_errors")]
+    if auto_err:
+        notes.append("`auto` had stage errors (it falls back to the stages that worked): "
+                     + "; ".join(e for e in auto_err[0]["stages"] if ":" in e)[:200])
     flaky = [n for n in (v.get("peer"),) if n and 0 < fails(n) < stat(n).get("n", 0)]
     flaky += [m.name for m in methods if m.family == "peer" and m.name != v.get("peer")
               and any(k in m.name for k in ("SimpleITK", "ANTsPy"))
@@ -385,51 +437,60 @@ def write_docs(payload, table, cases, methods, images, skipped_methods, skipped_
     # ---- summary (top of the page)
     def line(v):
         c = case_by[v["case"]]
+        head = f"- **{v['case']}** ({c.title}): "
         if v["verdict"] == "no peer applies":
-            return f"- **{v['case']}** ({c.title}): no peer applies; {v['ours']}."
+            return head + f"no peer applies; ours: {v['ours']}."
         if v["verdict"] == "not covered by us":
-            return f"- **{v['case']}** ({c.title}): none of our methods applies; best peer {v['peer']}."
-        speed = v.get("speed_ratio")
-        sp = f", time {_fmt(v['ours_s'])} s vs {_fmt(v['peer_s'])} s" if v.get("ours_s") else ""
-        if speed:
-            sp += f" ({speed:.2g}x the peer's time)"
-        fl = ""
-        if v.get("ours_fail") or v.get("peer_fail"):
-            fl = f"; failed runs {v['ours_fail']}/{v['n']} vs {v['peer_fail']}/{v['n']}"
-        fast = fastest_ok_peer(table, v["case"], methods)
-        if fast and fast[0] != v["peer"] and v.get("ours_s"):
-            sp += f"; fastest peer without failures: {fast[0]} {_fmt(fast[1]['seconds'])} s at TRE {_fmt(fast[1]['tre_mean'])}"
-        why = _why(v, c, table, methods)
-        why = (" Why: " + "; ".join(why) + ".") if why else ""
-        return (f"- **{v['case']}** ({c.title}): {v['ours']} TRE {_fmt(v.get('ours_tre'))} vs "
-                f"{v['peer']} {_fmt(v.get('peer_tre'))}{sp}{fl}.{why}")
+            return head + f"none of our methods applies; best peer {v['peer']}."
+        acc = {"ahead": "more accurate", "behind": "less accurate", "tie": "as accurate",
+               "both fail": "everyone fails"}[v["accuracy"]]
+        txt = (head + f"{acc}: {v['ours']} TRE {_fmt(v['ours_tre'])} "
+               f"(failed {v['ours_fail']}/{v['ours_n']}) vs {v['peer']} {_fmt(v['peer_tre'])} "
+               f"(failed {v['peer_fail']}/{v['peer_n']})")
+        if v.get("speed_ratio"):
+            word = {"ahead": "faster", "behind": "slower", "tie": "about as fast"}[v["speed"]]
+            txt += (f"; at comparable accuracy {word}: {v['fast_ours']} {_fmt(v['fast_ours_s'])} s vs "
+                    f"{v['fast_peer']} {_fmt(v['fast_peer_s'])} s ({v['speed_ratio']:.2g}x)")
+        elif v.get("fast_ours") and v["accuracy"] != "both fail":
+            txt += f"; no peer is as accurate; our fastest: {v['fast_ours']} {_fmt(v['fast_ours_s'])} s"
+        elif v.get("fast_peer"):
+            txt += f"; none of ours is as accurate; fastest such peer: {v['fast_peer']} {_fmt(v['fast_peer_s'])} s"
+        why = _why(v, c, table, methods, payload["runs"])
+        return txt + "." + ((" Why: " + "; ".join(why) + ".") if why else "")
 
-    groups = {"ahead": [], "tie": [], "behind": [], "both fail": [], "no peer applies": [],
-              "not covered by us": []}
+    groups = {"ahead": [], "mixed": [], "even": [], "behind": [], "both fail": [],
+              "no peer applies": [], "not covered by us": []}
     for v in verd:
         groups[v["verdict"]].append(line(v))
-    titles = {"ahead": "Where we are ahead (more accurate, or succeed where the best peer fails)",
-              "tie": "Where we tie in accuracy (within 25 %, or both below 0.1 units); see the time ratio",
-              "behind": "Where we are behind (less accurate, or fail where a peer succeeds)",
+    titles = {"ahead": "Where we are ahead (more accurate, or as accurate and faster, or succeed where peers fail)",
+              "mixed": "Mixed (ahead on one of accuracy and speed, behind on the other)",
+              "even": "Even (as accurate and about as fast: within 25 %, or TRE both below 0.1 units)",
+              "behind": "Where we are behind (less accurate, or as accurate but slower, or fail where a peer succeeds)",
               "both fail": "Where everyone fails (mean TRE above the threshold)",
               "no peer applies": "Cases no peer covers",
               "not covered by us": "Cases we do not cover"}
-    slower = [v for v in verd if v.get("speed_ratio") and v["speed_ratio"] > 1.25]
-    faster = [v for v in verd if v.get("speed_ratio") and v["speed_ratio"] < 0.8]
+    slower = [v for v in verd if v.get("speed") == "behind"]
+    faster = [v for v in verd if v.get("speed") == "ahead"]
     summary = [
         f"Summary of the accuracy-and-speed report below (`{cmd}`, {payload['repeats']} "
-        f"repeat(s), {payload['started']}). For each case our best method is set against the "
-        f"best peer by median mean TRE (fewest failed runs first); the time ratio compares those "
-        f"two methods. Failure = exception or mean TRE > {payload['threshold']} world units.",
+        f"repeat(s), {payload['started']}). Accuracy: for each case our most accurate method "
+        f"(median mean TRE, fewest failed runs first) against the most accurate peer. Speed: "
+        f"our fastest method against the fastest peer, among those without failed runs whose "
+        f"TRE ties with (or beats) the better of the two. "
+        f"Failure = exception or mean TRE > {payload['threshold']} world units. Ties: within "
+        f"25 % (accuracy: or both below 0.1 units).",
         "",
-        f"Speed, same pairs: ours faster (< 0.8x) on {len(faster)} case(s), slower (> 1.25x) on "
-        f"{len(slower)}, of {sum(1 for v in verd if v.get('speed_ratio'))} cases with both.",
+        f"Counts: accuracy ahead on {sum(v.get('accuracy') == 'ahead' for v in verd)} case(s), tie on "
+        f"{sum(v.get('accuracy') == 'tie' for v in verd)}, behind on "
+        f"{sum(v.get('accuracy') == 'behind' for v in verd)}; at comparable accuracy faster "
+        f"(< 0.8x) on {len(faster)}, slower (> 1.25x) on {len(slower)}, of "
+        f"{sum(1 for v in verd if v.get('speed_ratio'))} cases with both.",
     ]
     if "intensity" not in payload["our_methods"]:
         summary += ["", "**This run has no `intensity` backend** (SimpleITK linear/B-spline/demons "
                         "is not in this build), so napari-registration has no deformable method and no "
                         "intensity-based method for multi-modal pairs beyond `auto`'s Fourier stages."]
-    for key in ("ahead", "tie", "behind", "both fail", "no peer applies", "not covered by us"):
+    for key in groups:
         if groups[key]:
             summary += ["", f"**{titles[key]}**", ""] + groups[key]
     summary += ["", "Full table, plots and method settings: "

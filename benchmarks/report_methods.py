@@ -60,6 +60,10 @@ class Method:
     def mapper(self, case, raw):
         raise NotImplementedError
 
+    def details(self, raw) -> dict:
+        """A few diagnostics worth keeping in the raw results (small, JSON-safe)."""
+        return {}
+
 
 # ------------------------------------------------------------------------------- ours
 class Ours(Method):
@@ -110,6 +114,23 @@ class Ours(Method):
         if case.is_stack:
             return [t.apply_inverse for t in raw.transforms]
         return raw.transform.apply_inverse
+
+    def details(self, raw) -> dict:
+        info = getattr(raw, "info", None)
+        if not isinstance(info, dict):
+            return {}
+        out = {"backend_seconds": info.get("backend_seconds")}
+        deform = info.get("deformable")
+        if isinstance(deform, dict):
+            out["deformable_iterations"] = deform.get("iterations")
+            out["deformable_seconds"] = deform.get("seconds")
+        stages = info.get("stages")
+        if isinstance(stages, list):
+            out["stages"] = [f"{st.get('method')}/{st.get('model')} on {st.get('on')}"
+                             + (f": {str(st['error'])[:120]}" if st.get("error") else "")
+                             for st in stages if isinstance(st, dict)]
+            out["stage_errors"] = sum(bool(st.get("error")) for st in stages if isinstance(st, dict))
+        return out
 
 
 # ------------------------------------------------------------------------- scikit-image
