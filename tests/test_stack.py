@@ -70,10 +70,13 @@ def series2d():
 
 
 # ------------------------------------------------------------------------- accuracy
-@pytest.mark.parametrize("reference", ["first", "mean", 7])
+@pytest.mark.parametrize("reference", ["first", "mean", 7, "image"])
 def test_2d_series_recovered_to_a_tenth_of_a_pixel(series2d, reference):
     frames, drifts = series2d
+    if reference == "image":                         # a template image: here frame 0
+        reference = frames[0].copy()
     result = register_stack(frames, reference=reference)
+    reference = "image" if isinstance(reference, np.ndarray) else reference
     ref = 7 if reference == 7 else 0
     err = frame_tre(result, drifts, ref=ref)
     assert err.max() <= 0.1, err
@@ -245,6 +248,10 @@ def test_bad_input_says_what_to_change(series2d):
         register_stack(frames, downsample=0)
     with pytest.raises(ValueError, match="1D frames"):
         register_stack(frames[:, 0])
+    with pytest.raises(ValueError, match="reference image cannot be combined"):
+        register_stack(frames[:3], reference=frames[0], coarse=frames[:3, ::2, ::2])
+    with pytest.raises(ValueError, match="one frame's shape"):
+        register_stack(frames[:3], reference=frames[0, :10])
     with pytest.raises(ValueError, match="unknown option"):
         register_stack(frames[:3], colour="red")
 
@@ -314,3 +321,14 @@ def test_time_axis_not_first(series2d):
     assert frame_tre(result, drifts[:6]).max() <= 0.1
     eager = register_stack(frames[:6])
     np.testing.assert_allclose(np.moveaxis(result.warped, 2, 0), eager.warped, atol=1e-5)
+
+
+def test_stack_api_imports_no_dask_or_qt():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_registration as n; n.register_stack; "
+            "print(sorted(m for m in ('dask', 'distributed', 'napari', 'qtpy', 'magicgui', "
+            "'tifffile') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -110,3 +110,43 @@ def test_widget_registers_a_pyramid_level_of_a_multiscale_layer(widget, qtbot):
     shifts = np.array([t.matrix[:2, 2] for t in w.result.transforms])
     assert np.allclose(shifts, drifts, atol=0.15)
     assert viewer.layers["pyramid registered"].data.shape == frames.shape
+
+
+def test_widget_aligns_an_rgb_time_series(widget, qtbot):
+    from skimage import data
+
+    viewer, w = widget
+    image = data.astronaut()[100:300, 150:350]
+    frames = np.stack([np.stack([ndimage.shift(image[..., c].astype(np.float32), -d, order=3,
+                                               mode="nearest")[20:180, 20:180]
+                                 for c in range(3)], axis=-1) for d in DRIFTS[:3]])
+    frames = np.clip(frames, 0, 255).astype(np.uint8)
+    layer = viewer.add_image(frames, rgb=True, name="colour")
+    w._layer.reset_choices()
+    w._layer.value = layer
+    assert w._channels.value and w._channel_axis.value == 3 and w._driver.value == 1
+    worker = w.make_worker()
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        worker.start()
+    out = viewer.layers["colour registered"]
+    assert out.rgb and out.data.shape == frames.shape and out.data.dtype == np.uint8
+    shifts = np.array([t.matrix[:2, 2] for t in w.result.transforms])
+    assert np.allclose(shifts, DRIFTS[:3], atol=0.1)
+
+
+def test_widget_reports_bad_input_and_recovers(widget, qtbot):
+    viewer, w = widget
+    frames, _ = series()
+    frames = frames.copy()
+    frames[2] = 3.0                                  # a blank frame: nothing to align
+    viewer.add_image(frames, name="with blank")
+    w._layer.reset_choices()
+    w._layer.value = viewer.layers["with blank"]
+    worker = w.make_worker()
+    errors = []
+    worker.errored.connect(errors.append)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        worker.start()
+    assert errors and "frame 2" in w._status.value and "constant" in w._status.value
+    assert w.result is None and "with blank registered" not in viewer.layers
+    assert w._run_button.enabled and not w._cancel_button.enabled

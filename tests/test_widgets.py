@@ -134,8 +134,12 @@ def test_register_resamples_onto_fixed_grid_and_replaces_outputs(viewer, open_wi
     assert _unchanged(f_layer, snaps[0]) and _unchanged(m_layer, snaps[1])
     assert notifications["error"] == []
 
-    # re-running replaces its own layers in place instead of piling up
+    # the button starts one run at a time; re-running replaces its own layers in place
     names = [ly.name for ly in viewer.layers]
+    worker = w.run()
+    assert worker is not None and w.run() is None and not w.run_button.enabled
+    qtbot.waitUntil(lambda: w.run_button.enabled, timeout=30_000)
+    assert [ly.name for ly in viewer.layers] == names
     w.tile.value = 20.0  # live update of the checkerboard tile, in world units
     expected = checkerboard(fixed, out.data, tile=20.0, spacing=f_grid[0])
     assert np.array_equal(viewer.layers["checkerboard: moving"].data, expected)
@@ -532,6 +536,12 @@ def test_transform_widget_applies_saves_loads_and_inverts(viewer, open_widget, q
     n_layers = len(viewer.layers)
     w.apply()
     assert len(viewer.layers) == n_layers  # replaced, not piled up
+
+    # an image as a copy with an affine (no resampling), placed by the reference's affine
+    w.target.value, w.mode.value = reg, "affine"
+    out = w.apply()
+    assert np.allclose(out.affine.affine_matrix, truth.matrix) and out.data is not None
+    assert np.array_equal(reg.affine.affine_matrix, np.eye(3))
 
     # save (JSON and ITK), load back, invert
     for name in ("t.json", "t.tfm"):

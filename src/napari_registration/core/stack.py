@@ -220,7 +220,13 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
                     concurrent.futures.wait(list(pending), timeout=0.1,
                                             return_when=concurrent.futures.FIRST_COMPLETED)
                 else:
-                    time.sleep(0.005)
+                    import distributed
+
+                    try:  # block without spinning (the driver may host the scheduler)
+                        distributed.wait(list(pending), timeout=0.1,
+                                         return_when="FIRST_COMPLETED")
+                    except (TimeoutError, distributed.TimeoutError):
+                        pass
                 continue
             for fut in done:
                 key = pending.pop(fut)
@@ -383,7 +389,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     work = move.moveaxis(data, src, list(range(len(src))))
     n = int(work.shape[0])
     if n < 1:
-        raise ValueError("the stack has no frames along axis {axis}")
+        raise ValueError(f"the stack has no frames along axis {axis}")
     if channel_axis is not None:
         nch = int(work.shape[1])
         if not -nch <= int(driver_channel) < nch:
@@ -440,6 +446,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         ref_mode = int(reference) % n
     else:
         ref_arr = np.asarray(reference)
+        if coarse is not None:
+            raise ValueError("a reference image cannot be combined with coarse=: pass a frame "
+                             "index as the reference, or downsample= instead of coarse=")
         if ref_arr.shape != frame_shape:
             raise ValueError(f"a reference image must have one frame's shape {frame_shape}; "
                              f"got {ref_arr.shape}")

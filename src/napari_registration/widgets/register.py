@@ -117,6 +117,7 @@ class RegisterWidget(Container):
         self._started_at = 0.0
         self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
         self.timing: dict = {}
+        self._running = False
 
         self.method.changed.connect(self._on_method)
         self.fixed.changed.connect(self._forget)
@@ -255,14 +256,18 @@ class RegisterWidget(Container):
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._cancel_event = cancel_event
+        # closing the widget (or napari) mid-run stops the run instead of leaving it going
+        self.native.destroyed.connect(cancel_event.set)
         return worker
 
     def run(self, *_):
         """Start a registration (the *Register* button)."""
-        if self._worker is not None and self.cancel_button.enabled:
-            return  # already running
+        if self._running:
+            return None  # one registration at a time
         worker = self.make_worker()
         if worker is not None:
+            self._running = True
+            self.run_button.enabled = False  # now, not when the queued `started` arrives
             worker.start()
         return worker
 
@@ -284,6 +289,7 @@ class RegisterWidget(Container):
         self.status.value = message
 
     def _on_finished(self):
+        self._running = False
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self._cancel_event = None
@@ -438,12 +444,17 @@ def summary_text(result) -> str:
     info = result.info
     bits = [f"{info.get('method')}/{info.get('transform')}"]
     for key in ("iterations", "inliers", "matches", "refine_evaluations"):
-        if info.get(key) is not None:
-            bits.append(f"{key.replace('_', ' ')} {info[key]}")
-    if info.get("stop_reason"):
-        bits.append(f"stop: {info['stop_reason']}")
+        value = info.get(key)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
+            value = "+".join(str(v) for v in value) + (f" = {sum(value)}" if len(value) > 1 else "")
+        if value is not None:
+            bits.append(f"{key.replace('_', ' ')} {value}")
     bits.append(f"{info.get('seconds', float('nan')):.2f} s")
     lines.append(" | ".join(str(b) for b in bits))
+    stop = info.get("stop_reason") or info.get("stop_condition")
+    if stop:
+        stop = str(stop)
+        lines.append("stop: " + (stop if len(stop) <= 90 else stop[:87] + "..."))
     return "\n".join(lines)
 
 

@@ -128,6 +128,10 @@ class StackRegistrationWidget(Container):
             self._level.max = len(layer.data) - 1
         self._axis.max = max(0, ndim - 1)
         self._channel_axis.max = max(0, ndim - 1)
+        if getattr(layer, "rgb", False):  # colour frames: drive with green, carry all three
+            self._channels.value = True
+            self._channel_axis.value = ndim - 1
+            self._driver.value = 1
 
     # ---------------------------------------------------------------------- run
     def settings(self) -> dict:
@@ -146,7 +150,8 @@ class StackRegistrationWidget(Container):
             coarse=coarse,
             data=data, axis=int(self._axis.value), reference=reference,
             method=self._method.value, transform=self._transform.value,
-            spacing=tuple(float(s) for s in layer.scale),
+            # napari's scale has no entry for an RGB layer's colour axis
+            spacing=tuple(float(s) for s in layer.scale) + ((1.0,) if layer.rgb else ()),
             channel_axis=int(self._channel_axis.value) if self._channels.value else None,
             driver_channel=int(self._driver.value), downsample=int(self._downsample.value),
             cancel=self._cancel.is_set,
@@ -160,7 +165,8 @@ class StackRegistrationWidget(Container):
         kwargs = self.settings()
         self._source = self._layer.value
         self._cancel.clear()
-        worker = create_worker(_run, _start_thread=False, **kwargs)
+        # errors are shown in the widget's status line (not re-raised as a traceback)
+        worker = create_worker(_run, _start_thread=False, _ignore_errors=True, **kwargs)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
