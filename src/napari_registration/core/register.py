@@ -67,8 +67,12 @@ CORE_OPTIONS = {
 }
 
 
-class RegistrationError(RuntimeError):
-    """The method ran but could not find an alignment; the message says what to try."""
+class RegistrationError(Exception):
+    """The method ran but could not find an alignment; the message says what to try.
+
+    Deliberately not a RuntimeError: superqt's generator workers (napari's
+    thread_worker) take a RuntimeError for a deleted worker and emit neither
+    ``errored`` nor ``finished``, which left widgets waiting forever."""
 
 
 class RegistrationCancelled(RegistrationError):
@@ -269,8 +273,6 @@ def _check_option_type(method, key, value, default, annotation) -> None:
     naming the option, instead of surfacing as a TypeError deep inside a backend."""
     import numbers
 
-    if key == "init" and isinstance(value, Transform):
-        return  # the contract: a Transform given as `init` is converted by the core
     if value is None:
         if default is None or annotation is inspect.Parameter.empty or "None" in str(annotation):
             return
