@@ -174,6 +174,11 @@ class OpenCVSift(Method):
                 "(translation/rigid/similarity), estimateAffine2D (affine), findHomography "
                 "RANSAC 5.0 (homography); warpPerspective")
 
+    def _detector(self):
+        import cv2
+
+        return cv2.SIFT_create(), cv2.NORM_L2
+
     def available(self):
         return installed("cv2")
 
@@ -188,12 +193,12 @@ class OpenCVSift(Method):
 
         f8 = np.clip(case.fixed * 255, 0, 255).astype(np.uint8)
         m8 = np.clip(case.moving * 255, 0, 255).astype(np.uint8)
-        sift = cv2.SIFT_create()
-        kf, df = sift.detectAndCompute(f8, None)
-        km, dm = sift.detectAndCompute(m8, None)
+        detector, norm = self._detector()
+        kf, df = detector.detectAndCompute(f8, None)
+        km, dm = detector.detectAndCompute(m8, None)
         if df is None or dm is None or len(kf) < 4 or len(km) < 4:
             raise RuntimeError("too few keypoints")
-        matches = cv2.BFMatcher().knnMatch(dm, df, k=2)
+        matches = cv2.BFMatcher(norm).knnMatch(dm, df, k=2)
         good = [m for m, n in (p for p in matches if len(p) == 2) if m.distance < 0.75 * n.distance]
         if len(good) < 4:
             raise RuntimeError(f"only {len(good)} matches pass the ratio test")
@@ -221,6 +226,17 @@ class OpenCVSift(Method):
             xy = xy1[:, :2] / xy1[:, 2:]
             return xy[:, ::-1]
         return f
+
+
+class OpenCVOrb(OpenCVSift):
+    name = "OpenCV ORB + RANSAC"
+    settings = ("ORB_create(nfeatures=5000), BFMatcher(NORM_HAMMING) knnMatch k=2, ratio 0.75; "
+                "then as SIFT")
+
+    def _detector(self):
+        import cv2
+
+        return cv2.ORB_create(nfeatures=5000), cv2.NORM_HAMMING
 
 
 # --------------------------------------------------------------------------- SimpleITK
@@ -449,5 +465,6 @@ def all_methods() -> list[Method]:
     from napari_registration import available_methods
 
     ours = [Ours(m) for m in available_methods() if m != "landmarks"]
-    peers = [PhaseCorrelation(), OpenCVSift(), SimpleITKDirect(), Elastix(), Ants(), PyStackReg()]
+    peers = [PhaseCorrelation(), OpenCVSift(), OpenCVOrb(), SimpleITKDirect(), Elastix(), Ants(),
+             PyStackReg()]
     return ours + peers
