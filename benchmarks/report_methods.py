@@ -428,7 +428,8 @@ class Ants(Method):
 class PyStackReg(Method):
     name = "pystackreg"
     package = "pystackreg"
-    settings = "StackReg(TRANSLATION | RIGID_BODY | SCALED_ROTATION | AFFINE).register_transform_stack(reference='first')"
+    settings = ("StackReg(TRANSLATION | RIGID_BODY | SCALED_ROTATION | AFFINE): register_stack("
+                "reference='first') then transform_stack")
 
     def available(self):
         return installed("pystackreg")
