@@ -103,8 +103,18 @@ def run_elastix(fixed, moving, kind, f_sp, m_sp):
     _, tp = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
     seconds = time.perf_counter() - t
     # elastix maps fixed -> moving points; its displacement field on the fixed grid is
-    # a backward field step in our model
-    field = np.asarray(itk.transformix_deformation_field(m, tp))[..., ::-1].astype(np.float32)
+    # a backward field step in our model (transformix writes a file into the working
+    # directory, so run it in a temporary one)
+    import os
+    import tempfile
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            field = np.asarray(itk.transformix_deformation_field(m, tp))[..., ::-1].astype(np.float32)
+        finally:
+            os.chdir(here)
     return Transform(steps=[FieldStep(field, f_sp, None, "backward")]), seconds
 
 

@@ -42,7 +42,7 @@ def _run(data, **kwargs):
         return None
     except RuntimeError as err:
         # superqt's GeneratorWorker takes a RuntimeError from the generator for a deleted
-        # worker and emits neither errored nor finished; RegistrationError is one
+        # worker and emits neither errored nor finished (e.g. one from ITK or OpenCV)
         raise StackWorkerError(str(err)) from err
 
 
