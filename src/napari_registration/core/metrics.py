@@ -74,8 +74,10 @@ def mutual_information(a, b, mask=None, bins: int = 32) -> float:
 def ssim(a, b, mask=None) -> float:
     from skimage.metrics import structural_similarity
 
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    # float32: skimage keeps it, and its ~8 full-size filtered images then take half
+    # the memory (in float64 SSIM cost 16x the two images: the largest scoring buffer)
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
     if min(a.shape) < 7:
         return float("nan")
     _, full = structural_similarity(a, b, data_range=1.0, full=True)
