@@ -287,8 +287,6 @@ def _check_option_type(method, key, value, default, annotation) -> None:
         raise ValueError(f"option {key!r} of method {method!r} cannot be None; its default is {default!r}")
     if key == "init" and isinstance(value, Transform):
         return  # every backend's `init` may be a Transform (the core converts its worlds)
-    if type(value).__name__ in str(annotation) and type(value).__name__ != type(default).__name__:
-        return  # another type the signature names, e.g. "str | Sequence"
     if isinstance(default, bool):
         ok = isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))
         kind = "True or False"
