@@ -1,7 +1,7 @@
 """Accuracy-and-speed report: napari-registration against its peers on real images with
 known ground-truth transforms.
 
-Run:   .venv/bin/python benchmarks/report.py             (full report, ~10 min on 2 cores)
+Run:   .venv/bin/python benchmarks/report.py             (full report, ~8 min on 2 cores)
        .venv/bin/python benchmarks/report.py --quick     (few cases, 1 repeat)
 Options: --repeats N, --cases a,b, --methods substr,substr, --no-docs, --threshold T,
 --budget SECONDS (fewer rounds rather than overrunning), --slow SECONDS (slower pairs run once).
@@ -316,6 +316,10 @@ def _why(v, case, table, methods, runs=()):
     if fast == "ours: fourier" and case.model in ("rigid", "similarity") and ratio > 1.25:
         notes.append("`fourier` rigid/similarity polishes its log-polar estimate with a Powell search "
                      "over ~200 image warps (profiled: ~90 % of its time)")
+    if fast == "ours: fourier" and case.model == "translation" and not case.is_stack and ratio > 1.25:
+        notes.append("`fourier` refines the correlation peak to 1/100 px with a local DFT (2 "
+                     "passes), which buys its near-exact shift; the faster peer stops at its own "
+                     "cruder estimate")
     if fast == "ours: auto" and ratio > 1.25:
         notes.append("`auto` runs and scores several coarse stages before refining, and pays for "
                      "all of them")
@@ -521,6 +525,11 @@ def write_docs(payload, table, cases, methods, images, skipped_methods, skipped_
            "failures column)" if payload.get("slow_s") and payload["repeats"] > 1 else "") + ", "
         f"{env['cpus']} cores, Python {env['python']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+        "",
+        "Setup: `.venv/bin/pip install -e '.[bench]' nilearn antspyx` (nilearn ships the MNI152 "
+        "templates used by the brain cases, which are skipped without it; a peer that is not "
+        "installed is listed as not run). `--docs-from benchmarks/results/report.json` rewrites "
+        "this section and the plots from the raw numbers without running anything.",
         "",
         "How it is measured: TRE = distance between each method's own fixed -> moving "
         "mapping of a grid of fixed-image points (7 per axis, 15 % margin; stereo: valid-"
