@@ -179,9 +179,10 @@ def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.
     """
     shift, peak = phase_correlate(fixed, moving, upsample=upsample, window=window,
                                   lowpass=lowpass, fixed_mask=fixed_mask, moving_mask=moving_mask)
-    # the residual is measured on a central crop (<= REFINE_CROP per axis): it only needs
-    # enough structure for a sub-pixel estimate, and keeps the passes cheap on big images
-    region = tuple(slice((n - min(n, REFINE_CROP)) // 2, (n - min(n, REFINE_CROP)) // 2 + min(n, REFINE_CROP))
+    # the residual is measured on a central crop (<= REFINE_CROP per axis, <= REFINE_VOXELS):
+    # it only needs enough structure for a sub-pixel estimate, and keeps passes cheap
+    side = min(REFINE_CROP, int(round(REFINE_VOXELS ** (1.0 / fixed.ndim))))
+    region = tuple(slice((n - min(n, side)) // 2, (n - min(n, side)) // 2 + min(n, side))
                    for n in fixed.shape)
     fixed_c = fixed[region]
     fmask_c = None if fixed_mask is None else fixed_mask[region]
@@ -201,7 +202,8 @@ def estimate_translation(fixed, moving, *, upsample=100, window=True, lowpass=0.
     return shift, peak
 
 
-REFINE_CROP = 256
+REFINE_CROP = 256  # per axis at most
+REFINE_VOXELS = 2 ** 18  # and at most this many voxels (64^3 in 3D): 256^3 re-correlated whole was 3x skimage's time
 
 
 def _shifted_crop(moving, shift, region, order=3, cval=None):
