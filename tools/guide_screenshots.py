@@ -22,7 +22,7 @@ from screenshots import PLUGIN, close_docks, run_worker, wait  # noqa: E402
 from screenshots import shot as _grab  # noqa: E402
 
 WINDOW = (1500, 860)
-DOCK_WIDTH = 520  # px; the rest goes to the layer list and the canvas
+DOCK_WIDTH = 600  # px; the rest goes to the layer list and the canvas
 
 
 def shot(viewer, path: Path, *, reset: bool = True) -> None:
@@ -43,6 +43,7 @@ def dock(viewer, name):
 
     dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     wait(100)
+    dock_widget.setMaximumWidth(DOCK_WIDTH)  # resizeDocks alone did not shrink a wide form
     viewer.window._qt_window.resizeDocks([dock_widget], [DOCK_WIDTH], Qt.Horizontal)
     wait(50)
     return widget
@@ -111,12 +112,14 @@ def volume(viewer, out: Path) -> None:
     reg.method.value, reg.transform.value = "intensity", "rigid"
     reg.tile.value = 16.0
     run_worker(reg)
+    registered = f"{moving.name} registered"
     viewer.dims.set_point(0, 48.0)
-    show_only(viewer, f"checkerboard: {moving.name}")
+    show_only(viewer, fixed.name, registered)  # green + magenta = white where aligned
     shot(viewer, out / "guide_volume_rigid.png")
     reg.transform.value = "bspline"
     wait(100)
     run_worker(reg)
+    viewer.dims.set_point(0, 30.0)
     show_only(viewer, f"checkerboard: {moving.name}")
     shot(viewer, out / "guide_volume_bspline.png")
 
@@ -165,6 +168,8 @@ def landmarks(viewer, out: Path) -> None:
         w.moving_points.add(mp)
         wait(30)
     wait(300)
+    for layer in (w.fixed_points, w.moving_points):
+        layer.size = 14
     moving.visible = False
     shot(viewer, out / "guide_landmarks.png")
 
@@ -173,6 +178,8 @@ def apply_labels(viewer, out: Path) -> None:
     """5. Register the channels, save the transform, load it, apply it to labels + points."""
     fresh(viewer)
     from skimage import filters, measure
+
+    from napari_registration import save_transform
 
     viewer.open_sample(PLUGIN, "fluorescence_pair")
     fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
@@ -189,7 +196,7 @@ def apply_labels(viewer, out: Path) -> None:
     app.take_from_layer()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "channel_offset.json"
-        app.save(path)
+        save_transform(app.transform, path)  # what *Save* does (without its notification)
         app.load(path)
     app.target.value, app.reference.value = labels, fixed
     applied = app.apply()
