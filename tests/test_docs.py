@@ -101,3 +101,31 @@ def test_images_exist(page):
         if "://" in target:
             continue
         assert (page.parent / target).is_file(), f"{_rel(page)} shows missing image {target}"
+
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = FENCE.sub("", page.read_text())
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_links_between_pages_resolve(page):
+    for target in LINK.findall(page.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = page if not path else page.parent / path
+        assert dest.exists(), f"{_rel(page)} links to missing {target}"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{_rel(page)} links to missing anchor {target}"
