@@ -198,9 +198,16 @@ def apply_labels(viewer, out: Path) -> None:
         path = Path(tmp) / "channel_offset.json"
         save_transform(app.transform, path)  # what *Save* does (without its notification)
         app.load(path)
+    # spots detected on the moving channel: centroids of the larger nuclei
+    props = [p for p in measure.regionprops(nuclei) if p.area > 150]
+    spots = viewer.add_points(np.array([p.centroid for p in props]), name="spots (moving)",
+                              size=10, face_color="yellow")
+    app.reset_choices()
     app.target.value, app.reference.value = labels, fixed
     applied = app.apply()
-    show_only(viewer, fixed.name, applied.name)
+    app.target.value = spots
+    moved_spots = app.apply()
+    show_only(viewer, fixed.name, applied.name, moved_spots.name)
     viewer.layers[applied.name].opacity = 0.5
     viewer.layers.selection.active = viewer.layers[applied.name]
     shot(viewer, out / "guide_apply_labels.png")
