@@ -66,9 +66,23 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
         paths["checkerboard"] = str(write_image(out / "checkerboard.png", (board * 255).astype(np.uint8)))
     report = result.to_dict()
     report["outputs"] = paths
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    # report.json marks a finished item (batch skips folders that have one): write it
+    # last and atomically, so an interrupted run never leaves a half-written one
+    _write_atomic(out / "report.json", json.dumps(report, indent=1))
     paths["report"] = str(out / "report.json")
     return paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _summary(result) -> str:
@@ -211,7 +225,15 @@ def _open_stack(path):
 
         if not path.exists():
             raise FileNotFoundError(f"image file not found: {path}")
-        with tifffile.TiffFile(path) as tif:
+        try:
+            tif = tifffile.TiffFile(path)
+        except (OSError, ValueError, IndexError, KeyError) as err:
+            first = str(err).strip().splitlines()
+            raise ValueError(f"cannot read image {path}: "
+                             f"{first[-1] if first else type(err).__name__}") from None
+        with tif:
+            if not tif.series:
+                raise ValueError(f"cannot read image {path}: the TIFF holds no image series")
             series = tif.series[0]
             axes = series.axes
             ij = tif.imagej_metadata or {}
@@ -470,7 +492,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RegistrationError) as err:
+    except (ValueError, OSError, RegistrationError) as err:
+        # OSError: unreadable/unwritable paths (missing, a file where a folder goes,
+        # permissions, disk full) are the user's to fix, reported like bad input
         print(f"napari-registration: error: {err}", file=sys.stderr)
         return 2
 

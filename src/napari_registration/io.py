@@ -53,7 +53,11 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
             img = sitk.ReadImage(str(path))
             return (sitk.GetArrayFromImage(img), tuple(img.GetSpacing())[::-1],
                     tuple(img.GetOrigin())[::-1])
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, TypeError) as err:
+        # the readers (tifffile, imageio, SimpleITK) report damaged or foreign files with
+        # any of these; the user needs the file name and the reader's last line
         first = str(err).strip().splitlines()
         raise ValueError(f"cannot read image {path}: {first[-1] if first else type(err).__name__}") from None
     raise ValueError(

@@ -89,7 +89,8 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, metric: str = "mi", structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
-             stop_ncc: float | None = 0.95, min_overlap: float = 0.1) -> BackendResult:
+             stop_ncc: float | None = 0.95, min_overlap: float = 0.1,
+             seed: int | None = None) -> BackendResult:
     """Chain and score methods; return the best-scoring transform.
 
     Options
@@ -113,6 +114,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     min_overlap : float
         Candidates whose overlap covers less than this fraction of the fixed image are
         discarded (a tiny overlap can score deceptively well).
+    seed : int or None
+        Seed of the ``intensity`` refinement's random metric sampling: with a seed the
+        same inputs give the identical transform (``features`` is always seeded); None
+        leaves it unseeded (faster: SimpleITK then uses every thread).
     """
     from ..core.register import register as core_register
 
@@ -257,6 +262,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         start = best[2]
         refine_model = _refine_model(transform)
         opts = {"init": start} if "init" in method_info("intensity")["options"] else {}
+        if seed is not None and "seed" in method_info("intensity")["options"]:
+            opts["seed"] = int(seed)
         why = (f"intensity {refine_model} refinement from the best coarse stage "
                f"({stages[best[1]]['method']} {stages[best[1]]['model']} on {stages[best[1]]['on']})")
         k = len(coarse)

@@ -102,6 +102,13 @@ def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
     side = float(spacing.min())
     ratio = spacing / side  # >= 1: how many new pixels per old one, per axis
     shape = tuple(int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(image.shape, ratio))
+    if max(shape) > 32767 or np.prod(shape, dtype=float) > max(2 ** 24, 4 * image.size):
+        # OpenCV cannot warp beyond 32767 px per side, and such a stretch is almost
+        # surely a spacing in the wrong units
+        raise ValueError(
+            f"pixels of {float(spacing.max() / side):.3g}:1 aspect ratio (spacing "
+            f"{spacing.tolist()}) would make a {shape} image on square pixels; check the "
+            "spacing units, or pass isotropic=False to detect on the pixels as they are")
     # pull-back in OpenCV (x, y): input index = output index / ratio
     m_xy = np.array([[1 / ratio[1], 0.0, 0.0], [0.0, 1 / ratio[0], 0.0]])
     flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP

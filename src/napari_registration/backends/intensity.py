@@ -33,6 +33,7 @@ sampling noise (3D brain rigid: 0.02-0.1 mm).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -403,8 +404,11 @@ def _shrink(img, target_spacing, sigma=None, mask=False):
     sigma = 0.5 * target_spacing if sigma is None else float(sigma)
     # a box of width f*s has variance (f*s)^2 / 12; add what is missing
     rest = [float(np.sqrt(max(0.0, sigma ** 2 - (f * sp) ** 2 / 12.0))) for f, sp in zip(factors, spacing)]
-    if max(rest) > 0:
-        small = sitk.SmoothingRecursiveGaussian(small, rest)
+    # one axis at a time: with anisotropic voxels some axes are already blurred enough
+    # (rest 0), and SmoothingRecursiveGaussian rejects a zero sigma on any axis
+    for axis, sg in enumerate(rest):
+        if sg > 0:
+            small = sitk.RecursiveGaussian(small, sg, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return small
 
 
@@ -818,10 +822,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     # SimpleITK's random sampling repeats only on one thread: the method's own
     # SetNumberOfThreads does not reach every filter it runs (measured: runs differed),
     # so a seeded run sets the process-wide default and restores it afterwards
-    saved_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    if threads is not None:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
-    try:
+    with _global_threads(sitk, threads):
         return _run(sitk, fixed, moving, fixed_img, moving_img, transform=transform, ndim=ndim,
                     init=init, rotation_search=rotation_search, optimizer=optimizer,
                     learning_rate=learning_rate, iterations=iterations,
@@ -832,8 +833,38 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                     mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
                     demons_smoothing=demons_smoothing, threads=threads, progress=progress,
                     cancel=cancel, t0=t0)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_threads)
+
+
+# registrations running at the same time in threads share SimpleITK's process-wide
+# thread count: the first override saves the original, the last one to finish restores
+# it (a plain save/restore per call leaked the override: run A saved 2 and set 1, run B
+# saved 1, A restored 2, B restored 1 -> the process stayed single-threaded)
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "saved": None}
+
+
+class _global_threads:
+    def __init__(self, sitk, threads):
+        self.sitk, self.threads = sitk, threads
+
+    def __enter__(self):
+        if self.threads is None:
+            return self
+        with _THREADS_LOCK:
+            if _THREADS_STATE["users"] == 0:
+                _THREADS_STATE["saved"] = self.sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            _THREADS_STATE["users"] += 1
+            self.sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(self.threads))
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads is None:
+            return False
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0:
+                self.sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_THREADS_STATE["saved"])
+        return False
 
 
 def _run(sitk, fixed, moving, fixed_img, moving_img, *, transform, ndim, init, rotation_search,

@@ -32,7 +32,9 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros_like(image)
-    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    out = image - np.float32(lo)  # one new float32 array, then in place
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def mse(a, b, mask=None) -> float:
@@ -72,8 +74,10 @@ def mutual_information(a, b, mask=None, bins: int = 32) -> float:
 def ssim(a, b, mask=None) -> float:
     from skimage.metrics import structural_similarity
 
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    # float32: skimage keeps it, and its ~8 full-size filtered images then take half
+    # the memory (in float64 SSIM cost 16x the two images: the largest scoring buffer)
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
     if min(a.shape) < 7:
         return float("nan")
     _, full = structural_similarity(a, b, data_range=1.0, full=True)

@@ -230,10 +230,13 @@ def _as_image(name: str, image, rgb) -> tuple[np.ndarray, bool]:
 def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
     from .preprocess import to_grey
 
-    g = to_grey(a) if is_rgb else a.astype(np.float32)
+    # float32 input is used as is (no copy: it is only read); see the fill below
+    g = to_grey(a) if is_rgb else np.asarray(a, dtype=np.float32)
     finite = np.isfinite(g)
     if not finite.all():
         bad = ~finite
+        if g is a or np.shares_memory(g, a):
+            g = g.copy()
         if mask is None or np.any(bad & mask):
             where = "" if mask is None else f" inside {name}_mask"
             raise ValueError(
@@ -273,14 +276,17 @@ def _check_option_type(method, key, value, default, annotation) -> None:
     naming the option, instead of surfacing as a TypeError deep inside a backend."""
     import numbers
 
+    if annotation is inspect.Parameter.empty:
+        return  # an unannotated option may take anything (e.g. init: a name or a Transform)
+    kinds = {t.strip() for t in str(annotation).split("|")} - {"None", ""}
+    if len(kinds) > 1:
+        return  # several accepted types: the backend checks them itself
     if value is None:
-        if default is None or annotation is inspect.Parameter.empty or "None" in str(annotation):
+        if default is None or "None" in str(annotation):
             return
         raise ValueError(f"option {key!r} of method {method!r} cannot be None; its default is {default!r}")
     if key == "init" and isinstance(value, Transform):
         return  # every backend's `init` may be a Transform (the core converts its worlds)
-    if type(value).__name__ in str(annotation) and type(value).__name__ != type(default).__name__:
-        return  # another type the signature names, e.g. "str | Sequence"
     if isinstance(default, bool):
         ok = isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))
         kind = "True or False"
@@ -308,9 +314,9 @@ def _check_option_types(method, backend_register, backend_opts, core) -> None:
         p = params[key]
         _check_option_type(method, key, value, p.default, p.annotation)
     for key in ("normalize", "warp", "score", "order", "smooth"):
-        _check_option_type(method, key, core[key], CORE_OPTIONS[key], "")
+        _check_option_type(method, key, core[key], CORE_OPTIONS[key], type(CORE_OPTIONS[key]).__name__)
     if core["rgb"] is not None:
-        _check_option_type(method, "rgb", core["rgb"], False, "")
+        _check_option_type(method, "rgb", core["rgb"], False, "bool")
     if not 0 <= int(core["order"]) <= 5:
         raise ValueError(f"order (spline interpolation order of the warped image) must be 0-5; "
                          f"got {core['order']}")
@@ -476,6 +482,13 @@ def register(
                                  f"coordinates) for {ndim}D images; got shape {pts.shape}")
             backend_opts[key] = pts - origin
 
+    # the backends get arrays of their own: with normalize=False (and no other
+    # preprocessing) prepare() may hand back the caller's float32 array itself
+    if np.shares_memory(f_prep, fixed_raw):
+        f_prep = f_prep.copy()
+    if np.shares_memory(m_prep, moving_raw):
+        m_prep = m_prep.copy()
+
     report(0.05, f"{method}: {transform}")
     t_backend = time.perf_counter()
     out: BackendResult = mod.register(
@@ -483,6 +496,7 @@ def register(
         fixed_mask=fixed_mask, moving_mask=moving_mask, progress=backend_progress,
         cancel=backend_cancel, **backend_opts,
     )
+    del f_prep, m_prep  # not needed for warping and scoring: free them before the warp
     should_stop()
     backend_seconds = time.perf_counter() - t_backend
     if not isinstance(out, BackendResult):  # pragma: no cover - backend contract

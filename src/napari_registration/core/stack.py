@@ -319,6 +319,10 @@ def _as_stack(frames):
     if _is_dask(frames):
         return frames
     if isinstance(frames, (list, tuple)):
+        shapes = {np.shape(f) for f in frames}
+        if len(shapes) > 1:
+            raise ValueError(f"the frames have different shapes {sorted(shapes)}; crop or pad "
+                             "them to one shape (or register them pairwise with register())")
         frames = np.stack([np.asarray(f) for f in frames])
     a = np.asarray(frames)
     if a.dtype == object or a.dtype.kind in "USVc":
@@ -329,7 +333,11 @@ def _as_stack(frames):
 def _spatial_spacing(spacing, ndim_total, drop, ndim_spatial):
     if spacing is None:
         return (1.0,) * ndim_spatial
-    sp = [float(v) for v in np.ravel(spacing)]
+    try:
+        sp = [float(v) for v in np.ravel(spacing)]
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be numbers (one per spatial axis, napari order); got "
+                         f"{spacing!r}") from None
     if len(sp) == ndim_total and ndim_total != ndim_spatial:  # napari layer.scale
         sp = [v for k, v in enumerate(sp) if k not in drop]
     if len(sp) == 1:
@@ -398,6 +406,10 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     else:
         driver = work
     frame_shape = tuple(int(s) for s in driver.shape[1:])
+    reduced = tuple(n // f for n, f in zip(frame_shape, factor))
+    if max(factor) > 1 and min(reduced) < 4:
+        raise ValueError(f"downsample={list(factor)} leaves frames of {reduced} pixels from "
+                         f"{frame_shape}; registration needs >= 4 per axis: use a smaller factor")
 
     # what is registered: the driver frames, or those of a coarser copy (pyramid level)
     reg_driver, reg_sp, reg_or = driver, np.asarray(sp, float), np.zeros(ndim_spatial)
