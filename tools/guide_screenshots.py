@@ -1,0 +1,239 @@
+"""Screenshots for the user guide (docs/use-cases.md), from a real napari window.
+
+    xvfb-run -a .venv/bin/python tools/guide_screenshots.py [--out docs/images] [--only NAME ...]
+
+Each use case is done the way a user would: the plugin's sample data (File > Open Sample),
+the dock widgets opened through the plugin manifest (Plugins > Registration > ...), the
+registrations run in the widgets' worker threads. Every image is a grab of the whole
+window, saved as a 256-colour PNG (guide_*.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshots import PLUGIN, close_docks, run_worker, wait  # noqa: E402
+from screenshots import shot as _grab  # noqa: E402
+
+WINDOW = (1500, 860)
+DOCK_WIDTH = 600  # px; the rest goes to the layer list and the canvas
+
+
+def shot(viewer, path: Path, *, reset: bool = True) -> None:
+    """Fit the data to the canvas that the dock left, then grab the window."""
+    wait(100)
+    if reset:
+        viewer.reset_view()
+    _grab(viewer, path)
+
+
+def show_only(viewer, *names) -> None:
+    for layer in viewer.layers:
+        layer.visible = layer.name in names
+
+
+def dock(viewer, name):
+    from qtpy.QtCore import Qt
+
+    dock_widget, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    wait(100)
+    dock_widget.setMaximumWidth(DOCK_WIDTH)  # resizeDocks alone did not shrink a wide form
+    viewer.window._qt_window.resizeDocks([dock_widget], [DOCK_WIDTH], Qt.Horizontal)
+    wait(50)
+    return widget
+
+
+def fresh(viewer) -> None:
+    close_docks(viewer)
+    viewer.layers.clear()
+    viewer.dims.ndisplay = 2
+    viewer.window.resize(*WINDOW)  # long option forms make the window taller; shrink back
+    wait(50)
+
+
+# ---------------------------------------------------------------------------- use cases
+def channels(viewer, out: Path) -> None:
+    """1. Two-channel pair, Fourier rigid: before, then the checkerboard."""
+    fresh(viewer)
+    viewer.open_sample(PLUGIN, "fluorescence_pair")
+    fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
+    reg = dock(viewer, "Register images")
+    reg.fixed.value, reg.moving.value = fixed, moving
+    reg.method.value, reg.transform.value = "fourier", "rigid"
+    reg.tile.value = 64.0
+    viewer.camera.zoom *= 1.0
+    shot(viewer, out / "guide_channels_before.png")
+    run_worker(reg)
+    show_only(viewer, f"checkerboard: {moving.name}")
+    shot(viewer, out / "guide_channels_checkerboard.png")
+
+
+def drifting_stack(n: int = 24, size: int = 256, seed: int = 1):
+    """A time series made from scikit-image's camera: crops after a random-walk drift."""
+    from scipy import ndimage
+    from skimage import data
+
+    image = data.camera().astype(np.float32)
+    drift = np.cumsum(np.random.default_rng(seed).normal(0.0, 1.2, (n, 2)), axis=0)
+    drift -= drift[0]
+    r0, c0 = 120, 140
+    frames = np.stack([ndimage.shift(image, d, order=3)[r0:r0 + size, c0:c0 + size] for d in drift])
+    return frames.astype(np.float32), drift
+
+
+def stack(viewer, out: Path) -> None:
+    """2. Register stack on a drifting series: the aligned stack and the drift table."""
+    fresh(viewer)
+    frames, _ = drifting_stack()
+    source = viewer.add_image(frames, name="drifting camera", colormap="gray")
+    w = dock(viewer, "Register stack")
+    w._layer.reset_choices()
+    w._layer.value = source
+    w._reference.value = "previous"
+    run_worker(w)
+    viewer.dims.set_point(0, len(frames) - 1)
+    show_only(viewer, "drifting camera registered")
+    shot(viewer, out / "guide_stack.png")
+
+
+def volume(viewer, out: Path) -> None:
+    """3. Volume pair: intensity rigid, then bspline; one plane of each checkerboard."""
+    fresh(viewer)
+    viewer.open_sample(PLUGIN, "volume_pair")
+    fixed, moving = viewer.layers["volume (fixed)"], viewer.layers["volume moved (moving)"]
+    reg = dock(viewer, "Register images")
+    reg.fixed.value, reg.moving.value = fixed, moving
+    reg.method.value, reg.transform.value = "intensity", "rigid"
+    reg.tile.value = 16.0
+    run_worker(reg)
+    registered = f"{moving.name} registered"
+    viewer.dims.set_point(0, 48.0)
+    show_only(viewer, fixed.name, registered)  # green + magenta = white where aligned
+    shot(viewer, out / "guide_volume_rigid.png")
+    reg.transform.value = "bspline"
+    wait(100)
+    run_worker(reg)
+    viewer.dims.set_point(0, 30.0)
+    show_only(viewer, f"checkerboard: {moving.name}")
+    shot(viewer, out / "guide_volume_bspline.png")
+
+
+def photo_features(viewer, out: Path) -> None:
+    """4a. Photo pair, features homography: keypoints and matches as layers."""
+    fresh(viewer)
+    viewer.open_sample(PLUGIN, "photo_pair")
+    fixed, moving = viewer.layers["astronaut (fixed)"], viewer.layers["astronaut perspective (moving)"]
+    reg = dock(viewer, "Register images")
+    reg.fixed.value, reg.moving.value = fixed, moving
+    reg.method.value, reg.transform.value = "features", "homography"
+    wait(100)
+    run_worker(reg)
+    names = [layer.name for layer in viewer.layers]
+    keep = [fixed.name] + [n for n in names if "keypoints" in n or "matches" in n]
+    show_only(viewer, *keep)
+    wait(100)
+    viewer.reset_view()
+    viewer.camera.center = (0.0, 190.0, 220.0)  # the face and the badge, matches visible
+    viewer.camera.zoom *= 1.8
+    shot(viewer, out / "guide_photo_features.png", reset=False)
+
+
+def landmarks(viewer, out: Path) -> None:
+    """4b. Landmark widget: four clicked pairs on the photo pair, live fit and table."""
+    fresh(viewer)
+    viewer.open_sample(PLUGIN, "photo_pair")
+    fixed, moving = viewer.layers["astronaut (fixed)"], viewer.layers["astronaut perspective (moving)"]
+    from napari_registration import Transform
+
+    truth = Transform.from_dict(moving.metadata["registration_truth"])
+    w = dock(viewer, "Landmark registration")
+    w.fixed_layer.value, w.moving_layer.value = fixed, moving
+    w.transform_choice.value = "affine"
+    w.start()
+    wait(100)
+    # points a user might click: eyes, badge, flag corner, helmet (moving world coordinates)
+    rng = np.random.default_rng(3)
+    moving_pts = np.array([[95.0, 230.0], [165.0, 300.0], [330.0, 120.0], [420.0, 400.0],
+                           [60.0, 420.0]])
+    fixed_pts = truth.apply(moving_pts) + rng.normal(0.0, 0.7, moving_pts.shape)  # click error
+    for fp, mp in zip(fixed_pts, moving_pts):
+        w.fixed_points.add(fp)
+        wait(30)
+        w.moving_points.add(mp)
+        wait(30)
+    wait(300)
+    for layer in (w.fixed_points, w.moving_points):
+        layer.size = 14
+    moving.visible = False
+    shot(viewer, out / "guide_landmarks.png")
+
+
+def apply_labels(viewer, out: Path) -> None:
+    """5. Register the channels, save the transform, load it, apply it to labels + points."""
+    fresh(viewer)
+    from skimage import filters, measure
+
+    from napari_registration import save_transform
+
+    viewer.open_sample(PLUGIN, "fluorescence_pair")
+    fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
+    reg = dock(viewer, "Register images")
+    reg.fixed.value, reg.moving.value = fixed, moving
+    reg.method.value, reg.transform.value = "fourier", "rigid"
+    run_worker(reg)
+    close_docks(viewer)
+    data = np.asarray(moving.data)
+    nuclei = measure.label(data > filters.threshold_otsu(data)).astype(np.uint16)
+    labels = viewer.add_labels(nuclei, name="nuclei labels (moving)")
+    app = dock(viewer, "Apply / save / load transform")
+    app.source.value = viewer.layers[f"{moving.name} registered"]
+    app.take_from_layer()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "channel_offset.json"
+        save_transform(app.transform, path)  # what *Save* does (without its notification)
+        app.load(path)
+    # spots detected on the moving channel: centroids of the larger nuclei
+    props = [p for p in measure.regionprops(nuclei) if p.area > 150]
+    spots = viewer.add_points(np.array([p.centroid for p in props]), name="spots (moving)",
+                              size=10, face_color="yellow")
+    app.reset_choices()
+    app.target.value, app.reference.value = labels, fixed
+    applied = app.apply()
+    app.target.value = spots
+    moved_spots = app.apply()
+    show_only(viewer, fixed.name, applied.name, moved_spots.name)
+    viewer.layers[applied.name].opacity = 0.5
+    viewer.layers.selection.active = viewer.layers[applied.name]
+    shot(viewer, out / "guide_apply_labels.png")
+
+
+CASES = {"channels": channels, "stack": stack, "volume": volume,
+         "features": photo_features, "landmarks": landmarks, "apply": apply_labels}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
+    parser.add_argument("--only", nargs="*", choices=sorted(CASES), default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+
+    viewer = napari.Viewer(show=True, title="napari-registration")
+    viewer.window.resize(*WINDOW)
+    wait(200)
+    for name in args.only or CASES:
+        CASES[name](viewer, out)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
