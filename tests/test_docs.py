@@ -27,14 +27,8 @@ IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
 # (page, block number) -> why they cannot run as written. A README block listed here is
 # still run (an error in it is tolerated until it is fixed); the dask.md blocks are not
 # run at all (one of them connects to a scheduler host that does not exist).
-KNOWN_BROKEN = {
-    ("README.md", 2): "README's register_stack snippet uses `frames` without defining it",
-}
-NOT_RUN = {
-    ("docs/dask.md", 1): "uses `frames` without defining it",
-    ("docs/dask.md", 2): "connects to tcp://SCHEDULER_HOST:8786 (needs a skip mark)",
-    ("docs/dask.md", 3): "uses `register_stack` and `big` without defining them",
-}
+KNOWN_BROKEN: dict = {}  # (page, block number) -> why; none today
+NOT_RUN: dict = {}
 
 
 def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
