@@ -364,6 +364,13 @@ def test_cancel_stops():
     fixed, moving, _ = _pair("coins", "translation", 0)
     with pytest.raises(RegistrationCancelled):
         register(fixed, moving, method="features", transform="affine", cancel=lambda: True)
+    # the backend polls cancel itself between stages (first poll: after the fixed image)
+    polls = []
+    with pytest.raises(RegistrationCancelled):
+        features.register(fixed, moving, transform="affine", fixed_spacing=(1.0, 1.0),
+                          moving_spacing=(1.0, 1.0), progress=lambda *a: None,
+                          cancel=lambda: polls.append(1) or True)
+    assert len(polls) == 1
 
 
 def test_method_info_lists_options():

@@ -584,7 +584,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         timings["fit"] = time.perf_counter() - t
         n_inl = int(inl.sum())
         info.update(estimator=estimator, inliers=n_inl,
-                    inlier_ratio=float(n_inl / len(mi)), refit_rounds=rounds)
+                    inlier_ratio=float(n_inl / len(mi)), refit_rounds=rounds,
+                    stop_reason=f"{estimator} consensus, {rounds} least-squares refit(s)")
         if m is None or n_inl < need:
             raise RegistrationError(
                 f"{estimator} found {n_inl} inliers among {len(mi)} matches ({len(f_xy)} fixed / "
