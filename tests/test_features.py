@@ -57,7 +57,9 @@ def _random_truth(kind: str, shape, seed: int, spacing=(1.0, 1.0)) -> Transform:
     return Transform(m)
 
 
+@lru_cache(maxsize=None)
 def _pair(name: str, kind: str, seed: int, spacing=(1.0, 1.0)):
+    """(fixed, moving, truth), cached: register() never modifies its inputs."""
     fixed = _photo(name)
     truth = _random_truth(kind, fixed.shape, seed, spacing)
     # moving(q) = fixed(truth(q)): truth (moving -> fixed) aligns it
@@ -245,9 +247,12 @@ def test_moving_at_half_resolution_is_rigid_in_world():
 
 def test_extras_are_world_points_paired_by_the_transform():
     fixed, moving, truth = _pair("camera", "similarity", 4)
+    fixed_before, moving_before = fixed.copy(), moving.copy()
     origin = (100.0, -50.0)
     result = register(fixed, moving, method="features", transform="similarity",
                       fixed_origin=origin, score=False, warp=False)
+    np.testing.assert_array_equal(fixed, fixed_before)  # inputs untouched
+    np.testing.assert_array_equal(moving, moving_before)
     ex = result.extras
     assert ex["fixed_keypoints"].shape == (result.info["keypoints_fixed"], 2)
     assert ex["moving_keypoints"].shape == (result.info["keypoints_moving"], 2)
@@ -359,6 +364,13 @@ def test_cancel_stops():
     fixed, moving, _ = _pair("coins", "translation", 0)
     with pytest.raises(RegistrationCancelled):
         register(fixed, moving, method="features", transform="affine", cancel=lambda: True)
+    # the backend polls cancel itself between stages (first poll: after the fixed image)
+    polls = []
+    with pytest.raises(RegistrationCancelled):
+        features.register(fixed, moving, transform="affine", fixed_spacing=(1.0, 1.0),
+                          moving_spacing=(1.0, 1.0), progress=lambda *a: None,
+                          cancel=lambda: polls.append(1) or True)
+    assert len(polls) == 1
 
 
 def test_method_info_lists_options():

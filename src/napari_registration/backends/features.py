@@ -12,6 +12,11 @@ Conventions pinned here (and tested):
   anisotropic pixels and different pixel sizes in the two images are respected. OpenCV's
   estimators see (row, col) points scaled by one number (the fixed image's smallest
   pixel side), so the RANSAC threshold stays in fixed pixels and the numbers stay near 1.
+* Anisotropic images are detected on a copy resampled to square pixels
+  (:func:`square_pixels`), so descriptors see undistorted shapes.
+* Failures are :class:`RegistrationError` naming the counts and what to try; a fit that
+  is degenerate (collinear inliers, a homography sending the image to infinity, a mirror,
+  an absurd scale) is reported, not returned; ``cv2.error`` never escapes.
 """
 
 from __future__ import annotations
@@ -591,7 +596,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         timings["fit"] = time.perf_counter() - t
         n_inl = int(inl.sum())
         info.update(estimator=estimator, inliers=n_inl,
-                    inlier_ratio=float(n_inl / len(mi)), refit_rounds=rounds)
+                    inlier_ratio=float(n_inl / len(mi)), refit_rounds=rounds,
+                    stop_reason=f"{estimator} consensus, {rounds} least-squares refit(s)")
         if m is None or n_inl < need:
             raise RegistrationError(
                 f"{estimator} found {n_inl} inliers among {len(mi)} matches ({len(f_xy)} fixed / "
