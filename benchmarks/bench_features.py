@@ -183,6 +183,7 @@ def run_case(args, image):
         "raw_opencv": lambda: raw_opencv(fixed, moving, args.n_features),
         "register": lambda: register(fixed, moving, **kw),
         "register_score_false": lambda: register(fixed, moving, score=False, **kw),
+        "register_fast_warp": lambda: register(fixed, moving, score=False, fast_warp=True, **kw),
         "register_no_warp_no_score": lambda: register(fixed, moving, score=False, warp=False, **kw),
     }
     for fn in variants.values():  # warm up: imports, OpenCV's first-call costs
