@@ -53,10 +53,7 @@ def _affine3d(angles_deg, shift, centre, scale=(1, 1, 1), shear=0.0):
 
     lin = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix() @ np.diag(scale)
     lin = lin @ np.array([[1, shear, 0], [0, 1, 0], [0, 0, 1]])
-    m = np.eye(4)
-    m[:3, :3] = lin
-    m[:3, 3] = centre - lin @ centre + np.asarray(shift, float)
-    return Transform(m)
+    return Transform.from_linear(lin, centre, shift)
 
 
 def _pair(src, truth, f_sp, m_sp, moving_src=None):

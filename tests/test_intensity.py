@@ -88,10 +88,7 @@ def _rigid3d(angles_deg, shift, centre, scale=(1.0, 1.0, 1.0), shear=0.0):
 
     lin = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix() @ np.diag(scale)
     lin = lin @ np.array([[1, shear, 0], [0, 1, 0], [0, 0, 1]])
-    m = np.eye(4)
-    m[:3, :3] = lin
-    m[:3, 3] = centre - lin @ centre + np.asarray(shift, float)
-    return Transform(m)
+    return Transform.from_linear(lin, centre, shift)
 
 
 F_SP = (3.0, 3.5, 3.0)  # anisotropic, and different for the two images
@@ -123,11 +120,7 @@ def test_linear_kinds_2d(camera, transform):
     elif transform == "similarity":
         truth = Transform.from_rotation(12.0, center=centre, scale=1.08, shift=(4.0, -6.0))
     else:
-        lin = np.array([[1.06, 0.08], [-0.05, 0.95]])
-        m = np.eye(3)
-        m[:2, :2] = lin
-        m[:2, 2] = centre - lin @ centre + (5.0, -3.0)
-        truth = Transform(m)
+        truth = Transform.from_linear([[1.06, 0.08], [-0.05, 0.95]], centre, shift=(5.0, -3.0))
     moving = _warp_by_truth(camera, truth).astype(np.float32)
     r = register(camera, moving, method="intensity", transform=transform, seed=0)
     assert tre_against_truth(r.transform, truth, grid_points(camera.shape))["mean"] < 0.5

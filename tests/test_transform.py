@@ -94,3 +94,8 @@ def test_load_reports_corrupt_files(tmp_path):
         load_transform(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown transform file type"):
         save_transform(Transform.identity(2), tmp_path / "t.xyz")
+
+
+def test_from_linear_acts_about_the_center():
+    t = Transform.from_linear([[2.0, 0.0], [0.0, 3.0]], center=(1.0, 1.0), shift=(0.5, 0.0))
+    np.testing.assert_allclose(t.apply([[1.0, 1.0], [2.0, 3.0]]), [[1.5, 1.0], [3.5, 7.0]])

@@ -68,10 +68,7 @@ def volume_pair():
     centre = (np.array(fixed.shape) - 1) / 2 * np.array(spacing)
     a = np.deg2rad(5.0)
     rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    m = np.eye(4)
-    m[:3, :3] = rot
-    m[:3, 3] = centre - rot @ centre + np.array([3.0, -4.0, 2.5])
-    truth = Transform(m)
+    truth = Transform.from_linear(rot, centre, shift=(3.0, -4.0, 2.5))
     moving = _warp_by_truth(fixed, truth, output_spacing=spacing, input_spacing=spacing)
     return fixed, moving.astype(np.float32), truth, spacing
 

@@ -499,6 +499,10 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
     info: dict = {}
     moving_initial = None
     search_metric = "mattes" if metric in ("auto", "mattes") else metric
+    search_args = dict(fixed_img=fixed_img, moving_img=moving_img, init=init, ndim=ndim,
+                       metric=search_metric, bins=bins, fixed_mask_img=fixed_mask_img,
+                       moving_mask_img=moving_mask_img, threads=threads, cancel=cancel,
+                       progress=progress)
     if isinstance(init, Transform):
         from ..core.itk import to_sitk_transform
 
@@ -510,10 +514,7 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
         starts = _starts(fixed_img, moving_img, init, ndim)
         if len(starts) > 1:  # "auto": keep the better of geometry/moments by a coarse run
             rigid, value, search = _coarse_search(
-                fixed_img, moving_img, init=init, ndim=ndim, rotation_search=False,
-                metric=search_metric, bins=bins, fixed_mask_img=fixed_mask_img,
-                moving_mask_img=moving_mask_img, threads=threads, cancel=cancel,
-                progress=progress, span=0.2 * span)
+                **search_args, rotation_search=False, span=0.2 * span)
             info["search"] = search
             if kind == "translation":
                 centre = np.array(rigid.GetCenter())
@@ -526,10 +527,7 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
         info["init"] = init
     else:
         rigid, value, search = _coarse_search(
-            fixed_img, moving_img, init=init, ndim=ndim, rotation_search=rotation_search,
-            metric=search_metric, bins=bins, fixed_mask_img=fixed_mask_img,
-            moving_mask_img=moving_mask_img, threads=threads, cancel=cancel,
-            progress=progress, span=0.3 * span)
+            **search_args, rotation_search=rotation_search, span=0.3 * span)
         info["search"] = search
         info["init"] = init
         start = _as_kind(rigid, kind, ndim)

@@ -327,6 +327,19 @@ class Transform:
         return cls(scale_matrix(scale))
 
     @classmethod
+    def from_linear(cls, linear, center=None, shift=None) -> "Transform":
+        """Apply the (D, D) matrix ``linear`` about ``center`` (world, default the
+        origin), then add ``shift``: p -> linear @ (p - center) + center + shift."""
+        lin = np.asarray(linear, float)
+        d = lin.shape[0]
+        center = np.zeros(d) if center is None else np.asarray(center, float)
+        shift = np.zeros(d) if shift is None else np.asarray(shift, float)
+        m = np.eye(d + 1)
+        m[:d, :d] = lin
+        m[:d, d] = center - lin @ center + shift
+        return cls(m)
+
+    @classmethod
     def from_rotation(cls, angle_deg: float, center=(0.0, 0.0), scale: float = 1.0,
                       shift=(0.0, 0.0)) -> "Transform":
         """2D similarity: rotate by ``angle_deg`` (counter-clockwise as displayed, i.e.
@@ -335,12 +348,7 @@ class Transform:
         c, s = np.cos(a) * scale, np.sin(a) * scale
         # (row, col): display y points down, so counter-clockwise on screen is
         # row' = c*row - s*col, col' = s*row + c*col
-        lin = np.array([[c, -s], [s, c]])
-        center = np.asarray(center, float)
-        m = np.eye(3)
-        m[:2, :2] = lin
-        m[:2, 2] = center - lin @ center + np.asarray(shift, float)
-        return cls(m)
+        return cls.from_linear([[c, -s], [s, c]], center, shift)
 
     # ---- properties
     @property
