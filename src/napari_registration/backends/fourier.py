@@ -348,14 +348,7 @@ def _refine(fixed, moving, angle, scale, shift, transform, cancel, max_side=256)
         if cancel():
             raise _Stop
         small = ds_inv @ params_to_idx(p) @ ds
-        w = _warp_to(m, small, f.shape)[region]
-        ok = np.isfinite(w)
-        if ok.sum() < 16:
-            return 1.0
-        a = f_reg[ok] - f_reg[ok].mean()
-        b = w[ok] - w[ok].mean()
-        den = np.sqrt((a * a).sum() * (b * b).sum())
-        return -float((a * b).sum() / den) if den > 0 else 1.0
+        return -_masked_ncc(f_reg, _warp_to(m, small, f.shape)[region])
 
     x0 = np.array([angle, np.log(scale), shift[0], shift[1]])
     try:
