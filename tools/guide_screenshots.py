@@ -58,16 +58,21 @@ def fresh(viewer) -> None:
 
 
 # ---------------------------------------------------------------------------- use cases
+def sample_in_register_dock(viewer, sample: str, method: str, transform: str):
+    """Open a sample pair and the Register images dock set to it: (dock, fixed, moving)."""
+    viewer.open_sample(PLUGIN, sample)
+    fixed, moving = viewer.layers[-2], viewer.layers[-1]
+    reg = dock(viewer, "Register images")
+    reg.fixed.value, reg.moving.value = fixed, moving
+    reg.method.value, reg.transform.value = method, transform
+    return reg, fixed, moving
+
+
 def channels(viewer, out: Path) -> None:
     """1. Two-channel pair, Fourier rigid: before, then the checkerboard."""
     fresh(viewer)
-    viewer.open_sample(PLUGIN, "fluorescence_pair")
-    fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
-    reg = dock(viewer, "Register images")
-    reg.fixed.value, reg.moving.value = fixed, moving
-    reg.method.value, reg.transform.value = "fourier", "rigid"
+    reg, fixed, moving = sample_in_register_dock(viewer, "fluorescence_pair", "fourier", "rigid")
     reg.tile.value = 64.0
-    viewer.camera.zoom *= 1.0
     shot(viewer, out / "guide_channels_before.png")
     run_worker(reg)
     show_only(viewer, f"checkerboard: {moving.name}")
@@ -105,11 +110,7 @@ def stack(viewer, out: Path) -> None:
 def volume(viewer, out: Path) -> None:
     """3. Volume pair: intensity rigid, then bspline; one plane of each checkerboard."""
     fresh(viewer)
-    viewer.open_sample(PLUGIN, "volume_pair")
-    fixed, moving = viewer.layers["volume (fixed)"], viewer.layers["volume moved (moving)"]
-    reg = dock(viewer, "Register images")
-    reg.fixed.value, reg.moving.value = fixed, moving
-    reg.method.value, reg.transform.value = "intensity", "rigid"
+    reg, fixed, moving = sample_in_register_dock(viewer, "volume_pair", "intensity", "rigid")
     reg.tile.value = 16.0
     run_worker(reg)
     registered = f"{moving.name} registered"
@@ -127,11 +128,7 @@ def volume(viewer, out: Path) -> None:
 def photo_features(viewer, out: Path) -> None:
     """4a. Photo pair, features homography: keypoints and matches as layers."""
     fresh(viewer)
-    viewer.open_sample(PLUGIN, "photo_pair")
-    fixed, moving = viewer.layers["astronaut (fixed)"], viewer.layers["astronaut perspective (moving)"]
-    reg = dock(viewer, "Register images")
-    reg.fixed.value, reg.moving.value = fixed, moving
-    reg.method.value, reg.transform.value = "features", "homography"
+    reg, fixed, moving = sample_in_register_dock(viewer, "photo_pair", "features", "homography")
     wait(100)
     run_worker(reg)
     names = [layer.name for layer in viewer.layers]
@@ -181,11 +178,7 @@ def apply_labels(viewer, out: Path) -> None:
 
     from napari_registration import save_transform
 
-    viewer.open_sample(PLUGIN, "fluorescence_pair")
-    fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
-    reg = dock(viewer, "Register images")
-    reg.fixed.value, reg.moving.value = fixed, moving
-    reg.method.value, reg.transform.value = "fourier", "rigid"
+    reg, fixed, moving = sample_in_register_dock(viewer, "fluorescence_pair", "fourier", "rigid")
     run_worker(reg)
     close_docks(viewer)
     data = np.asarray(moving.data)
