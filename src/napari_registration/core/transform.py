@@ -155,7 +155,9 @@ class MatrixStep(Step):
     @staticmethod
     def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
         out = pts @ m[:-1, :-1].T + m[:-1, -1]
-        if not np.allclose(m[-1, :-1], 0.0):
+        # any perspective term counts: allclose() dropped terms below 1e-8, so a product
+        # of two such matrices (above it) mapped points differently from the two in turn
+        if np.any(m[-1, :-1] != 0.0):
             w = pts @ m[-1, :-1] + m[-1, -1]
             out = out / w[:, None]
         return out
