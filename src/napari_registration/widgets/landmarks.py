@@ -4,17 +4,31 @@ Two Points layers, ``<fixed> landmarks`` and ``<moving> landmarks``, hold the pa
 (paired by index, in world coordinates: the Points layers keep napari's identity
 transform, so ``layer.data`` *is* world). Clicks alternate between the two layers like
 BigWarp: after a point is added to one, the other becomes the active layer (and, if
-"show one image at a time" is on, its image is the one shown). Every change (add, move,
-delete) refits the chosen transform, updates the per-pair residual table and the
-``<moving> landmarks preview`` layer: the moving image shown through the fitted
-transform (``layer.affine`` for linear fits, resampled onto the fixed grid for the
-thin-plate spline). Deleting a point deletes its partner too.
+"show one image at a time" is on, its image is the one shown). Deleting a point deletes
+its partner too; a point still waiting for its partner is left out of the fit (the
+status line says so).
+
+Every change (add, move, delete) asks for a refit. The fit (with its leave-one-out
+errors) and, for the thin-plate spline, the resampled preview are computed in a worker
+thread once clicking pauses for ``DEBOUNCE_MS``; only the result of the latest request
+is applied, so fast clicking never queues up work on the GUI thread. The fit updates the
+per-pair residual table and the ``<moving> landmarks preview`` layer: the moving image
+shown through the fitted transform (``layer.affine`` for linear fits, resampled onto the
+fixed grid for the thin-plate spline). :attr:`LandmarkWidget.busy` tells whether a
+refit is still pending.
 
 "Refine with intensities" (when the intensity method is installed) starts SimpleITK
-registration from the landmark fit, in a worker thread.
+registration from the landmark fit, in a worker thread. Removing the fixed or moving
+image while it runs cancels it; no output layer is made.
+
+The dock works the same when napari hands it proxies of the viewer and its layers (as
+the Plugins menu does): layers are compared by the objects underneath, never with
+``is`` on what napari handed over.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, Table
@@ -25,7 +39,20 @@ from ..core.transform import Transform
 FIXED_COLOUR = "magenta"
 MOVING_COLOUR = "lime"
 _ROLE_KEY = "napari_registration_landmarks"
+_OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
 PREVIEW_SIDE = 512  # thin-plate spline previews are resampled at most this size per axis
+DEBOUNCE_MS = 150  # a refit starts once clicks pause this long
+SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
+
+
+def _unwrap(obj):
+    """The object under a napari ``PublicOnlyProxy`` (what plugin docks are handed)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def _same(a, b) -> bool:
+    """True when ``a`` and ``b`` are the same layer, proxied or not."""
+    return a is not None and b is not None and _unwrap(a) is _unwrap(b)
 
 
 def _image_layers(viewer):
@@ -38,11 +65,45 @@ def _geometry(layer):
     return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
 
 
+def _tps_preview(moving_data, transform, *, fixed_shape, fixed_spacing, fixed_origin,
+                 moving_spacing, moving_origin, rgb):
+    """The moving image resampled through ``transform`` at most PREVIEW_SIDE pixels per
+    axis over the fixed extent: (data, spacing, origin). Runs in the fit worker."""
+    from ..core.resample import resample
+
+    shape = np.asarray(fixed_shape)
+    factor = max(1.0, float(shape.max()) / PREVIEW_SIDE)
+    out_shape = np.maximum(1, np.ceil(shape / factor)).astype(int)
+    out_sp = np.asarray(fixed_spacing) * shape / out_shape
+    out_or = np.asarray(fixed_origin) + (out_sp - np.asarray(fixed_spacing)) / 2  # same extent
+    data = resample(np.asarray(moving_data), transform, tuple(out_shape), output_spacing=out_sp,
+                    output_origin=out_or, input_spacing=moving_spacing,
+                    input_origin=moving_origin, rgb=rgb)
+    return data, out_sp, out_or
+
+
+def _fit_job(generation, fixed_points, moving_points, model, preview):
+    """The fit worker: fit, leave-one-out errors and (thin-plate spline) the preview
+    image. Returns a dict; a fit that cannot be made carries its reason in ``error``."""
+    out = {"generation": generation, "fixed": fixed_points, "moving": moving_points,
+           "model": model, "transform": None, "info": None, "preview": None}
+    try:
+        out["transform"], out["info"] = fit_landmarks(fixed_points, moving_points, model)
+    except ValueError as err:
+        out["error"] = str(err)
+        return out
+    if preview is not None and not out["transform"].is_linear:
+        out["preview"] = _tps_preview(preview.pop("data"), out["transform"], **preview)
+    return out
+
+
 class LandmarkWidget(Container):
     """Paired-point registration with a live fit and preview."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
+        from qtpy.QtCore import QTimer
+
         self.viewer = napari_viewer
         self.fixed_layer = ComboBox(label="fixed image", choices=self._image_choices, nullable=True)
         self.moving_layer = ComboBox(label="moving image", choices=self._image_choices, nullable=True)
@@ -51,8 +112,12 @@ class LandmarkWidget(Container):
         self.one_at_a_time = CheckBox(text="show one image at a time while clicking", value=False)
         self.start_button = PushButton(text="Start / reset landmark layers")
         self.status = Label(value="choose the two images and press Start")
+        self.status.native.setWordWrap(True)
         self.table = Table(value={"data": [], "columns": ["fixed", "moving", "residual", "leave-one-out"]})
+        self.table.native.setMinimumHeight(120)
+        self.table.native.setMaximumHeight(260)
         self.refine_button = PushButton(text="Refine with intensities")
+        self.cancel_button = PushButton(text="Cancel refinement", enabled=False)
         from ..core.register import available_methods
 
         self._intensity = "intensity" in available_methods()
@@ -61,37 +126,83 @@ class LandmarkWidget(Container):
             self.refine_button.tooltip = "the intensity method is not installed"
         self.extend([self.fixed_layer, self.moving_layer, self.transform_choice, self.alternate,
                      self.one_at_a_time, self.start_button, self.status, self.table,
-                     self.refine_button])
+                     self.refine_button, self.cancel_button])
         self.fixed_points = None
         self.moving_points = None
         self.preview = None
         self.transform: Transform | None = None
         self.fit_info: dict | None = None
         self.refined = None
-        self.worker = None
+        self.worker = None  # the refinement worker
+        self._refine_cancel = threading.Event()
+        self._refine_inputs = ()
         self._syncing = False
+        # live fit: a debounce timer, one fit worker at a time, a generation counter so
+        # only the latest request's result is applied
+        self._generation = 0
+        self._fit_worker = None
+        self._fit_pending = False
+        self._debounce = QTimer()
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(DEBOUNCE_MS)
+        self._debounce.timeout.connect(self._launch_fit)
         self.start_button.changed.connect(self.start)
         self.transform_choice.changed.connect(self.refit)
         self.refine_button.changed.connect(self.refine)
+        self.cancel_button.changed.connect(self.cancel_refine)
         self.viewer.layers.events.inserted.connect(self.reset_choices)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
-        images = _image_layers(self.viewer)
+        images = self._image_choices()
         if len(images) >= 2:
-            self.fixed_layer.value, self.moving_layer.value = images[1], images[0]
+            self.fixed_layer.value, self.moving_layer.value = images[1][1], images[0][1]
 
     # ------------------------------------------------------------------ layers
     def _image_choices(self, widget=None):
+        """Image layers, top first; our own landmark previews and outputs excluded."""
         return [(layer.name, layer) for layer in _image_layers(self.viewer)
-                if layer.metadata.get(_ROLE_KEY) is None]
+                if layer.metadata.get(_ROLE_KEY) is None
+                and layer.metadata.get(_OUTPUT_KEY) is None]
+
+    @property
+    def busy(self) -> bool:
+        """True while a refit is waiting for clicks to pause or is being computed."""
+        return bool(self._debounce.isActive() or self._fit_worker is not None
+                    or self._fit_pending)
 
     def _on_layer_removed(self, event=None):
         removed = getattr(event, "value", None)
-        if removed is not None and removed in (self.fixed_points, self.moving_points):
+        if removed is None:
+            return
+        if _same(removed, self.fixed_points) or _same(removed, self.moving_points):
             self._disconnect()
             self.fixed_points = self.moving_points = None
-        if removed is not None and removed is self.preview:
+            self._generation += 1  # a fit in flight is for layers that are gone
+        if _same(removed, self.preview):
             self.preview = None
-        self.reset_choices()
+        gone_input = any(_same(removed, layer) for layer in self._refine_inputs)
+        if gone_input and self.worker is not None and not self._refine_cancel.is_set():
+            self._refine_cancel.set()
+            self.worker.quit()
+            message = (f"refinement cancelled: layer {removed.name!r} was removed; "
+                       "no output layer was made")
+        else:
+            message = None
+        if _same(removed, self.moving_layer.value) or _same(removed, self.fixed_layer.value):
+            self._generation += 1
+            self._debounce.stop()
+        # UI changes wait until napari has finished removing the layer (a repaint or a
+        # notification in the middle of a removal crashed napari under software OpenGL)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(SETTLE_MS, lambda: self._after_removal(message))
+
+    def _after_removal(self, message):
+        try:
+            self.reset_choices()
+            if message:
+                self.status.value = message
+        except RuntimeError:  # the dock was closed meanwhile
+            pass
 
     def _disconnect(self):
         for layer in (self.fixed_points, self.moving_points):
@@ -103,7 +214,7 @@ class LandmarkWidget(Container):
 
     def _points_layer(self, image, colour, role):
         name = f"{image.name} landmarks"
-        ndim = image.ndim - (1 if image.rgb else 0)
+        ndim = image.ndim
         for layer in list(self.viewer.layers):
             if layer.name == name and layer.metadata.get(_ROLE_KEY) == role:
                 self.viewer.layers.remove(layer)
@@ -117,10 +228,15 @@ class LandmarkWidget(Container):
         """(Re)create the two landmark layers for the chosen images and start clicking
         in the fixed one."""
         fixed, moving = self.fixed_layer.value, self.moving_layer.value
-        if fixed is None or moving is None or fixed is moving:
+        if fixed is None or moving is None or _same(fixed, moving):
             self.status.value = "choose two different images (fixed and moving) first"
             return
+        if fixed.ndim != moving.ndim:
+            self.status.value = (f"{fixed.name!r} is {fixed.ndim}D and {moving.name!r} is "
+                                 f"{moving.ndim}D: choose two images with the same dimensions")
+            return
         self._disconnect()
+        self._generation += 1
         self.fixed_points = self._points_layer(fixed, FIXED_COLOUR, "fixed")
         self.moving_points = self._points_layer(moving, MOVING_COLOUR, "moving")
         for layer in (self.fixed_points, self.moving_points):
@@ -134,7 +250,7 @@ class LandmarkWidget(Container):
         self.viewer.layers.selection.active = points_layer
         points_layer.mode = "add"
         if self.one_at_a_time.value:
-            fixed_turn = points_layer is self.fixed_points
+            fixed_turn = _same(points_layer, self.fixed_points)
             self.fixed_layer.value.visible = fixed_turn
             self.moving_layer.value.visible = not fixed_turn
             if self.preview is not None:
@@ -142,21 +258,28 @@ class LandmarkWidget(Container):
 
     # ------------------------------------------------------------------ events
     def _on_points_changed(self, event):
-        if self._syncing:
+        if self._syncing or self.fixed_points is None or self.moving_points is None:
             return
         action = str(getattr(event, "action", ""))
         source = event.source
-        other = self.moving_points if source is self.fixed_points else self.fixed_points
-        if action == "removed" and other is not None:
-            # keep the pairs: delete the partners of the deleted points
-            idx = [i for i in getattr(event, "data_indices", ()) if 0 <= i < len(other.data)]
-            if idx and len(other.data) > len(source.data):
+        if _same(source, self.fixed_points):
+            source, other = self.fixed_points, self.moving_points
+        elif _same(source, self.moving_points):
+            source, other = self.moving_points, self.fixed_points
+        else:
+            return
+        if action == "removed":
+            # keep the pairs: delete the partners of the deleted points (the indices are
+            # those before the removal; point i's partner is point i of the other layer)
+            idx = sorted({int(i) for i in getattr(event, "data_indices", ())
+                          if 0 <= int(i) < len(other.data)})
+            if idx:
                 self._syncing = True
                 try:
                     other.remove(idx)
                 finally:
                     self._syncing = False
-        elif action == "added" and self.alternate.value and other is not None:
+        elif action == "added" and self.alternate.value:
             if len(source.data) > len(other.data):
                 self._activate(other)
             elif len(source.data) == len(other.data):
@@ -178,32 +301,88 @@ class LandmarkWidget(Container):
         return f[:n], m[:n]
 
     def refit(self, *_):
-        """Fit the chosen transform to the complete pairs and update table and preview."""
+        """Ask for a fit of the chosen transform to the complete pairs; it runs in a
+        worker once clicks pause (DEBOUNCE_MS) and updates table, status and preview."""
+        if self.fixed_points is None or self.moving_points is None:
+            return
+        self._generation += 1
+        self._debounce.start()
+
+    def refit_now(self):
+        """Start the pending refit without waiting for the pause (e.g. from scripts)."""
+        self._debounce.stop()
+        self._launch_fit()
+
+    def _launch_fit(self):
+        if self._fit_worker is not None:  # one at a time: run again when it returns
+            self._fit_pending = True
+            return
+        self._fit_pending = False
         f, m = self.pairs()
         if f is None:
             return
+        fixed, moving = self.fixed_layer.value, self.moving_layer.value
+        preview = None
         model = self.transform_choice.value
-        waiting = abs(len(self.fixed_points.data) - len(self.moving_points.data))
-        try:
-            self.transform, self.fit_info = fit_landmarks(f, m, model)
-        except ValueError as err:
-            self.transform, self.fit_info = None, None
+        if model == "tps" and fixed is not None and moving is not None:
+            f_sp, f_or = _geometry(fixed)
+            m_sp, m_or = _geometry(moving)
+            data = moving.data
+            preview = dict(data=data[0] if moving.multiscale else data,
+                           fixed_shape=tuple(fixed.data.shape[:fixed.ndim]) if not fixed.multiscale
+                           else tuple(fixed.data[0].shape[:fixed.ndim]),
+                           fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp,
+                           moving_origin=m_or, rgb=bool(moving.rgb))
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(_fit_job, self._generation, f, m, model, preview,
+                               _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._on_fit)
+        worker.errored.connect(self._on_fit_error)
+        worker.finished.connect(self._on_fit_finished)
+        self._fit_worker = worker
+        worker.start()
+
+    def _on_fit_finished(self):
+        self._fit_worker = None
+        if self._fit_pending:
+            self._launch_fit()
+
+    def _on_fit_error(self, err):
+        self.status.value = f"the fit failed: {err}"
+
+    def _on_fit(self, result):
+        if result["generation"] != self._generation or self.fixed_points is None:
+            return  # a newer request is on its way: only the latest result is shown
+        f, m, model = result["fixed"], result["moving"], result["model"]
+        self.transform, self.fit_info = result["transform"], result["info"]
+        waiting = self._waiting_message()
+        if self.transform is None:
             ndim = self.fixed_points.ndim
             need = min_points(model, ndim)
-            self.status.value = (f"{len(f)} pair(s); {model} needs {need}. " if len(f) < need
-                                 else "") + str(err)
+            self.status.value = ((f"{len(f)} pair(s); {model} needs {need}. " if len(f) < need
+                                  else "") + result.get("error", "") + waiting)
             self._fill_table(f, m, None)
             self.refine_button.enabled = False
             return
         info = self.fit_info
-        msg = (f"{len(f)} pairs, {model}: RMS residual {info['fre_rms']:.3g}, "
-               f"leave-one-out mean {info['tre_loo_mean']:.3g} (world units)")
-        if waiting:
-            msg += "; click the matching point in the other image"
-        self.status.value = msg
+        self.status.value = (f"{len(f)} pairs, {model}: RMS residual {info['fre_rms']:.3g}, "
+                             f"leave-one-out mean {info['tre_loo_mean']:.3g} (world units)"
+                             + waiting)
         self._fill_table(f, m, info)
-        self._update_preview()
-        self.refine_button.enabled = self._intensity
+        self._update_preview(result["preview"])
+        self.refine_button.enabled = self._intensity and self.worker is None
+
+    def _waiting_message(self) -> str:
+        nf, nm = len(self.fixed_points.data), len(self.moving_points.data)
+        if nf == nm:
+            return ""
+        side = "fixed" if nf > nm else "moving"
+        first = min(nf, nm) + 1
+        last = max(nf, nm)
+        which = f"point {first}" if first == last else f"points {first}-{last}"
+        return (f"; {which} in the {side} image without a partner (left out of the fit): "
+                "click the matching point in the other image")
 
     def _fill_table(self, f, m, info):
         rows = []
@@ -215,7 +394,7 @@ class LandmarkWidget(Container):
         self.table.value = {"data": rows, "index": [str(i + 1) for i in range(len(f))],
                             "columns": ["fixed", "moving", "residual", "leave-one-out"]}
 
-    def _update_preview(self):
+    def _update_preview(self, resampled=None):
         moving = self.moving_layer.value
         fixed = self.fixed_layer.value
         if moving is None or fixed is None or self.transform is None:
@@ -230,22 +409,13 @@ class LandmarkWidget(Container):
             affine = tf.matrix @ np.asarray(moving.affine.affine_matrix, float)
             geometry = {"scale": moving.scale, "translate": moving.translate, "affine": affine}
         else:
-            from ..core.resample import resample
-
-            f_sp, f_or = _geometry(fixed)
-            m_sp, m_or = _geometry(moving)
-            shape = np.array(fixed.data.shape[:-1] if fixed.rgb else fixed.data.shape)
-            # a display preview: at most PREVIEW_SIDE pixels per axis over the fixed extent
-            factor = max(1.0, float(shape.max()) / PREVIEW_SIDE)
-            out_shape = np.maximum(1, np.ceil(shape / factor)).astype(int)
-            out_sp = np.asarray(f_sp) * shape / out_shape
-            out_or = np.asarray(f_or) + (out_sp - np.asarray(f_sp)) / 2  # same pixel extent
-            data = resample(np.asarray(moving.data), tf, tuple(out_shape), output_spacing=out_sp,
-                            output_origin=out_or, input_spacing=m_sp, input_origin=m_or,
-                            rgb=bool(moving.rgb))
-            geometry = {"scale": out_sp, "translate": out_or, "affine": np.eye(len(f_sp) + 1)}
+            if resampled is None:
+                return
+            data, out_sp, out_or = resampled
+            geometry = {"scale": out_sp, "translate": out_or,
+                        "affine": np.eye(len(out_sp) + 1)}
         active = self.viewer.layers.selection.active
-        if self.preview is None or self.preview not in self.viewer.layers:
+        if self.preview is None or not any(_same(self.preview, ly) for ly in self.viewer.layers):
             self.preview = self.viewer.add_image(
                 data, name=name, rgb=moving.rgb, colormap=None if moving.rgb else "green",
                 blending="additive", opacity=0.7, metadata=meta,
@@ -257,7 +427,8 @@ class LandmarkWidget(Container):
             if active is not None:  # adding a layer selects it: give the click back
                 self.viewer.layers.selection.active = active
         else:
-            self.preview.data = data
+            if self.preview.data is not data:
+                self.preview.data = data
             self.preview.scale = geometry["scale"]
             self.preview.translate = geometry["translate"]
             self.preview.affine = geometry["affine"]
@@ -282,35 +453,56 @@ class LandmarkWidget(Container):
         f_sp, f_or = _geometry(fixed)
         m_sp, m_or = _geometry(moving)
         fixed_data, moving_data = np.asarray(fixed.data), np.asarray(moving.data)
+        self._refine_cancel.clear()
+        self._refine_inputs = (fixed, moving)
+        cancel = self._refine_cancel.is_set
 
         def job():
             return register(fixed_data, moving_data, method="intensity", transform=model,
                             fixed_spacing=f_sp, moving_spacing=m_sp, fixed_origin=f_or,
-                            moving_origin=m_or, init=init)
+                            moving_origin=m_or, init=init, cancel=cancel)
 
-        worker = create_worker(job, _start_thread=False)
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_refined)
         worker.errored.connect(self._on_refine_error)
+        worker.finished.connect(self._on_refine_finished)
+        self.worker = worker
         return worker
 
     def refine(self, *_):
         try:
-            self.worker = self.make_refine_worker()
+            worker = self.make_refine_worker()
         except ValueError as err:
             self.status.value = str(err)
             return
         self.status.value = "refining with intensities..."
         self.refine_button.enabled = False
-        self.worker.start()
+        self.cancel_button.enabled = True
+        worker.start()
+
+    def cancel_refine(self, *_):
+        """Stop a running refinement (no output layer is made)."""
+        if self.worker is None:
+            return
+        self._refine_cancel.set()
+        self.worker.quit()
+        self.status.value = "cancelling the refinement..."
 
     def _on_refined(self, result):
-        self.refined = result
+        if self._refine_cancel.is_set():
+            return  # cancelled (or an input was removed): make nothing
         moving = self.moving_layer.value
         fixed = self.fixed_layer.value
+        if moving is None or fixed is None:
+            return
+        self.refined = result
         name = f"{moving.name} registered"
-        meta = {"registration": result.to_dict(), _ROLE_KEY: "registered"}
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
+        meta = {"registration": result.to_dict(), _ROLE_KEY: "registered",
+                _OUTPUT_KEY: "registered"}
+        old = [ly for ly in self.viewer.layers
+               if ly.name == name and ly.metadata.get(_ROLE_KEY) == "registered"]
+        if old:
+            layer = old[0]
             layer.data = result.warped
             layer.metadata.update(meta)
         else:
@@ -320,8 +512,18 @@ class LandmarkWidget(Container):
         before, after = result.metrics.get("before", {}), result.metrics.get("after", {})
         self.status.value = (f"refined ({result.info.get('transform')}): NCC "
                              f"{before.get('ncc', float('nan')):.3f} -> {after.get('ncc', float('nan')):.3f}")
-        self.refine_button.enabled = True
 
     def _on_refine_error(self, err):
+        from ..core.register import RegistrationCancelled
+
+        if isinstance(err, RegistrationCancelled) or self._refine_cancel.is_set():
+            return  # the status line already says why
         self.status.value = f"refinement failed: {err}"
-        self.refine_button.enabled = True
+
+    def _on_refine_finished(self):
+        self.worker = None
+        self._refine_inputs = ()
+        self.cancel_button.enabled = False
+        self.refine_button.enabled = self._intensity and self.transform is not None
+        if self._refine_cancel.is_set() and "removed" not in str(self.status.value):
+            self.status.value = "refinement cancelled; no output layer was made"
