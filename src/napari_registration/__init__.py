@@ -17,10 +17,17 @@ from .core.register import (  # noqa: E402
 )
 from .core.transform import Transform, load_transform, save_transform  # noqa: E402
 from .core.stack import StackResult, register_stack  # noqa: E402
+from .core.series import (  # noqa: E402
+    TransformSeries,
+    apply_stack_transforms,
+    load_transforms,
+    save_transforms,
+)
 
 __all__ = [
     "register",
     "register_stack", "StackResult",
+    "save_transforms", "load_transforms", "apply_stack_transforms", "TransformSeries",
     "apply_transform",
     "RegistrationResult",
     "BackendResult",
