@@ -129,7 +129,7 @@ class TpsStep(Step):
     kind = "tps"
 
     def __init__(self, source, target, regularization: float = 0.0, direction: str = "forward",
-                 *, iterations: int = 30, tol: float = 1e-9):
+                 *, iterations: int = 30, tol: float = 1e-9, lazy: bool = False):
         source = np.array(source, dtype=float)
         target = np.array(target, dtype=float)
         if source.ndim != 2 or source.shape != target.shape or source.shape[1] not in (2, 3):
@@ -152,10 +152,25 @@ class TpsStep(Step):
         self.ndim = d
         self.iterations = int(iterations)
         self.tol = float(tol)
-        self._f = _Spline(source, target, self.regularization)
+        # cheap degeneracy check (O(N)): all landmarks on one line (2D) / plane (3D)
+        centred = source - source.mean(axis=0)
+        sv = np.linalg.svd(centred, compute_uv=False)
+        if sv[-1] <= 1e-12 * max(float(sv[0]), 1e-300):
+            raise ValueError("the thin-plate spline system is singular: the landmarks are "
+                             "degenerate (all on one line in 2D / one plane in 3D)")
+        # lazy=True (files): the O(N^3) fit waits for the first use, so loading costs
+        # what reading the points costs
+        self._f_cache = None if lazy else _Spline(source, target, self.regularization)
         self._g_cache = None
         span = np.ptp(np.vstack([source, target]), axis=0).max()
         self._abs_tol = self.tol * max(float(span), 1.0)
+
+    @property
+    def _f(self):
+        """The fitted forward spline (source -> target), fitted on first use if lazy."""
+        if self._f_cache is None:
+            self._f_cache = _Spline(self.source, self.target, self.regularization)
+        return self._f_cache
 
     @property
     def _g(self):
@@ -210,8 +225,10 @@ class TpsStep(Step):
 
     def inverse(self):
         other = "backward" if self.direction == "forward" else "forward"
-        return TpsStep(self.source, self.target, self.regularization, other,
-                       iterations=self.iterations, tol=self.tol)
+        step = TpsStep(self.source, self.target, self.regularization, other,
+                       iterations=self.iterations, tol=self.tol, lazy=True)
+        step._f_cache, step._g_cache = self._f_cache, self._g_cache  # same splines
+        return step
 
     def bending_energy(self) -> float:
         """trace(W^T K W) in normalised units: 0 for an affine map, grows with bending."""
@@ -231,4 +248,4 @@ class TpsStep(Step):
     @classmethod
     def from_dict(cls, data):
         return cls(data["source"], data["target"], data.get("regularization", 0.0),
-                   data.get("direction", "forward"))
+                   data.get("direction", "forward"), lazy=True)

@@ -276,6 +276,177 @@ class FieldStep(Step):
         return cls(decode_array(data["field"]), data["spacing"], data["origin"], data["direction"])
 
 
+# ---------------------------------------------------------- untrusted transform data
+# Limits for transforms read from files or dicts; each refusal names the limit.
+MAX_STEPS = 64
+MAX_JSON_BYTES = 512 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+MAX_MATRIX_ABS = 1e12          # a larger matrix entry is corruption, not a coordinate
+MAX_CONDITION = 1e12           # linear parts closer to singular than this are refused
+MAX_TPS_POINTS = 5000
+_STRING_FIELDS = ("kind", "direction")
+
+
+def _number_tree(value, what: str, max_items: int = 10**8) -> np.ndarray:
+    """``value`` (nested lists of numbers) as a float array; anything else (strings,
+    dicts, booleans, ragged lists, non-finite or huge numbers) is a ValueError."""
+    stack, count = [value], 0
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{what} must hold only numbers; found {str(v)[:40]!r}")
+        count += 1
+        if count > max_items:
+            raise ValueError(f"{what} holds more than {max_items} numbers")
+    try:
+        arr = np.array(value, dtype=float)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{what} must be a regular (rectangular) array of numbers") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} must contain only finite numbers")
+    return arr
+
+
+def _check_matrix_values(m: np.ndarray, what: str = "a transform matrix") -> None:
+    if m.ndim == 2 and m.size and np.max(np.abs(m)) > MAX_MATRIX_ABS:
+        raise ValueError(f"{what} has an entry of {np.max(np.abs(m)):.3g}; entries must be at "
+                         f"most {MAX_MATRIX_ABS:g} in size")
+    if m.ndim == 2 and m.shape[0] == m.shape[1] and m.shape[0] >= 2:
+        cond = np.linalg.cond(m[:-1, :-1])
+        if not np.isfinite(cond) or cond > MAX_CONDITION:
+            raise ValueError(f"{what} must be invertible, and not nearly singular: its linear "
+                             f"part has condition number {cond:.3g}, above the limit "
+                             f"{MAX_CONDITION:g}")
+
+
+def _check_step_fields(kind: str, sd: dict) -> None:
+    """Types and sizes of a step's fields, before the step's own constructor sees them."""
+    for key in _STRING_FIELDS:
+        if key in sd and not isinstance(sd[key], str):
+            raise ValueError(f"'{key}' must be a string; got {type(sd[key]).__name__}")
+    if kind == "matrix":
+        m = _number_tree(sd["matrix"], "'matrix'", max_items=100)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or not 2 <= m.shape[0] <= 6:
+            raise ValueError(f"'matrix' must be a square (D+1, D+1) matrix, e.g. 3x3 (2D) or 4x4 "
+                             f"(3D); got shape {m.shape}")
+        _check_matrix_values(m)
+    elif kind == "field":
+        field = sd["field"]
+        if not isinstance(field, dict):
+            raise ValueError("'field' must be an encoded array (a dict with dtype, shape, data)")
+        for key in ("dtype", "data"):
+            if not isinstance(field.get(key), str):
+                raise ValueError(f"'field.{key}' must be a string")
+        if field["dtype"] not in ("<f4", "<f8", "|f4", "|f8", "float32", "float64"):
+            raise ValueError(f"'field.dtype' must be a float type ('<f4' or '<f8'); got "
+                             f"{field['dtype'][:20]!r}")
+        shape = field.get("shape")
+        if (not isinstance(shape, list) or not 3 <= len(shape) <= 4
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise ValueError(f"'field.shape' must be 3 or 4 positive whole numbers; got {str(shape)[:60]}")
+        for key in ("spacing", "origin"):
+            _number_tree(sd[key], f"'{key}'", max_items=4)
+    elif kind == "tps":
+        for key in ("source", "target"):
+            if isinstance(sd[key], list) and len(sd[key]) > MAX_TPS_POINTS:
+                raise ValueError(f"a thin-plate spline may have at most {MAX_TPS_POINTS} landmark "
+                                 f"pairs; '{key}' has {len(sd[key])}")
+        src = _number_tree(sd["source"], "'source'", max_items=3 * MAX_TPS_POINTS + 3)
+        _number_tree(sd["target"], "'target'", max_items=3 * MAX_TPS_POINTS + 3)
+        if src.ndim == 2 and len(src) > MAX_TPS_POINTS:
+            raise ValueError(f"a thin-plate spline may have at most {MAX_TPS_POINTS} landmark "
+                             f"pairs; this one has {len(src)}")
+        if "regularization" in sd:
+            _number_tree(sd["regularization"], "'regularization'", max_items=1)
+
+
+def _check_header(data: dict) -> None:
+    kind = data.get("type")
+    if kind is not None and kind != "napari-registration transform":
+        raise ValueError(f"not a napari-registration transform: 'type' is {str(kind)[:60]!r}")
+    if "version" in data:
+        v = data["version"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
+            raise ValueError(f"unknown transform format version {json.dumps(v)[:20]}; this "
+                             f"napari-registration reads version {FORMAT_VERSION} (upgrade it to "
+                             "read newer files)")
+
+
+def _check_visible_fields(data: dict, transform: "Transform") -> None:
+    """The top-level fields a user sees and may edit must agree with the steps: an edit
+    to one of them alone is refused, never silently ignored."""
+    if "ndim" in data:
+        nd = data["ndim"]
+        if isinstance(nd, bool) or not isinstance(nd, int) or nd != transform.ndim:
+            raise ValueError(f"'ndim' is {str(nd)[:20]} but the steps are {transform.ndim}D; "
+                             "make them agree")
+    if "kind" in data and data["kind"] != transform.kind:
+        raise ValueError(f"'kind' is {str(data['kind'])[:40]!r} but the steps make a "
+                         f"{transform.kind!r} transform; make them agree")
+    if "matrix" in data:
+        shown = data["matrix"]
+        if shown is None:
+            if transform.is_linear:
+                raise ValueError("'matrix' is null but the steps are linear; give the matrix "
+                                 "or remove the field")
+            return
+        if not transform.is_linear:
+            raise ValueError(f"'matrix' is given but the steps make a {transform.kind!r} "
+                             "transform, which has no matrix; set 'matrix' to null")
+        m = _number_tree(shown, "'matrix'", max_items=100)
+        if m.shape != transform.matrix.shape or not np.allclose(
+                m, transform.matrix, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(m).max())):
+            raise ValueError("the top-level 'matrix' disagrees with the matrix of 'steps': edit "
+                             "both the same way, or remove 'steps' to use 'matrix' alone")
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of [ and { in JSON text, found without recursion (strings skipped)."""
+    import re
+
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")
+    b = np.frombuffer(bare, dtype=np.uint8)
+    step = (np.isin(b, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(b, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def parse_transform_json(text: str, source: str = "transform data") -> Any:
+    """Parse untrusted JSON: size and nesting limits, finite numbers only; every
+    problem is a ValueError naming ``source``."""
+    if len(text) > MAX_JSON_BYTES:
+        raise ValueError(f"{source} is {len(text) / 2**20:.0f} MB; transform JSON of at most "
+                         f"{MAX_JSON_BYTES // 2**20} MB is accepted")
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{source} is nested {depth} levels deep; transform JSON may nest at "
+                         f"most {MAX_JSON_DEPTH} levels")
+
+    def finite(token):
+        value = float(token)
+        if not np.isfinite(value):
+            raise ValueError(f"{source} holds the number {token[:30]}...; a transform must "
+                             "contain only finite numbers")
+        return value
+
+    def no_constant(token):
+        raise ValueError(f"{source} holds {token}; a transform must contain only finite numbers")
+
+    def integer(token):
+        return int(token) if len(token) <= 18 else finite(token)
+
+    try:
+        return json.loads(text, parse_float=finite, parse_int=integer, parse_constant=no_constant)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err}); was it written by "
+                         "save_transform?") from None
+    except RecursionError:  # the depth check above should make this unreachable
+        raise ValueError(f"{source} is nested too deeply") from None
+
+
 # ------------------------------------------------------------------------- transform
 class Transform:
     """A map from moving world coordinates to fixed world coordinates.
@@ -425,17 +596,30 @@ class Transform:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Transform":
+        """A transform from :meth:`to_dict` output (or a file's parsed JSON). Untrusted
+        input: every field is checked (types, finite numbers within limits, a known
+        version) and the visible top-level ``ndim``, ``kind`` and ``matrix`` must agree
+        with the steps; a dict with only a ``matrix`` is that linear transform."""
+        if isinstance(data, dict) and "steps" not in data and data.get("matrix") is not None:
+            data = {**data, "steps": [{"kind": "matrix", "matrix": data["matrix"]}]}
         if not isinstance(data, dict) or "steps" not in data:
             raise ValueError(
-                "not a napari-registration transform: expected a dict with 'steps' "
-                "(as written by Transform.to_dict or save_transform)"
+                "not a napari-registration transform: expected a dict with 'steps' (or a "
+                "'matrix') as written by Transform.to_dict or save_transform"
             )
+        _check_header(data)
         if not isinstance(data["steps"], (list, tuple)):
             raise ValueError("corrupt transform data: 'steps' must be a list of steps; got "
                              f"{type(data['steps']).__name__}")
+        if len(data["steps"]) > MAX_STEPS:
+            raise ValueError(f"a transform may have at most {MAX_STEPS} steps; this one has "
+                             f"{len(data['steps'])}")
         steps = []
         for sd in data["steps"]:
             kind = sd.get("kind") if isinstance(sd, dict) else None
+            if not isinstance(kind, str):
+                raise ValueError("corrupt transform data: each step must be a dict with a 'kind' "
+                                 f"string; got {str(sd)[:60]!r}")
             if kind not in _STEP_KINDS and kind in _LAZY_STEP_MODULES:
                 import importlib
 
@@ -445,12 +629,15 @@ class Transform:
                     f"unknown transform step kind {kind!r}; known: {sorted(_STEP_KINDS)}"
                 )
             try:
+                _check_step_fields(kind, sd)
                 steps.append(_STEP_KINDS[kind].from_dict(sd))
-            except (KeyError, TypeError, IndexError) as err:
+            except (KeyError, TypeError, IndexError, OverflowError) as err:
                 raise ValueError(f"corrupt {kind!r} step in transform data: {err!r}") from None
             except ValueError as err:
                 raise ValueError(f"corrupt {kind!r} step in transform data: {err}") from None
-        return cls(steps=steps)
+        transform = cls(steps=steps)
+        _check_visible_fields(data, transform)
+        return transform
 
     def __eq__(self, other):
         if not isinstance(other, Transform):
@@ -500,10 +687,15 @@ def load_transform(path: str | Path) -> Transform:
                          f"{path / 'transform.json'})")
     suffix = path.suffix.lower()
     if suffix == ".json":
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{path} is {size / 2**20:.0f} MB; transform JSON files of at most "
+                             f"{MAX_JSON_BYTES // 2**20} MB are accepted")
         try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); was it written by save_transform?") from None
+        data = parse_transform_json(text, str(path))
         if isinstance(data, dict) and "transform" in data and "steps" not in data:
             data = data["transform"]  # a whole RegistrationResult.to_dict()
         return Transform.from_dict(data)
