@@ -592,15 +592,28 @@ def _versions() -> dict:
 
 def apply_transform(image, transform: Transform, *, output_shape, output_spacing=None,
                     output_origin=None, input_spacing=None, input_origin=None,
-                    labels: bool = False, rgb: bool = False, order: int | None = None):
+                    labels: bool = False, rgb: bool = False, order: int | None = None,
+                    lazy: bool | None = None, chunks=None):
     """Resample other data of the moving image (channels, labels) onto the fixed grid.
 
     ``labels=True`` uses nearest neighbour and keeps the dtype. Input is not modified.
+
+    A dask ``image`` (or ``lazy=True``) gives a lazy dask array: each output block (shape
+    ``chunks``; default the input's chunks) reads only the input region it needs, with
+    the same values as the eager warp (order 0 or 1). ``lazy=False`` computes a dask
+    input first and returns numpy.
     """
+    from .lazy import is_dask, lazy_resample
+
     if not isinstance(transform, Transform):
         raise TypeError(f"transform must be a Transform (got {type(transform).__name__}); "
                         "use load_transform(path) or result.transform")
-    image = image.compute() if hasattr(image, "compute") and hasattr(image, "chunks") else np.asarray(image)
+    if lazy is None:
+        lazy = is_dask(image)
+    if not lazy:
+        image = image.compute() if is_dask(image) else np.asarray(image)
+    elif not is_dask(image):
+        image = np.asarray(image)
     if image.dtype.kind == "c":
         raise ValueError("cannot resample a complex image; pass np.abs(image)")
     if image.dtype == object or image.dtype.kind in "USV":
@@ -625,6 +638,11 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
                          + "; apply it to each frame/channel, or use register_stack"
                          + ("; if the last axis holds colour channels, pass rgb=True"
                             if not rgb and image.ndim == expected + 1 and image.shape[-1] in (3, 4) else ""))
+    if lazy:
+        return lazy_resample(image, transform, shape, output_spacing=output_spacing,
+                             output_origin=output_origin, input_spacing=input_spacing,
+                             input_origin=input_origin, labels=labels, rgb=rgb,
+                             order=None if order is None else int(order), chunks=chunks)
     return resample(image, transform, shape, output_spacing=output_spacing,
                     output_origin=output_origin, input_spacing=input_spacing,
                     input_origin=input_origin, labels=labels, rgb=rgb,
