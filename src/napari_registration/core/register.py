@@ -97,8 +97,11 @@ class RegistrationResult:
 
     Attributes
     ----------
-    warped : ndarray or None
-        The moving image resampled onto the fixed grid (same shape as ``fixed``).
+    warped : ndarray, dask array, list of dask arrays, or None
+        The moving image resampled onto the fixed grid (same shape as ``fixed``). Lazy
+        (a dask array, computed block by block) when ``fixed`` or ``moving`` was a dask
+        array or ``pixel_budget`` was given; a list with one lazy array per fixed level
+        (fine -> coarse) when ``fixed`` was a pyramid.
     transform : Transform
         Maps MOVING world coordinates -> FIXED world coordinates (napari axis order).
     metrics : dict
@@ -365,6 +368,11 @@ def register(
         sigma), ``fixed_mask``, ``moving_mask``, ``rgb``, ``warp``, ``order``, ``score``,
         ``fast_warp`` (2D linear warps with OpenCV: ~15x faster, 1/32-pixel weights).
         Per method: see :func:`method_info`.
+        Big images: ``pixel_budget`` (pixels a side of the level the transform is
+        estimated on; default 2048 for pyramids and dask arrays, off for numpy),
+        ``refine`` ("tiles" or None: coarse-to-fine linear refinement on tiles of finer
+        levels), ``refine_tile`` (tile side, default 512). ``fixed``/``moving`` may be
+        pyramids: lists of arrays from fine to coarse (a napari multiscale layer's data).
 
     Returns
     -------
@@ -379,6 +387,24 @@ def register(
     RegistrationError
         The method could not find an alignment; the message says what to try.
     """
+    # pyramids (lists of levels) and dask arrays: estimate on a level within the pixel
+    # budget, refine on tiles, warp lazily (core/pyramid.py); never compute a whole dask input
+    from .pyramid import PYRAMID_OPTIONS, is_pyramid, register_pyramid
+    from .lazy import is_dask
+
+    if (is_pyramid(fixed) or is_pyramid(moving) or is_dask(fixed) or is_dask(moving)
+            or options.get("pixel_budget") is not None):
+        _backend(method)
+        return register_pyramid(fixed, moving, method=method, transform=transform,
+                                fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
+                                fixed_origin=fixed_origin, moving_origin=moving_origin,
+                                progress=progress, cancel=cancel, **options)
+    for key in PYRAMID_OPTIONS:
+        if options.get(key, PYRAMID_OPTIONS[key]) != PYRAMID_OPTIONS[key]:
+            raise ValueError(f"option {key!r} applies to pyramids and dask arrays; pass "
+                             "pixel_budget=N to use it on a numpy image")
+        options.pop(key, None)
+
     t0 = time.perf_counter()
     mod = _backend(method)
     supported = tuple(mod.TRANSFORMS)
@@ -592,15 +618,28 @@ def _versions() -> dict:
 
 def apply_transform(image, transform: Transform, *, output_shape, output_spacing=None,
                     output_origin=None, input_spacing=None, input_origin=None,
-                    labels: bool = False, rgb: bool = False, order: int | None = None):
+                    labels: bool = False, rgb: bool = False, order: int | None = None,
+                    lazy: bool | None = None, chunks=None):
     """Resample other data of the moving image (channels, labels) onto the fixed grid.
 
     ``labels=True`` uses nearest neighbour and keeps the dtype. Input is not modified.
+
+    A dask ``image`` (or ``lazy=True``) gives a lazy dask array: each output block (shape
+    ``chunks``; default the input's chunks) reads only the input region it needs, with
+    the same values as the eager warp (order 0 or 1). ``lazy=False`` computes a dask
+    input first and returns numpy.
     """
+    from .lazy import is_dask, lazy_resample
+
     if not isinstance(transform, Transform):
         raise TypeError(f"transform must be a Transform (got {type(transform).__name__}); "
                         "use load_transform(path) or result.transform")
-    image = image.compute() if hasattr(image, "compute") and hasattr(image, "chunks") else np.asarray(image)
+    if lazy is None:
+        lazy = is_dask(image)
+    if not lazy:
+        image = image.compute() if is_dask(image) else np.asarray(image)
+    elif not is_dask(image):
+        image = np.asarray(image)
     if image.dtype.kind == "c":
         raise ValueError("cannot resample a complex image; pass np.abs(image)")
     if image.dtype == object or image.dtype.kind in "USV":
@@ -625,6 +664,11 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
                          + "; apply it to each frame/channel, or use register_stack"
                          + ("; if the last axis holds colour channels, pass rgb=True"
                             if not rgb and image.ndim == expected + 1 and image.shape[-1] in (3, 4) else ""))
+    if lazy:
+        return lazy_resample(image, transform, shape, output_spacing=output_spacing,
+                             output_origin=output_origin, input_spacing=input_spacing,
+                             input_origin=input_origin, labels=labels, rgb=rgb,
+                             order=None if order is None else int(order), chunks=chunks)
     return resample(image, transform, shape, output_spacing=output_spacing,
                     output_origin=output_origin, input_spacing=input_spacing,
                     input_origin=input_origin, labels=labels, rgb=rgb,

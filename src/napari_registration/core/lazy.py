@@ -1,0 +1,193 @@
+"""Lazy, block-wise warping of large (dask) images.
+
+:func:`lazy_resample` returns a dask array on the output (fixed) grid. Each output block
+is one task that reads only the region of the input (moving) image its pixels pull back
+into (plus a one-pixel margin for interpolation), and warps it with the same
+:func:`~.resample.resample` the eager path uses, so values are identical to
+``resample(image.compute(), ...)`` for linear (order 1) and nearest (labels) warps.
+
+Nothing here imports napari or Qt; dask is imported when a lazy warp is asked for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from .resample import _geometry, index_to_world, resample, world_to_index
+from .transform import Transform
+
+__all__ = ["lazy_resample", "is_dask", "default_chunks"]
+
+# output block side when neither the caller nor the input says: 1024^2 (2D) or 128^3 (3D)
+_BLOCK_PIXELS = {1: 1 << 20, 2: 1024, 3: 128}
+
+
+def is_dask(array) -> bool:
+    """True for a dask array (duck-typed: no dask import needed to ask)."""
+    return hasattr(array, "dask") and hasattr(array, "chunks") and hasattr(array, "compute")
+
+
+def default_chunks(ndim: int, image=None, rgb: bool = False) -> tuple:
+    """Output block shape: the input's chunk shape when it is a dask array, otherwise
+    1024 px a side (2D) / 128 (3D)."""
+    if image is not None and is_dask(image):
+        size = image.chunksize[:-1] if rgb else image.chunksize
+        if len(size) == ndim:
+            return tuple(max(int(s), 64) for s in size)
+    return (_BLOCK_PIXELS.get(ndim, 64),) * ndim
+
+
+def _pullback_bounds(transform, out_sp, out_or, in_sp, in_or, start, stop):
+    """(lo, hi) input index bounds (float) of the output block ``[start, stop)``: exact
+    for linear maps (the corners), sampled on a grid for projective/deformable ones."""
+    ndim = len(start)
+    if transform.is_linear and not transform.is_projective:
+        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+        corners = np.array(list(itertools.product(*[(a, b - 1) for a, b in zip(start, stop)])), float)
+        src = corners @ m[:ndim, :ndim].T + m[:ndim, ndim]
+        return src.min(axis=0), src.max(axis=0), 0
+    # projective: a box maps into the hull of its corners' images as long as the
+    # denominator keeps its sign; deformable: a smooth field, sampled every <=32 px
+    axes = [np.unique(np.r_[np.arange(a, b, 32), b - 1]).astype(float) for a, b in zip(start, stop)]
+    grid = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1)
+    src = (transform.apply_inverse(grid * out_sp + out_or) - in_or) / in_sp
+    src = src[np.all(np.isfinite(src), axis=1)]
+    if len(src) == 0:
+        return None, None, 0
+    margin = 0 if transform.is_linear else 4
+    return src.min(axis=0), src.max(axis=0), margin
+
+
+def _warp_block(region, transform, shape, out_sp, out_or_block, in_sp, in_or_region, kwargs):
+    return resample(np.asarray(region), transform, shape, output_spacing=out_sp,
+                    output_origin=out_or_block, input_spacing=in_sp,
+                    input_origin=in_or_region, **kwargs)
+
+
+def lazy_resample(
+    image,
+    transform: Transform,
+    output_shape: Sequence[int],
+    *,
+    output_spacing=None,
+    output_origin=None,
+    input_spacing=None,
+    input_origin=None,
+    labels: bool = False,
+    order: int | None = None,
+    cval: float = 0.0,
+    rgb: bool = False,
+    chunks=None,
+):
+    """Like :func:`~.resample.resample`, but returns a lazy dask array.
+
+    Parameters
+    ----------
+    image : numpy or dask array
+        The moving image (``rgb=True``: last axis holds colour channels).
+    transform : Transform
+        Maps moving world -> fixed world.
+    output_shape, output_spacing, output_origin, input_spacing, input_origin :
+        As for :func:`~.resample.resample` (napari ``shape``, ``scale``, ``translate``).
+    labels : bool
+        Nearest neighbour, dtype kept.
+    order : int
+        0 or 1 (a higher spline order needs the whole image for its prefilter).
+    chunks : tuple of int, optional
+        Output block shape (spatial axes); default: the input's chunks, or 1024 px (2D)
+        / 128 (3D) a side.
+
+    Returns
+    -------
+    dask.array.Array
+        Output blocks are computed on demand (``.compute()``, slicing, napari, ``to_zarr``),
+        on whatever dask scheduler is active (a ``dask.distributed.Client`` included).
+    """
+    import dask
+    import dask.array as da
+
+    if order is None:
+        order = 0 if labels else 1
+    if labels:
+        order = 0
+    if int(order) > 1:
+        raise ValueError(f"a lazy (block-wise) warp supports order 0 or 1, not {order}: a spline "
+                         "of order > 1 needs the whole image; compute the image first "
+                         "(np.asarray(image)) or use order=1")
+    ndim = transform.ndim
+    spatial = tuple(image.shape[:-1]) if rgb else tuple(image.shape)
+    if len(spatial) != ndim:
+        raise ValueError(f"a {ndim}D transform cannot be applied to an image of shape {image.shape}"
+                         + (" (rgb=True: last axis = colour)" if rgb else ""))
+    output_shape = tuple(int(s) for s in output_shape)
+    if len(output_shape) != ndim or min(output_shape) < 1:
+        raise ValueError(f"output_shape must be {ndim} positive whole numbers; got {output_shape}")
+    out_sp = _geometry(output_spacing, ndim, 1.0, "output_spacing")
+    out_or = _geometry(output_origin, ndim, 0.0, "output_origin")
+    in_sp = _geometry(input_spacing, ndim, 1.0, "input_spacing")
+    in_or = _geometry(input_origin, ndim, 0.0, "input_origin")
+
+    if chunks is None:
+        chunks = default_chunks(ndim, image, rgb)
+    try:
+        block = tuple(int(c) for c in np.broadcast_to(np.asarray(chunks).ravel(), (ndim,)))
+    except (TypeError, ValueError):
+        raise ValueError(f"chunks must be {ndim} positive whole numbers (output block shape); "
+                         f"got {chunks!r}") from None
+    if min(block) < 1:
+        raise ValueError(f"chunks must be positive; got {chunks!r}")
+    out_chunks = da.core.normalize_chunks(block, output_shape)
+
+    if not is_dask(image):
+        image = np.asarray(image)
+        src = da.from_array(image, chunks=tuple(min(b, s) for b, s in zip(block, spatial))
+                            + ((image.shape[-1],) if rgb else ()))
+    else:
+        src = image
+    kwargs = dict(labels=labels, order=int(order), cval=float(cval), rgb=rgb)
+    # the output dtype, exactly as the eager path makes it
+    probe = np.zeros((2,) * ndim + ((image.shape[-1],) if rgb else ()), dtype=image.dtype)
+    out_dtype = resample(probe, Transform.identity(ndim), (1,) * ndim, **kwargs).dtype
+    channel = (image.shape[-1],) if rgb else ()
+
+    token = dask.base.tokenize(src.name, transform.to_dict(), output_shape, out_sp, out_or,
+                               in_sp, in_or, kwargs, block)
+    name = f"warp-{token}"
+    starts = [np.r_[0, np.cumsum(c)[:-1]] for c in out_chunks]
+    grid = [len(c) for c in out_chunks]
+    pieces = np.empty(grid, dtype=object)
+    for idx in np.ndindex(*grid):
+        start = np.array([starts[a][i] for a, i in enumerate(idx)])
+        size = np.array([out_chunks[a][i] for a, i in enumerate(idx)])
+        stop = start + size
+        lo_f, hi_f, margin = _pullback_bounds(transform, out_sp, out_or, in_sp, in_or, start, stop)
+        if lo_f is None:
+            lo = np.zeros(ndim, int)
+            hi = np.ones(ndim, int)
+        else:
+            # floor-1 .. ceil+1 inclusive: every interpolation neighbour is inside; clipped
+            # to the image, where the region's edge is the image's real edge
+            lo = np.floor(lo_f).astype(int) - 1 - margin
+            hi = np.ceil(hi_f).astype(int) + 2 + margin
+            n = np.array(spatial)
+            lo = np.clip(lo, 0, n - 1)
+            hi = np.clip(hi, lo + 1, n)
+        region = src[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        task = dask.delayed(_warp_block, pure=True)(
+            region, transform, tuple(int(s) for s in size), out_sp, out_or + start * out_sp,
+            in_sp, in_or + lo * in_sp, kwargs, dask_key_name=(name, *idx))
+        pieces[idx] = da.from_delayed(task, shape=tuple(int(s) for s in size) + channel,
+                                      dtype=out_dtype)
+    nested = pieces.tolist()
+    if rgb:  # da.block joins the innermost lists along the last (colour) axis
+        nested = _wrap_leaves(nested, ndim)
+    return da.block(nested)
+
+
+def _wrap_leaves(nested, depth):
+    if depth == 0:
+        return [nested]
+    return [_wrap_leaves(n, depth - 1) for n in nested]

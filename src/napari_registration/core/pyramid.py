@@ -1,0 +1,336 @@
+"""Register coarse, apply fine: pyramids, a pixel budget and tile refinement.
+
+A *pyramid* is a list of arrays from fine (level 0) to coarse, all showing the same
+field of view (a napari multiscale layer's ``data``, OME-Zarr or pyramidal OME-TIFF
+levels). Level ``k`` has spacing ``spacing0 * shape0 / shape_k`` (rounded to a whole
+factor when within 2 %), and its pixel 0 sits at the centre of the level-0 block it
+summarises: ``origin_k = origin0 + (factor - 1) / 2 * spacing0`` (block averaging, what
+dask's ``coarsen``, ``skimage.transform.pyramid_reduce`` and slide scanners do).
+
+:func:`register_pyramid` estimates the transform on the finest level that fits a pixel
+budget (about ``pixel_budget`` x ``pixel_budget`` pixels), then refines it on a grid of
+tiles at finer levels (each tile: the moving level warped by the current estimate, a
+sub-pixel phase correlation against the fixed tile, and one least-squares fit of the
+model to all tile displacements). The transform is in world units, so it applies to
+every level; the warped result is lazy (dask) at every level.
+
+Nothing here imports napari or Qt; dask is imported when a pyramid is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import time
+
+import numpy as np
+
+from .lazy import is_dask
+from .resample import _geometry
+from .transform import Transform
+
+__all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PIXEL_BUDGET"]
+
+DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
+# register() options that belong to pyramids, with their defaults
+PYRAMID_OPTIONS = {"pixel_budget": None, "refine": "tiles", "refine_tile": 512}
+_LINEAR = ("translation", "rigid", "similarity", "affine")
+
+
+@dataclass
+class Level:
+    """One pyramid level: its array (numpy or dask), spacing and origin (world of pixel 0)."""
+
+    data: object
+    spacing: np.ndarray
+    origin: np.ndarray
+    factor: np.ndarray  # size of a pixel in level-0 pixels, per axis
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape[: len(self.spacing)])
+
+
+def is_pyramid(image) -> bool:
+    """A list/tuple of arrays (fine -> coarse), e.g. a napari multiscale layer's data."""
+    return isinstance(image, (list, tuple)) and len(image) > 0 and all(
+        hasattr(a, "shape") and hasattr(a, "dtype") for a in image)
+
+
+def _spatial(a, rgb):
+    return tuple(a.shape[:-1]) if rgb else tuple(a.shape)
+
+
+def as_levels(image, *, spacing=None, origin=None, rgb: bool = False, name: str = "image",
+              budget: int | None = None) -> list[Level]:
+    """Levels of ``image``: the given pyramid, or lazily built ones (2x block averages
+    with ``dask.array.coarsen``) down to the first that fits ``budget``."""
+    import dask.array as da
+
+    arrays = list(image) if is_pyramid(image) else [image]
+    base = arrays[0]
+    shape0 = _spatial(base, rgb)
+    ndim = len(shape0)
+    sp0 = _geometry(spacing, ndim, 1.0, f"{name}_spacing")
+    or0 = _geometry(origin, ndim, 0.0, f"{name}_origin")
+    levels = []
+    for k, a in enumerate(arrays):
+        shape = _spatial(a, rgb)
+        if len(shape) != ndim or a.ndim != base.ndim:
+            raise ValueError(f"{name} pyramid level {k} has shape {a.shape} but level 0 has "
+                             f"{base.shape}: every level needs the same axes (fine -> coarse)")
+        ratio = np.array(shape0, float) / np.array(shape, float)
+        if np.any(ratio < 1 - 1e-9) or (k > 0 and np.any(np.array(shape) > np.array(levels[-1].shape))):
+            raise ValueError(f"{name} pyramid levels must go from fine to coarse; level {k} "
+                             f"{shape} is larger than the level before it")
+        rounded = np.round(ratio)
+        factor = np.where(np.abs(ratio - rounded) <= 0.02 * rounded, rounded, ratio)
+        levels.append(Level(a, sp0 * factor, or0 + (factor - 1) / 2 * sp0, factor))
+    if budget is not None and not is_pyramid(image):
+        # build coarser levels lazily until one fits the budget
+        src = base if is_dask(base) else da.from_array(np.asarray(base), chunks=_auto_chunks(base, rgb))
+        if not is_dask(base):
+            levels[0] = Level(np.asarray(base), sp0, or0, np.ones(ndim))
+        f = 1
+        while not _fits(levels[-1].shape, budget) and min(levels[-1].shape) >= 8:
+            f *= 2
+            axes = {ax: f for ax in range(ndim)}
+            coarse = da.coarsen(np.mean, src.astype(np.float32), axes, trim_excess=True)
+            factor = np.full(ndim, float(f))
+            levels.append(Level(coarse.astype(np.float32), sp0 * factor,
+                                or0 + (factor - 1) / 2 * sp0, factor))
+    return levels
+
+
+def _auto_chunks(a, rgb):
+    ndim = a.ndim - (1 if rgb else 0)
+    side = 1024 if ndim <= 2 else 128
+    return tuple(min(side, n) for n in a.shape[:ndim]) + ((a.shape[-1],) if rgb else ())
+
+
+def _fits(shape, budget) -> bool:
+    return max(shape) <= budget and float(np.prod(shape)) <= float(budget) ** 2
+
+
+def choose_level(levels: list[Level], budget: int) -> int:
+    """Index of the finest level within the budget (the coarsest one if none is)."""
+    for k, lev in enumerate(levels):
+        if _fits(lev.shape, budget):
+            return k
+    return len(levels) - 1
+
+
+def _level_mask(mask, shape0, level: Level, name):
+    """A level-0 (or level-shaped) mask, sampled at the level's pixel centres."""
+    if mask is None:
+        return None
+    m = np.asarray(mask.compute() if is_dask(mask) else mask)
+    if m.shape == level.shape:
+        return m
+    if m.shape != tuple(shape0):
+        raise ValueError(f"{name} must have the shape of level 0 {tuple(shape0)} or of the "
+                         f"estimation level {level.shape}; got {m.shape}")
+    idx = [np.minimum(np.floor((np.arange(n) + 0.5) * f).astype(int), n0 - 1)
+           for n, f, n0 in zip(level.shape, level.factor, shape0)]
+    return m[np.ix_(*idx)]
+
+
+def _compute(a) -> np.ndarray:
+    return np.asarray(a.compute() if is_dask(a) else a)
+
+
+def _grey(a, rgb):
+    a = np.asarray(a, dtype=np.float32)
+    if rgb:
+        w = np.array([0.2125, 0.7154, 0.0721], np.float32)
+        return a[..., :3] @ w
+    return a
+
+
+def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
+                     fixed_origin=None, moving_origin=None, progress=None, cancel=None,
+                     pixel_budget=None, refine="tiles", refine_tile=512, **options):
+    """:func:`~.register.register` for pyramids and large (dask) images: see the module
+    docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
+    lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
+    from .lazy import lazy_resample
+    from .register import RegistrationCancelled, RegistrationError, RegistrationResult, register
+
+    t0 = time.perf_counter()
+    budget = DEFAULT_PIXEL_BUDGET if pixel_budget is None else pixel_budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 16:
+        raise ValueError(f"pixel_budget (pixels a side of the level used for estimation) must "
+                         f"be a whole number >= 16; got {pixel_budget!r}")
+    if refine not in (None, False, "tiles"):
+        raise ValueError(f"refine must be 'tiles' (refine on tiles of finer levels) or None; got {refine!r}")
+    if isinstance(refine_tile, bool) or not isinstance(refine_tile, (int, np.integer)) or refine_tile < 32:
+        raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
+    for name, img in (("fixed", fixed), ("moving", moving)):
+        first = img[0] if is_pyramid(img) else img
+        if first is None or not hasattr(first, "shape"):
+            raise ValueError(f"{name} must be an array, a dask array or a list of arrays (a "
+                             f"pyramid, fine -> coarse); got {type(img).__name__}")
+        if getattr(first, "dtype", np.dtype(float)).kind in "cOUSV":
+            raise ValueError(f"{name} image has dtype {first.dtype}; pass a real-valued numeric array")
+    rgb_opt = options.get("rgb")
+
+    def guess_rgb(img):
+        a = img[0] if is_pyramid(img) else img
+        if rgb_opt is not None:
+            return bool(rgb_opt)
+        return a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 8
+
+    f_rgb, m_rgb = guess_rgb(fixed), guess_rgb(moving)
+    f_levels = as_levels(fixed, spacing=fixed_spacing, origin=fixed_origin, rgb=f_rgb, name="fixed",
+                         budget=budget)
+    m_levels = as_levels(moving, spacing=moving_spacing, origin=moving_origin, rgb=m_rgb,
+                         name="moving", budget=budget)
+    ndim = len(f_levels[0].shape)
+    if len(m_levels[0].shape) != ndim:
+        raise ValueError(f"fixed is {ndim}D {f_levels[0].shape} but moving is "
+                         f"{len(m_levels[0].shape)}D {m_levels[0].shape}: both need the same axes")
+    kf, km = choose_level(f_levels, budget), choose_level(m_levels, budget)
+    fl, ml = f_levels[kf], m_levels[km]
+
+    def report(fraction, message):
+        if progress is not None:
+            progress(float(min(max(fraction, 0.0), 1.0)), str(message))
+
+    def stop():
+        if cancel is not None and cancel():
+            raise RegistrationCancelled("registration cancelled")
+
+    level_opts = dict(options)
+    for key in ("fixed_mask", "moving_mask"):
+        if level_opts.get(key) is not None:
+            levels, lev = (f_levels, fl) if key.startswith("fixed") else (m_levels, ml)
+            level_opts[key] = _level_mask(level_opts[key], levels[0].shape, lev, key)
+    report(0.0, f"reading level {kf} {fl.shape} of fixed, {km} {ml.shape} of moving")
+    stop()
+    f_arr, m_arr = _compute(fl.data), _compute(ml.data)
+    stop()
+
+    def sub_progress(fraction, message):
+        report(0.05 + 0.6 * fraction, message)
+
+    coarse = register(f_arr, m_arr, method=method, transform=transform,
+                      fixed_spacing=fl.spacing, moving_spacing=ml.spacing,
+                      fixed_origin=fl.origin, moving_origin=ml.origin,
+                      progress=sub_progress, cancel=cancel, **{**level_opts, "warp": False})
+    del f_arr, m_arr
+    tf = coarse.transform
+    refinements = []
+    if refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
+        # finer levels, stepping by >= 8x, ending at the finest fixed level
+        targets = [k for k in range(kf - 1, -1, -1)
+                   if (kf - k) % 3 == 0 or k == 0]
+        for i, k in enumerate(targets):
+            stop()
+            report(0.7 + 0.2 * i / max(len(targets), 1), f"refining on tiles of level {k}")
+            tf, rinfo = _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb,
+                                         tile=int(refine_tile), budget=budget, stop=stop)
+            refinements.append(rinfo)
+
+    report(0.92, "building the lazy warp")
+    warped = None
+    if options.get("warp", True):
+        per_level = []
+        for lev in (f_levels if is_pyramid(fixed) else f_levels[:1]):
+            src = _source_level(m_levels, lev.spacing)
+            per_level.append(lazy_resample(
+                src.data, tf, lev.shape, output_spacing=lev.spacing, output_origin=lev.origin,
+                input_spacing=src.spacing, input_origin=src.origin, rgb=m_rgb,
+                order=min(int(options.get("order", 1)), 1)))
+        warped = per_level if is_pyramid(fixed) else per_level[0]
+    info = dict(coarse.info)
+    info.update({
+        "pyramid": {
+            "pixel_budget": int(budget),
+            "fixed_level": kf, "moving_level": km,
+            "fixed_levels": [list(lev.shape) for lev in f_levels],
+            "moving_levels": [list(lev.shape) for lev in m_levels],
+            "estimation_spacing": fl.spacing.tolist(),
+            "coarse_transform": coarse.transform.to_dict(),
+            "refinements": refinements,
+        },
+        "seconds": time.perf_counter() - t0,
+    })
+    _ = RegistrationError  # the coarse register() raises it with its own advice
+    return RegistrationResult(
+        warped=warped, transform=tf, metrics=coarse.metrics, info=info, extras=coarse.extras,
+        fixed_shape=f_levels[0].shape, fixed_spacing=tuple(float(v) for v in f_levels[0].spacing),
+        fixed_origin=tuple(float(v) for v in f_levels[0].origin), moving_shape=m_levels[0].shape,
+        moving_spacing=tuple(float(v) for v in m_levels[0].spacing),
+        moving_origin=tuple(float(v) for v in m_levels[0].origin),
+    )
+
+
+def _source_level(levels: list[Level], spacing) -> Level:
+    """The coarsest moving level still at least as fine as ``spacing`` on every axis."""
+    best = levels[0]
+    for lev in levels:
+        if np.all(lev.spacing <= np.asarray(spacing) * (1 + 1e-6)):
+            best = lev
+    return best
+
+
+def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile, budget, stop):
+    """One coarse-to-fine step on fixed level ``k``: a grid of tiles, each the moving image
+    warped by ``tf`` and phase-correlated with the fixed tile; a least-squares fit of
+    ``transform`` to the tile displacements, composed onto ``tf``."""
+    from ..backends.landmarks import fit_landmarks
+    from .lazy import lazy_resample
+    from .register import RegistrationError, register
+
+    lev = f_levels[k]
+    shape = np.array(lev.shape)
+    side = np.minimum(shape, tile)
+    ndim = len(shape)
+    per_axis = 3 if ndim == 2 else 2
+    src = _source_level(m_levels, lev.spacing)
+    # candidate tile corners on a grid over the level
+    grids = [np.unique(np.linspace(0, n - s, per_axis).round().astype(int)) for n, s in zip(shape, side)]
+    pairs_f, pairs_m, used = [], [], []
+    for corner in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
+        stop()
+        sl = tuple(slice(int(c), int(c + s)) for c, s in zip(corner, side))
+        f_tile = _grey(_compute(lev.data[sl + ((slice(None),) if f_rgb else ())]), f_rgb)
+        origin = lev.origin + corner * lev.spacing
+        w_tile = lazy_resample(src.data, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
+                               output_origin=origin, input_spacing=src.spacing,
+                               input_origin=src.origin, rgb=m_rgb, chunks=tuple(int(s) for s in side))
+        w_tile = _grey(_compute(w_tile), m_rgb)
+        overlap = np.mean(w_tile != 0)
+        if overlap < 0.9 or float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
+            continue
+        try:
+            r = register(f_tile, w_tile, method="fourier", transform="translation",
+                         fixed_spacing=lev.spacing, moving_spacing=lev.spacing,
+                         fixed_origin=origin, moving_origin=origin, warp=False, score=False)
+        except (RegistrationError, ValueError):
+            continue
+        shift = r.transform.matrix[:ndim, ndim]
+        if np.any(np.abs(shift / lev.spacing) > side / 4):
+            continue  # a peak far from zero on a tile is a mismatch, not a correction
+        centre = origin + (side - 1) / 2 * lev.spacing
+        pairs_f.append(centre + shift)
+        pairs_m.append(tf.apply_inverse(centre[None])[0])
+        used.append([int(c) for c in corner])
+    need = {"translation": 1, "rigid": ndim, "similarity": ndim, "affine": ndim + 1}[transform]
+    info = {"level": k, "tile": [int(s) for s in side], "tiles_used": len(used)}
+    if len(used) < max(need, 2 if transform != "translation" else 1):
+        info["skipped"] = f"only {len(used)} usable tiles"
+        return tf, info
+    fixed_pts, moving_pts = np.array(pairs_f), np.array(pairs_m)
+    try:
+        new, fit = fit_landmarks(fixed_pts, moving_pts, transform, leave_one_out=False)
+        # drop tiles that disagree with the others (texture-less or repeated patterns)
+        res = np.asarray(fit["residuals"]) / float(np.min(lev.spacing))
+        keep = res <= max(1.0, 3 * float(np.median(res)))
+        if keep.sum() >= need and not keep.all():
+            new, fit = fit_landmarks(fixed_pts[keep], moving_pts[keep], transform, leave_one_out=False)
+            info["tiles_used"] = int(keep.sum())
+    except ValueError as err:
+        info["skipped"] = str(err)
+        return tf, info
+    info["residual_px_rms"] = float(fit["fre_rms"] / float(np.min(lev.spacing)))
+    return new, info
