@@ -727,7 +727,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              demons: str = "diffeomorphic",
              demons_iterations: int = 50,
              demons_smoothing: float = 2.0,
-             threads: int | None = None) -> BackendResult:
+             threads: int | None = None,
+             polish: bool = True) -> BackendResult:
     """Intensity-based registration with SimpleITK.
 
     Options
@@ -784,6 +785,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Demons iterations per level and field smoothing (sigma in pixels).
     threads : int or None
         SimpleITK threads (None: SimpleITK's default; 1 when ``seed`` is set).
+    polish : bool
+        Linear transforms: a final Gauss-Newton pass on a cubic-spline pyramid at full
+        resolution (least squares up to a gain and offset, :mod:`core.refine`), kept
+        only when the images are linearly related in intensity (|NCC| >= 0.9 after the
+        ITK stage) and the residual drops; it removes most of the random-sampling
+        noise of the ITK stage (3D brain rigid: ~0.03 mm -> < 0.01 mm).
 
     The core's ``fixed_mask`` / ``moving_mask`` become ITK metric masks (only pixels
     inside count); demons has no masks, so there they restrict its linear stage only.
@@ -821,7 +828,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     # SetNumberOfThreads does not reach every filter it runs (measured: runs differed),
     # so a seeded run sets the process-wide default and restores it afterwards
     with _global_threads(sitk, threads):
-        return _run(sitk, fixed, moving, fixed_img, moving_img, transform=transform, ndim=ndim,
+        result = _run(sitk, fixed, moving, fixed_img, moving_img, transform=transform, ndim=ndim,
                     init=init, rotation_search=rotation_search, optimizer=optimizer,
                     learning_rate=learning_rate, iterations=iterations,
                     convergence=convergence, shrink_factors=shrink_factors, shrink=shrink,
@@ -831,6 +838,30 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                     mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
                     demons_smoothing=demons_smoothing, threads=threads, progress=progress,
                     cancel=cancel, t0=t0)
+    if polish and transform in LINEAR:
+        result = _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing,
+                         fixed_mask, moving_mask, cancel)
+    return result
+
+
+def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fixed_mask,
+            moving_mask, cancel):
+    """Final Gauss-Newton pass (see the ``polish`` option); the ITK result when declined."""
+    from ..core.refine import refine_linear
+
+    t = time.perf_counter()
+    try:
+        out, rinfo = refine_linear(fixed, moving, result.transform, model=transform,
+                                   fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
+                                   fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                   start_error_px=2.0, min_ncc=0.9, cancel=cancel)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        out, rinfo = result.transform, {"accepted": False, "reason": f"failed: {err}"}
+    info = dict(result.info)
+    info["polish"] = {k: v for k, v in rinfo.items() if k in
+                      ("accepted", "reason", "iterations", "levels", "rms_start", "rms", "ncc")}
+    info["polish"]["seconds"] = time.perf_counter() - t
+    return BackendResult(out, info)
 
 
 # registrations running at the same time in threads share SimpleITK's process-wide
