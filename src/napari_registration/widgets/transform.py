@@ -38,7 +38,7 @@ class TransformWidget(Container):
     ``<name> transformed``; the input is left as it was)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
         self.viewer = napari_viewer
         self.transform: Transform | None = None
         self.source = ComboBox(label="from layer", choices=self._registered_layers, nullable=True)
