@@ -288,3 +288,20 @@ def test_loading_a_bad_transforms_file_says_why(make_napari_viewer, qtbot, tmp_p
     assert "not a transform series" in w._status.value and w.series is None
     _click(qtbot, w._apply_button)                             # disabled: nothing happens
     assert len(viewer.layers) == 0
+
+
+@pytest.mark.parametrize("name", ["Register stack", "Landmark registration",
+                                  "Apply / save / load transform"])
+def test_docks_scroll_and_fit_a_small_screen(make_napari_viewer, qtbot, name):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 800)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-registration", name)
+    qtbot.wait(100)
+    assert isinstance(dock.widget(), QScrollArea)      # napari docks the scroll area
+    viewer.window._qt_window.resize(1280, 800)
+    qtbot.wait(50)
+    size = viewer.window._qt_window.size()
+    assert size.height() <= 800 and size.width() <= 1280
+    assert dock.widget().minimumSizeHint().height() < 400   # the form scrolls, not the window

@@ -31,10 +31,11 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, Table
+from magicgui.widgets import CheckBox, ComboBox, Label, PushButton, Table
 
 from ..backends.landmarks import TRANSFORMS, fit_landmarks, min_points
 from ..core.transform import Transform
+from ._dock import ScrollableDock
 
 FIXED_COLOUR = "magenta"
 MOVING_COLOUR = "lime"
@@ -119,11 +120,11 @@ def _fit_job(generation, fixed_points, moving_points, model, preview):
     return out
 
 
-class LandmarkWidget(Container):
+class LandmarkWidget(ScrollableDock):
     """Paired-point registration with a live fit and preview."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True, scrollable=True)
+        super().__init__()
         from qtpy.QtCore import QTimer
 
         self.viewer = napari_viewer

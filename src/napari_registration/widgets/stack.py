@@ -26,7 +26,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     EmptyWidget,
     FileEdit,
     Label,
@@ -49,6 +48,7 @@ from ..core.series import (
     save_transforms,
 )
 from ..core.stack import iter_register_stack
+from ._dock import ScrollableDock
 
 REFERENCE_CHOICES = ("first", "previous", "mean", "frame")
 OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
@@ -177,11 +177,11 @@ def _run(data, **kwargs):
         raise StackWorkerError(str(err)) from err
 
 
-class StackRegistrationWidget(Container):
+class StackRegistrationWidget(ScrollableDock):
     """Register every frame of an image layer to a reference frame."""
 
     def __init__(self, napari_viewer):
-        super().__init__(labels=True, scrollable=True)
+        super().__init__()
         self._viewer = napari_viewer
         self._cancel = threading.Event()
         self._cancel_reason = None
@@ -218,8 +218,9 @@ class StackRegistrationWidget(Container):
         self._table.native.setMaximumHeight(200)
         self.plot = DriftPlot()
         self._plot_holder = EmptyWidget(label="drift plot")
-        QVBoxLayout(self._plot_holder.native).addWidget(self.plot)
-        self._plot_holder.native.layout().setContentsMargins(0, 0, 0, 0)
+        holder_layout = self._plot_holder.native.layout() or QVBoxLayout(self._plot_holder.native)
+        holder_layout.setContentsMargins(0, 0, 0, 0)
+        holder_layout.addWidget(self.plot)
         # reuse the per-frame transforms
         self._reuse_title = Label(value="<b>Reuse the per-frame transforms</b>")
         self._apply_target = ComboBox(label="apply to", choices=self._target_layers,
