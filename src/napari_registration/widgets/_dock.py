@@ -17,6 +17,9 @@ class ScrollableDock(Container):
     def __init__(self, **kwargs):
         kwargs.setdefault("labels", True)
         super().__init__(scrollable=True, **kwargs)
+        # widgets are inserted before this stretch: the rows keep their natural height
+        # at the top instead of being spread over a tall dock
+        self.inner.layout().addStretch(1)
 
     @property
     def native(self):

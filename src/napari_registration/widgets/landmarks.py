@@ -126,6 +126,7 @@ class LandmarkWidget(ScrollableDock):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
         super().__init__()
         from qtpy.QtCore import QTimer
+        from qtpy.QtWidgets import QSizePolicy
 
         self.viewer = napari_viewer
         self.fixed_layer = ComboBox(label="fixed image", choices=self._image_choices, nullable=True)
@@ -136,6 +137,7 @@ class LandmarkWidget(ScrollableDock):
         self.start_button = PushButton(text="Start / reset landmark layers")
         self.status = Label(value="choose the two images and press Start")
         self.status.native.setWordWrap(True)
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.table = Table(value={"data": [], "columns": ["fixed", "moving", "residual", "leave-one-out"]})
         self.table.native.setMinimumHeight(120)
         self.table.native.setMaximumHeight(260)

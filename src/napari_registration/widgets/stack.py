@@ -140,8 +140,13 @@ class DriftPlot(QWidget):
                 painter.setPen(QColor("#5a5f6a"))
                 painter.drawRect(int(left), int(top), int(right - left), int(bottom - top))
                 painter.setPen(QColor("#d0d0d0"))
-                painter.drawText(int(left), int(top - 3), f"{title}   " + "  ".join(
-                    name for name, _ in series if len(series) > 1))
+                painter.drawText(int(left), int(top - 3), title)
+                if len(series) > 1:  # a legend in the lines' colours
+                    x = left + painter.fontMetrics().horizontalAdvance(title) + 12
+                    for k, (name, _) in enumerate(series):
+                        painter.setPen(QColor(self.COLOURS[k % len(self.COLOURS)]))
+                        painter.drawText(int(x), int(top - 3), name)
+                        x += painter.fontMetrics().horizontalAdvance(name) + 10
                 painter.drawText(2, int(top + 10), f"{hi:.3g}")
                 painter.drawText(2, int(bottom), f"{lo:.3g}")
                 for k, (name, ys) in enumerate(series):
@@ -218,11 +223,12 @@ class StackRegistrationWidget(ScrollableDock):
         self._table.native.setMaximumHeight(200)
         self.plot = DriftPlot()
         self._plot_holder = EmptyWidget(label="drift plot")
-        holder_layout = self._plot_holder.native.layout() or QVBoxLayout(self._plot_holder.native)
+        holder_layout = self._plot_holder.native.layout()
+        if holder_layout is None:
+            holder_layout = QVBoxLayout(self._plot_holder.native)
         holder_layout.setContentsMargins(0, 0, 0, 0)
         holder_layout.addWidget(self.plot)
         # reuse the per-frame transforms
-        self._reuse_title = Label(value="<b>Reuse the per-frame transforms</b>")
         self._apply_target = ComboBox(label="apply to", choices=self._target_layers,
                                       nullable=True, tooltip=(
                                           "another channel (image), a labels movie (nearest "
@@ -234,11 +240,16 @@ class StackRegistrationWidget(ScrollableDock):
         self._load_button = PushButton(text="Load transforms")
         self._series_label = Label(label="transforms", value="(none yet)")
         self._series_label.native.setWordWrap(True)
+        # a wrapped label otherwise asks for its whole one-line width: the form grew wider
+        # than the dock and was clipped on the right
+        for label in (self._series_label, self._status):
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                       QSizePolicy.Policy.Preferred)
         self.extend([self._layer, self._axis, self._reference, self._reference_frame,
                      self._method, self._transform, self._channels, self._channel_axis,
                      self._driver, self._downsample, self._level, self._run_button, self._cancel_button,
                      self._progress, self._status, self._table, self._plot_holder,
-                     self._reuse_title, self._series_label, self._apply_target,
+                     self._series_label, self._apply_target,
                      self._apply_button, self._save_file, self._save_button, self._load_file,
                      self._load_button])
 
