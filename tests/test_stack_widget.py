@@ -150,3 +150,158 @@ def test_widget_reports_bad_input_and_recovers(widget, qtbot):
     assert errors and "frame 2" in w._status.value and "constant" in w._status.value
     assert w.result is None and "with blank registered" not in viewer.layers
     assert w._run_button.enabled and not w._cancel_button.enabled
+
+
+# ----------------------------------------------------------- opened as the Plugins menu does
+def _open(viewer):
+    _, w = viewer.window.add_plugin_dock_widget("napari-registration", "Register stack")
+    return w
+
+
+def _click(qtbot, button):
+    from qtpy.QtCore import Qt
+
+    qtbot.mouseClick(button.native, Qt.MouseButton.LeftButton)
+
+
+def _run(qtbot, w):
+    """Press 'Register stack' and wait for the run to end."""
+    _click(qtbot, w._run_button)
+    assert w.worker is not None
+    with qtbot.waitSignal(w.worker.finished, timeout=60000):
+        pass
+
+
+def test_opens_with_the_only_stack_chosen_never_our_output(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    frames, _ = series()
+    viewer.add_image(frames[0], name="one frame")              # 2D: not a stack
+    viewer.add_image(frames, name="movie")
+    viewer.add_image(frames, name="movie registered",          # an output of ours, on top
+                     metadata={"napari_registration_output": "stack registered"})
+    w = _open(viewer)
+    assert w._layer.value.name == "movie"
+    # a second run's output appearing does not move the picker
+    _run(qtbot, w)
+    assert w._layer.value.name == "movie"
+    assert viewer.layers["movie registered"].metadata["napari_registration_output"]
+
+
+def test_opens_with_nothing_chosen_when_the_choice_is_ambiguous(make_napari_viewer):
+    frames, _ = series()
+    for selected in (None, "a"):
+        viewer = make_napari_viewer()
+        viewer.add_image(frames, name="a")
+        viewer.add_image(frames, name="b")
+        viewer.layers.selection.clear()
+        if selected:
+            viewer.layers.selection.active = viewer.layers[selected]
+        value = _open(viewer)._layer.value
+        assert (value.name if value is not None else None) == selected
+
+
+def test_removing_the_stack_during_a_run_cancels_cleanly(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    frames, _ = series(n_repeat=30)                            # 150 frames
+    viewer.add_image(frames, name="long")
+    w = _open(viewer)
+    assert w._layer.value.name == "long"
+    _click(qtbot, w._run_button)
+    worker = w.worker
+    qtbot.waitUntil(lambda: w._progress.value > 0, timeout=30000)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        viewer.layers.remove("long")                           # the user deletes the input
+    qtbot.wait(200)
+    assert "removed" in w._status.value and "no output layer" in w._status.value
+    assert [ly.name for ly in viewer.layers] == []             # nothing half-made appeared
+    assert w.result is None and w._run_button.enabled and not w._cancel_button.enabled
+
+
+def test_transforms_are_reused_on_another_channel_labels_and_points(make_napari_viewer, qtbot,
+                                                                   tmp_path):
+    viewer = make_napari_viewer()
+    frames, drifts = series()
+    # another channel (other content) with the same drift
+    from skimage import data
+
+    image = data.camera().astype(np.float32)[300:412, 60:172]
+    red = np.stack([ndimage.shift(image, -d, order=3, mode="nearest")[8:104, 8:104]
+                    for d in drifts])
+    viewer.add_image(frames, name="green", scale=(1.0, 0.5, 0.5))
+    w = _open(viewer)
+    _run(qtbot, w)
+    assert w.series is not None and len(w.series) == 5 and w._apply_button.enabled
+    # the drift plot shows the shift and the NCC
+    assert [title for title, _ in w.plot.panels] == ["shift", "NCC after"]
+    np.testing.assert_allclose(w.plot.panels[0][1][0][1], -drifts[:, 0] * 0.5, atol=0.05)
+
+    red_layer = viewer.add_image(red, name="red", scale=(1.0, 0.5, 0.5))
+    w._apply_target.reset_choices()
+    w._apply_target.value = red_layer
+    _click(qtbot, w._apply_button)
+    aligned = viewer.layers["red aligned"].data
+    inner = (slice(None), slice(10, -10), slice(10, -10))
+    err_before = np.abs(red - red[0])[inner].mean()
+    err_after = np.abs(aligned - aligned[0])[inner].mean()
+    assert err_after < 0.25 * err_before and np.array_equal(red_layer.data, red)
+
+    labels = np.zeros(frames.shape, np.uint8)
+    for i, d in enumerate(drifts):                             # a square that drifts
+        r, c = int(round(40 - d[0])), int(round(40 - d[1]))
+        labels[i, r:r + 10, c:c + 10] = 3
+    w._apply_target.reset_choices()
+    w.apply_transforms(viewer.add_labels(labels, name="cells", scale=(1.0, 0.5, 0.5)))
+    out = viewer.layers["cells aligned"].data
+    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 3}
+    centres = np.array([np.argwhere(f == 3).mean(0) for f in out])
+    assert np.ptp(centres, axis=0).max() < 1.5                 # the square stands still
+
+    # tracked points: (frame, row, col) in data coordinates of a layer with the same scale
+    track = np.array([[i, 50 - d[0], 60 - d[1]] for i, d in enumerate(drifts)])
+    pts = viewer.add_points(track, name="track", scale=(1.0, 0.5, 0.5))
+    w.apply_transforms(pts)
+    moved = viewer.layers["track aligned"].data
+    np.testing.assert_allclose(moved[:, 1:], [[50, 60]] * 5, atol=0.15)
+
+    # save through the dock, load in a fresh dock, apply again: the same result
+    w._save_file.value = tmp_path / "drift.json"
+    _click(qtbot, w._save_button)
+    assert (tmp_path / "drift.json").is_file() and "saved 5" in w._status.value
+    viewer.window.remove_dock_widget("all")                    # a fresh dock
+    w2 = _open(viewer)
+    assert w2 is not w and not w2._apply_button.enabled
+    w2._load_file.value = tmp_path / "drift.json"
+    _click(qtbot, w2._load_button)
+    assert "loaded 5" in w2._status.value and w2._apply_button.enabled
+    viewer.layers.remove("red aligned")
+    w2.apply_transforms(red_layer)
+    np.testing.assert_allclose(viewer.layers["red aligned"].data, aligned, atol=1e-4)
+
+
+def test_loading_a_bad_transforms_file_says_why(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    w = _open(viewer)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "napari-registration transform", "steps": []}')
+    w._load_file.value = bad
+    _click(qtbot, w._load_button)
+    assert "not a transform series" in w._status.value and w.series is None
+    _click(qtbot, w._apply_button)                             # disabled: nothing happens
+    assert len(viewer.layers) == 0
+
+
+@pytest.mark.parametrize("name", ["Register stack", "Landmark registration",
+                                  "Apply / save / load transform"])
+def test_docks_scroll_and_fit_a_small_screen(make_napari_viewer, qtbot, name):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 800)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-registration", name)
+    qtbot.wait(100)
+    assert isinstance(dock.widget(), QScrollArea)      # napari docks the scroll area
+    viewer.window._qt_window.resize(1280, 800)
+    qtbot.wait(50)
+    size = viewer.window._qt_window.size()
+    assert size.height() <= 800 and size.width() <= 1280
+    assert dock.widget().minimumSizeHint().height() < 400   # the form scrolls, not the window

@@ -31,16 +31,18 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, Table
+from magicgui.widgets import CheckBox, ComboBox, Label, PushButton, Table
 
 from ..backends.landmarks import TRANSFORMS, fit_landmarks, min_points
 from ..core.transform import Transform
+from ._dock import ScrollableDock
 
 FIXED_COLOUR = "magenta"
 MOVING_COLOUR = "lime"
 _ROLE_KEY = "napari_registration_landmarks"
 _OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
 PREVIEW_SIDE = 512  # thin-plate spline previews are resampled at most this size per axis
+PREVIEW_NODES = 48  # ... through the spline evaluated on at most this many nodes per axis
 DEBOUNCE_MS = 150  # a refit starts once clicks pause this long
 SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
 
@@ -68,17 +70,38 @@ def _geometry(layer):
 def _tps_preview(moving_data, transform, *, fixed_shape, fixed_spacing, fixed_origin,
                  moving_spacing, moving_origin, rgb):
     """The moving image resampled through ``transform`` at most PREVIEW_SIDE pixels per
-    axis over the fixed extent: (data, spacing, origin). Runs in the fit worker."""
-    from ..core.resample import resample
+    axis over the fixed extent: (data, spacing, origin). Runs in the fit worker.
+
+    A preview, made fast: the spline's inverse (Newton iterations per point) is evaluated
+    on a coarse lattice of at most PREVIEW_NODES nodes per axis, and the source positions
+    in between are interpolated linearly (a thin-plate spline is smooth; the full
+    transform is what gets saved, refined and applied)."""
+    from scipy import ndimage
 
     shape = np.asarray(fixed_shape)
     factor = max(1.0, float(shape.max()) / PREVIEW_SIDE)
-    out_shape = np.maximum(1, np.ceil(shape / factor)).astype(int)
-    out_sp = np.asarray(fixed_spacing) * shape / out_shape
+    out_shape = tuple(int(v) for v in np.maximum(1, np.ceil(shape / factor)))
+    out_sp = np.asarray(fixed_spacing) * shape / np.asarray(out_shape)
     out_or = np.asarray(fixed_origin) + (out_sp - np.asarray(fixed_spacing)) / 2  # same extent
-    data = resample(np.asarray(moving_data), transform, tuple(out_shape), output_spacing=out_sp,
-                    output_origin=out_or, input_spacing=moving_spacing,
-                    input_origin=moving_origin, rgb=rgb)
+    nodes = tuple(min(n, PREVIEW_NODES) for n in out_shape)
+    axes = [np.linspace(0.0, n - 1.0, k) for n, k in zip(out_shape, nodes)]
+    lattice = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(out_shape))
+    source = (transform.apply_inverse(lattice * out_sp + out_or) - np.asarray(moving_origin)) \
+        / np.asarray(moving_spacing)
+    source = source.reshape(nodes + (len(out_shape),))
+    # node k of an axis sits at output pixel k * (n - 1) / (nodes - 1): interpolate there
+    pixel = np.meshgrid(*[np.arange(n) * ((k - 1) / max(n - 1, 1))
+                          for n, k in zip(out_shape, nodes)], indexing="ij")
+    coords = np.stack([ndimage.map_coordinates(source[..., d], pixel, order=1, mode="nearest")
+                       for d in range(len(out_shape))])
+    image = np.asarray(moving_data)
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float32)
+    if rgb:
+        data = np.stack([ndimage.map_coordinates(image[..., c], coords, order=1, cval=0.0)
+                         for c in range(image.shape[-1])], axis=-1)
+    else:
+        data = ndimage.map_coordinates(image, coords, order=1, cval=0.0)
     return data, out_sp, out_or
 
 
@@ -97,12 +120,13 @@ def _fit_job(generation, fixed_points, moving_points, model, preview):
     return out
 
 
-class LandmarkWidget(Container):
+class LandmarkWidget(ScrollableDock):
     """Paired-point registration with a live fit and preview."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True, scrollable=True)
+        super().__init__()
         from qtpy.QtCore import QTimer
+        from qtpy.QtWidgets import QSizePolicy
 
         self.viewer = napari_viewer
         self.fixed_layer = ComboBox(label="fixed image", choices=self._image_choices, nullable=True)
@@ -113,6 +137,7 @@ class LandmarkWidget(Container):
         self.start_button = PushButton(text="Start / reset landmark layers")
         self.status = Label(value="choose the two images and press Start")
         self.status.native.setWordWrap(True)
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.table = Table(value={"data": [], "columns": ["fixed", "moving", "residual", "leave-one-out"]})
         self.table.native.setMinimumHeight(120)
         self.table.native.setMaximumHeight(260)
@@ -427,11 +452,14 @@ class LandmarkWidget(Container):
             if active is not None:  # adding a layer selects it: give the click back
                 self.viewer.layers.selection.active = active
         else:
+            # each setter makes napari refresh the layer: set only what changed
             if self.preview.data is not data:
                 self.preview.data = data
-            self.preview.scale = geometry["scale"]
-            self.preview.translate = geometry["translate"]
-            self.preview.affine = geometry["affine"]
+            for key in ("scale", "translate"):
+                if not np.allclose(getattr(self.preview, key), geometry[key]):
+                    setattr(self.preview, key, geometry[key])
+            if not np.allclose(self.preview.affine.affine_matrix, geometry["affine"]):
+                self.preview.affine = geometry["affine"]
             self.preview.metadata.update(meta)
 
     # ------------------------------------------------------------------ refine

@@ -5,28 +5,164 @@ Thin by design: it reads the layer (data, scale, translate), runs
 (the generator yields once per frame; widgets and layers change only in the
 ``yielded``/``returned`` handlers, on the main thread), and pushes the corrected stack
 back as a new layer with the transforms in ``metadata["registration"]`` and the drift
-per frame in a table.
+per frame in a table and a small plot (shift per axis, rotation, NCC after).
+
+The per-frame transforms are reusable: *Apply to* resamples another layer of the same
+series with them (an image channel: linear; labels: nearest neighbour; Points/Shapes
+with a frame column: moved by the transform of their frame), and *Save* / *Load* write
+and read them as one JSON file (:mod:`napari_registration.core.series`).
+
+Removing the stack layer while it is being registered cancels the run: the status says
+so and no output layer is made. The dock opens with the stack chosen when exactly one
+suitable layer is loaded; our own output layers are never the default input.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
+    EmptyWidget,
+    FileEdit,
     Label,
     ProgressBar,
     PushButton,
     SpinBox,
     Table,
 )
+from qtpy.QtCore import QPointF, Qt, QTimer
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.register import RegistrationCancelled, available_methods, method_info
+from ..core.series import (
+    TransformSeries,
+    apply_stack_transforms,
+    load_transforms,
+    map_stack_points,
+    map_stack_shapes,
+    save_transforms,
+)
 from ..core.stack import iter_register_stack
+from ._dock import ScrollableDock
 
 REFERENCE_CHOICES = ("first", "previous", "mean", "frame")
+OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
+_OWN_KEYS = (OUTPUT_KEY, "napari_registration_landmarks")
+SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
+
+
+def _unwrap(obj):
+    """The object under a napari ``PublicOnlyProxy`` (what plugin docks are handed)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and _unwrap(a) is _unwrap(b)
+
+
+def _is_ours(layer) -> bool:
+    meta = getattr(layer, "metadata", None) or {}
+    return any(key in meta for key in _OWN_KEYS)
+
+
+def _is_stack(layer) -> bool:
+    """An image with a frame axis: 3+ axes besides an RGB colour axis."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    return data.ndim - (1 if layer.rgb else 0) >= 3
+
+
+def frame_rotation(transform) -> float:
+    """Rotation angle (degrees) of a linear transform's rotation part; NaN when the
+    transform is deformable. 2D: signed (row, col) angle; 3D: the axis-angle magnitude."""
+    if not transform.is_linear:
+        return float("nan")
+    a = np.asarray(transform.matrix, float)[:-1, :-1]
+    u, _, vt = np.linalg.svd(a)
+    r = u @ vt
+    if r.shape == (2, 2):
+        return float(np.degrees(np.arctan2(r[1, 0], r[0, 0])))
+    if r.shape == (3, 3):
+        return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+    return float("nan")
+
+
+class DriftPlot(QWidget):
+    """A light per-frame plot (QPainter, no plotting library): shift per axis (world
+    units), rotation (degrees) and NCC after registration, one panel each."""
+
+    COLOURS = ("#ff6ec7", "#4fc3f7", "#ffd54f", "#aed581")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setMinimumHeight(150)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(180)
+        self.panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
+
+    def set_data(self, table: dict) -> None:
+        """From :meth:`StackRegistrationWidget.drift_table` columns."""
+        shifts = [(k.replace("drift ", ""), np.asarray(v, float)) for k, v in table.items()
+                  if k.startswith("drift ")]
+        panels = [("shift", shifts)] if shifts else []
+        rot = np.asarray([np.nan if v is None else v for v in table.get("rotation", [])], float)
+        if rot.size and np.any(np.isfinite(rot)) and np.nanmax(np.abs(rot)) > 0:
+            panels.append(("rotation (deg)", [("rotation", rot)]))
+        ncc = np.asarray([np.nan if v is None else v for v in table.get("ncc after", [])], float)
+        if ncc.size and np.any(np.isfinite(ncc)):
+            panels.append(("NCC after", [("ncc", ncc)]))
+        self.panels = panels
+        self.update()
+
+    def paintEvent(self, event):  # noqa: N802 (Qt name)
+        painter = QPainter(self)
+        try:
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            painter.fillRect(self.rect(), QColor("#262930"))
+            if not self.panels:
+                painter.setPen(QColor("#a0a0a0"))
+                painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter,
+                                 "drift plot: register a stack")
+                return
+            h = self.height() / len(self.panels)
+            left, right = 46.0, self.width() - 8.0
+            for p, (title, series) in enumerate(self.panels):
+                top, bottom = p * h + 14.0, (p + 1) * h - 6.0
+                values = np.concatenate([s for _, s in series])
+                values = values[np.isfinite(values)]
+                lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+                if hi - lo < 1e-9:
+                    lo, hi = lo - 0.5, hi + 0.5
+                painter.setPen(QColor("#5a5f6a"))
+                painter.drawRect(int(left), int(top), int(right - left), int(bottom - top))
+                painter.setPen(QColor("#d0d0d0"))
+                painter.drawText(int(left), int(top - 3), title)
+                if len(series) > 1:  # a legend in the lines' colours
+                    x = left + painter.fontMetrics().horizontalAdvance(title) + 12
+                    for k, (name, _) in enumerate(series):
+                        painter.setPen(QColor(self.COLOURS[k % len(self.COLOURS)]))
+                        painter.drawText(int(x), int(top - 3), name)
+                        x += painter.fontMetrics().horizontalAdvance(name) + 10
+                painter.drawText(2, int(top + 10), f"{hi:.3g}")
+                painter.drawText(2, int(bottom), f"{lo:.3g}")
+                for k, (name, ys) in enumerate(series):
+                    n = len(ys)
+                    pen = QPen(QColor(self.COLOURS[k % len(self.COLOURS)]))
+                    pen.setWidthF(1.5)
+                    painter.setPen(pen)
+                    line = QPolygonF()
+                    for i, y in enumerate(ys):
+                        if not np.isfinite(y):
+                            continue
+                        x = left + (right - left) * (i / max(n - 1, 1))
+                        line.append(QPointF(x, bottom - (bottom - top) * (y - lo) / (hi - lo)))
+                    painter.drawPolyline(line)
+        finally:
+            painter.end()
 
 
 class StackWorkerError(Exception):
@@ -46,16 +182,19 @@ def _run(data, **kwargs):
         raise StackWorkerError(str(err)) from err
 
 
-class StackRegistrationWidget(Container):
+class StackRegistrationWidget(ScrollableDock):
     """Register every frame of an image layer to a reference frame."""
 
     def __init__(self, napari_viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self._viewer = napari_viewer
         self._cancel = threading.Event()
+        self._cancel_reason = None
         self.worker = None
         self.result = None
         self.output_layer = None
+        self.series: TransformSeries | None = None  # the transforms to reuse
+        self._source = None
 
         self._layer = ComboBox(label="stack", choices=self._image_layers, nullable=True)
         self._axis = SpinBox(label="frame axis", value=0, min=0, max=5)
@@ -78,11 +217,41 @@ class StackRegistrationWidget(Container):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
         self._status = Label(label="", value="")
+        self._status.native.setWordWrap(True)
         self._table = Table(label="drift per frame", value={"frame": []})
+        self._table.native.setMinimumHeight(100)
+        self._table.native.setMaximumHeight(200)
+        self.plot = DriftPlot()
+        self._plot_holder = EmptyWidget(label="drift plot")
+        holder_layout = self._plot_holder.native.layout()
+        if holder_layout is None:
+            holder_layout = QVBoxLayout(self._plot_holder.native)
+        holder_layout.setContentsMargins(0, 0, 0, 0)
+        holder_layout.addWidget(self.plot)
+        # reuse the per-frame transforms
+        self._apply_target = ComboBox(label="apply to", choices=self._target_layers,
+                                      nullable=True, tooltip=(
+                                          "another channel (image), a labels movie (nearest "
+                                          "neighbour), or Points/Shapes with a frame column"))
+        self._apply_button = PushButton(text="Apply transforms", enabled=False)
+        self._save_file = FileEdit(label="save as", mode="w", filter="*.json")
+        self._save_button = PushButton(text="Save transforms", enabled=False)
+        self._load_file = FileEdit(label="load", mode="r", filter="*.json")
+        self._load_button = PushButton(text="Load transforms")
+        self._series_label = Label(label="transforms", value="(none yet)")
+        self._series_label.native.setWordWrap(True)
+        # a wrapped label otherwise asks for its whole one-line width: the form grew wider
+        # than the dock and was clipped on the right
+        for label in (self._series_label, self._status):
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                       QSizePolicy.Policy.Preferred)
         self.extend([self._layer, self._axis, self._reference, self._reference_frame,
                      self._method, self._transform, self._channels, self._channel_axis,
                      self._driver, self._downsample, self._level, self._run_button, self._cancel_button,
-                     self._progress, self._status, self._table])
+                     self._progress, self._status, self._table, self._plot_holder,
+                     self._series_label, self._apply_target,
+                     self._apply_button, self._save_file, self._save_button, self._load_file,
+                     self._load_button])
 
         self._reference.changed.connect(self._on_reference)
         self._method.changed.connect(lambda _: self._transform.reset_choices())
@@ -90,9 +259,13 @@ class StackRegistrationWidget(Container):
         self._run_button.clicked.connect(self._start)
         self._cancel_button.clicked.connect(self.cancel)
         self._layer.changed.connect(self._on_layer)
+        self._apply_button.clicked.connect(lambda *_: self._guard(self.apply_transforms))
+        self._save_button.clicked.connect(lambda *_: self._guard(self.save_transforms))
+        self._load_button.clicked.connect(lambda *_: self._guard(self.load_transforms))
         events = napari_viewer.layers.events
         events.inserted.connect(self._refresh)
-        events.removed.connect(self._refresh)
+        events.removed.connect(self._on_removed)
+        self._refresh()
         self._on_layer(self._layer.value)
 
     # ------------------------------------------------------------------ choices
@@ -101,6 +274,21 @@ class StackRegistrationWidget(Container):
 
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
+    def _target_layers(self, _widget=None):
+        from napari.layers import Image, Labels, Points, Shapes
+
+        return [(layer.name, layer) for layer in reversed(list(self._viewer.layers))
+                if isinstance(layer, (Image, Labels, Points, Shapes))]
+
+    def default_layer(self):
+        """The stack to preselect: the only suitable image (a frame axis, not one of our
+        outputs), else the selected layer if it is one; None otherwise."""
+        candidates = [ly for ly in self._image_layers() if _is_stack(ly) and not _is_ours(ly)]
+        if len(candidates) == 1:
+            return candidates[0]
+        active = self._viewer.layers.selection.active
+        return next((ly for ly in candidates if _same(ly, active)), None)
+
     def _transforms(self, _widget=None):
         method = getattr(self, "_method", None)
         name = method.value if method is not None else "fourier"
@@ -108,9 +296,30 @@ class StackRegistrationWidget(Container):
 
     def _refresh(self, _event=None):
         self._layer.reset_choices()
-        choices = [c for c in self._layer.choices if c is not None]
-        if self._layer.value is None and choices:
-            self._layer.value = choices[-1]
+        self._apply_target.reset_choices()
+        if self._layer.value is None:
+            default = self.default_layer()
+            if default is not None:
+                self._layer.value = default
+
+    def _on_removed(self, event=None):
+        removed = getattr(event, "value", None)
+        running = self.worker is not None and not self._cancel.is_set()
+        if running and _same(removed, self._source):
+            # cancel at once (no output layer); the words wait for the layer list
+            self._cancel_reason = (f"cancelled: the stack layer {removed.name!r} was removed "
+                                   "during the run; no output layer was made")
+            self._cancel.set()
+            self.worker.quit()
+        QTimer.singleShot(SETTLE_MS, self._after_removal)
+
+    def _after_removal(self):
+        try:
+            self._refresh()
+            if self._cancel_reason:
+                self._status.value = self._cancel_reason
+        except RuntimeError:  # the dock was closed meanwhile
+            pass
 
     def _on_reference(self, value):
         self._reference_frame.visible = value == "frame"
@@ -165,6 +374,7 @@ class StackRegistrationWidget(Container):
         kwargs = self.settings()
         self._source = self._layer.value
         self._cancel.clear()
+        self._cancel_reason = None
         # errors are shown in the widget's status line (not re-raised as a traceback)
         worker = create_worker(_run, _start_thread=False, _ignore_errors=True, **kwargs)
         worker.yielded.connect(self._on_yielded)
@@ -196,36 +406,47 @@ class StackRegistrationWidget(Container):
         self._status.value = str(event["message"])
 
     def _on_returned(self, result):
-        if result is None:  # cancelled
+        if result is None or self._cancel.is_set():  # cancelled: make nothing
             return
-        self.result = result
         source = self._source
+        if source is None or not any(_same(source, ly) for ly in self._viewer.layers):
+            return  # the input went away as the run finished
+        self.result = result
         name = f"{source.name} registered"
-        meta = {"registration": result.to_dict()}
+        meta = {"registration": result.to_dict(), OUTPUT_KEY: "stack registered"}
         kwargs = dict(name=name, scale=source.scale, translate=source.translate,
                       metadata=meta, colormap=source.colormap.name,
                       contrast_limits=source.contrast_limits, blending=source.blending)
-        if name in self._viewer.layers:
-            layer = self._viewer.layers[name]
+        old = [ly for ly in self._viewer.layers if ly.name == name and _is_ours(ly)]
+        if old:
+            layer = old[0]
             layer.data = result.warped
             layer.metadata.update(meta)
         else:
             layer = self._viewer.add_image(result.warped, **kwargs)
         self.output_layer = layer
-        self._table.value = self.drift_table(result)
+        table = self.drift_table(result)
+        self._table.value = table
+        self.plot.set_data(table)
+        self.set_series(TransformSeries(tuple(result.transforms), result.axis,
+                                        tuple(result.spacing)), f"from {source.name!r}")
         failed = result.info.get("failed", 0)
         self._progress.value = 100
         self._status.value = (f"{len(result.transforms)} frames in {result.info['seconds']:.1f} s"
                               + (f"; {failed} failed" if failed else ""))
 
     def _on_errored(self, err):
+        if self._cancel.is_set():
+            return
         self._status.value = f"error: {err}"
 
     def _on_finished(self):
         self._run_button.enabled = True
         self._cancel_button.enabled = False
-        if self._cancel.is_set() and self.result is None:
-            self._status.value = "cancelled"
+        self.worker = None
+        if self._cancel.is_set():
+            self._progress.value = 0
+            self._status.value = self._cancel_reason or "cancelled; no output layer was made"
 
     @staticmethod
     def drift_table(result) -> dict:
@@ -236,6 +457,9 @@ class StackRegistrationWidget(Container):
         table = {"frame": list(range(len(drift)))}
         for k, name in enumerate(names):
             table[f"drift {name}"] = [round(float(v), 3) for v in drift[:, k]]
+        rotation = [frame_rotation(t) for t in result.transforms]
+        if any(np.isfinite(r) and abs(r) > 1e-9 for r in rotation):
+            table["rotation"] = [None if not np.isfinite(r) else round(r, 3) for r in rotation]
         ncc = []
         for fi in result.info["frames"]:
             value = fi.get("ncc_after")
@@ -246,4 +470,97 @@ class StackRegistrationWidget(Container):
         return table
 
 
-__all__ = ["StackRegistrationWidget"]
+    # ------------------------------------------------------------- reuse transforms
+    def _guard(self, action):
+        try:
+            return action()
+        except (ValueError, OSError) as err:
+            self._status.value = str(err)
+            return None
+
+    def set_series(self, series: TransformSeries, origin: str) -> None:
+        self.series = series
+        sp = "" if series.spacing is None else f", spacing {list(series.spacing)}"
+        self._series_label.value = (f"{len(series)} per-frame {series.ndim}D transforms "
+                                    f"{origin} (frame axis {series.frame_axis}{sp})")
+        self._apply_button.enabled = True
+        self._save_button.enabled = True
+
+    def _need_series(self) -> TransformSeries:
+        if self.series is None:
+            raise ValueError("no per-frame transforms yet: register a stack or load a "
+                             "transforms file first")
+        return self.series
+
+    def save_transforms(self, path=None) -> Path:
+        """Write the current per-frame transforms to one JSON file."""
+        series = self._need_series()
+        path = Path(path if path is not None else self._save_file.value)
+        if path.is_dir() or path.suffix.lower() != ".json":
+            raise ValueError(f"give a file name ending in .json (got {str(path)!r})")
+        out = save_transforms(path, series)
+        self._status.value = f"saved {len(series)} transforms to {out}"
+        return out
+
+    def load_transforms(self, path=None) -> TransformSeries:
+        """Read per-frame transforms from a JSON file (save_transforms or this dock)."""
+        path = Path(path if path is not None else self._load_file.value)
+        if not path.is_file():
+            raise ValueError(f"no transforms file at {str(path)!r}: pick the .json file "
+                             "written by 'Save transforms'")
+        series = load_transforms(path)
+        self.set_series(series, f"from {path.name}")
+        self._status.value = f"loaded {len(series)} transforms from {path.name}"
+        return series
+
+    def apply_transforms(self, target=None):
+        """Apply the per-frame transforms to ``target`` (default: the 'apply to' layer):
+        a new layer ``<name> aligned``; the target is left as it was."""
+        from napari.layers import Labels, Points, Shapes
+
+        series = self._need_series()
+        layer = target if target is not None else self._apply_target.value
+        if layer is None:
+            raise ValueError("pick a layer to apply the transforms to")
+        axis = series.frame_axis
+        scale = np.asarray(layer.scale, float)
+        spacing = tuple(float(v) for k, v in enumerate(scale) if k != axis)
+        name = f"{layer.name} aligned"
+        meta = {OUTPUT_KEY: "stack transforms applied",
+                "registration_applied": {"source": layer.name, "series": series.to_dict()}}
+        common = dict(name=name, scale=layer.scale, translate=layer.translate, metadata=meta)
+        if isinstance(layer, (Points, Shapes)):
+            if layer.ndim != series.ndim + 1:
+                raise ValueError(f"{layer.name!r} has {layer.ndim} axes; the transforms need "
+                                 f"a frame axis and {series.ndim} spatial axes")
+            if isinstance(layer, Points):
+                data = map_stack_points(layer.data, series, spacing=spacing) if len(layer.data) \
+                    else np.asarray(layer.data)
+                out = self._viewer.add_points(data, size=layer.size, face_color=layer.face_color,
+                                              **common)
+            else:
+                data = map_stack_shapes(layer.data, series, spacing=spacing)
+                out = self._viewer.add_shapes(data, shape_type=list(layer.shape_type),
+                                              edge_color=layer.edge_color,
+                                              face_color=layer.face_color, **common)
+        else:
+            is_labels = isinstance(layer, Labels)
+            rgb = bool(getattr(layer, "rgb", False))
+            data = layer.data[0] if layer.multiscale else layer.data
+            warped = apply_stack_transforms(data, series, spacing=spacing, labels=is_labels,
+                                            rgb=rgb)
+            if is_labels:
+                out = self._viewer.add_labels(warped, **common)
+            else:
+                out = self._viewer.add_image(warped, rgb=rgb, blending=layer.blending,
+                                             colormap=None if rgb else layer.colormap.name,
+                                             contrast_limits=layer.contrast_limits, **common)
+        note = ""
+        if series.spacing is not None and not np.allclose(series.spacing, spacing):
+            note = (f" (the transforms were measured at spacing {list(series.spacing)}; "
+                    f"{layer.name!r} has {list(spacing)}: used the layer's, as napari shows it)")
+        self._status.value = f"applied {len(series)} transforms to {layer.name!r} -> {name!r}{note}"
+        return out
+
+
+__all__ = ["StackRegistrationWidget", "DriftPlot"]

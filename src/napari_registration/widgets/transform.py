@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
 
 from ..core.resample import resample
 from ..core.transform import Transform, load_transform, save_transform
@@ -27,18 +27,19 @@ from ._common import (
     show_info,
     transform_from_layer,
 )
+from ._dock import ScrollableDock
 
 RESAMPLE = "resample"
 AFFINE = "affine"
 
 
-class TransformWidget(Container):
+class TransformWidget(ScrollableDock):
     """Dock widget holding one *current* transform, which can come from a layer or a
     file, be inverted or saved, and be applied to layers (each apply makes a new layer
     ``<name> transformed``; the input is left as it was)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.transform: Transform | None = None
         self.source = ComboBox(label="from layer", choices=self._registered_layers, nullable=True)
