@@ -34,6 +34,23 @@ def layer_choices(viewer, *kinds: str):
     return choices
 
 
+def unwrap(obj):
+    """The object behind napari's ``PublicOnlyProxy`` (plugin docks get proxies)."""
+    while hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
+def same_layer(a, b) -> bool:
+    """True if ``a`` and ``b`` are the same layer, whether or not either is a proxy."""
+    return a is not None and b is not None and unwrap(a) is unwrap(b)
+
+
+def is_output(layer) -> bool:
+    """True for layers our widgets made (warped results, checkerboards, ...)."""
+    return OUTPUT_KEY in (getattr(layer, "metadata", None) or {})
+
+
 def image_data(layer) -> Any:
     """The full-resolution array of an Image/Labels layer (multiscale: level 0)."""
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
@@ -137,6 +154,14 @@ def find_output(viewer, name: str):
         if ly.name == name and OUTPUT_KEY in ly.metadata:
             return ly
     return None
+
+
+def fixed_lines(label, lines: int) -> None:
+    """Word-wrap a magicgui Label and fix its height to ``lines`` lines of text, so the
+    dock keeps its size when the text changes."""
+    native = label.native
+    native.setWordWrap(True)
+    native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 6)
 
 
 def show_error(message: str) -> None:

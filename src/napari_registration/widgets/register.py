@@ -35,9 +35,12 @@ from ._common import (
     affine_matrix,
     find_output,
     geometry,
+    fixed_lines,
     image_data,
+    is_output,
     layer_choices,
     put_layer,
+    same_layer,
     show_error,
     show_info,
 )
@@ -95,6 +98,7 @@ class RegisterWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="", min=0, max=1000, value=0)
         self.status = Label(label="", value="")
+        self.status.native.setWordWrap(True)
         self.summary = Label(label="", value="")
         self.summary.native.setWordWrap(True)
         try:
@@ -103,6 +107,12 @@ class RegisterWidget(Container):
             self.summary.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         except Exception:  # pragma: no cover - cosmetic
             pass
+        # labels whose text changes keep a fixed height: a dock that grows or shrinks
+        # while napari removes a layer made the software-OpenGL canvas segfault (the
+        # window relayout and the removal's redraw coincide; measured under Xvfb)
+        for label, lines in ((self.description, 3), (self.note, 2), (self.status, 2),
+                             (self.summary, 9)):
+            fixed_lines(label, lines)
         self.extend([
             self.fixed, self.moving, self.method, self.description, self.transform, self.method_options,
             self.equalize, self.smooth, self.fixed_mask, self.moving_mask, self.output,
@@ -118,6 +128,9 @@ class RegisterWidget(Container):
         self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
         self.timing: dict = {}
         self._running = False
+        self._run_inputs = None  # (fixed, moving) of the running registration
+        self._aborted: str | None = None  # why the running registration was cancelled
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self.method.changed.connect(self._on_method)
         self.fixed.changed.connect(self._forget)
@@ -133,17 +146,36 @@ class RegisterWidget(Container):
 
     # ------------------------------------------------------------------ form updates
     def reset_choices(self, *_):
+        """napari calls this when layers are added, removed, moved or renamed. magicgui
+        matches the previous choice by its *name*, so a rename would silently switch a
+        picker to another layer: keep each picker on the layer it showed."""
+        keep = [(w, w.value) for w in self._pickers()]
         super().reset_choices()
+        for widget, old in keep:
+            if old is None:
+                continue
+            match = [c for c in widget.choices if c is not None and same_layer(c, old)]
+            if match and not same_layer(widget.value, old):
+                widget.value = match[0]
+            elif not match and widget.value is not None:
+                widget.value = None  # the layer is gone: pick a default below
         if self.fixed.value is None or self.moving.value is None:
             self._default_layers()
 
+    def _pickers(self):
+        return [w for w in (getattr(self, n, None) for n in
+                            ("fixed", "moving", "fixed_mask", "moving_mask")) if w is not None]
+
     def _default_layers(self):
-        layers = [c for c in self.fixed.choices if c is not None]
+        """Bottom-most input image as fixed, the next one as moving; our own outputs
+        (``<moving> registered``, checkerboards...) are never picked by default."""
+        layers = [c for c in self.fixed.choices if c is not None and not is_output(c)]
         if self.fixed.value is None and layers:
             self.fixed.value = layers[-1]  # bottom-most image: usually the reference
-        if self.moving.value is None and len(layers) > 1:
-            others = [ly for ly in layers if ly is not self.fixed.value]
-            self.moving.value = others[0]
+        if self.moving.value is None:
+            others = [ly for ly in layers if not same_layer(ly, self.fixed.value)]
+            if others:
+                self.moving.value = others[0]
 
     def _forget(self, *_):
         """A new selection: the tile spin box must not redraw the previous result."""
@@ -209,7 +241,7 @@ class RegisterWidget(Container):
         try:
             params = self._collect()
         except ValueError as err:
-            show_error(str(err))
+            self._refused(str(err))
             return None
         cancel_event = threading.Event()
         bridge = self._bridge
@@ -249,6 +281,8 @@ class RegisterWidget(Container):
             self.timing["worker_done"] = time.perf_counter()
             return "ok", (result, images)
 
+        self._run_inputs = (params["fixed"], params["moving"])
+        self._aborted = None
         self.timing = {}  # perf_counter stamps: worker_done (set by the worker), shown
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.started.connect(self._on_started)
@@ -259,6 +293,37 @@ class RegisterWidget(Container):
         # closing the widget (or napari) mid-run stops the run instead of leaving it going
         self.native.destroyed.connect(cancel_event.set)
         return worker
+
+    def _refused(self, reason: str) -> None:
+        """A run that did not start: nothing of the previous run may stay on screen as
+        if it were this run's outcome."""
+        self.status.value = f"not run: {reason}"
+        self.summary.value = ""
+        self.progress.value = 0
+        self._last = None
+        show_error(reason)
+
+    def _on_layer_removed(self, event) -> None:
+        """An input layer removed mid-run: cancel the run; its results must not appear.
+        The dock's text changes on the next turn of the event loop, once napari has
+        finished removing the layer (a repaint or notification while the layer list is
+        half updated crashed napari under software OpenGL)."""
+        inputs = self._run_inputs
+        if not self._running or inputs is None or self._cancel_event is None:
+            return
+        removed = getattr(event, "value", None)
+        for role, layer in zip(("fixed", "moving"), inputs):
+            if same_layer(removed, layer):
+                self._aborted = f"the {role} layer {layer.name!r} was removed"
+                self._cancel_event.set()
+                from qtpy.QtCore import QTimer
+
+                QTimer.singleShot(0, lambda: self._say(f"cancelling: {self._aborted}"))
+                return
+
+    def _say(self, text: str) -> None:
+        if self._aborted is not None or not self._running:
+            self.status.value = text
 
     def run(self, *_):
         """Start a registration (the *Register* button)."""
@@ -290,12 +355,20 @@ class RegisterWidget(Container):
 
     def _on_finished(self):
         self._running = False
+        self._run_inputs = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self._cancel_event = None
 
     def _on_returned(self, out, params):
         outcome, payload = out
+        if self._aborted is not None or not self._inputs_present(params):
+            reason = self._aborted or "an input layer was removed"
+            self.status.value = f"cancelled: {reason}; no layers were added"
+            self.summary.value = ""
+            self.progress.value = 0
+            self._last = None
+            return
         if outcome == "cancelled":
             self.status.value = "cancelled"
             self.progress.value = 0
@@ -303,6 +376,7 @@ class RegisterWidget(Container):
             return
         if outcome in ("error", "bug"):
             self.status.value = "failed"
+            self.summary.value = ""
             prefix = "" if outcome == "error" else f"unexpected {type(payload).__name__}: "
             show_error(prefix + str(payload))
             return
@@ -312,6 +386,10 @@ class RegisterWidget(Container):
         except (ValueError, RegistrationError) as err:
             show_error(str(err))
             self.status.value = "failed"
+
+    def _inputs_present(self, params) -> bool:
+        layers = list(self.viewer.layers)
+        return all(any(same_layer(ly, params[k]) for ly in layers) for k in ("fixed", "moving"))
 
     # --------------------------------------------------------------------- results
     def _show_result(self, result, qc, params):
