@@ -67,6 +67,8 @@ def _run(qtbot, widget, timeout=60_000):
     assert worker is not None
     with qtbot.waitSignal(worker.finished, timeout=timeout):
         worker.start()
+    # result layers are added one per turn of the event loop: wait until all are in
+    qtbot.waitUntil(lambda: not widget._placing, timeout=timeout)
     return worker
 
 
@@ -193,6 +195,7 @@ def test_register_extras_masks_preprocessing_rgb(viewer, open_widget, qtbot, not
     _run(qtbot, w)
     assert "moving registered" in viewer.layers
     # the layers a keypoint method's extras become (in world coordinates)
+    w.show_matches.value = True  # the layers are added only when asked for
     params = w._collect()
     result = w._last["result"]
     kp_f = np.array([[10.0, 12.0], [40.0, 50.0], [90.0, 20.0]])
@@ -202,8 +205,13 @@ def test_register_extras_masks_preprocessing_rgb(viewer, open_widget, qtbot, not
     w._show_result(result, {}, params)
     assert np.allclose(viewer.layers["moving keypoints (fixed)"].data, kp_f)
     assert np.allclose(viewer.layers["moving keypoints (moving)"].data, kp_m)
-    lines = viewer.layers["moving matches"]
-    assert lines.nshapes == 2 and np.allclose(lines.data[1], [kp_f[1], kp_m[1]])
+    lines = viewer.layers["moving matches"]  # a Vectors layer: start, direction
+    assert type(lines).__name__ == "Vectors" and lines.data.shape == (2, 2, 2)
+    assert np.allclose(lines.data[1], [kp_f[1], kp_m[1] - kp_f[1]])
+    w.show_matches.value = False  # not asked for: an earlier run's layers go
+    w._show_result(result, {}, w._collect())
+    assert not any(ly.name.startswith("moving keypoints") or ly.name == "moving matches"
+                   for ly in viewer.layers)
 
     # masks from Labels layers and preprocessing reach register()
     mask = np.zeros(fixed.shape, np.uint8)
@@ -245,6 +253,7 @@ def test_register_features_shows_keypoints(viewer, open_widget, qtbot, notificat
     w = open_widget(REGISTER)
     w.method.value = "features"
     w.transform.value = "homography" if "homography" in w.transform.choices else w.transform.choices[-1]
+    w.show_matches.value = True
     _run(qtbot, w)
     assert notifications["error"] == []
     est = Transform.from_dict(viewer.layers["moving registered"].metadata["registration"]["transform"])
@@ -430,6 +439,7 @@ def _max_event_loop_gap(qtbot, widget, worker, timer_ms=10):
     try:
         with qtbot.waitSignal(worker.finished, timeout=60_000):
             worker.start()
+        qtbot.waitUntil(lambda: not widget._placing, timeout=60_000)
     finally:
         timer.stop()
     done = widget.timing["worker_done"]

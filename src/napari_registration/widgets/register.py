@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -92,6 +93,10 @@ class RegisterWidget(Container):
         self.checkerboard = CheckBox(label="checkerboard", value=True)
         self.tile = FloatSpinBox(label="tile (world, 0=auto)", value=0.0, min=0.0, max=1e6, step=1.0)
         self.difference = CheckBox(label="difference", value=False)
+        self.show_matches = CheckBox(
+            label="keypoints + matches", value=False,
+            tooltip="features/auto: add the keypoints (Points) and inlier matches (Vectors) "
+                    "as layers")
         self.note = Label(label="")
         self.note.native.setWordWrap(True)
         self.run_button = PushButton(text="Register")
@@ -116,7 +121,7 @@ class RegisterWidget(Container):
         self.extend([
             self.fixed, self.moving, self.method, self.description, self.transform, self.method_options,
             self.equalize, self.smooth, self.fixed_mask, self.moving_mask, self.output,
-            self.overlay, self.checkerboard, self.tile, self.difference, self.note,
+            self.overlay, self.checkerboard, self.tile, self.difference, self.show_matches, self.note,
             self.run_button, self.cancel_button, self.progress, self.status, self.summary,
         ])
 
@@ -127,7 +132,9 @@ class RegisterWidget(Container):
         self._started_at = 0.0
         self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
         self.timing: dict = {}
-        self._running = False
+        self._running = False  # from the click until the results are placed
+        self._worker_running = False
+        self._placing = False
         self._run_inputs = None  # (fixed, moving) of the running registration
         self._aborted: str | None = None  # why the running registration was cancelled
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -230,7 +237,7 @@ class RegisterWidget(Container):
             fixed_data=image_data(fixed), moving_data=image_data(moving),
             method=self.method.value, transform=self.transform.value,
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
-            options=options, output=self.output.value,
+            options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
         )
 
     def make_worker(self):
@@ -331,7 +338,7 @@ class RegisterWidget(Container):
             return None  # one registration at a time
         worker = self.make_worker()
         if worker is not None:
-            self._running = True
+            self._running = self._worker_running = True
             self.run_button.enabled = False  # now, not when the queued `started` arrives
             worker.start()
         return worker
@@ -354,6 +361,11 @@ class RegisterWidget(Container):
         self.status.value = message
 
     def _on_finished(self):
+        self._worker_running = False
+        if not self._placing:
+            self._end_run()
+
+    def _end_run(self):
         self._running = False
         self._run_inputs = None
         self.run_button.enabled = True
@@ -363,11 +375,7 @@ class RegisterWidget(Container):
     def _on_returned(self, out, params):
         outcome, payload = out
         if self._aborted is not None or not self._inputs_present(params):
-            reason = self._aborted or "an input layer was removed"
-            self.status.value = f"cancelled: {reason}; no layers were added"
-            self.summary.value = ""
-            self.progress.value = 0
-            self._last = None
+            self._abandon(self._aborted or "an input layer was removed")
             return
         if outcome == "cancelled":
             self.status.value = "cancelled"
@@ -380,19 +388,52 @@ class RegisterWidget(Container):
             prefix = "" if outcome == "error" else f"unexpected {type(payload).__name__}: "
             show_error(prefix + str(payload))
             return
-        try:
-            self._show_result(*payload, params)
-            self.timing["shown"] = time.perf_counter()
-        except (ValueError, RegistrationError) as err:
-            show_error(str(err))
-            self.status.value = "failed"
+        self._show_result(*payload, params, deferred=True)
+
+    def _abandon(self, reason: str) -> None:
+        self.status.value = f"cancelled: {reason}; no layers were added"
+        self.summary.value = ""
+        self.progress.value = 0
+        self._last = None
 
     def _inputs_present(self, params) -> bool:
         layers = list(self.viewer.layers)
         return all(any(same_layer(ly, params[k]) for ly in layers) for k in ("fixed", "moving"))
 
     # --------------------------------------------------------------------- results
-    def _show_result(self, result, qc, params):
+    def _show_result(self, result, qc, params, deferred: bool = False):
+        """Put the result in the viewer. Each new layer costs napari ~0.1-0.15 s on the
+        GUI thread (vispy visual, layer controls, selection; measured under Xvfb), so
+        with ``deferred`` every layer is added in its own turn of the event loop: the
+        viewer keeps drawing in between instead of freezing for the sum."""
+        steps = self._result_steps(result, qc, params)
+        if not deferred:
+            for step in steps:
+                step()
+            return
+        self._placing = True
+
+        def next_step():
+            if not steps:
+                self._placing = False
+                if not self._worker_running:
+                    self._end_run()
+                return
+            if self._aborted is not None or not self._inputs_present(params):
+                steps.clear()
+                self._abandon(self._aborted or "an input layer was removed")
+            else:
+                try:
+                    steps.pop(0)()
+                except (ValueError, RegistrationError) as err:
+                    steps.clear()
+                    show_error(str(err))
+                    self.status.value = "failed"
+            QTimer.singleShot(0, next_step)
+
+        next_step()
+
+    def _result_steps(self, result, qc, params) -> list:
         viewer = self.viewer
         fixed, moving = params["fixed"], params["moving"]
         meta = {"registration": result.to_dict(),
@@ -406,44 +447,58 @@ class RegisterWidget(Container):
             notes.append(f"{result.transform.kind} transform cannot be shown as a napari affine: "
                          "resampled instead")
             output = RESAMPLE
-        if output == AFFINE:
-            # napari: world = affine @ (data * scale + translate). The registration maps the
-            # moving layer's scale/translate world to the fixed one's, which the fixed
-            # layer's own affine then places in the viewer.
-            moving.affine = affine_matrix(fixed) @ result.transform.matrix
-            moving.metadata["registration"] = meta["registration"]
-            if colour and not moving.rgb:
-                moving.colormap = "magenta"
-                moving.blending = "additive"
-            warped_layer = moving
-        else:
-            kwargs = {}
-            if not moving.rgb and colour:
-                kwargs.update(colormap="magenta", blending="additive")
-            elif not moving.rgb:
-                kwargs.update(colormap=moving.colormap.name)
-            if not moving.rgb:
-                kwargs.update(contrast_limits=tuple(moving.contrast_limits))
-            warped_layer = put_layer(
-                viewer, result.warped, "image", name=f"{moving.name} registered", role="warped",
-                metadata=meta, rgb=moving.rgb, **grid, **kwargs)
-        if colour and not fixed.rgb:
-            fixed.colormap = "green"  # display only: data and geometry stay as they were
         self._last = dict(fixed=fixed, moving=moving, grid=grid, result=result, params=params)
+        placed = {}
+
+        def warped():
+            if output == AFFINE:
+                # napari: world = affine @ (data * scale + translate). The registration maps
+                # the moving layer's scale/translate world to the fixed one's, which the
+                # fixed layer's own affine then places in the viewer.
+                moving.affine = affine_matrix(fixed) @ result.transform.matrix
+                moving.metadata["registration"] = meta["registration"]
+                if colour and not moving.rgb:
+                    moving.colormap = "magenta"
+                    moving.blending = "additive"
+                placed["warped"] = moving
+            else:
+                kwargs = {}
+                if not moving.rgb and colour:
+                    kwargs.update(colormap="magenta", blending="additive")
+                elif not moving.rgb:
+                    kwargs.update(colormap=moving.colormap.name)
+                if not moving.rgb:
+                    kwargs.update(contrast_limits=tuple(moving.contrast_limits))
+                placed["warped"] = put_layer(
+                    viewer, result.warped, "image", name=f"{moving.name} registered",
+                    role="warped", metadata=meta, rgb=moving.rgb, **grid, **kwargs)
+            if colour and not fixed.rgb:
+                fixed.colormap = "green"  # display only: data and geometry stay as they were
+            self.summary.value = summary_text(result)
+            self.status.value = "placing the result layers…"
+
+        steps = [warped]
         if qc.get("checkerboard") is not None:
-            self._put_checkerboard(qc["checkerboard"])
+            steps.append(lambda: self._put_checkerboard(qc["checkerboard"]))
         if qc.get("difference") is not None:
-            put_layer(viewer, qc["difference"], "image", name=f"difference: {moving.name}",
-                      role="difference", colormap="PiYG", contrast_limits=(-1, 1), **grid)
-        self._show_extras(result, moving.name)
-        if warped_layer is not None:
-            viewer.layers.selection.active = warped_layer
-        self.summary.value = summary_text(result)
-        seconds = result.info.get("seconds", float("nan"))
-        self.status.value = f"done in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else "")
-        self.progress.value = 1000
-        for note in notes:
-            show_info(note)
+            steps.append(lambda: put_layer(
+                viewer, qc["difference"], "image", name=f"difference: {moving.name}",
+                role="difference", colormap="PiYG", contrast_limits=(-1, 1), **grid))
+        steps.extend(self._extras_steps(result, moving.name, params.get("show_matches", False)))
+
+        def done():
+            if placed.get("warped") is not None:
+                viewer.layers.selection.active = placed["warped"]
+            seconds = result.info.get("seconds", float("nan"))
+            self.status.value = (f"done in {seconds:.2f} s"
+                                 + (f" ({'; '.join(notes)})" if notes else ""))
+            self.progress.value = 1000
+            self.timing["shown"] = time.perf_counter()
+            for note in notes:
+                show_info(note)
+
+        steps.append(done)
+        return steps
 
     def _refresh_checkerboard(self, *_):
         """The tile spin box: redo the checkerboard of the last result."""
@@ -459,22 +514,35 @@ class RegisterWidget(Container):
                   role="checkerboard", colormap="gray", blending="translucent",
                   contrast_limits=(0.0, 1.0), **last["grid"])
 
-    def _show_extras(self, result, name):
+    def _extras_steps(self, result, name, show: bool) -> list:
+        """Keypoints (Points) and inlier matches (a Vectors layer: napari draws thousands
+        of them at once, where a Shapes layer of ~3,800 lines took 3.4 s to triangulate
+        on the GUI thread), only when asked for. Stale ones of an earlier run go."""
+        viewer = self.viewer
         ex = result.extras or {}
+        names = [f"{name} keypoints (fixed)", f"{name} keypoints (moving)", f"{name} matches"]
+        if not show:
+            stale = [ly for ly in (find_output(viewer, n) for n in names) if ly is not None]
+            return [lambda ly=ly: viewer.layers.remove(ly) for ly in stale]
+        steps = []
         for side in ("fixed", "moving"):
             pts = ex.get(f"{side}_keypoints")
             if isinstance(pts, np.ndarray) and pts.ndim == 2 and len(pts):
-                put_layer(self.viewer, pts, "points", name=f"{name} keypoints ({side})",
-                          role="keypoints", size=6, face_color="transparent",
-                          border_color="green" if side == "fixed" else "magenta")
+                steps.append(lambda pts=pts, side=side: put_layer(
+                    viewer, pts, "points", name=f"{name} keypoints ({side})", role="keypoints",
+                    size=6, face_color="transparent",
+                    border_color="green" if side == "fixed" else "magenta"))
         fm, mm = ex.get("fixed_matches"), ex.get("moving_matches")
         if (isinstance(fm, np.ndarray) and isinstance(mm, np.ndarray) and fm.ndim == 2
                 and fm.shape == mm.shape and len(fm)):
-            lines = [np.stack([a, b]) for a, b in zip(fm, mm)]
-            put_layer(self.viewer, lines, "shapes", name=f"{name} matches", role="matches",
-                      shape_type="line", edge_color="yellow", edge_width=1.0)
-        elif find_output(self.viewer, f"{name} matches") is not None:
-            self.viewer.layers.remove(find_output(self.viewer, f"{name} matches"))
+            vectors = np.stack([fm, mm - fm], axis=1)  # (N, 2, D): start, direction
+
+            steps.append(lambda: put_layer(viewer, vectors, "vectors", name=f"{name} matches",
+                                           role="matches", edge_color="yellow", edge_width=1.0,
+                                           length=1.0))
+        elif find_output(viewer, f"{name} matches") is not None:
+            steps.append(lambda: viewer.layers.remove(find_output(viewer, f"{name} matches")))
+        return steps
 
 
 def _qc_images(params, result, qc) -> dict:
