@@ -118,3 +118,72 @@ def test_removing_an_input_mid_run_cancels_cleanly(viewer, open_widget, qtbot, n
     assert w.run_button.enabled and not w.cancel_button.enabled
     qtbot.mouseClick(w.run_button.native, _left())
     assert w.status.value.startswith("not run")  # one image left
+
+
+def test_presets_set_method_transform_options_and_say_so(viewer, open_widget, qtbot):
+    from napari_registration import available_methods
+    from napari_registration.widgets.register import CUSTOM, PRESETS
+
+    w = open_widget(REGISTER)
+    assert w.preset.value == CUSTOM and w.preset_note.value == ""
+    assert set(PRESETS) >= {"two channels / same sample", "time-lapse drift",
+                            "CT/MR volumes (same modality)", "CT/MR volumes (different modality)",
+                            "slides and photos", "deformable tissue"}
+    for name, (method, transform, options, _) in PRESETS.items():
+        if method not in available_methods():
+            continue
+        w.preset.value = name
+        assert (w.method.value, w.transform.value) == (method, transform)
+        assert w.method_options.values() == {k: v for k, v in options.items()
+                                             if v != w.method_options.defaults[k]}
+        assert w.preset_note.value.startswith(f"Preset: {method} / {transform}")
+    # a preset does not lock anything, and the next one starts from the defaults
+    w.preset.value = "CT/MR volumes (different modality)"
+    w.method_options.metric.value = "mean_squares"
+    w.transform.value = "affine"
+    assert w.method_options.values()["metric"] == "mean_squares"
+    w.preset.value = "CT/MR volumes (same modality)"
+    assert w.method_options.values() == {"metric": "correlation", "seed": 0}
+    assert w.transform.value == "rigid"
+
+
+def test_features_run_adds_only_what_was_asked_for(viewer, open_widget, qtbot, notifications):
+    from napari_registration import available_methods
+
+    if "features" not in available_methods():
+        pytest.skip("features backend not installed")
+    fixed, moving = _pair(step=2)
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    w = open_widget(REGISTER)
+    w.method.value, w.transform.value = "features", "rigid"
+    _click_and_wait(qtbot, w)
+    assert [ly.name for ly in viewer.layers] == ["fixed", "moving", "moving registered",
+                                                 "checkerboard: moving"]
+    w.show_matches.value = True
+    _click_and_wait(qtbot, w)
+    matches = viewer.layers["moving matches"]
+    assert type(matches).__name__ == "Vectors" and len(matches.data) >= 10
+    assert type(viewer.layers["moving keypoints (fixed)"]).__name__ == "Points"
+    assert notifications["error"] == []
+
+
+def test_auto_shows_which_stage_won(viewer, open_widget, qtbot, notifications):
+    from napari_registration import available_methods
+
+    if "auto" not in available_methods():
+        pytest.skip("auto not installed")
+    fixed, moving = _pair(step=4)
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving")
+    w = open_widget(REGISTER)
+    w.method.value, w.transform.value = "auto", "rigid"
+    _click_and_wait(qtbot, w)
+    info = viewer.layers["moving registered"].metadata["registration"]["info"]
+    chosen = info["chosen"]
+    lines = w.summary.value.splitlines()
+    kept = [ln for ln in lines if ln.startswith(">")]
+    assert len(kept) == 1 and chosen["method"] in kept[0]
+    assert sum(1 for ln in lines if ln[:1] in (">", " ") and "(" in ln) == len(info["stages"])
+    # every line is visible: the summary grew to hold them
+    assert w.summary.native.height() >= len(lines) * w.summary.native.fontMetrics().lineSpacing()

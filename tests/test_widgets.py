@@ -292,42 +292,55 @@ def test_layers_menus_open_the_widgets(viewer, qtbot):
 
 
 def test_options_form_follows_the_method(viewer, open_widget):
+    import inspect
+
     from napari_registration import method_info
+    from napari_registration.widgets.register import BASIC_OPTIONS, _backend_function
 
     w = open_widget(REGISTER)
     for method in available_methods():
         w.method.value = method
         info = method_info(method)
-        shown = {child.name for child in w.method_options}
         plain = {k for k, v in info["options"].items()
                  if v is None or isinstance(v, (bool, int, float, str, tuple))}
-        assert shown == plain
+        assert set(w.method_options.fields) == plain
         assert w.method_options.values() == {}  # defaults: nothing to pass
         assert tuple(w.transform.choices) == tuple(info["transforms"])
+        # a few basic options shown, the rest folded under "Advanced"
+        basic = [c.name for c in w.method_options if c.name in plain]
+        assert basic == [n for n in inspect.signature(_backend_function(method)).parameters
+                         if n in BASIC_OPTIONS[method] and n in plain]
+        assert len(basic) <= 5
+        if w.method_options.advanced_section is not None:
+            assert not w.method_options.advanced_section.collapsible.isExpanded()
+            assert {c.name for c in w.method_options.advanced} == plain - set(basic)
     w.method.value = "fourier"
     w.method_options.upsample.value = 7
-    w.method_options.window.value = False
+    w.method_options.window.value = False  # an advanced option, set the same way
     assert w.method_options.values() == {"upsample": 7, "window": False}
-    w.method_options.lowpass.value = ""  # the line edit of an option that may be None
+    w.method_options.lowpass.value = None  # "set" unticked: None, the method chooses
     assert w.method_options.values()["lowpass"] is None
 
 
-def test_options_form_reads_annotations_and_docstrings(qapp):
+def test_options_form_from_signature_type_hints_and_docstring(qapp):
     """The form rules on the kinds of options backends declare (per the contract)."""
+    from typing import Literal
+
     from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, LineEdit, SpinBox
 
-    from napari_registration.widgets._common import OptionsForm
+    from napari_registration.widgets._common import OptionalNumber, OptionsForm
 
-    def register(fixed, moving, *, transform, detector: str = "sift", matcher: str = "auto",
+    def register(fixed, moving, *, transform, fixed_mask=None,
+                 detector: Literal["sift", "orb", "akaze"] = "sift", name: str = "x",
                  threshold: float | None = None, iterations: int = 200, refine: bool = True,
-                 ratio: float = 0.75, shrink_factors: tuple | None = None, init="auto",
+                 ratio: float = 0.75, shrink_factors: tuple | None = None,
+                 init: Literal["auto", "moments"] | Transform = "auto",
+                 sampling: Literal["random", "regular"] | None = None,
                  fixed_points=None, moving_points=None):
         """Options
         -------
         detector : {"sift", "orb", "akaze"}
             SIFT is the most precise.
-        matcher : str
-            "auto", "bf" or "flann".
         threshold : float or None
             Detector threshold.
         init : "auto", "moments" or Transform
@@ -336,38 +349,38 @@ def test_options_form_reads_annotations_and_docstrings(qapp):
             Paired landmarks in world coordinates.
         """
 
-    import inspect
-
-    sig = inspect.signature(register)
-    options = {n: p.default for n, p in sig.parameters.items()
-               if p.kind is p.KEYWORD_ONLY and n != "transform"}
-    info = {"options": options, "doc": inspect.getdoc(register),
-            "annotations": {n: inspect.formatannotation(p.annotation)
-                            for n, p in sig.parameters.items()
-                            if n in options and p.annotation is not p.empty}}
     points = np.array([[1.0, 2.0], [3.0, 4.0]])
 
     class FakePoints:  # what the picker needs from a napari Points layer
         data, scale, translate = points, np.array([2.0, 2.0]), np.array([1.0, 0.0])
 
     layer = FakePoints()
-    form = OptionsForm(info, points_choices=lambda w=None: [("landmarks", layer)])
-    kinds = {child.name: type(child) for child in form}
-    assert kinds == {"detector": ComboBox, "matcher": LineEdit, "threshold": LineEdit,
+    form = OptionsForm(register, points_choices=lambda w=None: [("landmarks", layer)],
+                       basic=("detector", "threshold"))
+    kinds = {name: type(child) for name, child in form.fields.items()}
+    assert kinds == {"detector": ComboBox, "name": LineEdit, "threshold": OptionalNumber,
                      "iterations": SpinBox, "refine": CheckBox, "ratio": FloatSpinBox,
-                     "shrink_factors": LineEdit, "init": ComboBox, "fixed_points": ComboBox,
-                     "moving_points": ComboBox}
+                     "shrink_factors": LineEdit, "init": ComboBox, "sampling": ComboBox,
+                     "fixed_points": ComboBox, "moving_points": ComboBox}
+    assert [c.name for c in form][:2] == ["detector", "threshold"]
+    assert "iterations" in {c.name for c in form.advanced}
     assert form.detector.choices == ("sift", "orb", "akaze")
-    assert form.init.choices == ("auto", "moments")
+    assert form.init.choices == ("auto", "moments")  # the Literal part of the union
+    assert form.sampling.choices == ("random", "regular", None)
     assert "most precise" in form.detector.tooltip
+    assert "Paired landmarks" in form.moving_points.tooltip
     assert form.values() == {}
-    form.threshold.value = "0.02"
+    form.threshold.value = 0.02
     form.shrink_factors.value = "(4, 2, 1)"
     form.detector.value = "orb"
     form.fixed_points.value = layer
     values = form.values()
     assert values.pop("fixed_points") == pytest.approx(points * 2.0 + [1.0, 0.0])
     assert values == {"threshold": 0.02, "shrink_factors": (4, 2, 1), "detector": "orb"}
+    form.reset()
+    assert form.values() == {}
+    with pytest.raises(ValueError, match="no option 'nope'"):
+        form.set(nope=1)
 
 
 # --------------------------------------------------------------- 3D, cancel, event loop

@@ -33,6 +33,7 @@ from ..core.register import (
 from ._common import (
     OptionsForm,
     ProgressBridge,
+    collapsible,
     affine_matrix,
     find_output,
     geometry,
@@ -56,29 +57,81 @@ NOTE_3D = ("3D: the result is resampled onto the fixed grid. napari cannot slice
            "only a 3D-view preview.")
 
 
+#: the options each method shows at first; the rest are under "Advanced"
+BASIC_OPTIONS = {
+    "fourier": ("upsample", "lowpass", "refine"),
+    "features": ("detector", "n_features", "ratio", "estimator", "reproj_threshold"),
+    "intensity": ("metric", "optimizer", "iterations", "sampling_percentage", "seed"),
+    "landmarks": ("fixed_points", "moving_points", "regularization"),
+    "auto": ("metric", "use_features", "refine", "seed"),
+}
+
+CUSTOM = "custom (set everything below)"
+
+#: presets by kind of data: (method, transform, options, why). Options not named keep
+#: the method's defaults; the user can change everything afterwards.
+PRESETS = {
+    "two channels / same sample": (
+        "fourier", "rigid", {},
+        "channels of one sample are offset by a small shift and rotation: Fourier phase "
+        "correlation, rigid (fast, sub-pixel)"),
+    "time-lapse drift": (
+        "fourier", "translation", {},
+        "drift between frames is a shift: Fourier phase correlation, translation (for a "
+        "whole movie use the Register stack dock)"),
+    "CT/MR volumes (same modality)": (
+        "intensity", "rigid", {"metric": "correlation", "seed": 0},
+        "same contrast: intensity (SimpleITK), rigid, correlation metric, seeded "
+        "sampling (reproducible)"),
+    "CT/MR volumes (different modality)": (
+        "intensity", "rigid", {"metric": "mattes", "seed": 0},
+        "different contrast (e.g. T1 vs T2, CT vs MR): intensity, rigid, Mattes mutual "
+        "information, seeded sampling"),
+    "slides and photos": (
+        "features", "affine", {"detector": "sift", "estimator": "usac_magsac"},
+        "textured 2D images, any rotation/scale: SIFT keypoints, MAGSAC, affine (try "
+        "homography for photos taken at an angle)"),
+    "deformable tissue": (
+        "intensity", "bspline", {"metric": "mattes", "seed": 0},
+        "tissue that bends: an affine stage, then a B-spline (intensity, Mattes mutual "
+        "information); check the result with the checkerboard"),
+}
+
+
+def _backend_function(method: str):
+    from ..core.register import _backend
+
+    return _backend(method).register
+
+
 class RegisterWidget(Container):
     """Dock widget: register a moving Image layer onto a fixed Image layer.
 
     ``make_worker()`` returns the unstarted worker of a run (tests start it inside
     ``qtbot.waitSignal(worker.finished)``); the *Register* button starts it.
+
+    Layout for a 1280x800 screen: everything scrolls; a preset by kind of data,
+    the layers, the method with its few basic options, then folded sections
+    ("Advanced" options of the method, "Preprocessing and output").
     """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True)
+        super().__init__(labels=False, scrollable=True)
         self.viewer = napari_viewer
         images = layer_choices(napari_viewer, "image")
         labels = layer_choices(napari_viewer, "labels")
+        self.preset = ComboBox(label="preset", choices=[CUSTOM, *PRESETS], value=CUSTOM,
+                               tooltip="a kind of data: sets method, transform and options")
+        self.preset_note = Label(label="", value="")
         self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
         self.moving = ComboBox(label="moving", choices=images, nullable=True)
         methods = available_methods()
         self.method = ComboBox(label="method", choices=methods,
                                value="fourier" if "fourier" in methods else methods[0])
         self.description = Label(label="")
-        self.description.native.setWordWrap(True)
         self.transform = ComboBox(label="transform", choices=self._transform_choices)
         self._points = layer_choices(napari_viewer, "points")
-        self.method_options = OptionsForm(method_info(self.method.value), self._points,
-                                          label="options")
+        self.method_options = self._make_form(self.method.value)
         self.equalize = ComboBox(label="equalize",
                                  choices=[("none", None), ("histogram", "hist"), ("CLAHE", "clahe")])
         self.smooth = FloatSpinBox(label="smooth (world σ)", value=0.0, min=0.0, max=1000.0, step=0.5)
@@ -90,7 +143,8 @@ class RegisterWidget(Container):
         ])
         self.overlay = CheckBox(label="green/magenta", value=True,
                                 tooltip="colour fixed green and result magenta, additive")
-        self.checkerboard = CheckBox(label="checkerboard", value=True)
+        self.checkerboard = CheckBox(label="checkerboard", value=True,
+                                     tooltip="tiles of fixed (green) and result (magenta)")
         self.tile = FloatSpinBox(label="tile (world, 0=auto)", value=0.0, min=0.0, max=1e6, step=1.0)
         self.difference = CheckBox(label="difference", value=False)
         self.show_matches = CheckBox(
@@ -98,14 +152,11 @@ class RegisterWidget(Container):
             tooltip="features/auto: add the keypoints (Points) and inlier matches (Vectors) "
                     "as layers")
         self.note = Label(label="")
-        self.note.native.setWordWrap(True)
         self.run_button = PushButton(text="Register")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="", min=0, max=1000, value=0)
         self.status = Label(label="", value="")
-        self.status.native.setWordWrap(True)
         self.summary = Label(label="", value="")
-        self.summary.native.setWordWrap(True)
         try:
             from qtpy.QtGui import QFontDatabase
 
@@ -115,16 +166,29 @@ class RegisterWidget(Container):
         # labels whose text changes keep a fixed height: a dock that grows or shrinks
         # while napari removes a layer made the software-OpenGL canvas segfault (the
         # window relayout and the removal's redraw coincide; measured under Xvfb)
-        for label, lines in ((self.description, 3), (self.note, 2), (self.status, 2),
-                             (self.summary, 9)):
+        for label, lines in ((self.preset_note, 3), (self.description, 2), (self.note, 2),
+                             (self.status, 2), (self.summary, 9)):
             fixed_lines(label, lines)
-        self.extend([
-            self.fixed, self.moving, self.method, self.description, self.transform, self.method_options,
-            self.equalize, self.smooth, self.fixed_mask, self.moving_mask, self.output,
-            self.overlay, self.checkerboard, self.tile, self.difference, self.show_matches, self.note,
-            self.run_button, self.cancel_button, self.progress, self.status, self.summary,
-        ])
+        self.main = Container(labels=True, name="main")
+        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.method,
+                          self.description, self.transform])
+        self.main.margins = (0, 0, 0, 0)
+        self.options_box = Container(labels=False, name="options_box")
+        self.options_box.margins = (0, 0, 0, 0)
+        self.options_box.append(self.method_options)
+        self.more = Container(labels=True, name="more")
+        self.more.extend([self.equalize, self.smooth, self.fixed_mask, self.moving_mask,
+                          self.output, self.overlay, self.checkerboard, self.tile,
+                          self.difference, self.show_matches])
+        buttons = Container(layout="horizontal", labels=False, name="buttons")
+        buttons.margins = (0, 0, 0, 0)
+        buttons.extend([self.run_button, self.cancel_button])
+        self.extend([self.main, self.options_box,
+                     collapsible(self.more, "Preprocessing and output"),
+                     self.note, buttons, self.progress, self.status, self.summary])
+        self.native.setMinimumWidth(320)
 
+        self._summary_lines = 9
         self._bridge = ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
         self._worker = None
@@ -140,6 +204,7 @@ class RegisterWidget(Container):
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self.method.changed.connect(self._on_method)
+        self.preset.changed.connect(self._on_preset)
         self.fixed.changed.connect(self._forget)
         self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
@@ -191,15 +256,38 @@ class RegisterWidget(Container):
     def _transform_choices(self, widget=None):
         return list(method_info(self.method.value)["transforms"])
 
+    def _make_form(self, method: str) -> OptionsForm:
+        return OptionsForm(_backend_function(method), self._points,
+                           basic=BASIC_OPTIONS.get(method), name="method_options")
+
     def _on_method(self, name):
         info = method_info(name)
         self.description.value = info["description"]
         self.transform.reset_choices()  # keeps the current choice if the method has it
-        index = self.index(self.method_options)
-        self.remove(self.method_options)
-        self.method_options = OptionsForm(info, self._points, label="options")
-        self.insert(index, self.method_options)
+        self.options_box.remove(self.method_options)
+        self.method_options = self._make_form(name)
+        self.options_box.append(self.method_options)
         self._on_fixed()
+
+    def _on_preset(self, name):
+        """Set method, transform and options for a kind of data, and say so."""
+        if name not in PRESETS:
+            self.preset_note.value = ""
+            return
+        method, transform, options, why = PRESETS[name]
+        if method not in available_methods():
+            self.preset_note.value = f"{name}: needs the {method!r} method, not installed"
+            return
+        if self.method.value != method:
+            self.method.value = method  # rebuilds the form with the method's defaults
+        else:
+            self.method_options.reset()
+        if transform in self.transform.choices:
+            self.transform.value = transform
+        self.method_options.set(**options)
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        self.preset_note.value = (f"Preset: {method} / {transform}" + (f", {shown}" if shown else "")
+                                  + f". {why}. Change anything below.")
 
     def _on_fixed(self, *_):
         layer = self.fixed.value
@@ -474,7 +562,11 @@ class RegisterWidget(Container):
                     role="warped", metadata=meta, rgb=moving.rgb, **grid, **kwargs)
             if colour and not fixed.rgb:
                 fixed.colormap = "green"  # display only: data and geometry stay as they were
-            self.summary.value = summary_text(result)
+            text = summary_text(result)
+            # grow (never shrink: see fixed_lines) to show every line, e.g. auto's stages
+            fixed_lines(self.summary, max(text.count("\n") + 1, self._summary_lines))
+            self._summary_lines = max(text.count("\n") + 1, self._summary_lines)
+            self.summary.value = text
             self.status.value = "placing the result layers…"
 
         steps = [warped]
@@ -597,11 +689,30 @@ def summary_text(result) -> str:
             bits.append(f"{key.replace('_', ' ')} {value}")
     bits.append(f"{info.get('seconds', float('nan')):.2f} s")
     lines.append(" | ".join(str(b) for b in bits))
+    lines.extend(stage_lines(info))
     stop = info.get("stop_reason") or info.get("stop_condition")
     if stop:
         stop = str(stop)
         lines.append("stop: " + (stop if len(stop) <= 90 else stop[:87] + "..."))
     return "\n".join(lines)
+
+
+def stage_lines(info: dict) -> list[str]:
+    """``auto``: one line per stage with its score, the winner marked with ``>``."""
+    stages = info.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return []
+    metric = info.get("metric", "mi")
+    chosen = (info.get("chosen") or {}).get("stage")
+    out = [f"auto stages ({metric}; > = kept):"]
+    for i, st in enumerate(stages):
+        score = (st.get("score") or {}).get(metric)
+        what = f"{st.get('method')} {st.get('model')} ({st.get('on')})"
+        tail = _fmt(score) if score is not None else ("failed" if st.get("error") else "-")
+        if st.get("rejected"):
+            tail += " rejected"
+        out.append(f"{'>' if i == chosen else ' '} {what[:34]:34} {tail}")
+    return out
 
 
 def _fmt(value) -> str:
