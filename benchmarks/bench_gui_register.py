@@ -87,9 +87,12 @@ def measure(case: dict, repeats: int) -> dict:
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    messages: list[tuple[float, str]] = []
+    widget._bridge.progress.connect(lambda f, m: messages.append((time.perf_counter(), m)))
     runs = []
     for _ in range(repeats):
         ticks.clear()
+        messages.clear()
         timer.start()
         _spin(200)
         start = time.perf_counter()
@@ -103,7 +106,14 @@ def measure(case: dict, repeats: int) -> dict:
         done = widget.timing["worker_done"]
         if shown is None:
             raise RuntimeError(f"the run did not finish: {widget.status.value}")
+        points = [start] + [t for t in ticks if start <= t <= end] + [end]
+        gaps = sorted(((b - a, a) for a, b in zip(points, points[1:])), reverse=True)[:4]
+        # the longest gaps, when they began (s after the click) and the last progress
+        # message the GUI had received by then
+        worst_gaps = [(round(1000 * g), round(a - start, 3),
+                       ([m for t, m in messages if t <= a] or ["-"])[-1]) for g, a in gaps]
         runs.append({"compute_s": done - start, "place_s": shown - done,
+                     "worst_gaps_ms_at_s_after": worst_gaps, "worker_done_s": done - start,
                      "stall_computing_ms": 1000 * _longest_gap(ticks, start, done),
                      "stall_placing_ms": 1000 * _longest_gap(ticks, done, end),
                      "layers": len(viewer.layers)})
