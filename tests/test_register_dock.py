@@ -187,3 +187,24 @@ def test_auto_shows_which_stage_won(viewer, open_widget, qtbot, notifications):
     assert sum(1 for ln in lines if ln[:1] in (">", " ") and "(" in ln) == len(info["stages"])
     # every line is visible: the summary grew to hold them
     assert w.summary.native.height() >= len(lines) * w.summary.native.fontMetrics().lineSpacing()
+
+
+@pytest.mark.parametrize("sample, layers, method", [
+    ("fluorescence", 2, "fourier"), ("volume", 2, "intensity")])
+def test_view_command_opens_a_sample_with_the_register_dock(viewer, qtbot, sample, layers,
+                                                            method):
+    from napari_registration.cli import build_parser, build_view
+
+    args = build_parser().parse_args(["view", "--sample", sample])
+    assert args.sample == sample and args.func.__name__ == "cmd_view"
+    v, dock = build_view(sample, viewer=viewer)  # what `view` shows, without napari.run()
+    qtbot.wait(10)
+    assert len(v.layers) == layers and any("Register images" in n for n in v.window.dock_widgets)
+    assert dock.method.value == method and dock.preset_note.value.startswith("Preset:")
+    assert dock.fixed.value is not None and dock.moving.value is not None
+    assert not dock.fixed.value == dock.moving.value
+    if sample == "fluorescence":
+        _click_and_wait(qtbot, dock)
+        assert dock.status.value.startswith("done")
+    with pytest.raises(ValueError, match="unknown sample"):
+        build_view("nope", viewer=viewer)
