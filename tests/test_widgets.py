@@ -144,7 +144,12 @@ def test_register_resamples_onto_fixed_grid_and_replaces_outputs(viewer, open_wi
     assert [ly.name for ly in viewer.layers] == names
     w.tile.value = 20.0  # live update of the checkerboard tile, in world units
     expected = checkerboard(fixed, out.data, tile=20.0, spacing=f_grid[0])
-    assert np.array_equal(viewer.layers["checkerboard: moving"].data, expected)
+    board = viewer.layers["checkerboard: moving"]  # fixed tiles green, registered magenta
+    assert board.rgb and board.data.shape == (*fixed.shape, 3)
+    assert np.array_equal(board.data.max(axis=-1), expected)
+    green = board.data[..., 0] == 0
+    assert np.array_equal(board.data[..., 0], board.data[..., 2])
+    assert green[0, 0] and green[0, 19] and not green[0, 25] and np.all(board.data[..., 1][~green] == 0)
     _run(qtbot, w)
     assert [ly.name for ly in viewer.layers] == names
 
@@ -505,7 +510,7 @@ def test_inspect_checkerboard_difference_metrics_2d_and_3d(viewer, open_widget, 
     shifted = insp.compute()
     board = viewer.layers["checkerboard: a | b"]
     diff = viewer.layers["difference: b - a"]
-    assert board.data.shape == diff.data.shape == fixed.shape
+    assert board.data.shape[:-1] == diff.data.shape == fixed.shape and board.rgb
     assert tuple(board.scale) == (2.0, 1.0, 1.0)
     old = board.data.copy()
     insp.tile.value = 6.0  # slider: the checkerboard follows
@@ -524,7 +529,7 @@ def test_inspect_checkerboard_difference_metrics_2d_and_3d(viewer, open_widget, 
     q = viewer.add_image(fixed[8].T.copy(), name="plane T")
     insp.first.value, insp.second.value = p, q
     assert insp.compute()["ncc"] < 0.9
-    assert viewer.layers["checkerboard: plane | plane T"].data.shape == (64, 64)
+    assert viewer.layers["checkerboard: plane | plane T"].data.shape == (64, 64, 3)
 
 
 # ----------------------------------------------------------- Apply / save / load transform

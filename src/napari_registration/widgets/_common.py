@@ -170,6 +170,30 @@ def key_like(value) -> bool:
     return isinstance(value, str) or (hasattr(value, "name") and not hasattr(value, "shape"))
 
 
+def colour_checkerboard(a, b, tile: float | None = None, spacing=None) -> np.ndarray:
+    """:func:`core.qc.checkerboard` as RGB: tiles of ``a`` in green, tiles of ``b`` in
+    magenta, so tile borders stay visible when the two line up perfectly (a grey
+    checkerboard of a good alignment shows no borders at all). Shape ``a.shape + (3,)``,
+    float32 in [0, 1]; the brightest channel of each pixel is the grey checkerboard."""
+    from ..core.qc import checkerboard
+
+    a = np.asarray(a)
+    board = checkerboard(a, b, tile=tile, spacing=spacing)
+    spacing = np.ones(a.ndim) if spacing is None else np.asarray(spacing, float)
+    if tile is None:
+        tile = float(np.min(np.asarray(a.shape) * spacing)) / 8
+    parity = np.zeros(a.shape, dtype=np.int64)
+    for axis, (n, s) in enumerate(zip(a.shape, spacing)):
+        shape = [1] * a.ndim
+        shape[axis] = n
+        parity = parity + (np.arange(n) * s // tile).astype(np.int64).reshape(shape)
+    first = (parity % 2 == 0)
+    rgb = np.zeros(a.shape + (3,), np.float32)
+    rgb[..., 1] = np.where(first, board, 0.0)
+    rgb[..., 0] = rgb[..., 2] = np.where(first, 0.0, board)
+    return rgb
+
+
 def find_output(viewer, name: str):
     for ly in viewer.layers:
         if ly.name == name and OUTPUT_KEY in ly.metadata:

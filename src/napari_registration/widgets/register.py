@@ -34,6 +34,7 @@ from ._common import (
     OptionsForm,
     ProgressBridge,
     collapsible,
+    colour_checkerboard,
     affine_matrix,
     find_output,
     geometry,
@@ -606,7 +607,7 @@ class RegisterWidget(Container):
     def _put_checkerboard(self, board):
         last = self._last
         put_layer(self.viewer, board, "image", name=f"checkerboard: {last['moving'].name}",
-                  role="checkerboard", colormap="gray", blending="translucent",
+                  role="checkerboard", rgb=True, blending="translucent",
                   contrast_limits=(0.0, 1.0), **last["grid"])
 
     def _extras_steps(self, result, name, show: bool) -> list:
@@ -643,7 +644,7 @@ class RegisterWidget(Container):
 def _qc_images(params, result, qc) -> dict:
     """Checkerboard and difference of fixed and warped (grey), on the fixed grid."""
     from ..core.preprocess import to_grey
-    from ..core.qc import checkerboard, difference
+    from ..core.qc import difference
 
     out = {"checkerboard": None, "difference": None}
     if result.warped is None or not (qc["checkerboard"] or qc["difference"]):
@@ -652,7 +653,8 @@ def _qc_images(params, result, qc) -> dict:
     f = to_grey(f) if params["fixed"].rgb else f
     w = to_grey(result.warped) if params["moving"].rgb else result.warped
     if qc["checkerboard"]:
-        out["checkerboard"] = checkerboard(f, w, tile=qc["tile"], spacing=params["fixed_spacing"])
+        out["checkerboard"] = colour_checkerboard(f, w, tile=qc["tile"],
+                                                  spacing=params["fixed_spacing"])
     if qc["difference"]:
         out["difference"] = difference(f, w)
     return out
