@@ -67,6 +67,8 @@ def _run(qtbot, widget, timeout=60_000):
     assert worker is not None
     with qtbot.waitSignal(worker.finished, timeout=timeout):
         worker.start()
+    # result layers are added one per turn of the event loop: wait until all are in
+    qtbot.waitUntil(lambda: not widget._placing, timeout=timeout)
     return worker
 
 
@@ -142,7 +144,12 @@ def test_register_resamples_onto_fixed_grid_and_replaces_outputs(viewer, open_wi
     assert [ly.name for ly in viewer.layers] == names
     w.tile.value = 20.0  # live update of the checkerboard tile, in world units
     expected = checkerboard(fixed, out.data, tile=20.0, spacing=f_grid[0])
-    assert np.array_equal(viewer.layers["checkerboard: moving"].data, expected)
+    board = viewer.layers["checkerboard: moving"]  # fixed tiles green, registered magenta
+    assert board.rgb and board.data.shape == (*fixed.shape, 3)
+    assert np.array_equal(board.data.max(axis=-1), expected)
+    green = board.data[..., 0] == 0
+    assert np.array_equal(board.data[..., 0], board.data[..., 2])
+    assert green[0, 0] and green[0, 19] and not green[0, 25] and np.all(board.data[..., 1][~green] == 0)
     _run(qtbot, w)
     assert [ly.name for ly in viewer.layers] == names
 
@@ -193,6 +200,7 @@ def test_register_extras_masks_preprocessing_rgb(viewer, open_widget, qtbot, not
     _run(qtbot, w)
     assert "moving registered" in viewer.layers
     # the layers a keypoint method's extras become (in world coordinates)
+    w.show_matches.value = True  # the layers are added only when asked for
     params = w._collect()
     result = w._last["result"]
     kp_f = np.array([[10.0, 12.0], [40.0, 50.0], [90.0, 20.0]])
@@ -202,8 +210,13 @@ def test_register_extras_masks_preprocessing_rgb(viewer, open_widget, qtbot, not
     w._show_result(result, {}, params)
     assert np.allclose(viewer.layers["moving keypoints (fixed)"].data, kp_f)
     assert np.allclose(viewer.layers["moving keypoints (moving)"].data, kp_m)
-    lines = viewer.layers["moving matches"]
-    assert lines.nshapes == 2 and np.allclose(lines.data[1], [kp_f[1], kp_m[1]])
+    lines = viewer.layers["moving matches"]  # a Vectors layer: start, direction
+    assert type(lines).__name__ == "Vectors" and lines.data.shape == (2, 2, 2)
+    assert np.allclose(lines.data[1], [kp_f[1], kp_m[1] - kp_f[1]])
+    w.show_matches.value = False  # not asked for: an earlier run's layers go
+    w._show_result(result, {}, w._collect())
+    assert not any(ly.name.startswith("moving keypoints") or ly.name == "moving matches"
+                   for ly in viewer.layers)
 
     # masks from Labels layers and preprocessing reach register()
     mask = np.zeros(fixed.shape, np.uint8)
@@ -245,6 +258,7 @@ def test_register_features_shows_keypoints(viewer, open_widget, qtbot, notificat
     w = open_widget(REGISTER)
     w.method.value = "features"
     w.transform.value = "homography" if "homography" in w.transform.choices else w.transform.choices[-1]
+    w.show_matches.value = True
     _run(qtbot, w)
     assert notifications["error"] == []
     est = Transform.from_dict(viewer.layers["moving registered"].metadata["registration"]["transform"])
@@ -283,42 +297,55 @@ def test_layers_menus_open_the_widgets(viewer, qtbot):
 
 
 def test_options_form_follows_the_method(viewer, open_widget):
+    import inspect
+
     from napari_registration import method_info
+    from napari_registration.widgets.register import BASIC_OPTIONS, _backend_function
 
     w = open_widget(REGISTER)
     for method in available_methods():
         w.method.value = method
         info = method_info(method)
-        shown = {child.name for child in w.method_options}
         plain = {k for k, v in info["options"].items()
                  if v is None or isinstance(v, (bool, int, float, str, tuple))}
-        assert shown == plain
+        assert set(w.method_options.fields) == plain
         assert w.method_options.values() == {}  # defaults: nothing to pass
         assert tuple(w.transform.choices) == tuple(info["transforms"])
+        # a few basic options shown, the rest folded under "Advanced"
+        basic = [c.name for c in w.method_options if c.name in plain]
+        assert basic == [n for n in inspect.signature(_backend_function(method)).parameters
+                         if n in BASIC_OPTIONS[method] and n in plain]
+        assert len(basic) <= 5
+        if w.method_options.advanced_section is not None:
+            assert not w.method_options.advanced_section.collapsible.isExpanded()
+            assert {c.name for c in w.method_options.advanced} == plain - set(basic)
     w.method.value = "fourier"
     w.method_options.upsample.value = 7
-    w.method_options.window.value = False
+    w.method_options.window.value = False  # an advanced option, set the same way
     assert w.method_options.values() == {"upsample": 7, "window": False}
-    w.method_options.lowpass.value = ""  # the line edit of an option that may be None
+    w.method_options.lowpass.value = None  # "set" unticked: None, the method chooses
     assert w.method_options.values()["lowpass"] is None
 
 
-def test_options_form_reads_annotations_and_docstrings(qapp):
+def test_options_form_from_signature_type_hints_and_docstring(qapp):
     """The form rules on the kinds of options backends declare (per the contract)."""
+    from typing import Literal
+
     from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, LineEdit, SpinBox
 
-    from napari_registration.widgets._common import OptionsForm
+    from napari_registration.widgets._common import OptionalNumber, OptionsForm
 
-    def register(fixed, moving, *, transform, detector: str = "sift", matcher: str = "auto",
+    def register(fixed, moving, *, transform, fixed_mask=None,
+                 detector: Literal["sift", "orb", "akaze"] = "sift", name: str = "x",
                  threshold: float | None = None, iterations: int = 200, refine: bool = True,
-                 ratio: float = 0.75, shrink_factors: tuple | None = None, init="auto",
+                 ratio: float = 0.75, shrink_factors: tuple | None = None,
+                 init: Literal["auto", "moments"] | Transform = "auto",
+                 sampling: Literal["random", "regular"] | None = None,
                  fixed_points=None, moving_points=None):
         """Options
         -------
         detector : {"sift", "orb", "akaze"}
             SIFT is the most precise.
-        matcher : str
-            "auto", "bf" or "flann".
         threshold : float or None
             Detector threshold.
         init : "auto", "moments" or Transform
@@ -327,38 +354,38 @@ def test_options_form_reads_annotations_and_docstrings(qapp):
             Paired landmarks in world coordinates.
         """
 
-    import inspect
-
-    sig = inspect.signature(register)
-    options = {n: p.default for n, p in sig.parameters.items()
-               if p.kind is p.KEYWORD_ONLY and n != "transform"}
-    info = {"options": options, "doc": inspect.getdoc(register),
-            "annotations": {n: inspect.formatannotation(p.annotation)
-                            for n, p in sig.parameters.items()
-                            if n in options and p.annotation is not p.empty}}
     points = np.array([[1.0, 2.0], [3.0, 4.0]])
 
     class FakePoints:  # what the picker needs from a napari Points layer
         data, scale, translate = points, np.array([2.0, 2.0]), np.array([1.0, 0.0])
 
     layer = FakePoints()
-    form = OptionsForm(info, points_choices=lambda w=None: [("landmarks", layer)])
-    kinds = {child.name: type(child) for child in form}
-    assert kinds == {"detector": ComboBox, "matcher": LineEdit, "threshold": LineEdit,
+    form = OptionsForm(register, points_choices=lambda w=None: [("landmarks", layer)],
+                       basic=("detector", "threshold"))
+    kinds = {name: type(child) for name, child in form.fields.items()}
+    assert kinds == {"detector": ComboBox, "name": LineEdit, "threshold": OptionalNumber,
                      "iterations": SpinBox, "refine": CheckBox, "ratio": FloatSpinBox,
-                     "shrink_factors": LineEdit, "init": ComboBox, "fixed_points": ComboBox,
-                     "moving_points": ComboBox}
+                     "shrink_factors": LineEdit, "init": ComboBox, "sampling": ComboBox,
+                     "fixed_points": ComboBox, "moving_points": ComboBox}
+    assert [c.name for c in form][:2] == ["detector", "threshold"]
+    assert "iterations" in {c.name for c in form.advanced}
     assert form.detector.choices == ("sift", "orb", "akaze")
-    assert form.init.choices == ("auto", "moments")
+    assert form.init.choices == ("auto", "moments")  # the Literal part of the union
+    assert form.sampling.choices == ("random", "regular", None)
     assert "most precise" in form.detector.tooltip
+    assert "Paired landmarks" in form.moving_points.tooltip
     assert form.values() == {}
-    form.threshold.value = "0.02"
+    form.threshold.value = 0.02
     form.shrink_factors.value = "(4, 2, 1)"
     form.detector.value = "orb"
     form.fixed_points.value = layer
     values = form.values()
     assert values.pop("fixed_points") == pytest.approx(points * 2.0 + [1.0, 0.0])
     assert values == {"threshold": 0.02, "shrink_factors": (4, 2, 1), "detector": "orb"}
+    form.reset()
+    assert form.values() == {}
+    with pytest.raises(ValueError, match="no option 'nope'"):
+        form.set(nope=1)
 
 
 # --------------------------------------------------------------- 3D, cancel, event loop
@@ -430,6 +457,7 @@ def _max_event_loop_gap(qtbot, widget, worker, timer_ms=10):
     try:
         with qtbot.waitSignal(worker.finished, timeout=60_000):
             worker.start()
+        qtbot.waitUntil(lambda: not widget._placing, timeout=60_000)
     finally:
         timer.stop()
     done = widget.timing["worker_done"]
@@ -482,7 +510,7 @@ def test_inspect_checkerboard_difference_metrics_2d_and_3d(viewer, open_widget, 
     shifted = insp.compute()
     board = viewer.layers["checkerboard: a | b"]
     diff = viewer.layers["difference: b - a"]
-    assert board.data.shape == diff.data.shape == fixed.shape
+    assert board.data.shape[:-1] == diff.data.shape == fixed.shape and board.rgb
     assert tuple(board.scale) == (2.0, 1.0, 1.0)
     old = board.data.copy()
     insp.tile.value = 6.0  # slider: the checkerboard follows
@@ -501,7 +529,7 @@ def test_inspect_checkerboard_difference_metrics_2d_and_3d(viewer, open_widget, 
     q = viewer.add_image(fixed[8].T.copy(), name="plane T")
     insp.first.value, insp.second.value = p, q
     assert insp.compute()["ncc"] < 0.9
-    assert viewer.layers["checkerboard: plane | plane T"].data.shape == (64, 64)
+    assert viewer.layers["checkerboard: plane | plane T"].data.shape == (64, 64, 3)
 
 
 # ----------------------------------------------------------- Apply / save / load transform

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list methods, their transforms and options")
     p.set_defaults(func=cmd_methods)
     _add_stack_parsers(sub)
+    _add_view_parser(sub)
     return parser
 
 
@@ -497,6 +498,52 @@ def main(argv=None) -> int:
         # permissions, disk full) are the user's to fix, reported like bad input
         print(f"napari-registration: error: {err}", file=sys.stderr)
         return 2
+
+
+# ------------------------------------------------------------------------- napari
+#: sample -> (napari sample key, preset of the Register dock, transform)
+VIEW_SAMPLES = {
+    "fluorescence": ("fluorescence_pair", "two channels / same sample", None),
+    "photo": ("photo_pair", "slides and photos", "homography"),
+    "volume": ("volume_pair", "CT/MR volumes (same modality)", None),
+}
+
+
+def _add_view_parser(sub) -> None:
+    p = sub.add_parser("view", help="open napari with a sample pair and the Register dock")
+    p.add_argument("--sample", choices=list(VIEW_SAMPLES), default="fluorescence")
+    p.set_defaults(func=cmd_view)
+
+
+def build_view(sample: str = "fluorescence", viewer=None):
+    """A napari viewer (a new one unless given) with a sample pair and the *Register
+    images* dock set up for it, as the Plugins menu opens it; returns (viewer, dock).
+    ``napari-registration view`` then runs napari's event loop."""
+    if sample not in VIEW_SAMPLES:
+        raise ValueError(f"unknown sample {sample!r}; choose one of {list(VIEW_SAMPLES)}")
+    try:
+        import napari
+    except ImportError:
+        raise ValueError("napari is not installed: pip install 'napari[pyqt6]' (or run "
+                         "bash tools/setup.sh)") from None
+    key, preset, transform = VIEW_SAMPLES[sample]
+    if viewer is None:
+        viewer = napari.Viewer(title=f"napari-registration: {sample} sample")
+    viewer.open_sample("napari-registration", key)
+    _, dock = viewer.window.add_plugin_dock_widget("napari-registration", "Register images")
+    dock.preset.value = preset
+    if transform is not None and transform in dock.transform.choices:
+        dock.transform.value = transform
+    return viewer, dock
+
+
+def cmd_view(args) -> int:
+    import napari
+
+    build_view(args.sample)
+    print("napari is open: press Register in the dock (right); close the window to quit")
+    napari.run()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,8 @@ unaligned images as a baseline. A stage that fails (``RegistrationError`` /
 
 from __future__ import annotations
 
+from typing import Literal
+
 import time
 
 import numpy as np
@@ -87,7 +89,7 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
-             fixed_mask=None, moving_mask=None, metric: str = "mi", structure: bool = True,
+             fixed_mask=None, moving_mask=None, metric: Literal["mi", "ncc"] = "mi", structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
              stop_ncc: float | None = 0.95, min_overlap: float = 0.1,
              seed: int | None = None) -> BackendResult:

@@ -21,6 +21,8 @@ Conventions pinned here (and tested):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import contextlib
 import time
 
@@ -486,9 +488,10 @@ def _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, 
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None,
-             detector: str = "sift", n_features: int = 5000, threshold: float | None = None,
-             ratio: float = 0.75, cross_check: bool = False, matcher: str = "auto",
-             estimator: str = "ransac", reproj_threshold: float = 3.0,
+             detector: Literal["sift", "orb", "akaze", "brisk"] = "sift", n_features: int = 5000,
+             threshold: float | None = None, ratio: float = 0.75, cross_check: bool = False,
+             matcher: Literal["auto", "bf", "flann"] = "auto",
+             estimator: Literal["ransac", "usac_magsac", "lmeds"] = "ransac", reproj_threshold: float = 3.0,
              confidence: float = 0.999, max_iters: int = 5000, refine: bool = True,
              min_inliers: int = 10, max_scale: float = 10.0, isotropic: bool = True,
              seed: int = 0, threads: int = 0) -> BackendResult:

@@ -33,6 +33,8 @@ sampling noise (3D brain rigid: 0.02-0.1 mm).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import threading
 import time
 
@@ -708,23 +710,25 @@ def _jacobian_stats(transform: Transform) -> dict:
 # --------------------------------------------------------------------------- backend
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None,
-             metric: str = "auto",
+             metric: Literal["auto", "mattes", "mean_squares", "correlation",
+                             "ants_correlation"] = "auto",
              bins: int = 32,
-             sampling: str = "random",
+             sampling: Literal["random", "regular", "none"] = "random",
              sampling_percentage: float | None = None,
              seed: int | None = None,
-             optimizer: str = "auto",
+             optimizer: Literal["auto", "regular_step", "gradient_descent", "lbfgsb"] = "auto",
              learning_rate: float | None = None,
              iterations: int | None = None,
              convergence: float = 1e-3,
              shrink_factors: tuple | None = None,
              smoothing_sigmas: tuple | None = None,
-             init="auto",
-             rotation_search=True,
-             linear_stage: str = "auto",
-             grid_spacing=None,
-             mesh_size=None,
-             demons: str = "diffeomorphic",
+             init: Literal["auto", "moments", "geometry", "none"] | Transform = "auto",
+             rotation_search: bool | tuple = True,
+             linear_stage: Literal["auto", "none", "translation", "rigid", "similarity",
+                                   "affine"] = "auto",
+             grid_spacing: float | tuple | None = None,
+             mesh_size: int | tuple | None = None,
+             demons: Literal["diffeomorphic", "fast_symmetric", "classic"] = "diffeomorphic",
              demons_iterations: int = 50,
              demons_smoothing: float = 2.0,
              threads: int | None = None,

@@ -5,7 +5,10 @@ bridge that carries progress from a worker thread to the GUI thread."""
 from __future__ import annotations
 
 import ast
+import inspect
 import re
+import types
+import typing
 from typing import Any, Iterable
 
 import numpy as np
@@ -32,6 +35,23 @@ def layer_choices(viewer, *kinds: str):
                 if isinstance(layer, classes)]
 
     return choices
+
+
+def unwrap(obj):
+    """The object behind napari's ``PublicOnlyProxy`` (plugin docks get proxies)."""
+    while hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
+def same_layer(a, b) -> bool:
+    """True if ``a`` and ``b`` are the same layer, whether or not either is a proxy."""
+    return a is not None and b is not None and unwrap(a) is unwrap(b)
+
+
+def is_output(layer) -> bool:
+    """True for layers our widgets made (warped results, checkerboards, ...)."""
+    return OUTPUT_KEY in (getattr(layer, "metadata", None) or {})
 
 
 def image_data(layer) -> Any:
@@ -123,13 +143,55 @@ def _update_in_place(layer, data, layer_type, metadata, kwargs) -> bool:
         return False
     if layer_type == "image" and "contrast_limits" not in kwargs:
         return False  # let napari work the range out for new data
-    layer.data = data
+    layer.data = data  # napari refreshes the layer for new data
     for key in settable:
-        if key in kwargs:
+        # each change of a property makes napari refresh the layer again (~10-20 ms of
+        # GUI thread each, measured): set only what differs
+        if key in kwargs and not _same_value(getattr(layer, key, None), kwargs[key]):
             setattr(layer, key, kwargs[key])
     layer.metadata = metadata
-    layer.refresh()
     return True
+
+
+def _same_value(current, new) -> bool:
+    if hasattr(current, "affine_matrix"):
+        current = current.affine_matrix
+    if key_like(current) or key_like(new):
+        return str(getattr(current, "name", current)) == str(getattr(new, "name", new))
+    try:
+        a, b = np.asarray(current, float), np.asarray(new, float)
+    except (TypeError, ValueError):
+        return False
+    return a.shape == b.shape and np.allclose(a, b)
+
+
+def key_like(value) -> bool:
+    """A colormap, blending mode or other named setting (compared by name)."""
+    return isinstance(value, str) or (hasattr(value, "name") and not hasattr(value, "shape"))
+
+
+def colour_checkerboard(a, b, tile: float | None = None, spacing=None) -> np.ndarray:
+    """:func:`core.qc.checkerboard` as RGB: tiles of ``a`` in green, tiles of ``b`` in
+    magenta, so tile borders stay visible when the two line up perfectly (a grey
+    checkerboard of a good alignment shows no borders at all). Shape ``a.shape + (3,)``,
+    float32 in [0, 1]; the brightest channel of each pixel is the grey checkerboard."""
+    from ..core.qc import checkerboard
+
+    a = np.asarray(a)
+    board = checkerboard(a, b, tile=tile, spacing=spacing)
+    spacing = np.ones(a.ndim) if spacing is None else np.asarray(spacing, float)
+    if tile is None:
+        tile = float(np.min(np.asarray(a.shape) * spacing)) / 8
+    parity = np.zeros(a.shape, dtype=np.int64)
+    for axis, (n, s) in enumerate(zip(a.shape, spacing)):
+        shape = [1] * a.ndim
+        shape[axis] = n
+        parity = parity + (np.arange(n) * s // tile).astype(np.int64).reshape(shape)
+    first = (parity % 2 == 0)
+    rgb = np.zeros(a.shape + (3,), np.float32)
+    rgb[..., 1] = np.where(first, board, 0.0)
+    rgb[..., 0] = rgb[..., 2] = np.where(first, 0.0, board)
+    return rgb
 
 
 def find_output(viewer, name: str):
@@ -137,6 +199,14 @@ def find_output(viewer, name: str):
         if ly.name == name and OUTPUT_KEY in ly.metadata:
             return ly
     return None
+
+
+def fixed_lines(label, lines: int) -> None:
+    """Word-wrap a magicgui Label and fix its height to ``lines`` lines of text, so the
+    dock keeps its size when the text changes."""
+    native = label.native
+    native.setWordWrap(True)
+    native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 6)
 
 
 def show_error(message: str) -> None:
@@ -152,8 +222,62 @@ def show_info(message: str) -> None:
     _show(message)
 
 
+def points_world(layer) -> np.ndarray:
+    """A Points layer's data in world coordinates (data * scale + translate)."""
+    return np.asarray(layer.data, float) * np.asarray(layer.scale) + np.asarray(layer.translate)
+
+
 # ------------------------------------------------------------------------ options form
-_NONE_TEXT = ""
+def option_docs(func) -> dict[str, str]:
+    """``{option: description}`` from a function's numpydoc docstring (its "Parameters"
+    or, as the backends write it, "Options" section); ``a, b : type`` documents both."""
+    import docstring_parser
+
+    doc = inspect.getdoc(func) or ""
+    doc = re.sub(r"^Options\n-+$", "Parameters\n----------", doc, flags=re.MULTILINE)
+    out: dict[str, str] = {}
+    for param in docstring_parser.parse(doc, docstring_parser.DocstringStyle.NUMPYDOC).params:
+        for name in param.arg_name.split(","):
+            if name.strip():
+                out[name.strip()] = " ".join((param.description or "").split())
+    return out
+
+
+def option_hints(func) -> dict[str, Any]:
+    """The resolved type hints of a function (``from __future__ import annotations``
+    leaves them as strings); {} where they cannot be resolved."""
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - a name only known to a type checker
+        pass
+    # one by one, so one unresolvable annotation costs only its own option's hint
+    names = {"Literal": typing.Literal, "Optional": typing.Optional, "Union": typing.Union,
+             "Any": typing.Any, "Sequence": typing.Sequence}
+    out = {}
+    for name, text in getattr(func, "__annotations__", {}).items():
+        if not isinstance(text, str):
+            out[name] = text
+            continue
+        try:
+            out[name] = eval(text, dict(getattr(func, "__globals__", {})), names)  # noqa: S307
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
+def _split_hint(hint):
+    """(literal values or None, None allowed, the other members) of a type hint."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else (hint,)
+    literals, others, none_ok = None, [], False
+    for m in members:
+        if m is type(None):
+            none_ok = True
+        elif typing.get_origin(m) is typing.Literal:
+            literals = (literals or ()) + typing.get_args(m)
+        else:
+            others.append(m)
+    return literals, none_ok, others
 
 
 def _parse(text: str):
@@ -166,149 +290,196 @@ def _parse(text: str):
         return text
 
 
-def _allows_none(annotation: str) -> bool:
-    return bool(re.search(r"\bNone\b|\bOptional\[", annotation))
+def _float_widget(name, default, **kw):
+    from magicgui.widgets import create_widget
+
+    text = np.format_float_positional(default, trim="-")
+    decimals = max(2, len(text.partition(".")[2]) + 1)
+    step = float(f"{abs(default) / 10:.1g}") if default else 0.1
+    w = create_widget(annotation=float, name=name,
+                      options=dict(min=-1e12, max=1e12, step=step, **kw))
+    w.native.setDecimals(decimals)  # before the value: Qt rounds to the decimals
+    w.value = default
+    return w
 
 
-def literal_choices(annotation: str):
-    """The values of a ``Literal[...]`` inside an annotation's text, or None."""
-    start = annotation.find("Literal[")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("Literal[")
-    for j in range(i, len(annotation)):
-        if annotation[j] == "[":
-            depth += 1
-        elif annotation[j] == "]":
-            if depth == 0:
-                try:
-                    values = ast.literal_eval("(" + annotation[i:j] + ",)")
-                except (ValueError, SyntaxError):
-                    return None
-                return tuple(values)
-            depth -= 1
-    return None
+class OptionalNumber(Container):
+    """A number that may also be None (the backend then chooses): a check box "set"
+    and a spin box; unchecked reads as None."""
+
+    def __init__(self, name, default, kind, example, tooltip=""):
+        super().__init__(name=name, label=name, layout="horizontal", labels=False)
+        start = example if default is None else default
+        if kind is int:
+            from magicgui.widgets import create_widget
+
+            self.number = create_widget(value=int(start), annotation=int,
+                                        options=dict(min=-10**9, max=10**9))
+        else:
+            self.number = _float_widget("number", float(start))
+        self.use = CheckBox(text="set", value=default is not None)
+        self.number.enabled = default is not None
+        self.use.changed.connect(lambda on: setattr(self.number, "enabled", bool(on)))
+        self.extend([self.use, self.number])
+        self.margins = (0, 0, 0, 0)
+        self.tooltip = tooltip
+
+    @property
+    def value(self):
+        return self.number.value if self.use.value else None
+
+    @value.setter
+    def value(self, v):
+        self.use.value = v is not None
+        if v is not None:
+            self.number.value = v
 
 
-def option_docs(doc: str) -> dict[str, tuple[str, str]]:
-    """``{name: (type text, description)}`` from a numpydoc "Options" (or "Parameters")
-    section; ``a, b : type`` documents both names."""
-    out: dict[str, tuple[str, str]] = {}
-    lines = (doc or "").splitlines()
-    in_section = False
-    current: list[str] = []
-    for i, line in enumerate(lines):
-        nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if line.strip() in ("Options", "Parameters") and set(nxt.strip()) == {"-"}:
-            in_section = True
-            continue
-        if not in_section or set(line.strip()) == {"-"}:
-            continue
-        if line and not line.startswith(" "):
-            if " : " in line or line.rstrip().endswith(" :") or line.rstrip().endswith(":"):
-                names, _, type_text = line.partition(":")
-                current = [n.strip() for n in names.split(",") if n.strip()]
-                for name in current:
-                    out[name] = (type_text.strip(), "")
-                continue
-            if line.strip() and not nxt.startswith(" "):
-                in_section = False  # next section header
-            continue
-        for name in current:
-            type_text, desc = out[name]
-            out[name] = (type_text, (desc + " " + line.strip()).strip())
-    return out
+#: a start value for optional numbers whose default is None (shown when "set")
+_EXAMPLES = {int: 1, float: 0.1}
 
 
-def doc_choices(type_text: str):
-    """Choices a numpydoc type line lists: ``{"a", "b"}`` or ``"a", "b" or Transform``."""
-    found = re.findall(r"""["']([^"']+)["']""", type_text)
-    return tuple(found) if len(found) >= 2 else None
+def option_widget(name, default, hint, help_text="", points_choices=None):
+    """One form field for a backend option, from its default and type hint:
+
+    * ``Literal[...]`` (also inside a union, e.g. ``Literal["auto", ...] | Transform``)
+      -> drop-down (with "none" if ``None`` is allowed);
+    * ``bool`` -> check box; ``int``/``float`` -> spin box; ``int | None``,
+      ``float | None`` -> :class:`OptionalNumber`; ``str`` -> line edit;
+    * ``*_points`` (paired landmarks) -> a Points layer picker, read in world units;
+    * anything else (tuples, sequences) -> a line edit read as a Python literal ("" =
+      None).
+
+    Returns ``(widget, reader)`` or None for an option that is set from Python only
+    (e.g. an ``init`` Transform). The tooltip is the docstring's description."""
+    from magicgui.widgets import create_widget
+
+    literals, none_ok, others = _split_hint(hint)
+    tip = f"{name} (default {default!r})" + (f": {help_text}" if help_text else "")
+    if name.endswith("_points") and default is None:
+        if points_choices is None:
+            return None
+        w = ComboBox(name=name, label=name, choices=points_choices, nullable=True, value=None)
+        w.tooltip = help_text or "a Points layer (world coordinates)"
+        return w, (lambda: None if w.value is None else points_world(w.value))
+    if literals is not None:
+        if default not in literals and not (none_ok and default is None):
+            return None
+        if none_ok or default is None:
+            choices = [(str(v), v) for v in literals] + [("none", None)]
+            w = ComboBox(name=name, label=name, choices=choices, value=default, tooltip=tip)
+        else:
+            w = create_widget(value=default, annotation=typing.Literal[tuple(literals)],
+                              name=name, label=name, options={"tooltip": tip})
+        return w, (lambda: w.value)
+    plain = others[0] if len(others) == 1 else None
+    if isinstance(default, bool) and (plain is bool or plain is None or not others):
+        w = create_widget(value=default, annotation=bool, name=name, label=name,
+                          options={"tooltip": tip})
+        return w, (lambda: bool(w.value))
+    if plain in (int, float) and (none_ok or default is None):
+        w = OptionalNumber(name, default, plain, _EXAMPLES[plain],
+                           tooltip=tip + " (unchecked: None, the method chooses)")
+        return w, (lambda: w.value)
+    if plain is int or (plain is None and not others and type(default) is int):
+        w = create_widget(value=default, annotation=int, name=name, label=name,
+                          options={"tooltip": tip, "min": -10**9, "max": 10**9})
+        return w, (lambda: int(w.value))
+    if plain is float or (plain is None and not others and type(default) is float):
+        w = _float_widget(name, float(default), tooltip=tip)
+        w.label = name
+        return w, (lambda: float(w.value))
+    if plain is str and isinstance(default, str):
+        w = create_widget(value=default, annotation=str, name=name, label=name,
+                          options={"tooltip": tip})
+        return w, (lambda: w.value.strip() or default)
+    if default is not None and not isinstance(default, (str, int, float, tuple, list)):
+        return None  # e.g. an object: set from Python, not from a form
+    w = LineEdit(name=name, label=name, value=_literal_text(default),
+                 tooltip=tip + ("; empty = None" if none_ok or default is None else ""))
+    w.literal = True  # read as a Python literal: see OptionsForm.set
+    return w, (lambda: _parse(w.value))
 
 
-def points_world(layer) -> np.ndarray:
-    """A Points layer's data in world coordinates (data * scale + translate)."""
-    return np.asarray(layer.data, float) * np.asarray(layer.scale) + np.asarray(layer.translate)
+def _literal_text(value) -> str:
+    return "" if value is None else repr(value)
+
+
+class Collapsible(Container):
+    """A magicgui Container showing ``inner`` in a foldable ``superqt.QCollapsible``
+    (ships with napari), folded unless ``expanded``. ``reset_choices`` reaches the
+    pickers inside."""
+
+    def __init__(self, inner, title: str, expanded: bool = False):
+        from superqt import QCollapsible
+
+        super().__init__(labels=False, name=title.lower().replace(" ", "_"))
+        self.margins = (0, 0, 0, 0)
+        self.inner = inner
+        self.collapsible = QCollapsible(title)
+        self.collapsible.addWidget(inner.native)
+        if expanded:
+            self.collapsible.expand(animate=False)
+        else:
+            self.collapsible.collapse(animate=False)
+        self.native.layout().addWidget(self.collapsible)
+
+    def reset_choices(self, *_):
+        self.inner.reset_choices()
+
+
+def collapsible(container, title: str, expanded: bool = False) -> Collapsible:
+    return Collapsible(container, title, expanded)
 
 
 class OptionsForm(Container):
-    """Widgets for a method's keyword options, built from ``method_info(name)``:
+    """The options form of a backend entry function (``backends/*.register``), built
+    with magicgui from its signature, type hints and numpydoc docstring (see
+    :func:`option_widget`). Options named in ``basic`` (at most ~5) are shown; the
+    others sit in a folded "Advanced" section (``self.advanced``).
 
-    * choices (a ``Literal[...]`` annotation, or the numpydoc type line
-      ``{"a", "b"}``) -> combo box;
-    * bool -> checkbox; int -> spin box; float -> float spin box;
-    * ``*_points`` options (paired landmarks) -> a Points layer picker, passed in world
-      coordinates;
-    * anything else (str, tuples, numbers that may be None) -> a line edit read as a
-      Python literal ("" = None).
-
-    Tooltips come from the option's docstring. Options whose default is not a plain
-    value (e.g. ``init`` taking a Transform) keep their default.
+    ``form.values()`` -> the options that differ from the function's defaults;
+    ``form.set(name=value, ...)``; ``form.fields`` -> {name: widget} of every option.
     """
 
-    def __init__(self, info: dict, points_choices=None, **kwargs):
+    def __init__(self, func, points_choices=None, basic=None, **kwargs):
         super().__init__(labels=True, **kwargs)
-        self.defaults = dict(info.get("options", {}))
-        annotations = dict(info.get("annotations", {}) or {})
-        docs = option_docs(info.get("doc", ""))
+        self.margins = (0, 0, 0, 0)
+        sig = inspect.signature(func)
+        hints = option_hints(func)
+        docs = option_docs(func)
+        skip = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
+                "fixed_mask", "moving_mask"}
+        self.defaults: dict[str, Any] = {}
+        self.fields: dict[str, Any] = {}
         self._readers = {}
-        for name, default in self.defaults.items():
-            text = str(annotations.get(name, ""))
-            type_text, help_text = docs.get(name, ("", ""))
-            if name.endswith("_points") and default is None:
-                if points_choices is None:
-                    continue
-                w = ComboBox(name=name, label=name, choices=points_choices, nullable=True,
-                             value=None)
-                w.tooltip = help_text or "a Points layer (world coordinates)"
-                self.append(w)
-                self._readers[name] = (lambda w=w: None if w.value is None else points_world(w.value))
+        self.advanced = Container(labels=True, name="advanced")
+        self.advanced.margins = (0, 0, 0, 0)
+        for name, p in sig.parameters.items():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or name in skip:
                 continue
-            if name == "init" and not isinstance(default, str):
-                continue  # a Transform: set from Python, not from a form
-            choices = literal_choices(text)
-            if choices is None and isinstance(default, str):
-                choices = doc_choices(type_text)
-                if choices is not None and default not in choices:
-                    choices = None
-            if choices is not None and _allows_none(text) and None not in choices:
-                choices = (*choices, None)
-            nullable = _allows_none(text) or default is None
-            widget, reader = self._make(name, default, choices, nullable)
-            tip = f"{name} (default {default!r})" + ("; empty = None" if nullable and not choices else "")
-            widget.tooltip = f"{tip}: {help_text}" if help_text else tip
-            self.append(widget)
+            made = option_widget(name, p.default, hints.get(name, typing.Any),
+                                 docs.get(name, ""), points_choices)
+            if made is None:
+                continue
+            widget, reader = made
+            self.defaults[name] = p.default
+            self.fields[name] = widget
             self._readers[name] = reader
+            if basic is None or name in basic:
+                self.append(widget)
+            else:
+                self.advanced.append(widget)
+        self.advanced_section = None
+        if len(self.advanced):
+            self.advanced_section = collapsible(self.advanced, f"Advanced ({len(self.advanced)})")
+            self.append(self.advanced_section)
 
-    @staticmethod
-    def _make(name, default, choices, nullable):
-        if choices:
-            opts = [("none" if c is None else str(c), c) for c in choices]
-            w = ComboBox(name=name, label=name, choices=opts)
-            if default in [c for _, c in opts]:
-                w.value = default
-            return w, lambda: w.value
-        if nullable and not isinstance(default, bool):
-            pass  # a number that may also be None: a line edit, "" = None
-        elif isinstance(default, bool):
-            w = CheckBox(name=name, label=name, value=default)
-            return w, lambda: bool(w.value)
-        elif isinstance(default, int):
-            w = SpinBox(name=name, label=name, value=default, min=-10**9, max=10**9)
-            return w, lambda: int(w.value)
-        elif isinstance(default, float):
-            text = np.format_float_positional(default, trim="-")
-            decimals = max(2, len(text.partition(".")[2]) + 1)
-            step = float(f"{abs(default) / 10:.1g}") if default else 0.1
-            w = FloatSpinBox(name=name, label=name, min=-1e12, max=1e12, step=step)
-            w.native.setDecimals(decimals)  # before the value: Qt rounds to the decimals
-            w.value = default
-            return w, lambda: float(w.value)
-        w = LineEdit(name=name, label=name, value=_NONE_TEXT if default is None else
-                     (default if isinstance(default, str) else repr(default)))
-        if isinstance(default, str) and not nullable:
-            return w, lambda: (w.value.strip() or default)
-        return w, lambda: _parse(w.value)
+    def __getattr__(self, name):
+        fields = self.__dict__.get("fields")
+        if fields is not None and name in fields:
+            return fields[name]
+        return super().__getattr__(name)
 
     def values(self, changed_only: bool = True) -> dict:
         """Options to pass to ``register``; by default only those that differ from the
@@ -325,7 +496,16 @@ class OptionsForm(Container):
 
     def set(self, **values) -> None:
         for name, value in values.items():
-            getattr(self, name).value = value
+            if name not in self.fields:
+                raise ValueError(f"no option {name!r} in this form; options: {list(self.fields)}")
+            widget = self.fields[name]
+            if getattr(widget, "literal", False) and not isinstance(value, str):
+                value = _literal_text(value)
+            widget.value = value
+
+    def reset(self) -> None:
+        """Every option back to the backend's default."""
+        self.set(**self.defaults)
 
 
 # ------------------------------------------------------------------------- threading

@@ -12,11 +12,12 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, Label, 
 
 from ..core.metrics import compare
 from ..core.preprocess import to_grey
-from ..core.qc import checkerboard, difference
+from ..core.qc import difference
 from ..core.resample import overlap_mask, resample
 from ..core.transform import Transform
 from ._common import (
     affine_matrix,
+    colour_checkerboard,
     geometry,
     image_data,
     layer_choices,
@@ -139,9 +140,9 @@ class InspectWidget(Container):
         if self._pair is None or not self.checkerboard.value:
             return
         a, b, grid, (na, nb) = self._pair
-        board = checkerboard(a, b, tile=float(self.tile.value), spacing=grid["scale"])
+        board = colour_checkerboard(a, b, tile=float(self.tile.value), spacing=grid["scale"])
         put_layer(self.viewer, board, "image", name=f"checkerboard: {na} | {nb}",
-                  role="qc-checkerboard", colormap="gray", contrast_limits=(0.0, 1.0), **grid)
+                  role="qc-checkerboard", rgb=True, contrast_limits=(0.0, 1.0), **grid)
 
 
 def _grey(layer) -> np.ndarray:

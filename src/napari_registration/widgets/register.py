@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -32,12 +33,17 @@ from ..core.register import (
 from ._common import (
     OptionsForm,
     ProgressBridge,
+    collapsible,
+    colour_checkerboard,
     affine_matrix,
     find_output,
     geometry,
+    fixed_lines,
     image_data,
+    is_output,
     layer_choices,
     put_layer,
+    same_layer,
     show_error,
     show_info,
 )
@@ -52,29 +58,81 @@ NOTE_3D = ("3D: the result is resampled onto the fixed grid. napari cannot slice
            "only a 3D-view preview.")
 
 
+#: the options each method shows at first; the rest are under "Advanced"
+BASIC_OPTIONS = {
+    "fourier": ("upsample", "lowpass", "refine"),
+    "features": ("detector", "n_features", "ratio", "estimator", "reproj_threshold"),
+    "intensity": ("metric", "optimizer", "iterations", "sampling_percentage", "seed"),
+    "landmarks": ("fixed_points", "moving_points", "regularization"),
+    "auto": ("metric", "use_features", "refine", "seed"),
+}
+
+CUSTOM = "custom (set everything below)"
+
+#: presets by kind of data: (method, transform, options, why). Options not named keep
+#: the method's defaults; the user can change everything afterwards.
+PRESETS = {
+    "two channels / same sample": (
+        "fourier", "rigid", {},
+        "channels of one sample are offset by a small shift and rotation: Fourier phase "
+        "correlation, rigid (fast, sub-pixel)"),
+    "time-lapse drift": (
+        "fourier", "translation", {},
+        "drift between frames is a shift: Fourier phase correlation, translation (for a "
+        "whole movie use the Register stack dock)"),
+    "CT/MR volumes (same modality)": (
+        "intensity", "rigid", {"metric": "correlation", "seed": 0},
+        "same contrast: intensity (SimpleITK), rigid, correlation metric, seeded "
+        "sampling (reproducible)"),
+    "CT/MR volumes (different modality)": (
+        "intensity", "rigid", {"metric": "mattes", "seed": 0},
+        "different contrast (e.g. T1 vs T2, CT vs MR): intensity, rigid, Mattes mutual "
+        "information, seeded sampling"),
+    "slides and photos": (
+        "features", "affine", {"detector": "sift", "estimator": "usac_magsac"},
+        "textured 2D images, any rotation/scale: SIFT keypoints, MAGSAC, affine (try "
+        "homography for photos taken at an angle)"),
+    "deformable tissue": (
+        "intensity", "bspline", {"metric": "mattes", "seed": 0},
+        "tissue that bends: an affine stage, then a B-spline (intensity, Mattes mutual "
+        "information); check the result with the checkerboard"),
+}
+
+
+def _backend_function(method: str):
+    from ..core.register import _backend
+
+    return _backend(method).register
+
+
 class RegisterWidget(Container):
     """Dock widget: register a moving Image layer onto a fixed Image layer.
 
     ``make_worker()`` returns the unstarted worker of a run (tests start it inside
     ``qtbot.waitSignal(worker.finished)``); the *Register* button starts it.
+
+    Layout for a 1280x800 screen: everything scrolls; a preset by kind of data,
+    the layers, the method with its few basic options, then folded sections
+    ("Advanced" options of the method, "Preprocessing and output").
     """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=True)
+        super().__init__(labels=False, scrollable=True)
         self.viewer = napari_viewer
         images = layer_choices(napari_viewer, "image")
         labels = layer_choices(napari_viewer, "labels")
+        self.preset = ComboBox(label="preset", choices=[CUSTOM, *PRESETS], value=CUSTOM,
+                               tooltip="a kind of data: sets method, transform and options")
+        self.preset_note = Label(label="", value="")
         self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
         self.moving = ComboBox(label="moving", choices=images, nullable=True)
         methods = available_methods()
         self.method = ComboBox(label="method", choices=methods,
                                value="fourier" if "fourier" in methods else methods[0])
         self.description = Label(label="")
-        self.description.native.setWordWrap(True)
         self.transform = ComboBox(label="transform", choices=self._transform_choices)
         self._points = layer_choices(napari_viewer, "points")
-        self.method_options = OptionsForm(method_info(self.method.value), self._points,
-                                          label="options")
+        self.method_options = self._make_form(self.method.value)
         self.equalize = ComboBox(label="equalize",
                                  choices=[("none", None), ("histogram", "hist"), ("CLAHE", "clahe")])
         self.smooth = FloatSpinBox(label="smooth (world σ)", value=0.0, min=0.0, max=1000.0, step=0.5)
@@ -86,30 +144,52 @@ class RegisterWidget(Container):
         ])
         self.overlay = CheckBox(label="green/magenta", value=True,
                                 tooltip="colour fixed green and result magenta, additive")
-        self.checkerboard = CheckBox(label="checkerboard", value=True)
+        self.checkerboard = CheckBox(label="checkerboard", value=True,
+                                     tooltip="tiles of fixed (green) and result (magenta)")
         self.tile = FloatSpinBox(label="tile (world, 0=auto)", value=0.0, min=0.0, max=1e6, step=1.0)
         self.difference = CheckBox(label="difference", value=False)
+        self.show_matches = CheckBox(
+            label="keypoints + matches", value=False,
+            tooltip="features/auto: add the keypoints (Points) and inlier matches (Vectors) "
+                    "as layers")
         self.note = Label(label="")
-        self.note.native.setWordWrap(True)
         self.run_button = PushButton(text="Register")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="", min=0, max=1000, value=0)
         self.status = Label(label="", value="")
         self.summary = Label(label="", value="")
-        self.summary.native.setWordWrap(True)
         try:
             from qtpy.QtGui import QFontDatabase
 
             self.summary.native.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         except Exception:  # pragma: no cover - cosmetic
             pass
-        self.extend([
-            self.fixed, self.moving, self.method, self.description, self.transform, self.method_options,
-            self.equalize, self.smooth, self.fixed_mask, self.moving_mask, self.output,
-            self.overlay, self.checkerboard, self.tile, self.difference, self.note,
-            self.run_button, self.cancel_button, self.progress, self.status, self.summary,
-        ])
+        # labels whose text changes keep a fixed height: a dock that grows or shrinks
+        # while napari removes a layer made the software-OpenGL canvas segfault (the
+        # window relayout and the removal's redraw coincide; measured under Xvfb)
+        for label, lines in ((self.preset_note, 3), (self.description, 2), (self.note, 2),
+                             (self.status, 2), (self.summary, 9)):
+            fixed_lines(label, lines)
+        self.main = Container(labels=True, name="main")
+        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.method,
+                          self.description, self.transform])
+        self.main.margins = (0, 0, 0, 0)
+        self.options_box = Container(labels=False, name="options_box")
+        self.options_box.margins = (0, 0, 0, 0)
+        self.options_box.append(self.method_options)
+        self.more = Container(labels=True, name="more")
+        self.more.extend([self.equalize, self.smooth, self.fixed_mask, self.moving_mask,
+                          self.output, self.overlay, self.checkerboard, self.tile,
+                          self.difference, self.show_matches])
+        buttons = Container(layout="horizontal", labels=False, name="buttons")
+        buttons.margins = (0, 0, 0, 0)
+        buttons.extend([self.run_button, self.cancel_button])
+        self.extend([self.main, self.options_box,
+                     collapsible(self.more, "Preprocessing and output"),
+                     self.note, buttons, self.progress, self.status, self.summary])
+        self.native.setMinimumWidth(320)
 
+        self._summary_lines = 9
         self._bridge = ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
         self._worker = None
@@ -117,9 +197,15 @@ class RegisterWidget(Container):
         self._started_at = 0.0
         self._last: dict | None = None  # inputs + result of the last run, for the tile spin box
         self.timing: dict = {}
-        self._running = False
+        self._running = False  # from the click until the results are placed
+        self._worker_running = False
+        self._placing = False
+        self._run_inputs = None  # (fixed, moving) of the running registration
+        self._aborted: str | None = None  # why the running registration was cancelled
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self.method.changed.connect(self._on_method)
+        self.preset.changed.connect(self._on_preset)
         self.fixed.changed.connect(self._forget)
         self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
@@ -133,17 +219,36 @@ class RegisterWidget(Container):
 
     # ------------------------------------------------------------------ form updates
     def reset_choices(self, *_):
+        """napari calls this when layers are added, removed, moved or renamed. magicgui
+        matches the previous choice by its *name*, so a rename would silently switch a
+        picker to another layer: keep each picker on the layer it showed."""
+        keep = [(w, w.value) for w in self._pickers()]
         super().reset_choices()
+        for widget, old in keep:
+            if old is None:
+                continue
+            match = [c for c in widget.choices if c is not None and same_layer(c, old)]
+            if match and not same_layer(widget.value, old):
+                widget.value = match[0]
+            elif not match and widget.value is not None:
+                widget.value = None  # the layer is gone: pick a default below
         if self.fixed.value is None or self.moving.value is None:
             self._default_layers()
 
+    def _pickers(self):
+        return [w for w in (getattr(self, n, None) for n in
+                            ("fixed", "moving", "fixed_mask", "moving_mask")) if w is not None]
+
     def _default_layers(self):
-        layers = [c for c in self.fixed.choices if c is not None]
+        """Bottom-most input image as fixed, the next one as moving; our own outputs
+        (``<moving> registered``, checkerboards...) are never picked by default."""
+        layers = [c for c in self.fixed.choices if c is not None and not is_output(c)]
         if self.fixed.value is None and layers:
             self.fixed.value = layers[-1]  # bottom-most image: usually the reference
-        if self.moving.value is None and len(layers) > 1:
-            others = [ly for ly in layers if ly is not self.fixed.value]
-            self.moving.value = others[0]
+        if self.moving.value is None:
+            others = [ly for ly in layers if not same_layer(ly, self.fixed.value)]
+            if others:
+                self.moving.value = others[0]
 
     def _forget(self, *_):
         """A new selection: the tile spin box must not redraw the previous result."""
@@ -152,15 +257,41 @@ class RegisterWidget(Container):
     def _transform_choices(self, widget=None):
         return list(method_info(self.method.value)["transforms"])
 
+    def _make_form(self, method: str) -> OptionsForm:
+        return OptionsForm(_backend_function(method), self._points,
+                           basic=BASIC_OPTIONS.get(method), name="method_options")
+
     def _on_method(self, name):
+        # import what the method needs now, while the user is still choosing, rather
+        # than on the click (SimpleITK: ~0.3-0.5 s of GUI thread, once)
+        QTimer.singleShot(0, lambda: _warm_up(self.method.value))
         info = method_info(name)
         self.description.value = info["description"]
         self.transform.reset_choices()  # keeps the current choice if the method has it
-        index = self.index(self.method_options)
-        self.remove(self.method_options)
-        self.method_options = OptionsForm(info, self._points, label="options")
-        self.insert(index, self.method_options)
+        self.options_box.remove(self.method_options)
+        self.method_options = self._make_form(name)
+        self.options_box.append(self.method_options)
         self._on_fixed()
+
+    def _on_preset(self, name):
+        """Set method, transform and options for a kind of data, and say so."""
+        if name not in PRESETS:
+            self.preset_note.value = ""
+            return
+        method, transform, options, why = PRESETS[name]
+        if method not in available_methods():
+            self.preset_note.value = f"{name}: needs the {method!r} method, not installed"
+            return
+        if self.method.value != method:
+            self.method.value = method  # rebuilds the form with the method's defaults
+        else:
+            self.method_options.reset()
+        if transform in self.transform.choices:
+            self.transform.value = transform
+        self.method_options.set(**options)
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        self.preset_note.value = (f"Preset: {method} / {transform}" + (f", {shown}" if shown else "")
+                                  + f". {why}. Change anything below.")
 
     def _on_fixed(self, *_):
         layer = self.fixed.value
@@ -198,7 +329,7 @@ class RegisterWidget(Container):
             fixed_data=image_data(fixed), moving_data=image_data(moving),
             method=self.method.value, transform=self.transform.value,
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
-            options=options, output=self.output.value,
+            options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
         )
 
     def make_worker(self):
@@ -209,11 +340,11 @@ class RegisterWidget(Container):
         try:
             params = self._collect()
         except ValueError as err:
-            show_error(str(err))
+            self._refused(str(err))
             return None
         cancel_event = threading.Event()
         bridge = self._bridge
-        _warm_up(params["method"])
+        _warm_up(params["method"])  # done already when the method was chosen: no cost
         qc = dict(checkerboard=self.checkerboard.value, tile=float(self.tile.value) or None,
                   difference=self.difference.value)
 
@@ -249,6 +380,8 @@ class RegisterWidget(Container):
             self.timing["worker_done"] = time.perf_counter()
             return "ok", (result, images)
 
+        self._run_inputs = (params["fixed"], params["moving"])
+        self._aborted = None
         self.timing = {}  # perf_counter stamps: worker_done (set by the worker), shown
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.started.connect(self._on_started)
@@ -260,13 +393,44 @@ class RegisterWidget(Container):
         self.native.destroyed.connect(cancel_event.set)
         return worker
 
+    def _refused(self, reason: str) -> None:
+        """A run that did not start: nothing of the previous run may stay on screen as
+        if it were this run's outcome."""
+        self.status.value = f"not run: {reason}"
+        self.summary.value = ""
+        self.progress.value = 0
+        self._last = None
+        show_error(reason)
+
+    def _on_layer_removed(self, event) -> None:
+        """An input layer removed mid-run: cancel the run; its results must not appear.
+        The dock's text changes on the next turn of the event loop, once napari has
+        finished removing the layer (a repaint or notification while the layer list is
+        half updated crashed napari under software OpenGL)."""
+        inputs = self._run_inputs
+        if not self._running or inputs is None or self._cancel_event is None:
+            return
+        removed = getattr(event, "value", None)
+        for role, layer in zip(("fixed", "moving"), inputs):
+            if same_layer(removed, layer):
+                self._aborted = f"the {role} layer {layer.name!r} was removed"
+                self._cancel_event.set()
+                from qtpy.QtCore import QTimer
+
+                QTimer.singleShot(0, lambda: self._say(f"cancelling: {self._aborted}"))
+                return
+
+    def _say(self, text: str) -> None:
+        if self._aborted is not None or not self._running:
+            self.status.value = text
+
     def run(self, *_):
         """Start a registration (the *Register* button)."""
         if self._running:
             return None  # one registration at a time
         worker = self.make_worker()
         if worker is not None:
-            self._running = True
+            self._running = self._worker_running = True
             self.run_button.enabled = False  # now, not when the queued `started` arrives
             worker.start()
         return worker
@@ -289,13 +453,22 @@ class RegisterWidget(Container):
         self.status.value = message
 
     def _on_finished(self):
+        self._worker_running = False
+        if not self._placing:
+            self._end_run()
+
+    def _end_run(self):
         self._running = False
+        self._run_inputs = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self._cancel_event = None
 
     def _on_returned(self, out, params):
         outcome, payload = out
+        if self._aborted is not None or not self._inputs_present(params):
+            self._abandon(self._aborted or "an input layer was removed")
+            return
         if outcome == "cancelled":
             self.status.value = "cancelled"
             self.progress.value = 0
@@ -303,18 +476,56 @@ class RegisterWidget(Container):
             return
         if outcome in ("error", "bug"):
             self.status.value = "failed"
+            self.summary.value = ""
             prefix = "" if outcome == "error" else f"unexpected {type(payload).__name__}: "
             show_error(prefix + str(payload))
             return
-        try:
-            self._show_result(*payload, params)
-            self.timing["shown"] = time.perf_counter()
-        except (ValueError, RegistrationError) as err:
-            show_error(str(err))
-            self.status.value = "failed"
+        self._show_result(*payload, params, deferred=True)
+
+    def _abandon(self, reason: str) -> None:
+        self.status.value = f"cancelled: {reason}; no layers were added"
+        self.summary.value = ""
+        self.progress.value = 0
+        self._last = None
+
+    def _inputs_present(self, params) -> bool:
+        layers = list(self.viewer.layers)
+        return all(any(same_layer(ly, params[k]) for ly in layers) for k in ("fixed", "moving"))
 
     # --------------------------------------------------------------------- results
-    def _show_result(self, result, qc, params):
+    def _show_result(self, result, qc, params, deferred: bool = False):
+        """Put the result in the viewer. Each new layer costs napari ~0.1-0.15 s on the
+        GUI thread (vispy visual, layer controls, selection; measured under Xvfb), so
+        with ``deferred`` every layer is added in its own turn of the event loop: the
+        viewer keeps drawing in between instead of freezing for the sum."""
+        steps = self._result_steps(result, qc, params)
+        if not deferred:
+            for step in steps:
+                step()
+            return
+        self._placing = True
+
+        def next_step():
+            if not steps:
+                self._placing = False
+                if not self._worker_running:
+                    self._end_run()
+                return
+            if self._aborted is not None or not self._inputs_present(params):
+                steps.clear()
+                self._abandon(self._aborted or "an input layer was removed")
+            else:
+                try:
+                    steps.pop(0)()
+                except (ValueError, RegistrationError) as err:
+                    steps.clear()
+                    show_error(str(err))
+                    self.status.value = "failed"
+            QTimer.singleShot(0, next_step)
+
+        next_step()
+
+    def _result_steps(self, result, qc, params) -> list:
         viewer = self.viewer
         fixed, moving = params["fixed"], params["moving"]
         meta = {"registration": result.to_dict(),
@@ -328,44 +539,62 @@ class RegisterWidget(Container):
             notes.append(f"{result.transform.kind} transform cannot be shown as a napari affine: "
                          "resampled instead")
             output = RESAMPLE
-        if output == AFFINE:
-            # napari: world = affine @ (data * scale + translate). The registration maps the
-            # moving layer's scale/translate world to the fixed one's, which the fixed
-            # layer's own affine then places in the viewer.
-            moving.affine = affine_matrix(fixed) @ result.transform.matrix
-            moving.metadata["registration"] = meta["registration"]
-            if colour and not moving.rgb:
-                moving.colormap = "magenta"
-                moving.blending = "additive"
-            warped_layer = moving
-        else:
-            kwargs = {}
-            if not moving.rgb and colour:
-                kwargs.update(colormap="magenta", blending="additive")
-            elif not moving.rgb:
-                kwargs.update(colormap=moving.colormap.name)
-            if not moving.rgb:
-                kwargs.update(contrast_limits=tuple(moving.contrast_limits))
-            warped_layer = put_layer(
-                viewer, result.warped, "image", name=f"{moving.name} registered", role="warped",
-                metadata=meta, rgb=moving.rgb, **grid, **kwargs)
-        if colour and not fixed.rgb:
-            fixed.colormap = "green"  # display only: data and geometry stay as they were
         self._last = dict(fixed=fixed, moving=moving, grid=grid, result=result, params=params)
+        placed = {}
+
+        def warped():
+            if output == AFFINE:
+                # napari: world = affine @ (data * scale + translate). The registration maps
+                # the moving layer's scale/translate world to the fixed one's, which the
+                # fixed layer's own affine then places in the viewer.
+                moving.affine = affine_matrix(fixed) @ result.transform.matrix
+                moving.metadata["registration"] = meta["registration"]
+                if colour and not moving.rgb:
+                    moving.colormap = "magenta"
+                    moving.blending = "additive"
+                placed["warped"] = moving
+            else:
+                kwargs = {}
+                if not moving.rgb and colour:
+                    kwargs.update(colormap="magenta", blending="additive")
+                elif not moving.rgb:
+                    kwargs.update(colormap=moving.colormap.name)
+                if not moving.rgb:
+                    kwargs.update(contrast_limits=tuple(moving.contrast_limits))
+                placed["warped"] = put_layer(
+                    viewer, result.warped, "image", name=f"{moving.name} registered",
+                    role="warped", metadata=meta, rgb=moving.rgb, **grid, **kwargs)
+            if colour and not fixed.rgb:
+                fixed.colormap = "green"  # display only: data and geometry stay as they were
+            text = summary_text(result)
+            # grow (never shrink: see fixed_lines) to show every line, e.g. auto's stages
+            fixed_lines(self.summary, max(text.count("\n") + 1, self._summary_lines))
+            self._summary_lines = max(text.count("\n") + 1, self._summary_lines)
+            self.summary.value = text
+            self.status.value = "placing the result layers…"
+
+        steps = [warped]
         if qc.get("checkerboard") is not None:
-            self._put_checkerboard(qc["checkerboard"])
+            steps.append(lambda: self._put_checkerboard(qc["checkerboard"]))
         if qc.get("difference") is not None:
-            put_layer(viewer, qc["difference"], "image", name=f"difference: {moving.name}",
-                      role="difference", colormap="PiYG", contrast_limits=(-1, 1), **grid)
-        self._show_extras(result, moving.name)
-        if warped_layer is not None:
-            viewer.layers.selection.active = warped_layer
-        self.summary.value = summary_text(result)
-        seconds = result.info.get("seconds", float("nan"))
-        self.status.value = f"done in {seconds:.2f} s" + (f" ({'; '.join(notes)})" if notes else "")
-        self.progress.value = 1000
-        for note in notes:
-            show_info(note)
+            steps.append(lambda: put_layer(
+                viewer, qc["difference"], "image", name=f"difference: {moving.name}",
+                role="difference", colormap="PiYG", contrast_limits=(-1, 1), **grid))
+        steps.extend(self._extras_steps(result, moving.name, params.get("show_matches", False)))
+
+        def done():
+            if placed.get("warped") is not None:
+                viewer.layers.selection.active = placed["warped"]
+            seconds = result.info.get("seconds", float("nan"))
+            self.status.value = (f"done in {seconds:.2f} s"
+                                 + (f" ({'; '.join(notes)})" if notes else ""))
+            self.progress.value = 1000
+            self.timing["shown"] = time.perf_counter()
+            for note in notes:
+                show_info(note)
+
+        steps.append(done)
+        return steps
 
     def _refresh_checkerboard(self, *_):
         """The tile spin box: redo the checkerboard of the last result."""
@@ -378,31 +607,44 @@ class RegisterWidget(Container):
     def _put_checkerboard(self, board):
         last = self._last
         put_layer(self.viewer, board, "image", name=f"checkerboard: {last['moving'].name}",
-                  role="checkerboard", colormap="gray", blending="translucent",
+                  role="checkerboard", rgb=True, blending="translucent",
                   contrast_limits=(0.0, 1.0), **last["grid"])
 
-    def _show_extras(self, result, name):
+    def _extras_steps(self, result, name, show: bool) -> list:
+        """Keypoints (Points) and inlier matches (a Vectors layer: napari draws thousands
+        of them at once, where a Shapes layer of ~3,800 lines took 3.4 s to triangulate
+        on the GUI thread), only when asked for. Stale ones of an earlier run go."""
+        viewer = self.viewer
         ex = result.extras or {}
+        names = [f"{name} keypoints (fixed)", f"{name} keypoints (moving)", f"{name} matches"]
+        if not show:
+            stale = [ly for ly in (find_output(viewer, n) for n in names) if ly is not None]
+            return [lambda ly=ly: viewer.layers.remove(ly) for ly in stale]
+        steps = []
         for side in ("fixed", "moving"):
             pts = ex.get(f"{side}_keypoints")
             if isinstance(pts, np.ndarray) and pts.ndim == 2 and len(pts):
-                put_layer(self.viewer, pts, "points", name=f"{name} keypoints ({side})",
-                          role="keypoints", size=6, face_color="transparent",
-                          border_color="green" if side == "fixed" else "magenta")
+                steps.append(lambda pts=pts, side=side: put_layer(
+                    viewer, pts, "points", name=f"{name} keypoints ({side})", role="keypoints",
+                    size=6, face_color="transparent",
+                    border_color="green" if side == "fixed" else "magenta"))
         fm, mm = ex.get("fixed_matches"), ex.get("moving_matches")
         if (isinstance(fm, np.ndarray) and isinstance(mm, np.ndarray) and fm.ndim == 2
                 and fm.shape == mm.shape and len(fm)):
-            lines = [np.stack([a, b]) for a, b in zip(fm, mm)]
-            put_layer(self.viewer, lines, "shapes", name=f"{name} matches", role="matches",
-                      shape_type="line", edge_color="yellow", edge_width=1.0)
-        elif find_output(self.viewer, f"{name} matches") is not None:
-            self.viewer.layers.remove(find_output(self.viewer, f"{name} matches"))
+            vectors = np.stack([fm, mm - fm], axis=1)  # (N, 2, D): start, direction
+
+            steps.append(lambda: put_layer(viewer, vectors, "vectors", name=f"{name} matches",
+                                           role="matches", edge_color="yellow", edge_width=1.0,
+                                           length=1.0))
+        elif find_output(viewer, f"{name} matches") is not None:
+            steps.append(lambda: viewer.layers.remove(find_output(viewer, f"{name} matches")))
+        return steps
 
 
 def _qc_images(params, result, qc) -> dict:
     """Checkerboard and difference of fixed and warped (grey), on the fixed grid."""
     from ..core.preprocess import to_grey
-    from ..core.qc import checkerboard, difference
+    from ..core.qc import difference
 
     out = {"checkerboard": None, "difference": None}
     if result.warped is None or not (qc["checkerboard"] or qc["difference"]):
@@ -411,7 +653,8 @@ def _qc_images(params, result, qc) -> dict:
     f = to_grey(f) if params["fixed"].rgb else f
     w = to_grey(result.warped) if params["moving"].rgb else result.warped
     if qc["checkerboard"]:
-        out["checkerboard"] = checkerboard(f, w, tile=qc["tile"], spacing=params["fixed_spacing"])
+        out["checkerboard"] = colour_checkerboard(f, w, tile=qc["tile"],
+                                                  spacing=params["fixed_spacing"])
     if qc["difference"]:
         out["difference"] = difference(f, w)
     return out
@@ -451,11 +694,30 @@ def summary_text(result) -> str:
             bits.append(f"{key.replace('_', ' ')} {value}")
     bits.append(f"{info.get('seconds', float('nan')):.2f} s")
     lines.append(" | ".join(str(b) for b in bits))
+    lines.extend(stage_lines(info))
     stop = info.get("stop_reason") or info.get("stop_condition")
     if stop:
         stop = str(stop)
         lines.append("stop: " + (stop if len(stop) <= 90 else stop[:87] + "..."))
     return "\n".join(lines)
+
+
+def stage_lines(info: dict) -> list[str]:
+    """``auto``: one line per stage with its score, the winner marked with ``>``."""
+    stages = info.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return []
+    metric = info.get("metric", "mi")
+    chosen = (info.get("chosen") or {}).get("stage")
+    out = [f"auto stages ({metric}; > = kept):"]
+    for i, st in enumerate(stages):
+        score = (st.get("score") or {}).get(metric)
+        what = f"{st.get('method')} {st.get('model')} ({st.get('on')})"
+        tail = _fmt(score) if score is not None else ("failed" if st.get("error") else "-")
+        if st.get("rejected"):
+            tail += " rejected"
+        out.append(f"{'>' if i == chosen else ' '} {what[:34]:34} {tail}")
+    return out
 
 
 def _fmt(value) -> str:
