@@ -6,6 +6,7 @@ SimpleITK (spacing and origin from the header, converted to napari axis order).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,27 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
     )
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: the same folder (so
+    the rename is atomic) and the same suffix (writers choose the format by it)."""
+    return path.with_name(f".partial-{os.getpid()}-{path.name}")
+
+
+def write_atomic(path, write) -> Path:
+    """Call ``write(temp_path)``, then rename the temp file onto ``path``: readers see
+    the old file or the complete new one, never a truncated one. On any error (a full
+    disk, an interrupt) the temp file is removed and the error propagates."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_image(path, array, spacing=None, origin=None) -> Path:
     path = Path(path)
     suffix = _suffix(path)
@@ -73,12 +95,13 @@ def write_image(path, array, spacing=None, origin=None) -> Path:
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
-        tifffile.imwrite(path, array)
+        return write_atomic(path, lambda tmp: tifffile.imwrite(tmp, array))
     elif suffix in ITK_SUFFIXES:
         from .core.itk import to_sitk_image
         import SimpleITK as sitk
 
-        sitk.WriteImage(to_sitk_image(array, spacing, origin), str(path))
+        image = to_sitk_image(array, spacing, origin)
+        return write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp)))
     elif suffix in PLAIN_SUFFIXES:
         import imageio.v3 as iio
 
@@ -87,7 +110,6 @@ def write_image(path, array, spacing=None, origin=None) -> Path:
             from .core.metrics import robust_normalize
 
             a = (robust_normalize(a, low=0, high=100) * 255).astype(np.uint8)
-        iio.imwrite(path, a)
+        return write_atomic(path, lambda tmp: iio.imwrite(tmp, a, extension=suffix))
     else:
         raise ValueError(f"unsupported output type {suffix!r}; use .tif, .nii.gz, .mha or .png")
-    return path

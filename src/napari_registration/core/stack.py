@@ -364,12 +364,17 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                         cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
                         driver_channel: int = 0, downsample=1, coarse=None, client=None,
                         workers: int = 1, on_error: str = "raise", warp: bool = True,
-                        **options):
+                        known: dict | None = None, **options):
     """Generator form of :func:`register_stack`: yields one ``dict`` event per step
     (``phase`` "reference" | "register" | "warp", ``frame``, ``done``, ``total``,
     ``fraction``, ``message``) and returns the :class:`StackResult` (the value of
-    ``StopIteration``; napari's ``thread_worker`` passes it to ``returned``)."""
+    ``StopIteration``; napari's ``thread_worker`` passes it to ``returned``).
+
+    ``known`` resumes an interrupted run: ``{frame: (step, info)}`` from the
+    "register" events of an earlier run with the same settings (``step`` is the
+    event's ``transform``); those frames are not registered again."""
     t0 = time.perf_counter()
+    known = dict(known or {})
     data = _as_stack(frames)
     lazy = _is_dask(data)
     ndim_total = data.ndim
@@ -482,11 +487,13 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
 
     # numpy frames whose transform is final after one registration are warped in the
     # same task (one trip to a worker per frame); "previous" chains first, warps after
-    warp_in_task = warp and not lazy and ref_mode != "previous"
+    warp_in_task = warp and not lazy and ref_mode != "previous" and not known
     out_work = np.empty(work.shape, dtype=work.dtype) if (warp and not lazy) else None
 
-    def items(ref_arg, mode, with_warp=False):
+    def items(ref_arg, mode, with_warp=False, skip=()):
         for i in range(n):
+            if i in skip:
+                continue
             if mode == "previous":
                 if i == 0:
                     continue
@@ -509,7 +516,12 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         fills ``steps`` (and ``out_work`` with_warp)."""
         total = n - (1 if (mode == "previous" or isinstance(mode, int)) else 0)
         done = 0
-        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp),
+        skip = set(known) if phase == "register" else set()
+        for i in sorted(skip):  # resumed: found by an earlier run with the same settings
+            steps[i], info_i = known[i]
+            frame_info[i].update(info_i or {})
+            done += 1
+        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp, skip),
                                       client=client, workers=workers, cancel=cancel):
             done += 1
             if err is not None:
@@ -645,7 +657,7 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
                    cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
                    driver_channel: int = 0, downsample=1, coarse=None, client=None,
                    workers: int = 1, on_error: str = "raise", warp: bool = True,
-                   **options) -> StackResult:
+                   known: dict | None = None, **options) -> StackResult:
     """Align every frame of a stack (2D+t or 3D+t, optionally with channels) to a
     reference.
 
@@ -704,7 +716,7 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
         spacing=spacing, cancel=cancel, channel_axis=channel_axis,
         driver_channel=driver_channel, downsample=downsample, coarse=coarse, client=client,
         workers=workers,
-        on_error=on_error, warp=warp, **options)
+        on_error=on_error, warp=warp, known=known, **options)
     while True:
         try:
             event = next(gen)

@@ -666,15 +666,29 @@ def save_transform(transform: Transform, path: str | Path) -> Path:
         raise TypeError(f"save_transform needs a Transform, got {type(transform).__name__}")
     path = Path(path)
     suffix = path.suffix.lower()
+    # written under a temp name in the same folder, then renamed into place: an
+    # interrupted or failed write never leaves a truncated file under the real name
     if suffix == ".json":
-        path.write_text(json.dumps(transform.to_dict(), indent=1))
-        return path
+        text = json.dumps(transform.to_dict(), indent=1)
+        return _write_atomic(path, lambda tmp: tmp.write_text(text))
     if suffix in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
         from .itk import write_itk_transform
 
-        write_itk_transform(transform, path)
-        return path
+        return _write_atomic(path, lambda tmp: write_itk_transform(transform, tmp))
     raise ValueError(f"unknown transform file type {suffix!r}: use .json, .tfm, .txt or .h5")
+
+
+def _write_atomic(path: Path, write) -> Path:
+    import os
+
+    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def load_transform(path: str | Path) -> Transform:
