@@ -345,3 +345,94 @@ def test_killed_batch_never_leaves_a_half_written_item_marked_done(pairs, tmp_pa
         assert main(["batch", *map(str, movings), "--fixed", str(pairs / "fixed.tif"),
                      "--out", str(out), "-q"]) == 0
         assert all(_finished(out / f"m{k}") for k in range(4))
+
+
+# ------------------------------------------------------------ process-pool faults
+_JOBS = textwrap.dedent("""
+    import os, signal, time
+
+    def slow(k, folder):
+        open(os.path.join(folder, f"pid-{os.getpid()}"), "w").close()
+        time.sleep(2.0)
+        open(os.path.join(folder, f"done-{k}"), "w").close()
+        return k
+
+    def dies_on_3(k):
+        if k == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.1)
+        return k * 10
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            state = [ln for ln in fh if ln.startswith("State:")][0]
+        return "Z" not in state.split()[1]  # a zombie has stopped running
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_die_with_a_killed_parent(tmp_path):
+    (tmp_path / "faultjobs.py").write_text(_JOBS)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{SRC!r}, {str(tmp_path)!r}]
+        from napari_registration.core.stack import iter_tasks
+        import faultjobs
+        if __name__ == "__main__":
+            for _ in iter_tasks(faultjobs.slow, ((k, (k, {str(marks)!r})) for k in range(8)),
+                                workers=2):
+                pass
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
+    _kill_when(proc, lambda: len(list(marks.glob("pid-*"))) >= 2, timeout=60)
+    pids = [int(p.name[4:]) for p in marks.glob("pid-*")]
+    deadline = time.monotonic() + 2.0
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, pids)), "pool workers outlived their killed parent"
+    time.sleep(2.5)  # long enough for an orphan to finish its item and write
+    assert not list(marks.glob("done-*")), "an orphaned worker went on writing"
+
+
+def test_a_worker_killed_mid_run_fails_only_its_item(tmp_path, monkeypatch):
+    """A worker SIGKILLed (as the OOM killer does): that item is reported failed with a
+    clear message; items in flight with it are retried; the run goes on."""
+    from napari_registration.core.stack import iter_tasks
+
+    (tmp_path / "faultjobs2.py").write_text(_JOBS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import faultjobs2
+
+    results = {k: (out, err) for k, out, err in
+               iter_tasks(faultjobs2.dies_on_3, ((k, (k,)) for k in range(8)), workers=2)}
+    assert sorted(results) == list(range(8))
+    assert "worker process died" in str(results[3][1])
+    assert {k: out for k, (out, err) in results.items() if k != 3} == {k: k * 10 for k in range(8) if k != 3}
+
+
+def test_workers_without_a_main_guard_fall_back_to_threads(tmp_path):
+    """A script calling register_stack(workers=2) at top level (no __main__ guard) used
+    to die with BrokenProcessPool; it now runs in threads and says how to use processes."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {SRC!r})
+        import numpy as np
+        from napari_registration import register_stack
+        rng = np.random.default_rng(0)
+        base = rng.random((80, 80)).astype(np.float32)
+        frames = np.stack([np.roll(base, k, axis=1) for k in range(4)])
+        r = register_stack(frames, workers=2)
+        print("drift", [round(float(v), 2) for v in r.drift[:, 1]])
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "guard" in proc.stderr and "threads" in proc.stderr
+    assert "drift [0.0, -1.0, -2.0, -3.0]" in proc.stdout or "drift [0.0, 1.0, 2.0, 3.0]" in proc.stdout

@@ -16,7 +16,9 @@ each frame is registered to the one before it and the steps are chained:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import concurrent.futures.process
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -188,28 +190,43 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
         def submit(args):
             return client.submit(fn, *args, pure=False)
     else:
-        import multiprocessing
-
         nworkers = int(workers)
-        # spawn: safe with threads (Qt, dask) in the parent, same on every OS
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=nworkers, mp_context=multiprocessing.get_context("spawn"))
+        pool = _new_pool(nworkers)
 
         def submit(args):
-            return pool.submit(fn, *args)
+            nonlocal pool
+            try:
+                return pool.submit(fn, *args)
+            except concurrent.futures.process.BrokenProcessPool:
+                # a worker died (killed, out of memory): its tasks are reported as
+                # failed; the rest of the run goes on in a fresh pool
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _new_pool(nworkers)
+                return pool.submit(fn, *args)
 
     window = int(window or 2 * nworkers)
     pending: dict = {}
     exhausted = False
+    # process pool: tasks lost with a dead worker are retried one at a time, alone in a
+    # fresh pool, so the one that kills its worker is found and reported
+    args_of: dict = {}
+    suspects: collections.deque = collections.deque()
+    retried: set = set()
     try:
         while True:
-            while not exhausted and len(pending) < window:
+            if suspects and not pending:
+                key = suspects.popleft()
+                retried.add(key)
+                pending[submit(args_of[key])] = key
+            while not suspects and not exhausted and len(pending) < window:
                 try:
                     key, args = next(items)
                 except StopIteration:
                     exhausted = True
                     break
                 pending[submit(args)] = key
+                if pool is not None:
+                    args_of[key] = args
             if not pending:
                 return
             done = [f for f in pending if f.done()]
@@ -232,9 +249,21 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
                 key = pending.pop(fut)
                 try:
                     result = fut.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    # every task in flight fails with the pool; only one may have killed
+                    # it: retry each alone in a fresh pool; one that dies alone is reported
+                    if key not in retried:
+                        suspects.append(key)
+                        continue
+                    args_of.pop(key, None)
+                    yield key, None, RuntimeError(
+                        "a worker process died while running this item (killed, or out of "
+                        "memory); run it again, with fewer workers if memory is short")
                 except Exception as err:  # noqa: BLE001 - reported per item
+                    args_of.pop(key, None)
                     yield key, None, err
                 else:
+                    args_of.pop(key, None)
                     yield key, result, None
             if stop_requested():
                 raise RegistrationCancelled("cancelled")
@@ -243,6 +272,71 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
             fut.cancel()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _watch_parent(parent_pid: int, period: float = 0.2) -> None:
+    """Process-pool initializer: a daemon thread ends this worker as soon as its parent
+    is gone (killed, crashed), so orphans never go on computing and writing."""
+    import os
+    import threading
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(70)
+            time.sleep(period)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    try:  # Linux: also ask the kernel to kill this worker with its parent
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(70)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _main_reimport_unsafe() -> bool:
+    """True when worker processes would re-run the user's script: spawn imports the
+    ``__main__`` file in every worker, and a script without an
+    ``if __name__ == "__main__":`` guard would start the whole run again there."""
+    import re
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if not path or (spec is not None and spec.name.split(".")[-1] == "__main__"):
+        return False  # interactive, -c, a package's __main__: spawn does not re-run it
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            source = fh.read()
+    except OSError:
+        return False
+    return not re.search(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", source, re.M)
+
+
+def _new_pool(nworkers: int):
+    """A process pool whose workers die with this process; threads (with a warning)
+    when the main script cannot be re-imported safely by worker processes."""
+    import multiprocessing
+    import os
+    import warnings
+
+    if _main_reimport_unsafe():
+        warnings.warn(
+            f"workers={nworkers}: the main script has no 'if __name__ == \"__main__\":' guard, "
+            "so worker processes would run it again; using threads instead. Put the code "
+            "that calls napari-registration under that guard to use processes.",
+            RuntimeWarning, stacklevel=4)
+        return concurrent.futures.ThreadPoolExecutor(max_workers=nworkers)
+    # spawn: safe with threads (Qt, dask) in the parent, same on every OS
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=nworkers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_watch_parent, initargs=(os.getpid(),))
 
 
 # ------------------------------------------------------------------------------ result
