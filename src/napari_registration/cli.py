@@ -55,7 +55,8 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
     if result.warped is not None:
         paths["warped"] = str(write_image(out / f"warped{suffix}", result.warped, fixed_spacing, fixed_origin))
     paths["transform"] = str(save_transform(result.transform, out / "transform.json"))
-    if result.transform.is_linear and not result.transform.is_projective:
+    if (result.transform.is_linear and not result.transform.is_projective
+            and result.transform.ndim in (2, 3)):
         paths["transform_itk"] = str(save_transform(result.transform, out / "transform.tfm"))
     if result.warped is not None:
         fixed_grey = np.asarray(fixed, np.float32)
@@ -104,6 +105,11 @@ def cmd_register(args) -> int:
 
     fixed, f_sp, f_or = read_image(args.fixed)
     moving, m_sp, m_or = read_image(args.moving)
+    for name, image in ((args.fixed, fixed), (args.moving, moving)):
+        if image.ndim not in (2, 3):  # refused before anything is written
+            raise ValueError(f"{name} is {image.ndim}D (shape {image.shape}); the register "
+                             "command works on 2D or 3D images (2D RGB included): take a 2D/3D "
+                             "part, or use the 'stack' command for a time series")
     options = _parse_options(args.option)
     if args.equalize:
         options["equalize"] = args.equalize

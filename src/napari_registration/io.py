@@ -51,6 +51,8 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
         if suffix in ITK_SUFFIXES:
             import SimpleITK as sitk
 
+            if suffix in (".nii", ".nii.gz"):
+                check_nifti_header(path)
             img = sitk.ReadImage(str(path))
             return (sitk.GetArrayFromImage(img), tuple(img.GetSpacing())[::-1],
                     tuple(img.GetOrigin())[::-1])
@@ -65,6 +67,41 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
         f"unsupported image type {suffix!r} for {path}; use TIFF, PNG/JPEG, NIfTI (.nii/.nii.gz), "
         "MHA/MHD or NRRD"
     )
+
+
+def check_nifti_header(path: Path) -> None:
+    """Refuse a NIfTI-1/2 header whose voxel sizes (pixdim) are zero, negative or not
+    finite for the image's axes: ITK would silently read them as 1.0."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+    if len(head) < 348:
+        raise ValueError(f"cannot read image {path}: the NIfTI header is truncated "
+                         f"({len(head)} of 348 bytes)")
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            pixdim = struct.unpack(endian + "8f", head[76:108])
+            break
+        if size == 540 and len(head) >= 540:
+            dims = struct.unpack(endian + "8q", head[16:80])
+            pixdim = struct.unpack(endian + "8d", head[104:168])
+            break
+    else:
+        raise ValueError(f"cannot read image {path}: not a NIfTI header (sizeof_hdr is not "
+                         "348 or 540)")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise ValueError(f"cannot read image {path}: the NIfTI header claims {ndim} dimensions")
+    sizes = [float(v) for v in pixdim[1:1 + min(ndim, 3)]]
+    if not all(np.isfinite(v) and v > 0 for v in sizes):
+        raise ValueError(f"{path}: the NIfTI header gives voxel sizes {sizes}; they must be "
+                         "positive (fix the header's pixdim, e.g. with nibabel or 3D Slicer, "
+                         "or save the image with its real voxel size)")
 
 
 def partial_path(path: Path) -> Path:

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .register import RegistrationCancelled, RegistrationError, _json_safe, register
+from .register import (RegistrationCancelled, RegistrationError, _json_safe, as_cancel_check,
+                       register)
 from .resample import resample
 from .transform import Transform
 
@@ -165,6 +166,8 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
     needed. ``cancel()`` is polled; when it returns True the pending tasks are
     cancelled and :class:`RegistrationCancelled` is raised.
     """
+    cancel = as_cancel_check(cancel)
+
     def stop_requested():
         return cancel is not None and cancel()
 
@@ -469,6 +472,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
     event's ``transform``); those frames are not registered again."""
     t0 = time.perf_counter()
     known = dict(known or {})
+    cancel = as_cancel_check(cancel)
     data = _as_stack(frames)
     lazy = _is_dask(data)
     ndim_total = data.ndim

@@ -654,6 +654,28 @@ class Transform:
         return f"Transform({self.ndim}D {self.kind})"
 
 
+def rescale_world(transform: Transform, k: float) -> Transform:
+    """The same map in world units ``k`` times larger: ``p -> k * T(p / k)``. Used to
+    run a library in units where pixel sizes are near 1 and convert back."""
+    k = float(k)
+    if k == 1.0:
+        return transform
+    steps = []
+    for step in transform.steps:
+        if isinstance(step, MatrixStep):
+            d = step.ndim
+            s = scale_matrix(np.full(d, k))
+            steps.append(MatrixStep(s @ step.matrix @ np.linalg.inv(s)))
+        elif isinstance(step, FieldStep):
+            steps.append(FieldStep(step.field * np.float32(k), step.spacing * k, step.origin * k,
+                                   step.direction))
+        else:
+            d = step.ndim
+            steps += [MatrixStep(scale_matrix(np.full(d, 1.0 / k))), step,
+                      MatrixStep(scale_matrix(np.full(d, k)))]
+    return Transform(steps=steps)
+
+
 # -------------------------------------------------------------------------------- I/O
 def save_transform(transform: Transform, path: str | Path) -> Path:
     """Write a transform to ``.json`` (any kind) or ITK ``.tfm`` / ``.txt`` / ``.h5`` (linear).
