@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,11 +48,15 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
     from .io import write_image
 
     out.mkdir(parents=True, exist_ok=True)
+    # the old "done" marker goes first: if this run dies while overwriting, the folder
+    # no longer claims to be finished (batch would otherwise skip it next time)
+    (out / "report.json").unlink(missing_ok=True)
     paths = {}
     if result.warped is not None:
         paths["warped"] = str(write_image(out / f"warped{suffix}", result.warped, fixed_spacing, fixed_origin))
     paths["transform"] = str(save_transform(result.transform, out / "transform.json"))
-    if result.transform.is_linear and not result.transform.is_projective:
+    if (result.transform.is_linear and not result.transform.is_projective
+            and result.transform.ndim in (2, 3)):
         paths["transform_itk"] = str(save_transform(result.transform, out / "transform.tfm"))
     if result.warped is not None:
         fixed_grey = np.asarray(fixed, np.float32)
@@ -66,6 +71,7 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
         paths["checkerboard"] = str(write_image(out / "checkerboard.png", (board * 255).astype(np.uint8)))
     report = result.to_dict()
     report["outputs"] = paths
+    report["output_bytes"] = {k: Path(v).stat().st_size for k, v in paths.items()}
     # report.json marks a finished item (batch skips folders that have one): write it
     # last and atomically, so an interrupted run never leaves a half-written one
     _write_atomic(out / "report.json", json.dumps(report, indent=1))
@@ -74,8 +80,6 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    import os
-
     tmp = path.with_name(path.name + ".partial")
     try:
         tmp.write_text(text)
@@ -101,6 +105,11 @@ def cmd_register(args) -> int:
 
     fixed, f_sp, f_or = read_image(args.fixed)
     moving, m_sp, m_or = read_image(args.moving)
+    for name, image in ((args.fixed, fixed), (args.moving, moving)):
+        if image.ndim not in (2, 3):  # refused before anything is written
+            raise ValueError(f"{name} is {image.ndim}D (shape {image.shape}); the register "
+                             "command works on 2D or 3D images (2D RGB included): take a 2D/3D "
+                             "part, or use the 'stack' command for a time series")
     options = _parse_options(args.option)
     if args.equalize:
         options["equalize"] = args.equalize
@@ -261,7 +270,7 @@ def _open_stack(path):
 
 
 def cmd_stack(args) -> int:
-    from .core.stack import register_stack, write_tiff_stack
+    from .core.stack import write_tiff_stack
 
     frames, axes, file_spacing = _open_stack(args.input)
     axes = axes or ""
@@ -277,18 +286,42 @@ def cmd_stack(args) -> int:
     spacing = args.spacing
     if spacing is None and file_spacing is not None and len(file_spacing) in (ndim_frame, 2):
         spacing = file_spacing if len(file_spacing) == ndim_frame else (1.0,) * (ndim_frame - 2) + tuple(file_spacing)
+    from .core.stack import iter_register_stack
+    from .io import write_atomic
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # the old "done" marker goes first; frames finished by an interrupted run with the
+    # same settings are read back from the checkpoint and not registered again
+    (out / "report.json").unlink(missing_ok=True)
+    run_key = _stack_run_key(args, frames, axis, reference, spacing, channel_axis, options)
+    checkpoint = out / "checkpoint.jsonl"
+    known = {} if args.force else _read_checkpoint(checkpoint, run_key, int(frames.shape[axis]))
+    if known and not args.quiet:
+        print(f"stack: resuming, {len(known)} frame(s) already registered by an interrupted "
+              "run (--force to start over)", file=sys.stderr)
     client = _scheduler(args)
+    progress = _progress_printer(not args.quiet)
     try:
-        result = register_stack(
-            frames, axis=axis, reference=reference, method=args.method,
-            transform=args.transform, spacing=spacing, channel_axis=channel_axis,
-            driver_channel=args.driver_channel, downsample=args.downsample, client=client,
-            workers=args.workers, on_error=args.on_error,
-            progress=_progress_printer(not args.quiet), **options)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        with _Checkpoint(checkpoint, run_key, known) as log:
+            gen = iter_register_stack(
+                frames, axis=axis, reference=reference, method=args.method,
+                transform=args.transform, spacing=spacing, channel_axis=channel_axis,
+                driver_channel=args.driver_channel, downsample=args.downsample, client=client,
+                workers=args.workers, on_error=args.on_error, known=known, **options)
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if event["phase"] == "register" and "transform" in event:
+                    log.add(event["frame"], event["transform"], event.get("info"))
+                if progress is not None:
+                    progress(float(event["fraction"]), str(event["message"]))
         aligned = out / "aligned.tif"
-        write_tiff_stack(aligned, result.warped, frames_per_batch=max(2, 2 * args.workers))
+        write_atomic(aligned, lambda tmp: write_tiff_stack(
+            tmp, result.warped, frames_per_batch=max(2, 2 * args.workers)))
     finally:
         if client is not None:
             client.close()
@@ -298,11 +331,14 @@ def cmd_stack(args) -> int:
     for i, (d, fi) in enumerate(zip(drift, result.info["frames"])):
         b, a = (f"{fi[k]:.4f}" if fi.get(k) is not None else "" for k in ("ncc_before", "ncc_after"))
         lines.append(f"{i}," + ",".join(f"{v:.4f}" for v in d) + f",{b},{a},{fi.get('error', '')}")
-    (out / "drift.csv").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "drift.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     report = result.to_dict()
     report["outputs"] = {"aligned": str(aligned), "drift": str(out / "drift.csv"),
                          "report": str(out / "report.json")}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    report["output_bytes"] = {k: Path(v).stat().st_size for k, v in report["outputs"].items()
+                              if k != "report"}
+    _write_atomic(out / "report.json", json.dumps(report, indent=1))  # the marker, last
+    checkpoint.unlink(missing_ok=True)
     span = np.ptp(drift, axis=0) if len(drift) else np.zeros(0)
     print(f"stack: {len(result.transforms)} frames, reference={result.info['reference']}, "
           f"method={args.method} {args.transform}, {result.info['seconds']:.2f} s "
@@ -314,6 +350,76 @@ def cmd_stack(args) -> int:
     for key, path in report["outputs"].items():
         print(f"  {key}: {path}")
     return 0
+
+
+def _stack_run_key(args, frames, axis, reference, spacing, channel_axis, options) -> str:
+    """What must match for a checkpoint to be reused: the input file (size, mtime) and
+    every setting that changes a frame's transform."""
+    import hashlib
+
+    st = Path(args.input).stat()
+    key = {"input": str(Path(args.input).resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+           "shape": list(map(int, frames.shape)), "axis": axis, "reference": reference,
+           "method": args.method, "transform": args.transform,
+           "spacing": None if spacing is None else list(map(float, spacing)),
+           "channel_axis": channel_axis, "driver_channel": args.driver_channel,
+           "downsample": args.downsample, "on_error": args.on_error, "options": options}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_checkpoint(path: Path, run_key: str, nframes: int) -> dict:
+    """``{frame: (step, info)}`` from a checkpoint of the same run; anything unreadable
+    (a line cut short by a kill, another run's file, a bad transform) is ignored."""
+    from . import Transform
+
+    known = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not lines:
+        return {}
+    try:
+        if json.loads(lines[0]).get("run") != run_key:
+            return {}
+    except (ValueError, AttributeError):
+        return {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+            frame = rec["frame"]
+            if isinstance(frame, int) and 0 <= frame < nframes:
+                known[frame] = (Transform.from_dict(rec["transform"]), rec.get("info") or {})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return known
+
+
+class _Checkpoint:
+    """Appends one JSON line per registered frame (flushed and fsynced), so a killed
+    ``stack`` run can resume from its last finished frames."""
+
+    def __init__(self, path: Path, run_key: str, known: dict):
+        self.path, self.run_key, self.known = path, run_key, known
+
+    def __enter__(self):
+        keep = [json.dumps({"frame": i, "transform": t.to_dict(), "info": info}, default=str)
+                for i, (t, info) in sorted(self.known.items())]
+        _write_atomic(self.path, "\n".join([json.dumps({"run": self.run_key}), *keep]) + "\n")
+        self.fh = self.path.open("a")
+        return self
+
+    def add(self, frame, step, info) -> None:
+        if frame in self.known:
+            return
+        self.fh.write(json.dumps({"frame": int(frame), "transform": step.to_dict(),
+                                  "info": info}, default=str) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def __exit__(self, *exc):
+        self.fh.close()
+        return False
 
 
 def _batch_item(fixed_path, moving_path, out, settings) -> dict:
@@ -337,7 +443,6 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
 
 
 def _batch_items(args) -> list[tuple[str, str, Path]]:
-    import csv
     import glob
 
     out_root = Path(args.out)
@@ -347,15 +452,9 @@ def _batch_items(args) -> list[tuple[str, str, Path]]:
         if not table.exists():
             raise FileNotFoundError(f"pairs file not found: {table}")
         base = table.parent
-        with table.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"fixed", "moving"} <= set(rows[0]):
-            raise ValueError(f"{table} needs a header row with the columns fixed,moving[,out]")
-        for row in rows:
-            fixed = base / row["fixed"].strip()
-            moving = base / row["moving"].strip()
-            out = row.get("out") and row["out"].strip()
-            items.append((str(fixed), str(moving), base / out if out else None))
+        for line, fixed, moving, out in _read_pairs_csv(table):
+            items.append((str(base / fixed), str(base / moving),
+                          _safe_destination(out_root, out, f"{table} line {line}") if out else None))
     else:
         if not args.fixed:
             raise ValueError("a list or glob of moving images needs --fixed FIXED (or give a "
@@ -367,7 +466,12 @@ def _batch_items(args) -> list[tuple[str, str, Path]]:
         if not movings:
             raise ValueError(f"no moving images match {args.pairs}")
         items = [(args.fixed, m, None) for m in movings]
-    used: set = set()
+    named = [str(Path(os.path.normcase(os.path.abspath(o)))) for _, _, o in items if o is not None]
+    dupes = sorted({o for o in named if named.count(o) > 1})
+    if dupes:
+        raise ValueError(f"two or more rows write to the same folder ({', '.join(dupes[:3])}); "
+                         "give each row its own 'out'")
+    used: set = set(named)
     resolved = []
     for fixed, moving, out in items:
         if out is None:
@@ -379,9 +483,79 @@ def _batch_items(args) -> list[tuple[str, str, Path]]:
             out, k = out_root / stem, 2
             while out in used:
                 out, k = out_root / f"{stem}_{k}", k + 1
+            out = _safe_destination(out_root, out.name, f"output for {moving}")
         used.add(out)
         resolved.append((fixed, moving, out))
     return resolved
+
+
+def _finished(out: Path) -> bool:
+    """An item is done when its report.json (written last) parses and every output it
+    lists is there with the size it recorded; anything else is redone."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+        outputs = report["outputs"]
+        sizes = report.get("output_bytes", {})
+        for key, path in outputs.items():
+            if key == "report":
+                continue
+            if not Path(path).is_file():
+                return False
+            if key in sizes and Path(path).stat().st_size != sizes[key]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _read_pairs_csv(table: Path):
+    """Rows ``(line, fixed, moving, out or '')`` of a pairs CSV, checked: a header with
+    fixed,moving[,out]; a byte-order mark (spreadsheets write one) and blank lines are
+    fine; short or long rows and empty names are refused with the line number."""
+    import csv
+
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise ValueError(f"{table} is not a UTF-8 text file; save the pairs as CSV "
+                         "(UTF-8) with the columns fixed,moving[,out]") from None
+    except csv.Error as err:
+        raise ValueError(f"{table} is not a readable CSV file: {err}") from None
+    numbered = [(k + 1, [c.strip() for c in row]) for k, row in enumerate(rows)]
+    numbered = [(n, row) for n, row in numbered if any(row)]  # blank lines
+    header = [c.lower() for c in numbered[0][1]] if numbered else []
+    if not {"fixed", "moving"} <= set(header) or not set(header) <= {"fixed", "moving", "out"}:
+        raise ValueError(f"{table} needs a header row with the columns fixed,moving[,out]; got "
+                         f"{','.join(header)[:80] or 'an empty file'}")
+    for n, row in numbered[1:]:
+        if len(row) != len(header):
+            raise ValueError(f"{table} line {n} has {len(row)} columns; the header has "
+                             f"{len(header)} ({','.join(header)})")
+        cells = dict(zip(header, row))
+        for key in ("fixed", "moving"):
+            if not cells[key]:
+                raise ValueError(f"{table} line {n}: the '{key}' column is empty")
+        yield n, cells["fixed"], cells["moving"], cells.get("out", "")
+
+
+def _safe_destination(root: Path, name: str, where: str) -> Path:
+    """``root / name`` for a CSV's ``out`` cell, refused unless it stays inside ``root``
+    (no absolute paths, no '..', no symlink that leads out)."""
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or name.startswith(("/", "\\")):
+        raise ValueError(f"{where}: 'out' is the absolute path {name!r}; give a folder name "
+                         "relative to --out (the batch writes only under --out)")
+    if ".." in rel.parts or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{where}: 'out' ({name!r}) contains '..'; give a folder name inside "
+                         "--out (the batch writes only under --out)")
+    dest = root / rel
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(dest)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise ValueError(f"{where}: 'out' ({name!r}) leads outside --out {str(root)!r} (through "
+                         "a symbolic link) or is --out itself; give a folder inside --out")
+    return dest
 
 
 def cmd_batch(args) -> int:
@@ -393,7 +567,7 @@ def cmd_batch(args) -> int:
     total = len(items)
     todo, skipped = [], []
     for k, (fixed, moving, out) in enumerate(items):
-        if not args.force and (Path(out) / "report.json").exists():
+        if not args.force and _finished(Path(out)):
             skipped.append(k)
         else:
             todo.append(k)
@@ -468,6 +642,8 @@ def _add_stack_parsers(sub) -> None:
                    help="a frame that cannot be registered stops the run, or stays in place")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE")
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="start over instead of resuming an interrupted run's finished frames")
     scale_out(p)
     p.set_defaults(func=cmd_stack)
 

@@ -6,6 +6,7 @@ SimpleITK (spacing and origin from the header, converted to napari axis order).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
         if suffix in ITK_SUFFIXES:
             import SimpleITK as sitk
 
+            if suffix in (".nii", ".nii.gz"):
+                check_nifti_header(path)
             img = sitk.ReadImage(str(path))
             return (sitk.GetArrayFromImage(img), tuple(img.GetSpacing())[::-1],
                     tuple(img.GetOrigin())[::-1])
@@ -66,6 +69,62 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
     )
 
 
+def check_nifti_header(path: Path) -> None:
+    """Refuse a NIfTI-1/2 header whose voxel sizes (pixdim) are zero, negative or not
+    finite for the image's axes: ITK would silently read them as 1.0."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+    if len(head) < 348:
+        raise ValueError(f"cannot read image {path}: the NIfTI header is truncated "
+                         f"({len(head)} of 348 bytes)")
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            pixdim = struct.unpack(endian + "8f", head[76:108])
+            break
+        if size == 540 and len(head) >= 540:
+            dims = struct.unpack(endian + "8q", head[16:80])
+            pixdim = struct.unpack(endian + "8d", head[104:168])
+            break
+    else:
+        raise ValueError(f"cannot read image {path}: not a NIfTI header (sizeof_hdr is not "
+                         "348 or 540)")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise ValueError(f"cannot read image {path}: the NIfTI header claims {ndim} dimensions")
+    sizes = [float(v) for v in pixdim[1:1 + min(ndim, 3)]]
+    if not all(np.isfinite(v) and v > 0 for v in sizes):
+        raise ValueError(f"{path}: the NIfTI header gives voxel sizes {sizes}; they must be "
+                         "positive (fix the header's pixdim, e.g. with nibabel or 3D Slicer, "
+                         "or save the image with its real voxel size)")
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: the same folder (so
+    the rename is atomic) and the same suffix (writers choose the format by it)."""
+    return path.with_name(f".partial-{os.getpid()}-{path.name}")
+
+
+def write_atomic(path, write) -> Path:
+    """Call ``write(temp_path)``, then rename the temp file onto ``path``: readers see
+    the old file or the complete new one, never a truncated one. On any error (a full
+    disk, an interrupt) the temp file is removed and the error propagates."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_image(path, array, spacing=None, origin=None) -> Path:
     path = Path(path)
     suffix = _suffix(path)
@@ -73,12 +132,13 @@ def write_image(path, array, spacing=None, origin=None) -> Path:
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
-        tifffile.imwrite(path, array)
+        return write_atomic(path, lambda tmp: tifffile.imwrite(tmp, array))
     elif suffix in ITK_SUFFIXES:
         from .core.itk import to_sitk_image
         import SimpleITK as sitk
 
-        sitk.WriteImage(to_sitk_image(array, spacing, origin), str(path))
+        image = to_sitk_image(array, spacing, origin)
+        return write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp)))
     elif suffix in PLAIN_SUFFIXES:
         import imageio.v3 as iio
 
@@ -87,7 +147,6 @@ def write_image(path, array, spacing=None, origin=None) -> Path:
             from .core.metrics import robust_normalize
 
             a = (robust_normalize(a, low=0, high=100) * 255).astype(np.uint8)
-        iio.imwrite(path, a)
+        return write_atomic(path, lambda tmp: iio.imwrite(tmp, a, extension=suffix))
     else:
         raise ValueError(f"unsupported output type {suffix!r}; use .tif, .nii.gz, .mha or .png")
-    return path

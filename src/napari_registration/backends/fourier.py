@@ -432,6 +432,9 @@ def _check_growth(name, shape, spacing, target):
             "finer one first")
 
 
+MAX_UPSAMPLE = 1000
+
+
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, upsample: int = 100, window: bool = True,
              lowpass: float | None = 0.1, iterations: int = 2,
@@ -460,8 +463,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     if transform != "translation" and ndim != 2:
         raise ValueError(f"fourier {transform!r} works on 2D images; for {ndim}D use "
                          "transform='translation' or method='intensity'")
-    if int(upsample) < 1:
-        raise ValueError(f"upsample must be >= 1; got {upsample}")
+    if not 1 <= int(upsample) <= MAX_UPSAMPLE:
+        # the peak search evaluates ~upsample/5 points per axis: bounded, or 1e8 asks
+        # for tens of GB
+        raise ValueError(f"upsample must be between 1 and {MAX_UPSAMPLE} (precision "
+                         f"1/upsample pixel); got {upsample}")
     f_sp = np.asarray(fixed_spacing, float)
     target = f_sp if transform == "translation" else np.full(ndim, f_sp.min())
     _check_growth("fixed", fixed.shape, f_sp, target)

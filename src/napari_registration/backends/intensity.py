@@ -68,6 +68,25 @@ class _Stopped(Exception):
     """Internal: the cancel callback asked to stop during an ITK run."""
 
 
+def _quiet_stops() -> None:
+    """SimpleITK prints (through sys.excepthook) any exception raised in an observer
+    before turning it into a RuntimeError; a cancel is not an error, so _Stopped is
+    not printed. Installed once; every other exception goes to the previous hook."""
+    import sys
+
+    if getattr(sys.excepthook, "_napari_registration_quiet", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is _Stopped:
+            return
+        previous(kind, value, tb)
+
+    hook._napari_registration_quiet = True
+    sys.excepthook = hook
+
+
 # ------------------------------------------------------------------------ validation
 def _check_options(transform, ndim, metric, optimizer, sampling, sampling_percentage, init,
                    seed, demons, bins, iterations, shrink_factors, smoothing_sigmas, linear_stage,
@@ -299,18 +318,23 @@ class _Observer:
         self.metric_of = metric_of or (lambda: obj.GetMetricValue())
         self.per_level: dict[int, int] = {}
         self.stopped = False
+        _quiet_stops()
         self._last = 0.0
 
     def __call__(self):
         if self.stopped:
-            return
+            self.obj.StopRegistration()
+            raise _Stopped
         level = int(self.level_of())
         it = int(self.iteration_of())
         self.per_level[level] = it + 1
         if self.cancel():
+            # StopRegistration alone is not honoured by L-BFGS-B until its level ends
+            # (a third of a B-spline run): raising here aborts Execute at once; the
+            # caller sees ITK's RuntimeError with `stopped` set and reports a cancel
             self.stopped = True
             self.obj.StopRegistration()
-            return
+            raise _Stopped
         now = time.perf_counter()
         if now - self._last < 0.05:
             return
@@ -323,6 +347,7 @@ class _Observer:
         except RegistrationCancelled:
             self.stopped = True
             self.obj.StopRegistration()
+            raise _Stopped from None
 
     def levels(self):
         return [self.per_level.get(k, 0) for k in range(self.nlevels)]
@@ -381,11 +406,13 @@ def _set_optimizer(R, optimizer, learning_rate, iterations, convergence, spacing
         R.SetOptimizerScalesFromPhysicalShift()
 
 
-def _execute(R, fixed_img, moving_img, stage):
+def _execute(R, fixed_img, moving_img, stage, obs=None):
     sitk = _sitk()
     try:
         return R.Execute(sitk.Cast(fixed_img, sitk.sitkFloat32), sitk.Cast(moving_img, sitk.sitkFloat32))
     except RuntimeError as err:
+        if obs is not None and obs.stopped:  # the observer aborted the run: a cancel
+            raise _Stopped from None
         raise _translate_itk_error(err, stage) from None
 
 
@@ -576,7 +603,7 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
                         level_of=lambda: 0, shown_level=(li, n))
         R.AddCommand(sitk.sitkIterationEvent, obs)
         t_stage = time.perf_counter()
-        _execute(R, f_l, m_l, f"{kind} registration")
+        _execute(R, f_l, m_l, f"{kind} registration", obs)
         seconds += time.perf_counter() - t_stage
         if obs.stopped:
             raise _Stopped
@@ -630,7 +657,7 @@ def _bspline_stage(fixed_img, moving_img, linear_tx, *, ndim, metric, bins, opti
     obs = _Observer(R, progress, cancel, start, span, len(shrink), int(iterations), "bspline")
     R.AddCommand(sitk.sitkIterationEvent, obs)
     t_stage = time.perf_counter()
-    _execute(R, fixed_img, moving_img, "bspline registration")
+    _execute(R, fixed_img, moving_img, "bspline registration", obs)
     if obs.stopped:
         raise _Stopped
     info = {"seconds": time.perf_counter() - t_stage, "metric": float(R.GetMetricValue()), "iterations": obs.levels(),
@@ -708,6 +735,26 @@ def _jacobian_stats(transform: Transform) -> dict:
 
 
 # --------------------------------------------------------------------------- backend
+def _scaled(value, factor):
+    """A world-unit option times ``factor`` (left as it is when it is not numbers: the
+    option check then reports it)."""
+    if value is None:
+        return None
+    try:
+        return tuple(np.atleast_1d(np.asarray(value, float)) * factor)
+    except (TypeError, ValueError):
+        return value
+
+
+def _unit_scale(fixed_spacing, moving_spacing) -> float:
+    """1.0 for pixel sizes within 1e-2..1e2 (geometric mean of the fixed image's);
+    otherwise the power of ten that brings them near 1."""
+    mean = float(np.exp(np.mean(np.log(np.asarray(fixed_spacing, float)))))
+    if 1e-2 <= mean <= 1e2:
+        return 1.0
+    return float(10.0 ** np.round(np.log10(mean)))
+
+
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None,
              metric: Literal["auto", "mattes", "mean_squares", "correlation",
@@ -802,6 +849,29 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     condition, seconds per stage, the coarse search's starts, and for deformable
     transforms the Jacobian determinant's min/max/mean and count of folded pixels.
     """
+    unit = _unit_scale(fixed_spacing, moving_spacing)
+    if unit != 1.0:
+        # ITK's tolerances (B-spline support, optimiser steps, Gaussian sigmas) assume
+        # pixel sizes near 1: register in units of `unit` and convert back
+        from ..core.transform import rescale_world
+
+        out = register(
+            fixed, moving, transform=transform,
+            fixed_spacing=tuple(float(v) / unit for v in fixed_spacing),
+            moving_spacing=tuple(float(v) / unit for v in moving_spacing),
+            progress=progress, cancel=cancel, fixed_mask=fixed_mask, moving_mask=moving_mask,
+            metric=metric, bins=bins, sampling=sampling, sampling_percentage=sampling_percentage,
+            seed=seed, optimizer=optimizer,
+            learning_rate=None if learning_rate is None else float(learning_rate) / unit,
+            iterations=iterations, convergence=convergence, shrink_factors=shrink_factors,
+            smoothing_sigmas=smoothing_sigmas,
+            init=rescale_world(init, 1.0 / unit) if isinstance(init, Transform) else init,
+            rotation_search=rotation_search, linear_stage=linear_stage,
+            grid_spacing=_scaled(grid_spacing, 1.0 / unit),
+            mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
+            demons_smoothing=demons_smoothing, threads=threads)
+        info = dict(out.info, world_unit_scale=unit)
+        return BackendResult(rescale_world(out.transform, unit), info, out.extras)
     sitk = _sitk()
     from ..core.itk import to_sitk_image
 

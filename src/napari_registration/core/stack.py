@@ -16,14 +16,17 @@ each frame is registered to the one before it and the steps are chained:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import concurrent.futures.process
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .register import RegistrationCancelled, RegistrationError, _json_safe, register
+from .register import (RegistrationCancelled, RegistrationError, _json_safe, as_cancel_check,
+                       register)
 from .resample import resample
 from .transform import Transform
 
@@ -163,6 +166,8 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
     needed. ``cancel()`` is polled; when it returns True the pending tasks are
     cancelled and :class:`RegistrationCancelled` is raised.
     """
+    cancel = as_cancel_check(cancel)
+
     def stop_requested():
         return cancel is not None and cancel()
 
@@ -188,28 +193,43 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
         def submit(args):
             return client.submit(fn, *args, pure=False)
     else:
-        import multiprocessing
-
         nworkers = int(workers)
-        # spawn: safe with threads (Qt, dask) in the parent, same on every OS
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=nworkers, mp_context=multiprocessing.get_context("spawn"))
+        pool = _new_pool(nworkers)
 
         def submit(args):
-            return pool.submit(fn, *args)
+            nonlocal pool
+            try:
+                return pool.submit(fn, *args)
+            except concurrent.futures.process.BrokenProcessPool:
+                # a worker died (killed, out of memory): its tasks are reported as
+                # failed; the rest of the run goes on in a fresh pool
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _new_pool(nworkers)
+                return pool.submit(fn, *args)
 
     window = int(window or 2 * nworkers)
     pending: dict = {}
     exhausted = False
+    # process pool: tasks lost with a dead worker are retried one at a time, alone in a
+    # fresh pool, so the one that kills its worker is found and reported
+    args_of: dict = {}
+    suspects: collections.deque = collections.deque()
+    retried: set = set()
     try:
         while True:
-            while not exhausted and len(pending) < window:
+            if suspects and not pending:
+                key = suspects.popleft()
+                retried.add(key)
+                pending[submit(args_of[key])] = key
+            while not suspects and not exhausted and len(pending) < window:
                 try:
                     key, args = next(items)
                 except StopIteration:
                     exhausted = True
                     break
                 pending[submit(args)] = key
+                if pool is not None:
+                    args_of[key] = args
             if not pending:
                 return
             done = [f for f in pending if f.done()]
@@ -232,9 +252,21 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
                 key = pending.pop(fut)
                 try:
                     result = fut.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    # every task in flight fails with the pool; only one may have killed
+                    # it: retry each alone in a fresh pool; one that dies alone is reported
+                    if key not in retried:
+                        suspects.append(key)
+                        continue
+                    args_of.pop(key, None)
+                    yield key, None, RuntimeError(
+                        "a worker process died while running this item (killed, or out of "
+                        "memory); run it again, with fewer workers if memory is short")
                 except Exception as err:  # noqa: BLE001 - reported per item
+                    args_of.pop(key, None)
                     yield key, None, err
                 else:
+                    args_of.pop(key, None)
                     yield key, result, None
             if stop_requested():
                 raise RegistrationCancelled("cancelled")
@@ -243,6 +275,71 @@ def iter_tasks(fn: Callable, items: Iterable[tuple[Any, tuple]], *, client=None,
             fut.cancel()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _watch_parent(parent_pid: int, period: float = 0.2) -> None:
+    """Process-pool initializer: a daemon thread ends this worker as soon as its parent
+    is gone (killed, crashed), so orphans never go on computing and writing."""
+    import os
+    import threading
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(70)
+            time.sleep(period)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    try:  # Linux: also ask the kernel to kill this worker with its parent
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(70)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _main_reimport_unsafe() -> bool:
+    """True when worker processes would re-run the user's script: spawn imports the
+    ``__main__`` file in every worker, and a script without an
+    ``if __name__ == "__main__":`` guard would start the whole run again there."""
+    import re
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if not path or (spec is not None and spec.name.split(".")[-1] == "__main__"):
+        return False  # interactive, -c, a package's __main__: spawn does not re-run it
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            source = fh.read()
+    except OSError:
+        return False
+    return not re.search(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", source, re.M)
+
+
+def _new_pool(nworkers: int):
+    """A process pool whose workers die with this process; threads (with a warning)
+    when the main script cannot be re-imported safely by worker processes."""
+    import multiprocessing
+    import os
+    import warnings
+
+    if _main_reimport_unsafe():
+        warnings.warn(
+            f"workers={nworkers}: the main script has no 'if __name__ == \"__main__\":' guard, "
+            "so worker processes would run it again; using threads instead. Put the code "
+            "that calls napari-registration under that guard to use processes.",
+            RuntimeWarning, stacklevel=4)
+        return concurrent.futures.ThreadPoolExecutor(max_workers=nworkers)
+    # spawn: safe with threads (Qt, dask) in the parent, same on every OS
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=nworkers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_watch_parent, initargs=(os.getpid(),))
 
 
 # ------------------------------------------------------------------------------ result
@@ -364,12 +461,18 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                         cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
                         driver_channel: int = 0, downsample=1, coarse=None, client=None,
                         workers: int = 1, on_error: str = "raise", warp: bool = True,
-                        **options):
+                        known: dict | None = None, **options):
     """Generator form of :func:`register_stack`: yields one ``dict`` event per step
     (``phase`` "reference" | "register" | "warp", ``frame``, ``done``, ``total``,
     ``fraction``, ``message``) and returns the :class:`StackResult` (the value of
-    ``StopIteration``; napari's ``thread_worker`` passes it to ``returned``)."""
+    ``StopIteration``; napari's ``thread_worker`` passes it to ``returned``).
+
+    ``known`` resumes an interrupted run: ``{frame: (step, info)}`` from the
+    "register" events of an earlier run with the same settings (``step`` is the
+    event's ``transform``); those frames are not registered again."""
     t0 = time.perf_counter()
+    known = dict(known or {})
+    cancel = as_cancel_check(cancel)
     data = _as_stack(frames)
     lazy = _is_dask(data)
     ndim_total = data.ndim
@@ -482,11 +585,13 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
 
     # numpy frames whose transform is final after one registration are warped in the
     # same task (one trip to a worker per frame); "previous" chains first, warps after
-    warp_in_task = warp and not lazy and ref_mode != "previous"
+    warp_in_task = warp and not lazy and ref_mode != "previous" and not known
     out_work = np.empty(work.shape, dtype=work.dtype) if (warp and not lazy) else None
 
-    def items(ref_arg, mode, with_warp=False):
+    def items(ref_arg, mode, with_warp=False, skip=()):
         for i in range(n):
+            if i in skip:
+                continue
             if mode == "previous":
                 if i == 0:
                     continue
@@ -509,7 +614,12 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         fills ``steps`` (and ``out_work`` with_warp)."""
         total = n - (1 if (mode == "previous" or isinstance(mode, int)) else 0)
         done = 0
-        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp),
+        skip = set(known) if phase == "register" else set()
+        for i in sorted(skip):  # resumed: found by an earlier run with the same settings
+            steps[i], info_i = known[i]
+            frame_info[i].update(info_i or {})
+            done += 1
+        for i, out, err in iter_tasks(_register_task, items(ref_arg, mode, with_warp, skip),
                                       client=client, workers=workers, cancel=cancel):
             done += 1
             if err is not None:
@@ -645,7 +755,7 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
                    cancel: Callable[[], bool] | None = None, channel_axis: int | None = None,
                    driver_channel: int = 0, downsample=1, coarse=None, client=None,
                    workers: int = 1, on_error: str = "raise", warp: bool = True,
-                   **options) -> StackResult:
+                   known: dict | None = None, **options) -> StackResult:
     """Align every frame of a stack (2D+t or 3D+t, optionally with channels) to a
     reference.
 
@@ -704,7 +814,7 @@ def register_stack(frames, *, axis: int = 0, reference="first", method: str = "f
         spacing=spacing, cancel=cancel, channel_axis=channel_axis,
         driver_channel=driver_channel, downsample=downsample, coarse=coarse, client=client,
         workers=workers,
-        on_error=on_error, warp=warp, **options)
+        on_error=on_error, warp=warp, known=known, **options)
     while True:
         try:
             event = next(gen)

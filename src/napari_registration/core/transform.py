@@ -654,6 +654,28 @@ class Transform:
         return f"Transform({self.ndim}D {self.kind})"
 
 
+def rescale_world(transform: Transform, k: float) -> Transform:
+    """The same map in world units ``k`` times larger: ``p -> k * T(p / k)``. Used to
+    run a library in units where pixel sizes are near 1 and convert back."""
+    k = float(k)
+    if k == 1.0:
+        return transform
+    steps = []
+    for step in transform.steps:
+        if isinstance(step, MatrixStep):
+            d = step.ndim
+            s = scale_matrix(np.full(d, k))
+            steps.append(MatrixStep(s @ step.matrix @ np.linalg.inv(s)))
+        elif isinstance(step, FieldStep):
+            steps.append(FieldStep(step.field * np.float32(k), step.spacing * k, step.origin * k,
+                                   step.direction))
+        else:
+            d = step.ndim
+            steps += [MatrixStep(scale_matrix(np.full(d, 1.0 / k))), step,
+                      MatrixStep(scale_matrix(np.full(d, k)))]
+    return Transform(steps=steps)
+
+
 # -------------------------------------------------------------------------------- I/O
 def save_transform(transform: Transform, path: str | Path) -> Path:
     """Write a transform to ``.json`` (any kind) or ITK ``.tfm`` / ``.txt`` / ``.h5`` (linear).
@@ -666,15 +688,29 @@ def save_transform(transform: Transform, path: str | Path) -> Path:
         raise TypeError(f"save_transform needs a Transform, got {type(transform).__name__}")
     path = Path(path)
     suffix = path.suffix.lower()
+    # written under a temp name in the same folder, then renamed into place: an
+    # interrupted or failed write never leaves a truncated file under the real name
     if suffix == ".json":
-        path.write_text(json.dumps(transform.to_dict(), indent=1))
-        return path
+        text = json.dumps(transform.to_dict(), indent=1)
+        return _write_atomic(path, lambda tmp: tmp.write_text(text))
     if suffix in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
         from .itk import write_itk_transform
 
-        write_itk_transform(transform, path)
-        return path
+        return _write_atomic(path, lambda tmp: write_itk_transform(transform, tmp))
     raise ValueError(f"unknown transform file type {suffix!r}: use .json, .tfm, .txt or .h5")
+
+
+def _write_atomic(path: Path, write) -> Path:
+    import os
+
+    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def load_transform(path: str | Path) -> Transform:

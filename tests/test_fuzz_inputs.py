@@ -1,0 +1,207 @@
+"""Untrusted image files, CLI options and API arguments (issue #16).
+
+Each table row: case | input | outcome. Outcomes are a result, or a ValueError (CLI:
+exit status 2 and a one-line message) -- never a raw library error, a crash, a hang,
+or a partly written output folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from skimage import data
+
+from napari_registration import RegistrationCancelled, available_methods, register, register_stack
+from napari_registration.cli import main
+from napari_registration.io import read_image
+
+_CAM = data.camera().astype(np.float32)
+FIXED = _CAM[60:188, 100:228].copy()
+MOVING = _CAM[63:191, 96:224].copy()   # moving -> fixed: (+3, -4)
+
+
+# ------------------------------------------------------------ API arguments table
+API_CASES = [
+    # case, kwargs for register(FIXED, MOVING, ...), expected: None (a result) or regex
+    ("upsample 1e8", dict(method="fourier", upsample=100_000_000), "between 1 and 1000"),
+    ("upsample 0", dict(method="fourier", upsample=0), "between 1 and 1000"),
+    ("spacing 1e-300", dict(fixed_spacing=(1e-300, 1e-300), moving_spacing=(1e-300, 1e-300)),
+     "outside 1e-09..1e\\+09"),
+    ("spacing 1e300", dict(fixed_spacing=(1e300, 1e300)), "outside"),
+    ("fixed/moving pixel sizes 1e6 apart", dict(fixed_spacing=(1e-9, 1e-9), moving_spacing=(1e-3, 1e-3)),
+     "differ by a factor of 1e\\+06"),
+    ("anisotropy 1e9", dict(fixed_spacing=(1e-6, 1e3), moving_spacing=(1e-6, 1e3)), "differ by a factor"),
+    ("origin 1e300", dict(fixed_origin=(1e300, 0)), "beyond"),
+    ("cancel is not callable", dict(cancel=5), "threading.Event"),
+    ("cancel is an unset Event", dict(cancel=threading.Event()), None),
+]
+if "intensity" in available_methods():
+    API_CASES += [
+        ("intensity at 1e-9 spacing (nm in metres)",
+         dict(method="intensity", transform="rigid", seed=0, fixed_spacing=(1e-9, 1e-9),
+              moving_spacing=(1e-9, 1e-9)), 1e-9),
+        ("intensity at 1e9 spacing", dict(method="intensity", transform="rigid", seed=0,
+                                          fixed_spacing=(1e9, 1e9), moving_spacing=(1e9, 1e9)), 1e9),
+        ("intensity B-spline at 1e-6 spacing",
+         dict(method="intensity", transform="bspline", seed=0, fixed_spacing=(1e-6, 1e-6),
+              moving_spacing=(1e-6, 1e-6)), 1e-6),
+    ]
+
+
+@pytest.mark.parametrize("name,kwargs,expected", API_CASES, ids=[c[0] for c in API_CASES])
+def test_register_arguments_table(name, kwargs, expected):
+    fixed, moving = FIXED.copy(), MOVING.copy()
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            register(fixed, moving, **kwargs)
+    else:
+        result = register(fixed, moving, **kwargs)
+        scale = 1.0 if expected is None else expected
+        centre = np.array([[64.0, 64.0]]) * scale
+        shift = (result.transform.apply(centre) - centre)[0] / scale
+        np.testing.assert_allclose(shift, [3.0, -4.0], atol=0.3)
+    np.testing.assert_array_equal(fixed, FIXED)
+    np.testing.assert_array_equal(moving, MOVING)
+
+
+def test_cancel_accepts_a_threading_event_everywhere():
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(RegistrationCancelled):
+        register(FIXED, MOVING, cancel=ev)
+    with pytest.raises(RegistrationCancelled):
+        register_stack(np.stack([FIXED, MOVING, FIXED]), cancel=ev)
+
+
+@pytest.mark.skipif("intensity" not in available_methods(), reason="needs SimpleITK")
+def test_bspline_cancel_returns_within_a_fraction_of_the_run():
+    """Cancel requested early in a B-spline run: it used to go on for ~a third of the
+    run (L-BFGS-B finishes its level); now it returns within a few iterations."""
+    from scipy import ndimage
+
+    fixed = _CAM[::2, ::2].copy()
+    moving = ndimage.shift(fixed, (2, -1))
+    t0 = time.perf_counter()
+    register(fixed, moving, method="intensity", transform="bspline", seed=0)
+    full = time.perf_counter() - t0
+    seen = []
+    ev = threading.Event()
+
+    def progress(fraction, message):
+        if message.startswith("bspline") and not ev.is_set():
+            ev.set()
+            seen.append(time.perf_counter())
+
+    with pytest.raises(RegistrationCancelled):
+        register(fixed, moving, method="intensity", transform="bspline", seed=0, cancel=ev,
+                 progress=progress)
+    latency = time.perf_counter() - seen[0]
+    assert latency < max(0.25 * full, 0.3), f"cancel took {latency:.2f} s of a {full:.2f} s run"
+
+
+# ---------------------------------------------------------------- image files table
+def _nifti(path, pixdim=(1.0, 1.0), shape=(16, 16), gz=False, header_size=348):
+    hdr = bytearray(352)
+    struct.pack_into("<i", hdr, 0, header_size)
+    struct.pack_into("<8h", hdr, 40, 2, *shape, 1, 1, 1, 1, 1)
+    struct.pack_into("<h", hdr, 70, 16)          # float32
+    struct.pack_into("<h", hdr, 72, 32)
+    struct.pack_into("<8f", hdr, 76, 1.0, *pixdim, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", hdr, 108, 352.0)      # vox_offset
+    struct.pack_into("<f", hdr, 112, 1.0)        # scl_slope
+    hdr[344:348] = b"n+1\x00"
+    raw = bytes(hdr) + np.arange(np.prod(shape), dtype="<f4").tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def _raw(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+IMAGE_CASES = [
+    ("NIfTI with voxel size 0", lambda p: _nifti(p / "a.nii", (0.0, 1.0)), "voxel sizes \\[0.0, 1.0\\]"),
+    ("NIfTI.gz with voxel size 0", lambda p: _nifti(p / "a.nii.gz", (1.0, 0.0), gz=True), "must be positive"),
+    ("NIfTI with negative voxel size", lambda p: _nifti(p / "a.nii", (-1.0, 1.0)), "must be positive"),
+    ("NIfTI with NaN voxel size", lambda p: _nifti(p / "a.nii", (float("nan"), 1.0)), "must be positive"),
+    ("NIfTI header truncated", lambda p: _raw(p / "a.nii", b"\x5c\x01\x00\x00" + b"\x00" * 50),
+     "truncated"),
+    ("not a NIfTI at all", lambda p: _raw(p / "a.nii", b"hello" * 100), "not a NIfTI header"),
+    ("valid NIfTI (voxel 0.5 x 2)", lambda p: _nifti(p / "a.nii", (0.5, 2.0)), (2.0, 0.5)),
+    ("TIFF cut short", lambda p: _raw(p / "a.tif", b"II*\x00\x08\x00\x00\x00"), "cannot read image"),
+    ("PNG that is text", lambda p: _raw(p / "a.png", b"not a png"), "cannot read image"),
+]
+
+
+@pytest.mark.parametrize("name,make,expected", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_read_image_table(tmp_path, name, make, expected):
+    path = make(tmp_path)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            read_image(path)
+    else:
+        array, spacing, _ = read_image(path)
+        assert tuple(spacing) == expected
+
+
+# ---------------------------------------------------------------- CLI options table
+@pytest.fixture
+def files(tmp_path):
+    tifffile.imwrite(tmp_path / "fixed.tif", FIXED)
+    tifffile.imwrite(tmp_path / "moving.tif", MOVING)
+    tifffile.imwrite(tmp_path / "line.tif", FIXED[0])
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 16, 16), np.float32))
+    return tmp_path
+
+
+CLI_CASES = [
+    ("1D input", ["register", "line.tif", "line.tif"], "1D"),
+    ("4D input", ["register", "4d.tif", "4d.tif"], "4D"),
+    ("-o upsample=100000000", ["register", "fixed.tif", "moving.tif", "-o", "upsample=100000000"],
+     "between 1 and 1000"),
+    ("spacing 1e-300", ["register", "fixed.tif", "moving.tif", "--fixed-spacing", "1e-300", "1e-300"],
+     "outside"),
+    ("spacing nan", ["register", "fixed.tif", "moving.tif", "--fixed-spacing", "nan", "1"], "finite"),
+    ("unknown option", ["register", "fixed.tif", "moving.tif", "-o", "nosuch=1"], "unknown option"),
+    ("option with a list", ["register", "fixed.tif", "moving.tif", "-o", "upsample=[1,2]"], "upsample"),
+]
+
+
+@pytest.mark.parametrize("name,argv,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_options_table(files, capsys, name, argv, message):
+    out = files / "out"
+    argv = [argv[0], *[str(files / a) if a.endswith(".tif") else a for a in argv[1:]],
+            "--out", str(out), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir()), "a refused run wrote outputs"
+
+
+# ------------------------------------------------------- hypothesis: API arguments
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spacing=st.tuples(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                         st.floats(allow_nan=True, allow_infinity=True, width=64)),
+       origin=st.tuples(st.floats(width=64), st.floats(width=64)),
+       upsample=st.one_of(st.integers(-10, 10**9), st.floats(allow_nan=True)))
+def test_any_geometry_or_upsample_gives_a_result_or_value_error(spacing, origin, upsample):
+    fixed, moving = FIXED[::2, ::2].copy(), MOVING[::2, ::2].copy()
+    try:
+        result = register(fixed, moving, method="fourier", fixed_spacing=spacing,
+                          fixed_origin=origin, upsample=upsample)
+    except ValueError:
+        pass
+    else:
+        assert np.all(np.isfinite(result.transform.matrix))
+    np.testing.assert_array_equal(fixed, FIXED[::2, ::2])
