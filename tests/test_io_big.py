@@ -183,3 +183,64 @@ def test_bad_files_say_what_to_do(tmp_path):
     nz.to_ome_zarr(str(tmp_path / "c5.ome.zarr"), nz.to_multiscales(img, scale_factors=[]))
     with pytest.raises(ValueError, match="pass channel=N"):
         read_ome_zarr(tmp_path / "c5.ome.zarr")
+
+
+def test_cli_registers_ome_zarr_and_writes_a_multiscale_warp(tmp_path, capsys):
+    from napari_registration.bigdata import slide_pair
+    from napari_registration.cli import main
+
+    fixed, moving, truth = slide_pair(1024, angle=-2.0, shift=(-9.5, 14.25), levels=3, chunks=256)
+    fp = write_ome_zarr(tmp_path / "f.ome.zarr", fixed, rgb=True, chunks=256, spacing=(0.5, 0.5))
+    mp = write_ome_zarr(tmp_path / "m.ome.zarr", moving, rgb=True, chunks=256, spacing=(0.5, 0.5))
+    out = tmp_path / "out"
+    code = main(["register", str(fp), str(mp), "--method", "fourier", "--transform", "rigid",
+                 "--pixel-budget", "300", "--format", "ome-zarr", "--out", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["info"]["pyramid"]["fixed_level"] == 2
+    assert report["fixed"]["geometry"]["spacing"] == [0.5, 0.5]
+    assert report["fixed"]["geometry"]["levels"] == [[1024, 1024, 3], [512, 512, 3], [256, 256, 3]]
+    from napari_registration import load_transform
+
+    t = load_transform(out / "transform.json")
+    pts = np.array([[0, 0], [1023, 1023], [1023, 0]], float)
+    # world units are 0.5 per pixel: truth (pixels) scaled
+    assert np.abs(t.apply(pts * 0.5) / 0.5 - truth.apply(pts)).max() < 0.5
+    warped = read_ome_zarr(out / "warped.ome.zarr")
+    assert [lev.shape for lev in warped.levels] == [(1024, 1024, 3), (512, 512, 3), (256, 256, 3)]
+    assert warped.spacing == (0.5, 0.5)
+    ref = np.asarray(fixed[1][200:400, 200:400]).astype(float)
+    got = np.asarray(warped.levels[1][200:400, 200:400]).astype(float)
+    assert np.abs(got - ref).mean() < 3.0
+    assert (out / "checkerboard.png").exists()
+
+
+def test_cli_nifti_records_orientation(tmp_path, capsys):
+    sitk = pytest.importorskip("SimpleITK")
+    from napari_registration.cli import main
+
+    rng = np.random.default_rng(1)
+    from scipy import ndimage
+
+    vol = ndimage.gaussian_filter(rng.random((30, 40, 40)), 2).astype(np.float32)
+    moved = np.roll(vol, (2, -3, 1), axis=(0, 1, 2))
+    for name, arr in (("f.nii.gz", vol), ("m.nii.gz", moved)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((1.0, 1.0, 2.0))
+        img.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))  # axes swapped in the header
+        sitk.WriteImage(img, str(tmp_path / name))
+    out = tmp_path / "o"
+    assert main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"),
+                 "--pixel-budget", "2048", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    geo = report["moving"]["geometry"]
+    assert geo["spacing"] == [2.0, 1.0, 1.0] and geo["oblique"] is False
+    assert geo["direction"] != np.eye(3).tolist()
+    np.testing.assert_allclose(load_shift(out), (-4.0, 3.0, -1.0), atol=0.2)
+    assert (out / "warped.nii.gz").exists()
+
+
+def load_shift(out):
+    from napari_registration import load_transform
+
+    return load_transform(out / "transform.json").matrix[:3, 3]

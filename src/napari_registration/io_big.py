@@ -316,7 +316,9 @@ def read_geometry(path) -> dict:
     return {"spacing": list(reader.GetSpacing()[::-1]), "origin": list(reader.GetOrigin()[::-1]),
             "direction": direction[::-1, ::-1].T.round(12).tolist(),
             "meta": {"format": _suffix(Path(path)).lstrip("."),
-                     "oblique": bool(not np.allclose(np.abs(direction), np.eye(d)))}}
+                     # axes not along the scanner's (a rotation, not a permutation/flip)
+                     "oblique": bool(not np.allclose(np.abs(direction).round(), np.abs(direction))),
+                     "identity_direction": bool(np.allclose(direction, np.eye(d)))}}
 
 
 # ------------------------------------------------------------------------------ writing

@@ -334,3 +334,24 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         return tf, info
     info["residual_px_rms"] = float(fit["fre_rms"] / float(np.min(lev.spacing)))
     return new, info
+
+
+def level_warper(moving, transform: Transform, *, spacing=None, origin=None, rgb: bool = False,
+                 labels: bool = False, chunks=None):
+    """A function ``(shape, spacing, origin) -> lazy warp`` that warps ``moving`` (an
+    array or a pyramid) onto any output grid, reading the moving level whose pixels are
+    closest to (and not larger than) the output's: what ``io_big.write_ome_zarr(...,
+    make_level=...)`` needs to write every level of a warped pyramid straight from the
+    moving pyramid, without downsampling the warped level 0."""
+    from .lazy import lazy_resample
+
+    levels = as_levels(moving, spacing=spacing, origin=origin, rgb=rgb, name="moving",
+                       budget=None if (is_pyramid(moving) or labels) else 512)
+
+    def make(shape, out_spacing, out_origin):
+        src = _source_level(levels, out_spacing)
+        return lazy_resample(src.data, transform, shape, output_spacing=out_spacing,
+                             output_origin=out_origin, input_spacing=src.spacing,
+                             input_origin=src.origin, rgb=rgb, labels=labels, chunks=chunks)
+
+    return make
