@@ -246,7 +246,7 @@ def cmd_register_big(args) -> int:
     if linear:
         paths["transform_itk"] = str(save_transform(result.transform, out / "transform.tfm"))
     warp = level_warper(moving.data, result.transform, spacing=m_sp, origin=moving.origin,
-                        rgb=moving.rgb)
+                        rgb=moving.rgb, fast=bool(options.get("fast_warp")))
     shape0 = fixed.levels[0].shape[:len(f_sp)]
     big = float(np.prod(shape0)) > BIG_OUTPUT_PIXELS
     t0 = time.perf_counter()
