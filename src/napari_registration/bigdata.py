@@ -20,6 +20,17 @@ __all__ = ["lazy_scene", "slide_pair"]
 def _sample(texture, coords, shape, rgb, scale):
     from scipy import ndimage
 
+    if len(shape) == 2:
+        # 2D: OpenCV's remap (bilinear, mirrored edges) is ~20x faster than scipy here;
+        # its 1/32-pixel weights only define the scene, the same for fixed and moving
+        import cv2
+
+        tex = np.ascontiguousarray(texture, dtype=np.float32)
+        rows = (coords[0] / scale).astype(np.float32).reshape(shape)
+        cols = (coords[1] / scale).astype(np.float32).reshape(shape)
+        out = cv2.remap(tex, cols, rows, interpolation=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT)
+        return out.reshape(shape + ((texture.shape[-1],) if rgb else ()))
     if rgb:
         return np.stack([ndimage.map_coordinates(texture[..., c], coords / scale, order=1,
                                                  mode="grid-mirror", output=np.float32).reshape(shape)

@@ -102,7 +102,11 @@ def _summary(result) -> str:
 def cmd_register(args) -> int:
     from . import register
     from .io import read_image
+    from .io_big import is_big_path
 
+    if (is_big_path(args.fixed) or is_big_path(args.moving) or args.pixel_budget is not None
+            or args.format == "ome-zarr"):
+        return cmd_register_big(args)
     fixed, f_sp, f_or = read_image(args.fixed)
     moving, m_sp, m_or = read_image(args.moving)
     for name, image in ((args.fixed, fixed), (args.moving, moving)):
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. -o upsample=50 (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true")
+    _add_big_options(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("demo", help="register bundled sample data and report the accuracy")
@@ -203,6 +208,101 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_parsers(sub)
     _add_view_parser(sub)
     return parser
+
+
+# --------------------------------------------------------- big images (io_big, pyramid)
+BIG_OUTPUT_PIXELS = 64 * 1024 * 1024  # warped outputs larger than this go to OME-Zarr
+
+
+def _add_big_options(p) -> None:
+    p.add_argument("--pixel-budget", type=int, default=None, metavar="N",
+                   help="estimate on the pyramid level of about N x N pixels (default 2048 for "
+                        "OME-Zarr/pyramidal TIFF/DICOM input), refine on tiles, warp lazily")
+    p.add_argument("--format", choices=["auto", "ome-zarr", "tif"], default="auto",
+                   help="warped output: ome-zarr (multiscale, block by block), tif, or auto "
+                        f"(OME-Zarr above {BIG_OUTPUT_PIXELS // 2**20} M pixels)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="the channel to register in a multi-channel OME-Zarr")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="write the warped OME-Zarr on a dask.distributed scheduler "
+                        "(tcp://host:8786)")
+
+
+def cmd_register_big(args) -> int:
+    """OME-Zarr / pyramidal OME-TIFF / DICOM / any image: register coarse, refine on
+    tiles, write the warp lazily (OME-Zarr, every level straight from the moving pyramid)."""
+    from . import register, save_transform
+    from .core.pyramid import choose_level, as_levels, level_warper
+    from .core.qc import checkerboard
+    from .io import write_image
+    from .io_big import read_big, write_ome_zarr
+
+    fixed = read_big(args.fixed, channel=args.channel)
+    moving = read_big(args.moving, channel=args.channel)
+    f_sp = tuple(args.fixed_spacing) if args.fixed_spacing else fixed.spacing
+    m_sp = tuple(args.moving_spacing) if args.moving_spacing else moving.spacing
+    options = _parse_options(args.option)
+    if args.equalize:
+        options["equalize"] = args.equalize
+    options["warp"] = False  # the warp is written below, block by block
+    result = register(fixed.data, moving.data, method=args.method, transform=args.transform,
+                      fixed_spacing=f_sp, moving_spacing=m_sp, fixed_origin=fixed.origin,
+                      moving_origin=moving.origin, progress=_progress_printer(not args.quiet),
+                      pixel_budget=args.pixel_budget, **options)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"transform": str(save_transform(result.transform, out / "transform.json"))}
+    linear = result.transform.is_linear and not result.transform.is_projective
+    if linear:
+        paths["transform_itk"] = str(save_transform(result.transform, out / "transform.tfm"))
+    warp = level_warper(moving.data, result.transform, spacing=m_sp, origin=moving.origin,
+                        rgb=moving.rgb, fast=bool(options.get("fast_warp")))
+    shape0 = fixed.levels[0].shape[:len(f_sp)]
+    big = float(np.prod(shape0)) > BIG_OUTPUT_PIXELS
+    t0 = time.perf_counter()
+    if args.format == "ome-zarr" or (args.format == "auto" and big):
+        client = _scheduler(argparse.Namespace(scheduler=args.scheduler, workers=1))
+        try:
+            n_levels = len(fixed.levels) if len(fixed.levels) > 1 else None
+            level0 = warp(shape0, np.asarray(f_sp), np.asarray(fixed.origin))
+            paths["warped"] = str(write_ome_zarr(
+                out / "warped.ome.zarr", level0, spacing=f_sp, origin=fixed.origin,
+                rgb=moving.rgb, n_levels=n_levels, make_level=warp, client=client,
+                chunks=level0.chunksize[:len(f_sp)]))
+        finally:
+            if client is not None:
+                client.close()
+    else:
+        warped = np.asarray(warp(shape0, np.asarray(f_sp), np.asarray(fixed.origin)))
+        name = Path(args.moving).name.lower()
+        suffix = ".nii.gz" if name.endswith((".nii", ".nii.gz", ".dcm")) or Path(args.moving).is_dir() else ".tif"
+        paths["warped"] = str(write_image(out / f"warped{suffix}", warped, f_sp, fixed.origin))
+    write_seconds = time.perf_counter() - t0
+    # a checkerboard at the fixed level that fits 2048 px a side
+    levels = as_levels(fixed.data, spacing=f_sp, origin=fixed.origin, rgb=fixed.rgb,
+                       budget=None if len(fixed.levels) > 1 else 2048)
+    lev = levels[choose_level(levels, 2048)]
+    grey_f = np.asarray(lev.data, np.float32)
+    grey_w = np.asarray(warp(lev.shape, lev.spacing, lev.origin), np.float32)
+    if fixed.rgb:
+        grey_f = grey_f[..., :3].mean(-1)
+    if moving.rgb:
+        grey_w = grey_w[..., :3].mean(-1)
+    board = checkerboard(grey_f, grey_w, spacing=lev.spacing)
+    if board.ndim == 3:
+        board = board[board.shape[0] // 2]
+    paths["checkerboard"] = str(write_image(out / "checkerboard.png", (board * 255).astype(np.uint8)))
+    report = result.to_dict()
+    report["fixed"].update({"file": str(args.fixed), "geometry": fixed.geometry()})
+    report["moving"].update({"file": str(args.moving), "geometry": moving.geometry()})
+    report["write_seconds"] = write_seconds
+    report["outputs"] = paths
+    _write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
+    paths["report"] = str(out / "report.json")
+    print(_summary(result))
+    for key, path in paths.items():
+        print(f"  {key}: {path}")
+    return 0
 
 
 # ------------------------------------------------------------------ stack and batch

@@ -81,6 +81,7 @@ def lazy_resample(
     cval: float = 0.0,
     rgb: bool = False,
     chunks=None,
+    fast: bool = False,
 ):
     """Like :func:`~.resample.resample`, but returns a lazy dask array.
 
@@ -99,6 +100,11 @@ def lazy_resample(
     chunks : tuple of int, optional
         Output block shape (spatial axes); default: the input's chunks, or 1024 px (2D)
         / 128 (3D) a side.
+    fast : bool
+        2D: warp each block with OpenCV (releases the GIL, so blocks run in parallel on
+        threads; 1/32-pixel interpolation weights), as ``resample(..., fast=True)``. Not
+        bit-identical to the eager fast warp: a block's offset can round a source
+        coordinate into the neighbouring 1/32 bin.
 
     Returns
     -------
@@ -147,7 +153,7 @@ def lazy_resample(
                             + ((image.shape[-1],) if rgb else ()))
     else:
         src = image
-    kwargs = dict(labels=labels, order=int(order), cval=float(cval), rgb=rgb)
+    kwargs = dict(labels=labels, order=int(order), cval=float(cval), rgb=rgb, fast=bool(fast))
     # the output dtype, exactly as the eager path makes it
     probe = np.zeros((2,) * ndim + ((image.shape[-1],) if rgb else ()), dtype=image.dtype)
     out_dtype = resample(probe, Transform.identity(ndim), (1,) * ndim, **kwargs).dtype

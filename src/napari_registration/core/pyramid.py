@@ -32,7 +32,7 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
-PYRAMID_OPTIONS = {"pixel_budget": None, "refine": "tiles", "refine_tile": 512}
+PYRAMID_OPTIONS = {"pixel_budget": None, "refine": "tiles", "refine_tile": None}
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -148,7 +148,7 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, refine="tiles", refine_tile=512, **options):
+                     pixel_budget=None, refine="tiles", refine_tile=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -162,7 +162,8 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
                          f"be a whole number >= 16; got {pixel_budget!r}")
     if refine not in (None, False, "tiles"):
         raise ValueError(f"refine must be 'tiles' (refine on tiles of finer levels) or None; got {refine!r}")
-    if isinstance(refine_tile, bool) or not isinstance(refine_tile, (int, np.integer)) or refine_tile < 32:
+    if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
+            refine_tile, (int, np.integer)) or refine_tile < 32):
         raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
     for name, img in (("fixed", fixed), ("moving", moving)):
         first = img[0] if is_pyramid(img) else img
@@ -185,6 +186,8 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     m_levels = as_levels(moving, spacing=moving_spacing, origin=moving_origin, rgb=m_rgb,
                          name="moving", budget=budget)
     ndim = len(f_levels[0].shape)
+    if refine_tile is None:
+        refine_tile = 512 if ndim == 2 else 96
     if len(m_levels[0].shape) != ndim:
         raise ValueError(f"fixed is {ndim}D {f_levels[0].shape} but moving is "
                          f"{len(m_levels[0].shape)}D {m_levels[0].shape}: both need the same axes")
@@ -239,7 +242,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
             per_level.append(lazy_resample(
                 src.data, tf, lev.shape, output_spacing=lev.spacing, output_origin=lev.origin,
                 input_spacing=src.spacing, input_origin=src.origin, rgb=m_rgb,
-                order=min(int(options.get("order", 1)), 1)))
+                order=min(int(options.get("order", 1)), 1), fast=bool(options.get("fast_warp"))))
         warped = per_level if is_pyramid(fixed) else per_level[0]
     info = dict(coarse.info)
     info.update({
@@ -334,3 +337,25 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         return tf, info
     info["residual_px_rms"] = float(fit["fre_rms"] / float(np.min(lev.spacing)))
     return new, info
+
+
+def level_warper(moving, transform: Transform, *, spacing=None, origin=None, rgb: bool = False,
+                 labels: bool = False, chunks=None, fast: bool = False):
+    """A function ``(shape, spacing, origin) -> lazy warp`` that warps ``moving`` (an
+    array or a pyramid) onto any output grid, reading the moving level whose pixels are
+    closest to (and not larger than) the output's: what ``io_big.write_ome_zarr(...,
+    make_level=...)`` needs to write every level of a warped pyramid straight from the
+    moving pyramid, without downsampling the warped level 0."""
+    from .lazy import lazy_resample
+
+    levels = as_levels(moving, spacing=spacing, origin=origin, rgb=rgb, name="moving",
+                       budget=None if (is_pyramid(moving) or labels) else 512)
+
+    def make(shape, out_spacing, out_origin):
+        src = _source_level(levels, out_spacing)
+        return lazy_resample(src.data, transform, shape, output_spacing=out_spacing,
+                             output_origin=out_origin, input_spacing=src.spacing,
+                             input_origin=src.origin, rgb=rgb, labels=labels, chunks=chunks,
+                             fast=fast)
+
+    return make

@@ -371,7 +371,7 @@ def register(
         Big images: ``pixel_budget`` (pixels a side of the level the transform is
         estimated on; default 2048 for pyramids and dask arrays, off for numpy),
         ``refine`` ("tiles" or None: coarse-to-fine linear refinement on tiles of finer
-        levels), ``refine_tile`` (tile side, default 512). ``fixed``/``moving`` may be
+        levels), ``refine_tile`` (tile side, default 512 in 2D, 96 in 3D). ``fixed``/``moving`` may be
         pyramids: lists of arrays from fine to coarse (a napari multiscale layer's data).
 
     Returns
@@ -662,7 +662,7 @@ def _versions() -> dict:
 def apply_transform(image, transform: Transform, *, output_shape, output_spacing=None,
                     output_origin=None, input_spacing=None, input_origin=None,
                     labels: bool = False, rgb: bool = False, order: int | None = None,
-                    lazy: bool | None = None, chunks=None):
+                    lazy: bool | None = None, chunks=None, fast: bool = False):
     """Resample other data of the moving image (channels, labels) onto the fixed grid.
 
     ``labels=True`` uses nearest neighbour and keeps the dtype. Input is not modified.
@@ -670,7 +670,8 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
     A dask ``image`` (or ``lazy=True``) gives a lazy dask array: each output block (shape
     ``chunks``; default the input's chunks) reads only the input region it needs, with
     the same values as the eager warp (order 0 or 1). ``lazy=False`` computes a dask
-    input first and returns numpy.
+    input first and returns numpy. ``fast=True``: 2D linear warps with OpenCV (~15x
+    faster, parallel on threads; 1/32-pixel interpolation weights).
     """
     from .lazy import is_dask, lazy_resample
 
@@ -711,8 +712,9 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
         return lazy_resample(image, transform, shape, output_spacing=output_spacing,
                              output_origin=output_origin, input_spacing=input_spacing,
                              input_origin=input_origin, labels=labels, rgb=rgb,
-                             order=None if order is None else int(order), chunks=chunks)
+                             order=None if order is None else int(order), chunks=chunks,
+                             fast=fast)
     return resample(image, transform, shape, output_spacing=output_spacing,
                     output_origin=output_origin, input_spacing=input_spacing,
                     input_origin=input_origin, labels=labels, rgb=rgb,
-                    order=None if order is None else int(order))
+                    order=None if order is None else int(order), fast=fast)
