@@ -320,10 +320,20 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
                             "why": skip_note(done)})
             done_stages[0] += 1
+    scratch_ok = scratch is not None and stages[-1]["transform"] is scratch and not stages[-1].get("rejected")
     for method, model, rep, why in coarse:
         done = clearly_aligned()
         if done is not None:
             skipped.append({"method": method, "model": model, "on": rep, "why": skip_note(done)})
+            done_stages[0] += 1
+            continue
+        if method == "fourier" and model == "rigid" and scratch_ok and ndim == 2:
+            # intensity's own start search covers a full turn in 2D: log-polar adds
+            # nothing for a rigid model (it earns its cost on scale changes)
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": "skipped: the intensity run from scratch searched a full "
+                                   "turn of rotations already (log-polar adds scale, not "
+                                   "asked for here)"})
             done_stages[0] += 1
             continue
         run(method, model, why, rep=rep, fraction=fraction(), shrink=method == "fourier")
@@ -336,7 +346,17 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             best = max(starts, key=lambda c: c[0])
             far = scratch is None or _max_shift(best[2], scratch, fixed.shape, f_sp) > 2.0
             aligned = clearly_aligned()
-            if far and aligned is None:
+            own = {i: c for c, i, _ in candidates}
+            # a coarse (lower-order) estimate that scores below the intensity result is
+            # no better start than the one intensity found itself: skip the second run
+            beaten = (scratch is not None and scratch_ok and stages[best[1]]["score"] is not None
+                      and own.get(best[1], -np.inf) <= max(
+                          (c for c, i, tf in candidates if tf is scratch), default=-np.inf))
+            if beaten:
+                skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                                "why": "skipped: refinement from the best coarse stage, which "
+                                       "scores below the intensity run from scratch"})
+            elif far and aligned is None:
                 b = stages[best[1]]
                 run_intensity(f"intensity {refine_model} refinement from the best coarse stage "
                               f"({b['method']} {b['model']} on {b['on']})", init=best[2])

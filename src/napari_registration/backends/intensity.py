@@ -8,8 +8,8 @@ Pipeline
    an explicit :class:`Transform` (e.g. from features or landmarks) is used as is.
 2. **Coarse search** (rigid, similarity, affine and the linear stage of bspline/demons):
    on a ~4000-voxel copy of the images, the metric is evaluated at every start (start
-   rotations 2D: -30..30 degrees, 3D: +-20 degrees about each axis, times the candidate
-   centres), the 3 best are optimised as rigid transforms using every voxel (no random
+   rotations 2D: a full turn, 3D: +-20 degrees about each axis, times the candidate
+   centres; about a given ``init`` transform too when it is rigid), the 3 best are optimised as rigid transforms using every voxel (no random
    sampling, so the search is the same whatever the seed) and the best final metric
    wins. This is what makes the default set-up converge for rotations up to ~30
    degrees and multi-modal pairs (camera 2D: 24/24 runs; elastix's defaults 15/24).
@@ -227,7 +227,12 @@ def _rotations(ndim, rotation_search):
     if rotation_search is False or rotation_search is None:
         angles = [0.0]
     elif rotation_search is True:
-        angles = [0.0, -30.0, -15.0, 15.0, 30.0] if ndim == 2 else [0.0, -20.0, 20.0]
+        # 2D: a full turn (the start metric is evaluated at every angle on a ~4000-pixel
+        # copy, which costs little; only the best few are optimised), so rotations up to
+        # 180 degrees are found. 3D: +-20 degrees about each axis (a full 3D grid costs
+        # too much by default); pass angles, e.g. (-90, 90, 180), for large 3D turns
+        angles = ([0.0, -15.0, 15.0, -30.0, 30.0, -60.0, 60.0, -90.0, 90.0, -120.0, 120.0,
+                   -150.0, 150.0, 180.0] if ndim == 2 else [0.0, -20.0, 20.0])
     else:
         angles = [float(a) for a in np.atleast_1d(rotation_search)]
         if 0.0 not in angles:
@@ -503,8 +508,9 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     if best is None:
         raise RegistrationError(
             "coarse search: no start position gave any overlap between the images. Check "
-            "fixed_spacing/moving_spacing and the layers' origins, or pass init=... (a "
-            "Transform from landmarks or features)")
+            "fixed_spacing/moving_spacing and the layers' origins; try init='moments' (or "
+            "'auto') instead of a given start, or pass init=... (a Transform from landmarks "
+            "or features) that overlaps")
     return best[1], best[0], {"seconds": time.perf_counter() - t_search, "spacing": target, "starts": len(candidates), "runs": runs}
 
 
@@ -811,7 +817,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Start: "auto" tries geometric centres and intensity centres of mass; a Transform
         (moving -> fixed, e.g. from features or landmarks) starts from it.
     rotation_search : bool or sequence of float
-        Coarse multi-start over rotations (degrees) before the fine stage.
+        Coarse multi-start over rotations (degrees) before the fine stage. True: in 2D
+        a full turn (0, +-15, +-30, then every 30 degrees to 180), in 3D +-20 degrees
+        about each axis; for larger 3D rotations pass angles (each tried about each
+        axis), e.g. ``(-90, 90, 180)``, or use ``method="auto"``.
     linear_stage : str
         For bspline/demons: the linear stage run first ("auto" = affine, or "none").
     grid_spacing, mesh_size :
