@@ -75,11 +75,17 @@ def _shrink(image, spacing, max_side):
     return small.astype(np.float32), tuple(float(s) for s in np.asarray(spacing) * ratio)
 
 
-def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
+def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask, max_points=2 ** 16) -> dict:
+    """Scores on every k-th fixed pixel per axis (at most ~``max_points``): a statistic,
+    and scoring every stage at full resolution cost as much as the stages (retina 704^2)."""
     from ..core.metrics import compare
     from ..core.resample import overlap_mask, resample
 
-    geometry = dict(output_spacing=f_sp, input_spacing=m_sp)
+    k = max(1, int(np.ceil((fixed.size / max_points) ** (1.0 / fixed.ndim))))
+    sub = tuple(slice(None, None, k) for _ in range(fixed.ndim))
+    fixed = fixed[sub]
+    fixed_mask = None if fixed_mask is None else np.asarray(fixed_mask, bool)[sub]
+    geometry = dict(output_spacing=tuple(np.asarray(f_sp, float) * k), input_spacing=m_sp)
     warped = resample(moving, transform, fixed.shape, **geometry)
     mask = overlap_mask(moving.shape, transform, fixed.shape, **geometry)
     if fixed_mask is not None:
@@ -258,18 +264,24 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         return (min(k, n_total - 1) / n_total, min(k + 1, n_total) / n_total)
 
     judged: dict[int, float] = {}
+    judge_tool = []
+
+    def linear_judge():
+        if not judge_tool:
+            from ..core.refine import LinearJudge
+
+            judge_tool.append(LinearJudge(fixed, moving, fixed_spacing=f_sp, moving_spacing=m_sp,
+                                          fixed_mask=fixed_mask, moving_mask=moving_mask))
+        return judge_tool[0]
 
     def judge(idx, tf):
         """|NCC| on strong-gradient fixed pixels, cubic spline (core.refine.compare_linear):
         whole-overlap NCC with linear interpolation stays low on aligned photos with
         fine texture (moon: 0.91 at the truth), so it stopped nothing."""
         if idx not in judged:
-            from ..core.refine import compare_linear
-
             value = abs(stages[idx]["score"]["ncc"])
             if tf.is_linear:
-                cl = compare_linear(fixed, moving, [tf], fixed_spacing=f_sp, moving_spacing=m_sp,
-                                    fixed_mask=fixed_mask, moving_mask=moving_mask)[0]
+                cl = linear_judge()([tf])[0]
                 value = max(value, cl) if np.isfinite(cl) else value
             judged[idx] = float(value)
         return judged[idx]
@@ -382,7 +394,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         )
     # ---- one common footing for the final choice
     rank = _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_sp,
-                           fixed_mask, metric, rank)
+                           fixed_mask, metric, rank, linear_judge)
     scored = [(stages[i]["score"][rank], i, tf) for _, i, tf in candidates
               if np.isfinite(stages[i]["score"][rank])]
     best_score, best_index, best_tf = max(scored, key=lambda c: c[0])
@@ -461,7 +473,7 @@ def _max_shift(a: Transform, b: Transform, shape, spacing) -> float:
 
 
 def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_sp, fixed_mask,
-                    metric, rank):
+                    metric, rank, linear_judge):
     """Score every candidate again on one footing, replacing ``score`` (the first,
     own-overlap score stays as ``score_own``); returns the metric to rank by.
 
@@ -472,14 +484,12 @@ def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_s
     polish minimises. Other pairs by mutual information over the region where every
     candidate overlaps the moving image."""
     from ..core.metrics import compare
-    from ..core.refine import compare_linear
     from ..core.resample import overlap_mask, resample
 
     real = [(i, tf) for _, i, tf in candidates if i != baseline_index]
     if not real:
         return rank
-    judge = compare_linear(fixed, moving, [tf for _, tf in real], fixed_spacing=f_sp,
-                           moving_spacing=m_sp, fixed_mask=fixed_mask)
+    judge = linear_judge()([tf for _, tf in real])
     by_mi = max(real, key=lambda c: stages[c[0]]["score"]["mi"])[0]
     use_ncc = metric == "ncc" or (metric == "auto" and
                                   judge[[i for i, _ in real].index(by_mi)] >= 0.9)
@@ -496,8 +506,11 @@ def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_s
         return "ncc"
     if metric == "ncc":
         return rank
-    geometry = dict(output_spacing=f_sp, input_spacing=m_sp)
-    common = None if fixed_mask is None else np.asarray(fixed_mask, bool).copy()
+    k = max(1, int(np.ceil((fixed.size / 2 ** 18) ** (1.0 / fixed.ndim))))
+    sub = tuple(slice(None, None, k) for _ in range(fixed.ndim))
+    fixed = fixed[sub]
+    geometry = dict(output_spacing=tuple(np.asarray(f_sp, float) * k), input_spacing=m_sp)
+    common = None if fixed_mask is None else np.asarray(fixed_mask, bool)[sub].copy()
     for i, tf in real:
         mask = overlap_mask(moving.shape, tf, fixed.shape, **geometry)
         common = mask if common is None else (common & mask)
