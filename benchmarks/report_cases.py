@@ -319,6 +319,71 @@ def blobs_rigid_3d() -> Case:
                 spacing=spacing)
 
 
+# ------------------------------------------------- held out (never tuned on; issue #15)
+def astronaut_rigid() -> Case:
+    """Held out while tuning: a photo with texture and flat areas, rigid."""
+    from skimage import data
+
+    fixed = _grey(data.astronaut())
+    truth = Transform.from_rotation(12.0, center=_centre(fixed.shape), shift=(-7.4, 5.8))
+    return Case("astronaut_rigid", "astronaut, 12 deg rotation + shift (held out)",
+                "skimage.data.astronaut", "rigid", fixed=fixed,
+                moving=_moving_from(fixed, truth), truth=truth)
+
+
+def chelsea_similarity() -> Case:
+    """Held out while tuning: the cat photo, rotated and shrunk."""
+    from skimage import data
+
+    fixed = _grey(data.chelsea())
+    truth = Transform.from_rotation(-5.0, center=_centre(fixed.shape), scale=0.94, shift=(4.1, 6.3))
+    return Case("chelsea_similarity", "chelsea (cat), -5 deg + 6 % shrink + shift (held out)",
+                "skimage.data.chelsea", "similarity", fixed=fixed,
+                moving=_moving_from(fixed, truth), truth=truth)
+
+
+def brain_rigid_2mm() -> Case | None:
+    """Held out while tuning: the MNI152 T1 at 2 mm isotropic voxels (the issue's 3D
+    same-contrast rigid case), a different rotation than brain_rigid_3d."""
+    t1 = mni_template("t1")
+    if t1 is None:
+        return None
+    spacing = (2.0, 2.0, 2.0)
+    fixed = _downscale(t1, (2, 2, 2))
+    truth = _affine_about(_rot3((-5.0, 7.0, 4.0)), _centre(fixed.shape, spacing), (-3.0, 4.5, 5.0))
+    return Case("brain_rigid_2mm", "MNI152 T1, 2 mm voxels, rigid (-5/7/4 deg) (held out)",
+                "nilearn MNI152 2009a T1 template (package data)", "rigid",
+                fixed=fixed, moving=_moving_from(fixed, truth, spacing), truth=truth, spacing=spacing)
+
+
+def brain_t1_vs_gm_3d() -> Case | None:
+    """Held out while tuning: 3D multi-modal rigid, T1 (fixed) vs grey-matter map."""
+    t1, gm = mni_template("t1"), mni_template("gm")
+    if t1 is None or gm is None:
+        return None
+    fixed = _downscale(t1, (3, 2, 2))
+    grey = _downscale(gm, (3, 2, 2))
+    spacing = (3.0, 2.0, 2.0)
+    truth = _affine_about(_rot3((4.0, 6.0, -5.0)), _centre(fixed.shape, spacing), (3.0, -4.0, 5.5))
+    return Case("brain_t1_vs_gm_3d", "MNI152 T1 vs grey-matter map, 3x2x2 mm, rigid (held out)",
+                "nilearn MNI152 2009a templates (package data)", "rigid", "multi",
+                fixed=fixed, moving=_moving_from(grey, truth, spacing), truth=truth, spacing=spacing)
+
+
+def camera_rotation_150() -> Case:
+    """A large rotation (150 degrees) of a real photo, with its background: what a
+    local optimiser does not reach unless its start search covers it."""
+    from skimage import data
+
+    fixed = _downscale(data.camera(), (2, 2))  # 256 x 256
+    truth = Transform.from_rotation(150.0, center=_centre(fixed.shape), shift=(3.5, -2.5))
+    return Case("camera_rotation_150", "camera, 150 deg rotation + shift", "skimage.data.camera",
+                "rigid", fixed=fixed, moving=_moving_from(fixed, truth), truth=truth)
+
+
+HELD_OUT = ("astronaut_rigid", "chelsea_similarity", "brain_rigid_2mm", "brain_t1_vs_gm_3d")
+
+
 # ---------------------------------------------------------------------------- stack
 def moon_stack(n_frames: int = 12, size: int = 256) -> Case:
     """A drifting time-lapse: frames cut from the moon photo along a random walk
@@ -350,7 +415,9 @@ def moon_stack(n_frames: int = 12, size: int = 256) -> Case:
 # ---------------------------------------------------------------------------- lists
 ALL = [camera_translation, coins_rigid, moon_similarity, retina_affine, astronaut_homography,
        ihc_multimodal, brain_multimodal_2d, camera_noise_gamma, camera_deformable,
-       stereo_motorcycle, brain_rigid_3d, brain_affine_3d, moon_stack]
+       stereo_motorcycle, brain_rigid_3d, brain_affine_3d, moon_stack,
+       camera_rotation_150, astronaut_rigid, chelsea_similarity, brain_rigid_2mm,
+       brain_t1_vs_gm_3d]
 # blobs_rigid_3d is in QUICK only: it needs no neuroimaging package, and brain_rigid_3d
 # covers 3D rigid with real anatomy in the full report
 QUICK = [camera_translation, coins_rigid, ihc_multimodal, blobs_rigid_3d, moon_stack]

@@ -428,14 +428,16 @@ class Ants(Method):
 class PyStackReg(Method):
     name = "pystackreg"
     package = "pystackreg"
-    settings = ("StackReg(TRANSLATION | RIGID_BODY | SCALED_ROTATION | AFFINE): register_stack("
-                "reference='first') then transform_stack")
+    settings = ("StackReg(TRANSLATION | RIGID_BODY | SCALED_ROTATION | AFFINE): register(fixed, "
+                "moving) then transform (pairs); register_stack(reference='first') then "
+                "transform_stack (stacks)")
 
     def available(self):
         return installed("pystackreg")
 
     def applies(self, case):
-        return case.is_stack and case.ndim == 2 and case.model in LINEAR
+        # pairs too (TurboReg registers two images): the most precise 2D linear peer
+        return case.ndim == 2 and case.model in LINEAR
 
     def setup(self):
         import pystackreg  # noqa: F401
@@ -446,12 +448,21 @@ class PyStackReg(Method):
         kind = {"translation": StackReg.TRANSLATION, "rigid": StackReg.RIGID_BODY,
                 "similarity": StackReg.SCALED_ROTATION, "affine": StackReg.AFFINE}[case.model]
         sr = StackReg(kind)
+        if not case.is_stack:
+            tmat = sr.register(case.fixed, case.moving)
+            return [tmat], sr.transform(case.moving, tmat)
         tmats = sr.register_stack(case.frames, reference="first")
         warped = sr.transform_stack(case.frames)
         return tmats, warped
 
     def mapper(self, case, raw):
         # tmats follow skimage.transform.warp: output (reference) (x, y) -> input (frame) (x, y)
+        if not case.is_stack:
+            return self._mappers(raw)[0]
+        return self._mappers(raw)
+
+    @staticmethod
+    def _mappers(raw):
         out = []
         for t in raw[0]:
             def f(p, t=t):

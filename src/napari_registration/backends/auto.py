@@ -9,14 +9,18 @@ Stages (each one optional, each one recorded in ``info["stages"]``):
    gradient magnitude (edges survive contrast inversion and monotonic remapping, so
    this copes with multi-modal pairs where phase correlation of the raw intensities
    locks onto the wrong peak). ``features`` (OpenCV keypoints, 2D) when installed.
-2. **refine**: ``intensity`` (SimpleITK) started from the best coarse candidate, with
-   the requested transform model, when installed.
+2. **refine**: ``intensity`` (SimpleITK, with its spline Gauss-Newton polish) with the
+   requested transform model: from scratch right after the cheap Fourier translation
+   (its own centre and rotation search; the slower coarse stages are skipped when it
+   is clearly aligned), and again from the best coarse candidate when that one lies
+   more than 2 pixels away (large rotations, scale changes).
 
-Every candidate is scored by mutual information (``metric="mi"``, robust across
-modalities) or normalised cross-correlation (``metric="ncc"``, same modality) on the
+Every candidate is scored by mutual information (robust across modalities) or
+normalised cross-correlation (same modality; ``metric="auto"`` picks by the pair) on the
 overlap of the fixed image and the warped moving image (``core.metrics``), against the
-unaligned images as a baseline. A stage that fails (``RegistrationError`` /
-``ValueError``) is recorded with its message and the next one runs.
+unaligned images as a baseline; the final choice re-scores all of them on one common
+region. A stage that fails (``RegistrationError`` / ``ValueError``) is recorded with its
+message and the next one runs.
 """
 
 from __future__ import annotations
@@ -73,11 +77,17 @@ def _shrink(image, spacing, max_side):
     return small.astype(np.float32), tuple(float(s) for s in np.asarray(spacing) * ratio)
 
 
-def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
+def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask, max_points=2 ** 16) -> dict:
+    """Scores on every k-th fixed pixel per axis (at most ~``max_points``): a statistic,
+    and scoring every stage at full resolution cost as much as the stages (retina 704^2)."""
     from ..core.metrics import compare
     from ..core.resample import overlap_mask, resample
 
-    geometry = dict(output_spacing=f_sp, input_spacing=m_sp)
+    k = max(1, int(np.ceil((fixed.size / max_points) ** (1.0 / fixed.ndim))))
+    sub = tuple(slice(None, None, k) for _ in range(fixed.ndim))
+    fixed = fixed[sub]
+    fixed_mask = None if fixed_mask is None else np.asarray(fixed_mask, bool)[sub]
+    geometry = dict(output_spacing=tuple(np.asarray(f_sp, float) * k), input_spacing=m_sp)
     warped = resample(moving, transform, fixed.shape, **geometry)
     mask = overlap_mask(moving.shape, transform, fixed.shape, **geometry)
     if fixed_mask is not None:
@@ -89,7 +99,8 @@ def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask) -> dict:
 
 
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
-             fixed_mask=None, moving_mask=None, metric: Literal["mi", "ncc"] = "mi", structure: bool = True,
+             fixed_mask=None, moving_mask=None, metric: Literal["auto", "mi", "ncc"] = "auto",
+             structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
              stop_ncc: float | None = 0.95, min_overlap: float = 0.1,
              seed: int | None = None) -> BackendResult:
@@ -97,35 +108,44 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
     Options
     -------
-    metric : "mi" or "ncc"
+    metric : "auto", "mi" or "ncc"
         How candidates are ranked: mutual information (any modality) or normalised
-        cross-correlation (same modality, higher is better).
+        cross-correlation (same modality, higher is better); "auto" ranks by NCC when
+        the best candidate by mutual information shows a same-contrast pair (NCC >= 0.9,
+        where NCC is the sharper judge of small misalignments), else by mutual information.
     structure : bool
         Also run the coarse Fourier stages on gradient magnitudes (multi-modal pairs).
     use_features : bool
         Include ``features`` (OpenCV keypoints) as a coarse stage when installed (2D).
     refine : bool
-        Polish the best coarse candidate with ``intensity`` when installed.
+        Run ``intensity`` (when installed): from scratch (its own rotation search), and
+        from the best coarse candidate when that one lies elsewhere.
     coarse_size : int
         The Fourier stages run on copies downsampled to at most this many pixels per
         axis (same world coordinates); 0 keeps full resolution.
     stop_ncc : float or None
-        Skip the (slow) log-polar stages once a candidate reaches this absolute
+        Skip the remaining (slower) coarse stages once a candidate reaches this absolute
         normalised cross-correlation on the overlap (clearly aligned; the absolute value
         also accepts contrast-inverted pairs). None runs every stage.
     min_overlap : float
         Candidates whose overlap covers less than this fraction of the fixed image are
         discarded (a tiny overlap can score deceptively well).
     seed : int or None
-        Seed of the ``intensity`` refinement's random metric sampling: with a seed the
-        same inputs give the identical transform (``features`` is always seeded); None
+        Seed of the ``intensity`` stages' random metric sampling: with a seed the same
+        inputs give the identical transform (``features`` is always seeded); None
         leaves it unseeded (faster: SimpleITK then uses every thread).
+
+    Every candidate is scored when it is made (on its own overlap, for the early stop)
+    and, at the end, all of them again on one common footing: the same fixed pixels
+    (where every candidate overlaps the moving image), cubic interpolation. The best
+    of those scores wins.
     """
     from ..core.register import register as core_register
 
-    if metric not in ("mi", "ncc"):
-        raise ValueError(f"metric must be 'mi' (mutual information, any modality) or 'ncc' "
-                         f"(normalised cross-correlation, same modality); got {metric!r}")
+    if metric not in ("auto", "mi", "ncc"):
+        raise ValueError(f"metric must be 'mi' (mutual information, any modality), 'ncc' "
+                         f"(normalised cross-correlation, same modality) or 'auto' (chosen by "
+                         f"the pair); got {metric!r}")
     if int(coarse_size) < 0 or 0 < int(coarse_size) < 32:
         raise ValueError(f"coarse_size must be 0 (full resolution) or >= 32 pixels; got {coarse_size}")
     if stop_ncc is not None and not 0.0 < float(stop_ncc) <= 1.0:
@@ -136,7 +156,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     f_sp, m_sp = tuple(fixed_spacing), tuple(moving_spacing)
     methods = [m for m in available_methods() if m not in ("auto", "landmarks")]
     stages: list[dict] = []
-    candidates: list[tuple[float, int, Transform]] = []  # (score, stage index, transform)
+    candidates: list[tuple[float, int, Transform]] = []  # (own score, stage index, transform)
+    rank = "mi" if metric == "auto" else metric
 
     def check_cancel():
         if cancel():
@@ -154,7 +175,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             return
         sc = _score(fixed, moving, tf, f_sp, m_sp, fixed_mask)
         entry.update(score=sc)
-        value = sc[metric]
+        value = sc[rank]
         if not np.isfinite(value):
             entry["rejected"] = "no overlap with the fixed image"
         elif sc["overlap"] < min_overlap:
@@ -195,6 +216,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             for key in ("stop_reason", "iterations", "inliers", "angle_deg", "scale", "peak"):
                 if key in res.info:
                     entry[key] = res.info[key]
+            for key in ("polish", "spline_refine"):
+                if isinstance(res.info.get(key), dict):
+                    entry[key] = {k: res.info[key].get(k) for k in ("accepted", "reason")}
         except RegistrationCancelled:
             raise
         except (RegistrationError, ValueError, RuntimeError, np.linalg.LinAlgError) as err:
@@ -210,15 +234,16 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             "seconds": 0.0, "error": None}, identity)
     baseline_index = len(stages) - 1
 
-    # ---- coarse, global stages
+    # ---- the plan: cheap global stages, intensity from scratch, then (unless a
+    # candidate is already clearly aligned) the slower global ones, then intensity from
+    # the best of those when it lies elsewhere
     reps = ["intensities"] + (["gradient magnitude"] if structure else [])
-    # cheap and global first; log-polar (the slow one) last, skipped when not needed
-    coarse = []
+    first, coarse = [], []
     if "fourier" in methods:
-        coarse += [("fourier", "translation", rep,
-                    "phase correlation: any shift, fast" +
-                    ("" if rep == "intensities" else "; edges survive contrast changes"))
-                   for rep in reps]
+        for rep in reps:
+            (first if rep == "intensities" else coarse).append(
+                ("fourier", "translation", rep, "phase correlation: any shift, fast" +
+                 ("" if rep == "intensities" else "; edges survive contrast changes")))
     if use_features and ndim == 2 and transform != "translation":
         f_model = transform if supports("features", transform) else "similarity"
         if supports("features", f_model):
@@ -230,53 +255,136 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                     "log-polar: any rotation and large scale changes" +
                     ("" if rep == "intensities" else "; edges survive contrast changes"))
                    for rep in reps]
-    n_refine = 1 if (refine and supports("intensity", _refine_model(transform))) else 0
-    n_total = max(1, len(coarse) + 2 * n_refine)
+    refine_model = _refine_model(transform)
+    n_refine = 1 if (refine and supports("intensity", refine_model)) else 0
+    n_total = max(1, len(first) + len(coarse) + 2 * n_refine)
     skipped = []
+    done_stages = [0]
 
-    def clearly_aligned():
+    def fraction():
+        k = done_stages[0]
+        done_stages[0] += 1
+        return (min(k, n_total - 1) / n_total, min(k + 1, n_total) / n_total)
+
+    judged: dict[int, float] = {}
+    judge_tool = []
+
+    def linear_judge():
+        if not judge_tool:
+            from ..core.refine import LinearJudge
+
+            judge_tool.append(LinearJudge(fixed, moving, fixed_spacing=f_sp, moving_spacing=m_sp,
+                                          fixed_mask=fixed_mask, moving_mask=moving_mask))
+        return judge_tool[0]
+
+    def judge(idx, tf):
+        """|NCC| on strong-gradient fixed pixels, cubic spline (core.refine.compare_linear):
+        whole-overlap NCC with linear interpolation stays low on aligned photos with
+        fine texture (moon: 0.91 at the truth), so it stopped nothing."""
+        if idx not in judged:
+            value = abs(stages[idx]["score"]["ncc"])
+            if tf.is_linear:
+                cl = linear_judge()([tf])[0]
+                value = max(value, cl) if np.isfinite(cl) else value
+            judged[idx] = float(value)
+        return judged[idx]
+
+    def clearly_aligned(linear_only=True):
         # a candidate that refinement can start from (linear), or any when none follows
+        if stop_ncc is None:
+            return None
         for _, idx, tf in candidates:
-            if idx == baseline_index or (n_refine and (not tf.is_linear or tf.is_projective)):
+            if idx == baseline_index or (linear_only and n_refine and (not tf.is_linear or tf.is_projective)):
                 continue
-            if abs(stages[idx]["score"]["ncc"]) >= stop_ncc:
+            if judge(idx, tf) >= stop_ncc:
+                stages[idx]["aligned_ncc"] = judged[idx]
                 return stages[idx]
         return None
 
-    for k, (method, model, rep, why) in enumerate(coarse):
-        expensive = method == "fourier" and model != "translation"  # log-polar
-        done = clearly_aligned() if (stop_ncc is not None and expensive) else None
-        if done is not None:
-            skipped.append({"method": method, "model": model, "on": rep,
-                            "why": f"skipped: {done['method']} {done['model']} ({done['on']}) "
-                                   f"already reached |NCC| {abs(done['score']['ncc']):.3f} >= "
-                                   f"stop_ncc {stop_ncc}"})
-            continue
-        run(method, model, why, rep=rep, fraction=(k / n_total, (k + 1) / n_total),
-            shrink=method == "fourier")
+    def skip_note(done):
+        return (f"skipped: {done['method']} {done['model']} ({done['on']}) already reached "
+                f"|NCC| {done['aligned_ncc']:.3f} >= stop_ncc {stop_ncc}")
 
-    # ---- refinement from the best coarse candidate
-    advice = []
+    intensity_opts = {}
     if n_refine:
-        # intensity starts from a linear, non-projective transform
-        starts = [c for c in candidates if c[2].is_linear and not c[2].is_projective]
-        best = max(starts, key=lambda c: c[0]) if starts else (0.0, baseline_index, identity)
-        start = best[2]
-        refine_model = _refine_model(transform)
-        opts = {"init": start} if "init" in method_info("intensity")["options"] else {}
         if seed is not None and "seed" in method_info("intensity")["options"]:
-            opts["seed"] = int(seed)
-        why = (f"intensity {refine_model} refinement from the best coarse stage "
-               f"({stages[best[1]]['method']} {stages[best[1]]['model']} on {stages[best[1]]['on']})")
-        k = len(coarse)
-        mi_opts, uses_mi = _mi_metric_option(metric)
-        tf = None
-        if mi_opts:  # prefer an MI metric so multi-modal pairs refine too
-            tf = run("intensity", refine_model, why + ", mutual information",
-                     fraction=(k / n_total, (k + 1) / n_total), **opts, **mi_opts)
-        if tf is None and (not mi_opts or "metric" in (stages[-1]["error"] or "")):
-            run("intensity", refine_model, why + (", mutual information" if uses_mi else ""),
-                fraction=((k + 1) / n_total, 1.0), **opts)
+            intensity_opts["seed"] = int(seed)
+        mi_opts, uses_mi = _mi_metric_option("mi" if metric == "auto" else metric)
+        intensity_opts.update(mi_opts)
+        mi_why = ", mutual information" if uses_mi else ""
+
+    def run_intensity(why, **opts):
+        tf = run("intensity", refine_model, why + mi_why, fraction=fraction(),
+                 **intensity_opts, **opts)
+        if tf is None and intensity_opts.get("metric") and "metric" in (stages[-1]["error"] or ""):
+            opts2 = {k: v for k, v in intensity_opts.items() if k != "metric"}
+            tf = run("intensity", refine_model, why, fraction=fraction(), **opts2, **opts)
+        return tf
+
+    for method, model, rep, why in first:
+        # a translation is what phase correlation does best: full resolution (it is fast)
+        run(method, model, why, rep=rep, fraction=fraction(),
+            shrink=method == "fourier" and transform != "translation")
+    scratch = None
+    if n_refine:
+        done = clearly_aligned() if transform == "translation" else None
+        if done is None:
+            scratch = run_intensity(f"intensity {refine_model} from scratch (its own start and "
+                                    "rotation search)")
+        else:
+            skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                            "why": skip_note(done)})
+            done_stages[0] += 1
+    scratch_ok = scratch is not None and stages[-1]["transform"] is scratch and not stages[-1].get("rejected")
+    for method, model, rep, why in coarse:
+        done = clearly_aligned()
+        if done is not None:
+            skipped.append({"method": method, "model": model, "on": rep, "why": skip_note(done)})
+            done_stages[0] += 1
+            continue
+        if method == "fourier" and model == "rigid" and scratch_ok and ndim == 2:
+            # intensity's own start search covers a full turn in 2D: log-polar adds
+            # nothing for a rigid model (it earns its cost on scale changes)
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": "skipped: the intensity run from scratch searched a full "
+                                   "turn of rotations already (log-polar adds scale, not "
+                                   "asked for here)"})
+            done_stages[0] += 1
+            continue
+        run(method, model, why, rep=rep, fraction=fraction(), shrink=method == "fourier")
+
+    # ---- intensity from the best coarse candidate, when it lies elsewhere
+    if n_refine and "init" in method_info("intensity")["options"]:
+        starts = [c for c in candidates if c[2].is_linear and not c[2].is_projective
+                  and stages[c[1]]["method"] not in ("intensity", "none")]
+        if starts:
+            best = max(starts, key=lambda c: c[0])
+            far = scratch is None or _max_shift(best[2], scratch, fixed.shape, f_sp) > 2.0
+            aligned = clearly_aligned()
+            own = {i: c for c, i, _ in candidates}
+            # a coarse (lower-order) estimate that scores below the intensity result is
+            # no better start than the one intensity found itself: skip the second run
+            beaten = (scratch is not None and scratch_ok and stages[best[1]]["score"] is not None
+                      and own.get(best[1], -np.inf) <= max(
+                          (c for c, i, tf in candidates if tf is scratch), default=-np.inf))
+            if beaten:
+                skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                                "why": "skipped: refinement from the best coarse stage, which "
+                                       "scores below the intensity run from scratch"})
+            elif far and aligned is None:
+                b = stages[best[1]]
+                run_intensity(f"intensity {refine_model} refinement from the best coarse stage "
+                              f"({b['method']} {b['model']} on {b['on']})", init=best[2])
+            else:
+                skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                                "why": "skipped: refinement from the best coarse stage, whose "
+                                       "start the intensity run from scratch already reached"
+                                       if not far else skip_note(aligned)})
+
+    # ---- a final Gauss-Newton polish of the best linear candidate (when not polished yet)
+    if candidates and refine:
+        _polish_best(fixed, moving, stages, candidates, baseline_index, refine_model, judge,
+                     record, f_sp, m_sp, fixed_mask, moving_mask, cancel)
 
     progress(1.0, "scoring done")
     errors = [f"{s['method']} {s['model']} ({s['on']}): {s['error']}" for s in stages if s["error"]]
@@ -287,8 +395,14 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             + "Try landmarks (method='landmarks' with a few point pairs) or crop both images "
               "to the shared region, then run again."
         )
-    best_score, best_index, best_tf = max(candidates, key=lambda c: c[0])
-    baseline = stages[baseline_index]["score"][metric]
+    # ---- one common footing for the final choice
+    rank = _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_sp,
+                           fixed_mask, metric, rank, linear_judge)
+    scored = [(stages[i]["score"][rank], i, tf) for _, i, tf in candidates
+              if np.isfinite(stages[i]["score"][rank])]
+    best_score, best_index, best_tf = max(scored, key=lambda c: c[0])
+    advice = []
+    baseline = stages[baseline_index]["score"][rank]
     if best_index == baseline_index:
         advice.append("no stage scored better than the unaligned images: they may already be "
                       "aligned, or share too little structure (try method='landmarks')")
@@ -305,7 +419,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         "skipped": skipped,
         "chosen": {"stage": best_index, "method": chosen["method"],
                    "model": chosen["model"], "on": chosen["on"]},
-        "metric": metric,
+        "metric": rank,
         "score": best_score,
         "baseline_score": baseline,
         "stage_errors": errors,
@@ -313,6 +427,105 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         "methods_available": methods,
     }
     return BackendResult(best_tf, info)
+
+
+def _polish_best(fixed, moving, stages, candidates, baseline_index, model, judge, record,
+                 f_sp, m_sp, fixed_mask, moving_mask, cancel):
+    """Run :func:`core.refine.refine_linear` from the best linear candidate (by the
+    same-contrast judge) unless that one was polished already; record it as a stage."""
+    from ..core.refine import MODELS, refine_linear
+
+    linear = [(judge(i, tf), i, tf) for _, i, tf in candidates
+              if i != baseline_index and tf.is_linear and not tf.is_projective]
+    if not linear or model not in MODELS:
+        return
+    value, i, tf = max(linear, key=lambda c: c[0])
+    src = stages[i]
+    if value < 0.9 or any(isinstance(src.get(k), dict) and src[k].get("accepted")
+                          for k in ("polish", "spline_refine")):
+        return
+    entry = {"method": "polish", "model": model, "on": "intensities",
+             "why": f"Gauss-Newton on a cubic-spline pyramid from the best candidate "
+                    f"({src['method']} {src['model']} on {src['on']})",
+             "transform": None, "score": None, "seconds": None, "error": None}
+    t0 = time.perf_counter()
+    try:
+        out, info = refine_linear(fixed, moving, tf, model=model, fixed_spacing=f_sp,
+                                  moving_spacing=m_sp, fixed_mask=fixed_mask,
+                                  moving_mask=moving_mask, start_error_px=4.0, min_ncc=0.9,
+                                  cancel=cancel)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        out, info = None, {"accepted": False, "reason": f"{type(err).__name__}: {err}"}
+    entry["seconds"] = time.perf_counter() - t0
+    entry["polish"] = {"accepted": info.get("accepted"), "reason": info.get("reason")}
+    if info.get("accepted"):
+        entry["transform"] = out
+        record(entry, out)
+    else:
+        entry["error"] = f"polish not kept: {info.get('reason')}"
+        stages.append(entry)
+
+
+def _max_shift(a: Transform, b: Transform, shape, spacing) -> float:
+    """Largest distance (in fixed pixels) between where two transforms send the fixed
+    image's corners back to the moving image."""
+    sp = np.asarray(spacing, float)
+    corners = np.array(np.meshgrid(*[[0.0, n - 1.0] for n in shape], indexing="ij")).reshape(len(shape), -1).T * sp
+    d = np.abs(a.apply_inverse(corners) - b.apply_inverse(corners)) / sp
+    return float(d.max())
+
+
+def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_sp, fixed_mask,
+                    metric, rank, linear_judge):
+    """Score every candidate again on one footing, replacing ``score`` (the first,
+    own-overlap score stays as ``score_own``); returns the metric to rank by.
+
+    Same-contrast pairs (``metric="ncc"``, or "auto" when the best candidate by mutual
+    information has |NCC| >= 0.9 there) are ranked by |NCC| on one set of fixed pixels
+    (the stronger-gradient half, where every candidate lands inside the moving image;
+    cubic splines: :func:`core.refine.compare_linear`), the criterion the Gauss-Newton
+    polish minimises. Other pairs by mutual information over the region where every
+    candidate overlaps the moving image."""
+    from ..core.metrics import compare
+    from ..core.resample import overlap_mask, resample
+
+    real = [(i, tf) for _, i, tf in candidates if i != baseline_index]
+    if not real:
+        return rank
+    judge = linear_judge()([tf for _, tf in real])
+    by_mi = max(real, key=lambda c: stages[c[0]]["score"]["mi"])[0]
+    use_ncc = metric == "ncc" or (metric == "auto" and
+                                  judge[[i for i, _ in real].index(by_mi)] >= 0.9)
+    if use_ncc and all(np.isfinite(v) for v in judge):
+        for (i, _), value in zip(real, judge):
+            own = stages[i]["score"]
+            stages[i]["score_own"] = own
+            stages[i]["score"] = {"ncc": float(value), "mi": own["mi"], "overlap": own["overlap"],
+                                  "footing": "common: |NCC| on strong-gradient fixed pixels, "
+                                             "cubic spline (mi: own overlap)"}
+        base = stages[baseline_index]
+        base["score_own"] = base["score"]
+        base["score"] = dict(base["score"], ncc=abs(base["score"]["ncc"]), footing="own overlap")
+        return "ncc"
+    if metric == "ncc":
+        return rank
+    k = max(1, int(np.ceil((fixed.size / 2 ** 18) ** (1.0 / fixed.ndim))))
+    sub = tuple(slice(None, None, k) for _ in range(fixed.ndim))
+    fixed = fixed[sub]
+    geometry = dict(output_spacing=tuple(np.asarray(f_sp, float) * k), input_spacing=m_sp)
+    common = None if fixed_mask is None else np.asarray(fixed_mask, bool)[sub].copy()
+    for i, tf in real:
+        mask = overlap_mask(moving.shape, tf, fixed.shape, **geometry)
+        common = mask if common is None else (common & mask)
+    if common is None or common.sum() < 64:
+        return rank  # no shared region: keep the own-overlap scores
+    for _, i, tf in candidates:
+        warped = resample(moving, tf, fixed.shape, **geometry)
+        sc = compare(fixed, warped, common, with_ssim=False)
+        stages[i]["score_own"] = stages[i]["score"]
+        stages[i]["score"] = {"ncc": sc["ncc"], "mi": sc["mi"], "overlap": sc["overlap"],
+                              "footing": "common: the region every candidate overlaps"}
+    return "mi"
 
 
 def _refine_model(transform: str) -> str:

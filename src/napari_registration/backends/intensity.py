@@ -8,8 +8,8 @@ Pipeline
    an explicit :class:`Transform` (e.g. from features or landmarks) is used as is.
 2. **Coarse search** (rigid, similarity, affine and the linear stage of bspline/demons):
    on a ~4000-voxel copy of the images, the metric is evaluated at every start (start
-   rotations 2D: -30..30 degrees, 3D: +-20 degrees about each axis, times the candidate
-   centres), the 3 best are optimised as rigid transforms using every voxel (no random
+   rotations 2D: a full turn, 3D: +-20 degrees about each axis, times the candidate
+   centres; about a given ``init`` transform too when it is rigid), the 3 best are optimised as rigid transforms using every voxel (no random
    sampling, so the search is the same whatever the seed) and the best final metric
    wins. This is what makes the default set-up converge for rotations up to ~30
    degrees and multi-modal pairs (camera 2D: 24/24 runs; elastix's defaults 15/24).
@@ -248,7 +248,12 @@ def _rotations(ndim, rotation_search):
     if rotation_search is False or rotation_search is None:
         angles = [0.0]
     elif rotation_search is True:
-        angles = [0.0, -30.0, -15.0, 15.0, 30.0] if ndim == 2 else [0.0, -20.0, 20.0]
+        # 2D: a full turn (the start metric is evaluated at every angle on a ~4000-pixel
+        # copy, which costs little; only the best few are optimised), so rotations up to
+        # 180 degrees are found. 3D: +-20 degrees about each axis (a full 3D grid costs
+        # too much by default); pass angles, e.g. (-90, 90, 180), for large 3D turns
+        angles = ([0.0, -15.0, 15.0, -30.0, 30.0, -60.0, 60.0, -90.0, 90.0, -120.0, 120.0,
+                   -150.0, 150.0, 180.0] if ndim == 2 else [0.0, -20.0, 20.0])
     else:
         angles = [float(a) for a in np.atleast_1d(rotation_search)]
         if 0.0 not in angles:
@@ -443,7 +448,7 @@ def _shrink(img, target_spacing, sigma=None, mask=False):
 
 def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric, bins,
                    fixed_mask_img, moving_mask_img, threads, cancel, progress, span,
-                   target_voxels=4000, keep=3, iterations=30):
+                   target_voxels=4000, keep=3, iterations=30, base=None):
     """Multi-start on a small copy of the images: the metric is evaluated at every start
     (centres x rotations), the ``keep`` best are optimised (rigid, every voxel, so
     deterministic) and the one with the best final metric wins. Returns the Euler
@@ -459,7 +464,13 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     m_small = sitk.Cast(_shrink(moving_img, target), sitk.sitkFloat32)
     fm_small = None if fixed_mask_img is None else _shrink(fixed_mask_img, target, mask=True)
     mm_small = None if moving_mask_img is None else _shrink(moving_mask_img, target, mask=True)
-    starts = _starts(fixed_img, moving_img, init, ndim)
+    if base is not None:
+        # an initial rigid transform (e.g. auto's coarse estimate): search rotations about it
+        lin0, shift0 = base
+        c0 = _centre(fixed_img)
+        starts = [("transform", c0, lin0 @ c0 + shift0 - c0)]
+    else:
+        starts = _starts(fixed_img, moving_img, init, ndim)
     rotations = _rotations(ndim, rotation_search)
     candidates = [(name, centre, offset, angles) for name, centre, offset in starts
                   for angles in rotations]
@@ -470,13 +481,23 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
                     fixed_mask_img=fm_small, moving_mask_img=mm_small, threads=threads)
         return R
 
+    def euler(centre, angles, offset):
+        tx = _euler(ndim, centre, angles, offset)
+        if base is not None:  # the search rotation first, then the given start's rotation
+            rot = base[0] @ np.array(tx.GetMatrix()).reshape(ndim, ndim)
+            if ndim == 2:
+                tx.SetAngle(float(np.arctan2(rot[1, 0], rot[0, 0])))
+            elif not np.allclose(rot, np.array(tx.GetMatrix()).reshape(3, 3), atol=1e-12):
+                tx.SetMatrix([float(v) for v in rot.ravel()])
+        return tx
+
     runs = []
     scored = []
     for name, centre, offset, angles in candidates:  # 1) evaluate every start
         if cancel():
             raise _Stopped
         R = method()
-        R.SetInitialTransform(_euler(ndim, centre, angles, offset), inPlace=False)
+        R.SetInitialTransform(euler(centre, angles, offset), inPlace=False)
         try:
             value = float(R.MetricEvaluate(f_small, m_small))
         except RuntimeError:
@@ -492,9 +513,11 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
             raise _Stopped
         progress(span * i / max(1, len(chosen)), f"coarse search: start {i + 1}/{len(chosen)}")
         R = method()
-        _set_optimizer(R, "regular_step", 2.0 * target, iterations, 1e-2,
-                       np.full(ndim, target))
-        tx = _euler(ndim, centre, angles, offset)
+        # first step: 2 coarse voxels; 1/2 voxel about a given start, which is close
+        # already (2 voxels of rotation at the edge jumped a 5-degree error to 47)
+        _set_optimizer(R, "regular_step", (0.5 if base is not None else 2.0) * target,
+                       iterations, 1e-2, np.full(ndim, target))
+        tx = euler(centre, angles, offset)
         R.SetInitialTransform(tx, inPlace=True)
         R.AddCommand(sitk.sitkIterationEvent,
                      lambda R=R: R.StopRegistration() if cancel() else None)
@@ -514,9 +537,23 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     if best is None:
         raise RegistrationError(
             "coarse search: no start position gave any overlap between the images. Check "
-            "fixed_spacing/moving_spacing and the layers' origins, or pass init=... (a "
-            "Transform from landmarks or features)")
+            "fixed_spacing/moving_spacing and the layers' origins; try init='moments' (or "
+            "'auto') instead of a given start, or pass init=... (a Transform from landmarks "
+            "or features) that overlaps")
     return best[1], best[0], {"seconds": time.perf_counter() - t_search, "spacing": target, "starts": len(candidates), "runs": runs}
+
+
+def _rigid_itk(init):
+    """(rotation, shift) of ``init`` in ITK's direction and axis order (fixed -> moving,
+    x/y/z) when it is rigid (a rotation and a shift), else None."""
+    if not init.is_linear or init.is_projective:
+        return None
+    inv = np.linalg.inv(init.matrix)
+    d = inv.shape[0] - 1
+    lin, shift = inv[:d, :d][::-1, ::-1], inv[:d, d][::-1]
+    if not np.allclose(lin @ lin.T, np.eye(d), atol=1e-6) or np.linalg.det(lin) <= 0:
+        return None
+    return lin, shift
 
 
 def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, metric, bins,
@@ -535,9 +572,17 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
     if isinstance(init, Transform):
         from ..core.itk import to_sitk_transform
 
-        moving_initial = to_sitk_transform(init)
-        start = _as_kind(_euler(ndim, _centre(fixed_img), [0.0] * (1 if ndim == 2 else 3),
-                                np.zeros(ndim)), kind, ndim)
+        base = _rigid_itk(init) if (kind != "translation" and rotation_search is not False) else None
+        if base is not None:
+            # a rigid start: the rotation search runs about it (it used to be skipped, so
+            # a start with the right shift but the wrong rotation stayed wrong)
+            rigid, value, search = _coarse_search(
+                **search_args, rotation_search=rotation_search, span=0.3 * span, base=base)
+            info["search"] = search
+        else:
+            moving_initial = to_sitk_transform(init)
+            rigid = _euler(ndim, _centre(fixed_img), [0.0] * (1 if ndim == 2 else 3), np.zeros(ndim))
+        start = _as_kind(rigid, kind, ndim)
         info["init"] = "transform"
     elif kind == "translation" or rotation_search is False:
         starts = _starts(fixed_img, moving_img, init, ndim)
@@ -823,7 +868,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Start: "auto" tries geometric centres and intensity centres of mass; a Transform
         (moving -> fixed, e.g. from features or landmarks) starts from it.
     rotation_search : bool or sequence of float
-        Coarse multi-start over rotations (degrees) before the fine stage.
+        Coarse multi-start over rotations (degrees) before the fine stage. True: in 2D
+        a full turn (0, +-15, +-30, then every 30 degrees to 180), in 3D +-20 degrees
+        about each axis; for larger 3D rotations pass angles (each tried about each
+        axis), e.g. ``(-90, 90, 180)``, or use ``method="auto"``.
     linear_stage : str
         For bspline/demons: the linear stage run first ("auto" = affine, or "none").
     grid_spacing, mesh_size :

@@ -323,3 +323,82 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     if not info["accepted"]:
         return transform, info
     return Transform(np.linalg.inv(warp)), info
+
+
+class LinearJudge:
+    """|NCC| of the fixed image and the moving image sampled through transforms (moving
+    -> fixed; linear ones; others get NaN), all on ONE set of fixed pixels: the
+    stronger-gradient half of the fixed image where every transform given in one call
+    lands inside the moving image; cubic-spline interpolation. It is the criterion the
+    Gauss-Newton refinement minimises (up to gain and offset), and far sharper than
+    scores over every pixel with linear interpolation (flat areas, interpolation blur):
+    on the moon photo (similarity) the whole-overlap NCC ranked a 0.27 px candidate
+    above a 0.005 px one. Build once (samples, spline coefficients), call many times."""
+
+    def __init__(self, fixed, moving, *, fixed_spacing=None, moving_spacing=None,
+                 fixed_mask=None, moving_mask=None, max_samples: int | None = None):
+        from scipy import ndimage
+
+        fixed = np.asarray(fixed, np.float32)
+        moving = np.asarray(moving, np.float32)
+        ndim = fixed.ndim
+        self.f_sp = np.ones(ndim) if fixed_spacing is None else np.asarray(fixed_spacing, float)
+        self.m_sp = np.ones(ndim) if moving_spacing is None else np.asarray(moving_spacing, float)
+        if max_samples is None:
+            max_samples = 2 ** 16 if ndim == 2 else 2 ** 15
+        grads = np.gradient(fixed)
+        mag = sum(g * g for g in grads)
+        inner = np.zeros(fixed.shape, bool)
+        inner[tuple(slice(1, n - 1) for n in fixed.shape)] = True
+        if fixed_mask is not None:
+            inner &= np.asarray(fixed_mask, bool)
+        idx = np.flatnonzero(inner & (mag > 0))
+        self.pts = None
+        if idx.size < 16:
+            return
+        strong = idx[mag.ravel()[idx] >= np.median(mag.ravel()[idx])]
+        if strong.size > max_samples:
+            strong = strong[np.linspace(0, strong.size - 1, max_samples).astype(np.int64)]
+        self.pts = np.array(np.unravel_index(strong, fixed.shape), float).T * self.f_sp
+        self.values = fixed.ravel()[strong].astype(np.float64)
+        self.coeffs = ndimage.spline_filter(moving, order=3, mode="mirror", output=np.float64)
+        self.mshape = np.array(moving.shape)
+        self.mmask = None if moving_mask is None else np.asarray(moving_mask, bool)
+
+    def __call__(self, transforms) -> list[float]:
+        from scipy import ndimage
+
+        out = [float("nan")] * len(transforms)
+        if self.pts is None:
+            return out
+        coords, ok = {}, np.ones(len(self.pts), bool)
+        for k, tf in enumerate(transforms):
+            if tf is None or not tf.is_linear:
+                continue
+            q = tf.apply_inverse(self.pts) / self.m_sp
+            inside = np.all((q >= 0) & (q <= self.mshape - 1), axis=1)
+            if self.mmask is not None:
+                near = np.clip(np.round(q).astype(int), 0, self.mshape - 1)
+                inside &= self.mmask[tuple(near.T)]
+            coords[k] = q
+            ok &= inside
+        if ok.sum() < 16:
+            return out
+        t = self.values[ok] - self.values[ok].mean()
+        vt = _dot(t, t)
+        for k, q in coords.items():
+            m = ndimage.map_coordinates(self.coeffs, q[ok].T, order=3, mode="mirror",
+                                        prefilter=False)
+            m = m - m.mean()
+            vm = _dot(m, m)
+            if vm > 0 and vt > 0:
+                out[k] = abs(_dot(m, t)) / float(np.sqrt(vm * vt))
+        return out
+
+
+def compare_linear(fixed, moving, transforms, *, fixed_spacing=None, moving_spacing=None,
+                   fixed_mask=None, moving_mask=None, max_samples: int | None = None) -> list[float]:
+    """:class:`LinearJudge` built and called once."""
+    return LinearJudge(fixed, moving, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
+                       fixed_mask=fixed_mask, moving_mask=moving_mask,
+                       max_samples=max_samples)(transforms)
