@@ -147,6 +147,7 @@ class DriftPlot(QWidget):
                         painter.setPen(QColor(self.COLOURS[k % len(self.COLOURS)]))
                         painter.drawText(int(x), int(top - 3), name)
                         x += painter.fontMetrics().horizontalAdvance(name) + 10
+                painter.setPen(QColor("#d0d0d0"))
                 painter.drawText(2, int(top + 10), f"{hi:.3g}")
                 painter.drawText(2, int(bottom), f"{lo:.3g}")
                 for k, (name, ys) in enumerate(series):
