@@ -87,6 +87,8 @@ def test_pairs_alternate_and_the_fit_is_live(widget, pair, qtbot):
     truth = _world_truth(truth_px)
     moving_px = np.array([[20.0, 30.0], [90.0, 40.0], [60.0, 100.0], [30.0, 80.0]])
     assert "fixed landmarks" in w.viewer.layers and "moving landmarks" in w.viewer.layers
+    # the preview layer is made (hidden) on Start, not in the middle of clicking
+    assert not w.real_viewer.layers["moving landmarks preview"].visible
     # one pair: too few for a similarity; the status says so, no fit
     _click_pairs(w, moving_px[:1], truth)
     _settle(w, qtbot)
@@ -98,6 +100,7 @@ def test_pairs_alternate_and_the_fit_is_live(widget, pair, qtbot):
     assert len(w.table.value["data"]) == 4 and float(w.table.value["data"][0][2]) < 1e-6
     # preview: the moving data shown through the fit, no copy, lined up in world
     preview = w.real_viewer.layers["moving landmarks preview"]
+    assert preview.visible
     assert preview.data is w.real_viewer.layers["moving"].data
     data_to_world = preview.affine.affine_matrix @ np.array(
         [[2.0, 0, -3.0], [0, 2.0, 7.0], [0, 0, 1]])
