@@ -280,10 +280,9 @@ def test_removing_an_input_while_refining_cancels_cleanly(widget, pair, qtbot, v
     _sloppy_pairs(w, pair)
     _settle(w, qtbot)
     _click(qtbot, w.refine_button)                 # the user presses Refine
-    worker = w.worker
-    assert worker is not None and w.cancel_button.enabled
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        w.real_viewer.layers.remove(victim)        # ... and deletes an input meanwhile
+    assert w.worker is not None and w.cancel_button.enabled
+    w.real_viewer.layers.remove(victim)            # ... and deletes an input meanwhile
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     qtbot.wait(200)                                # the deferred status update
     assert w.refined is None
     assert "moving registered" not in w.real_viewer.layers
