@@ -289,3 +289,14 @@ def test_removing_an_input_while_refining_cancels_cleanly(widget, pair, qtbot, v
     assert "cancelled" in w.status.value and repr(victim) in w.status.value
     assert not w.cancel_button.enabled
     assert victim not in [c.name for c in w.fixed_layer.choices if c is not None]
+
+
+def test_closing_the_dock_then_editing_layers_is_quiet(widget, pair, qtbot):
+    w = widget
+    _click_pairs(w, np.array([[20.0, 30.0], [90.0, 40.0]]), _world_truth(pair[2]))
+    w.real_viewer.window.remove_dock_widget("all")   # closed while a refit is pending
+    qtbot.wait(300)
+    w.real_viewer.layers.remove("moving")
+    _layer(w, "fixed landmarks").add([30.0, 30.0])
+    qtbot.wait(300)
+    assert "moving" not in w.real_viewer.layers

@@ -168,7 +168,7 @@ class LandmarkWidget(ScrollableDock):
         self._generation = 0
         self._fit_worker = None
         self._fit_pending = False
-        self._debounce = QTimer()
+        self._debounce = QTimer(self.native)  # goes with the dock when it is closed
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
         self._debounce.timeout.connect(self._launch_fit)
@@ -196,7 +196,12 @@ class LandmarkWidget(ScrollableDock):
                     or self._fit_pending)
 
     def _on_layer_removed(self, event=None):
-        removed = getattr(event, "value", None)
+        try:
+            self._layer_removed(getattr(event, "value", None))
+        except RuntimeError:  # the dock's Qt widgets were deleted (dock closed)
+            pass
+
+    def _layer_removed(self, removed):
         if removed is None:
             return
         if _same(removed, self.fixed_points) or _same(removed, self.moving_points):

@@ -305,7 +305,12 @@ class StackRegistrationWidget(ScrollableDock):
                 self._layer.value = default
 
     def _on_removed(self, event=None):
-        removed = getattr(event, "value", None)
+        try:
+            self._removed(getattr(event, "value", None))
+        except RuntimeError:  # the dock's Qt widgets were deleted (dock closed)
+            pass
+
+    def _removed(self, removed):
         running = self.worker is not None and not self._cancel.is_set()
         if running and _same(removed, self._source):
             # cancel at once (no output layer); the words wait for the layer list
