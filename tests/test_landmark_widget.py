@@ -87,6 +87,8 @@ def test_pairs_alternate_and_the_fit_is_live(widget, pair, qtbot):
     truth = _world_truth(truth_px)
     moving_px = np.array([[20.0, 30.0], [90.0, 40.0], [60.0, 100.0], [30.0, 80.0]])
     assert "fixed landmarks" in w.viewer.layers and "moving landmarks" in w.viewer.layers
+    # the preview layer is made (hidden) on Start, not in the middle of clicking
+    assert not w.real_viewer.layers["moving landmarks preview"].visible
     # one pair: too few for a similarity; the status says so, no fit
     _click_pairs(w, moving_px[:1], truth)
     _settle(w, qtbot)
@@ -98,6 +100,7 @@ def test_pairs_alternate_and_the_fit_is_live(widget, pair, qtbot):
     assert len(w.table.value["data"]) == 4 and float(w.table.value["data"][0][2]) < 1e-6
     # preview: the moving data shown through the fit, no copy, lined up in world
     preview = w.real_viewer.layers["moving landmarks preview"]
+    assert preview.visible
     assert preview.data is w.real_viewer.layers["moving"].data
     data_to_world = preview.affine.affine_matrix @ np.array(
         [[2.0, 0, -3.0], [0, 2.0, 7.0], [0, 0, 1]])
@@ -277,13 +280,23 @@ def test_removing_an_input_while_refining_cancels_cleanly(widget, pair, qtbot, v
     _sloppy_pairs(w, pair)
     _settle(w, qtbot)
     _click(qtbot, w.refine_button)                 # the user presses Refine
-    worker = w.worker
-    assert worker is not None and w.cancel_button.enabled
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        w.real_viewer.layers.remove(victim)        # ... and deletes an input meanwhile
+    assert w.worker is not None and w.cancel_button.enabled
+    w.real_viewer.layers.remove(victim)            # ... and deletes an input meanwhile
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     qtbot.wait(200)                                # the deferred status update
     assert w.refined is None
     assert "moving registered" not in w.real_viewer.layers
     assert "cancelled" in w.status.value and repr(victim) in w.status.value
     assert not w.cancel_button.enabled
     assert victim not in [c.name for c in w.fixed_layer.choices if c is not None]
+
+
+def test_closing_the_dock_then_editing_layers_is_quiet(widget, pair, qtbot):
+    w = widget
+    _click_pairs(w, np.array([[20.0, 30.0], [90.0, 40.0]]), _world_truth(pair[2]))
+    w.real_viewer.window.remove_dock_widget("all")   # closed while a refit is pending
+    qtbot.wait(300)
+    w.real_viewer.layers.remove("moving")
+    _layer(w, "fixed landmarks").add([30.0, 30.0])
+    qtbot.wait(300)
+    assert "moving" not in w.real_viewer.layers

@@ -167,9 +167,7 @@ def _click(qtbot, button):
 def _run(qtbot, w):
     """Press 'Register stack' and wait for the run to end."""
     _click(qtbot, w._run_button)
-    assert w.worker is not None
-    with qtbot.waitSignal(w.worker.finished, timeout=60000):
-        pass
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)   # _on_finished ran
 
 
 def test_opens_with_the_only_stack_chosen_never_our_output(make_napari_viewer, qtbot):
@@ -207,10 +205,9 @@ def test_removing_the_stack_during_a_run_cancels_cleanly(make_napari_viewer, qtb
     w = _open(viewer)
     assert w._layer.value.name == "long"
     _click(qtbot, w._run_button)
-    worker = w.worker
     qtbot.waitUntil(lambda: w._progress.value > 0, timeout=30000)
-    with qtbot.waitSignal(worker.finished, timeout=60000):
-        viewer.layers.remove("long")                           # the user deletes the input
+    viewer.layers.remove("long")                               # the user deletes the input
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     qtbot.wait(200)
     assert "removed" in w._status.value and "no output layer" in w._status.value
     assert [ly.name for ly in viewer.layers] == []             # nothing half-made appeared
@@ -238,7 +235,9 @@ def test_transforms_are_reused_on_another_channel_labels_and_points(make_napari_
     red_layer = viewer.add_image(red, name="red", scale=(1.0, 0.5, 0.5))
     w._apply_target.reset_choices()
     w._apply_target.value = red_layer
-    _click(qtbot, w._apply_button)
+    _click(qtbot, w._apply_button)                             # runs in a worker
+    qtbot.waitUntil(lambda: "red aligned" in viewer.layers, timeout=60000)
+    assert w._apply_button.enabled
     aligned = viewer.layers["red aligned"].data
     inner = (slice(None), slice(10, -10), slice(10, -10))
     err_before = np.abs(red - red[0])[inner].mean()

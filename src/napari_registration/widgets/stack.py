@@ -147,6 +147,7 @@ class DriftPlot(QWidget):
                         painter.setPen(QColor(self.COLOURS[k % len(self.COLOURS)]))
                         painter.drawText(int(x), int(top - 3), name)
                         x += painter.fontMetrics().horizontalAdvance(name) + 10
+                painter.setPen(QColor("#d0d0d0"))
                 painter.drawText(2, int(top + 10), f"{hi:.3g}")
                 painter.drawText(2, int(bottom), f"{lo:.3g}")
                 for k, (name, ys) in enumerate(series):
@@ -195,6 +196,7 @@ class StackRegistrationWidget(ScrollableDock):
         self.output_layer = None
         self.series: TransformSeries | None = None  # the transforms to reuse
         self._source = None
+        self.apply_worker = None
 
         self._layer = ComboBox(label="stack", choices=self._image_layers, nullable=True)
         self._axis = SpinBox(label="frame axis", value=0, min=0, max=5)
@@ -259,7 +261,7 @@ class StackRegistrationWidget(ScrollableDock):
         self._run_button.clicked.connect(self._start)
         self._cancel_button.clicked.connect(self.cancel)
         self._layer.changed.connect(self._on_layer)
-        self._apply_button.clicked.connect(lambda *_: self._guard(self.apply_transforms))
+        self._apply_button.clicked.connect(lambda *_: self._guard(self._apply_clicked))
         self._save_button.clicked.connect(lambda *_: self._guard(self.save_transforms))
         self._load_button.clicked.connect(lambda *_: self._guard(self.load_transforms))
         events = napari_viewer.layers.events
@@ -303,7 +305,12 @@ class StackRegistrationWidget(ScrollableDock):
                 self._layer.value = default
 
     def _on_removed(self, event=None):
-        removed = getattr(event, "value", None)
+        try:
+            self._removed(getattr(event, "value", None))
+        except RuntimeError:  # the dock's Qt widgets were deleted (dock closed)
+            pass
+
+    def _removed(self, removed):
         running = self.worker is not None and not self._cancel.is_set()
         if running and _same(removed, self._source):
             # cancel at once (no output layer); the words wait for the layer list
@@ -513,54 +520,114 @@ class StackRegistrationWidget(ScrollableDock):
         self._status.value = f"loaded {len(series)} transforms from {path.name}"
         return series
 
-    def apply_transforms(self, target=None):
-        """Apply the per-frame transforms to ``target`` (default: the 'apply to' layer):
-        a new layer ``<name> aligned``; the target is left as it was."""
-        from napari.layers import Labels, Points, Shapes
+    def _apply_plan(self, target):
+        """What applying the transforms to ``target`` needs: (layer, series, spacing)."""
+        from napari.layers import Image, Labels, Points, Shapes
 
         series = self._need_series()
         layer = target if target is not None else self._apply_target.value
         if layer is None:
             raise ValueError("pick a layer to apply the transforms to")
-        axis = series.frame_axis
+        if not isinstance(layer, (Image, Labels, Points, Shapes)):
+            raise ValueError(f"{layer.name!r} is a {type(layer).__name__} layer: apply the "
+                             "transforms to an Image, Labels, Points or Shapes layer")
+        if isinstance(layer, (Points, Shapes)) and layer.ndim != series.ndim + 1:
+            raise ValueError(f"{layer.name!r} has {layer.ndim} axes; the transforms need "
+                             f"a frame axis and {series.ndim} spatial axes")
         scale = np.asarray(layer.scale, float)
-        spacing = tuple(float(v) for k, v in enumerate(scale) if k != axis)
+        spacing = tuple(float(v) for k, v in enumerate(scale) if k != series.frame_axis)
+        return layer, series, spacing
+
+    @staticmethod
+    def _warp_layer_data(layer, series, spacing):
+        """The aligned data of an Image/Labels layer (runs in a worker for the button)."""
+        from napari.layers import Labels
+
+        data = layer.data[0] if layer.multiscale else layer.data
+        return apply_stack_transforms(data, series, spacing=spacing,
+                                      labels=isinstance(layer, Labels),
+                                      rgb=bool(getattr(layer, "rgb", False)))
+
+    def _put_applied(self, layer, series, spacing, data=None):
+        """Add ``<name> aligned`` (replacing an earlier one of ours); ``data`` is the
+        warped image/labels, None for Points/Shapes (mapped here: it is quick)."""
+        from napari.layers import Labels, Points, Shapes
+
         name = f"{layer.name} aligned"
         meta = {OUTPUT_KEY: "stack transforms applied",
                 "registration_applied": {"source": layer.name, "series": series.to_dict()}}
+        for old in [ly for ly in self._viewer.layers if ly.name == name and _is_ours(ly)]:
+            self._viewer.layers.remove(old)
         common = dict(name=name, scale=layer.scale, translate=layer.translate, metadata=meta)
-        if isinstance(layer, (Points, Shapes)):
-            if layer.ndim != series.ndim + 1:
-                raise ValueError(f"{layer.name!r} has {layer.ndim} axes; the transforms need "
-                                 f"a frame axis and {series.ndim} spatial axes")
-            if isinstance(layer, Points):
-                data = map_stack_points(layer.data, series, spacing=spacing) if len(layer.data) \
-                    else np.asarray(layer.data)
-                out = self._viewer.add_points(data, size=layer.size, face_color=layer.face_color,
-                                              **common)
-            else:
-                data = map_stack_shapes(layer.data, series, spacing=spacing)
-                out = self._viewer.add_shapes(data, shape_type=list(layer.shape_type),
-                                              edge_color=layer.edge_color,
-                                              face_color=layer.face_color, **common)
+        if isinstance(layer, Points):
+            mapped = map_stack_points(layer.data, series, spacing=spacing) if len(layer.data) \
+                else np.asarray(layer.data)
+            out = self._viewer.add_points(mapped, size=layer.size, face_color=layer.face_color,
+                                          **common)
+        elif isinstance(layer, Shapes):
+            out = self._viewer.add_shapes(map_stack_shapes(layer.data, series, spacing=spacing),
+                                          shape_type=list(layer.shape_type),
+                                          edge_color=layer.edge_color,
+                                          face_color=layer.face_color, **common)
+        elif isinstance(layer, Labels):
+            out = self._viewer.add_labels(data, **common)
         else:
-            is_labels = isinstance(layer, Labels)
             rgb = bool(getattr(layer, "rgb", False))
-            data = layer.data[0] if layer.multiscale else layer.data
-            warped = apply_stack_transforms(data, series, spacing=spacing, labels=is_labels,
-                                            rgb=rgb)
-            if is_labels:
-                out = self._viewer.add_labels(warped, **common)
-            else:
-                out = self._viewer.add_image(warped, rgb=rgb, blending=layer.blending,
-                                             colormap=None if rgb else layer.colormap.name,
-                                             contrast_limits=layer.contrast_limits, **common)
+            out = self._viewer.add_image(data, rgb=rgb, blending=layer.blending,
+                                         colormap=None if rgb else layer.colormap.name,
+                                         contrast_limits=layer.contrast_limits, **common)
         note = ""
         if series.spacing is not None and not np.allclose(series.spacing, spacing):
             note = (f" (the transforms were measured at spacing {list(series.spacing)}; "
                     f"{layer.name!r} has {list(spacing)}: used the layer's, as napari shows it)")
         self._status.value = f"applied {len(series)} transforms to {layer.name!r} -> {name!r}{note}"
         return out
+
+    def apply_transforms(self, target=None):
+        """Apply the per-frame transforms to ``target`` (default: the 'apply to' layer),
+        here and now: a new layer ``<name> aligned``; the target is left as it was."""
+        from napari.layers import Points, Shapes
+
+        layer, series, spacing = self._apply_plan(target)
+        data = None
+        if not isinstance(layer, (Points, Shapes)):
+            data = self._warp_layer_data(layer, series, spacing)
+        return self._put_applied(layer, series, spacing, data)
+
+    def make_apply_worker(self, target=None):
+        """An unstarted worker that resamples an Image/Labels layer with the transforms
+        off the GUI thread; its result is added as a layer unless the target was removed
+        meanwhile (what the *Apply transforms* button runs for images and labels)."""
+        from napari.qt.threading import create_worker
+
+        layer, series, spacing = self._apply_plan(target)
+        worker = create_worker(self._warp_layer_data, layer, series, spacing,
+                               _start_thread=False, _ignore_errors=True)
+
+        def done(data):
+            if not any(_same(layer, ly) for ly in self._viewer.layers):
+                self._status.value = (f"{layer.name!r} was removed while the transforms were "
+                                      "applied: no layer was made")
+                return
+            self._put_applied(layer, series, spacing, data)
+
+        worker.returned.connect(done)
+        worker.errored.connect(lambda err: setattr(self._status, "value", f"error: {err}"))
+        worker.finished.connect(lambda: setattr(self._apply_button, "enabled", True))
+        self.apply_worker = worker
+        return worker
+
+    def _apply_clicked(self):
+        from napari.layers import Points, Shapes
+
+        layer = self._apply_target.value
+        if isinstance(layer, (Points, Shapes)):
+            return self.apply_transforms(layer)
+        worker = self.make_apply_worker(layer)
+        self._apply_button.enabled = False
+        self._status.value = f"applying {len(self.series)} transforms to {layer.name!r}..."
+        worker.start()
+        return worker
 
 
 __all__ = ["StackRegistrationWidget", "DriftPlot"]
