@@ -208,3 +208,68 @@ def test_view_command_opens_a_sample_with_the_register_dock(viewer, qtbot, sampl
         assert dock.status.value.startswith("done")
     with pytest.raises(ValueError, match="unknown sample"):
         build_view("nope", viewer=viewer)
+
+
+@pytest.mark.parametrize("output", ["resample", "affine"])
+def test_a_layer_napari_already_rotates_is_registered_in_the_shown_world(
+        viewer, open_widget, qtbot, notifications, output):
+    from napari.utils.transforms import Affine
+
+    from napari_registration import Transform
+    from napari_registration.data import _warp_by_truth
+
+    fixed = fluorescence_pair()[0][::4, ::4].copy()
+    # the moving layer is shown rotated by 20 degrees about the image centre (a manual
+    # alignment done earlier): with that placement it is off by a shift only
+    angle, centre = 20.0, np.array([63.5, 63.5])
+    rot = np.asarray(Affine(rotate=angle).rotate)
+    place = np.eye(3)
+    place[:2, :2], place[:2, 2] = rot, centre - rot @ centre
+    shift = np.array([3.0, -2.0])
+    truth = place.copy()
+    truth[:2, 2] -= shift  # moving data -> fixed world
+    moving = _warp_by_truth(fixed, Transform(truth)).astype(np.float32)
+    viewer.add_image(fixed, name="fixed")
+    m_layer = viewer.add_image(moving, name="moving", rotate=angle,
+                               translate=tuple(centre - rot @ centre))
+    w = open_widget(REGISTER)
+    w.method.value, w.transform.value = "intensity", "rigid"
+    w.output.value = output
+    _click_and_wait(qtbot, w)
+    assert w.status.value.startswith("done"), w.status.value
+    assert "current placement" in w.status.value
+    idx = np.array([[30.0, 40.0], [64.0, 64.0], [100.0, 20.0]])
+    expected = idx @ truth[:2, :2].T + truth[:2, 2]  # where each moving pixel belongs
+    if output == "affine":
+        shown = np.array([m_layer.data_to_world(p) for p in idx])
+        assert np.max(np.abs(shown - expected)) < 0.5
+        est = Transform.from_dict(m_layer.metadata["registration"]["transform"])
+    else:
+        out = viewer.layers["moving registered"]
+        assert out.data.shape == fixed.shape and np.allclose(out.rotate, np.eye(2))
+        est = Transform.from_dict(out.metadata["registration"]["transform"])
+        # the start: the placement, from the layer's scale/translate grid (data +
+        # translate, where the core works) to the shown world
+        init = out.metadata["registration"]["info"]["options"]["init"]
+        grid = np.eye(3)
+        grid[:2, 2] = m_layer.translate
+        assert np.allclose(np.asarray(init["matrix"]), place @ np.linalg.inv(grid), atol=1e-9)
+    # the stored transform maps moving as shown -> fixed as shown: here a shift by -shift
+    shown_world = idx @ rot.T + (centre - rot @ centre)
+    assert np.max(np.abs(est.apply(shown_world) - (shown_world - shift))) < 0.5
+    assert notifications["error"] == []
+
+    # Inspect alignment follows the rotate too: the result, as shown, matches the
+    # moving image placed by the truth (resampled through both placements) far better
+    # than the moving image did before
+    ideal = viewer.add_image(moving, name="ideal", rotate=angle, translate=tuple(truth[:2, 2]))
+    before = viewer.add_image(moving, name="before", rotate=angle,
+                              translate=tuple(centre - rot @ centre))
+    insp = open_widget("Inspect alignment")
+    insp.first.value = ideal
+    insp.second.value = m_layer if output == "affine" else viewer.layers["moving registered"]
+    after = insp.compute()["ncc"]
+    insp.second.value = before
+    unregistered = insp.compute()["ncc"]
+    print(f"NCC with the truth-placed image: registered {after:.3f}, before {unregistered:.3f}")
+    assert after > 0.95 and after > unregistered + 0.1

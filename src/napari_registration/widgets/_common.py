@@ -77,6 +77,30 @@ def geometry(layer) -> tuple[tuple, tuple]:
     return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
 
 
+def scale_translate(layer) -> tuple[tuple, tuple]:
+    """(spacing, origin): napari ``scale`` and ``translate``, the grid the core works
+    on. Whatever else places the layer (rotate, shear, affine) is :func:`placement`."""
+    return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
+
+
+def placement(layer) -> np.ndarray:
+    """Homogeneous matrix from the layer's scale/translate world (``data * scale +
+    translate``, where the core registers it) to the world napari displays it in
+    (``affine @ (translate + rotate @ shear @ scale @ data)``): the identity unless
+    the layer is rotated, sheared or has an affine. Raises ValueError if napari's
+    placement cannot be inverted (a zero scale, a degenerate affine)."""
+    sp, org = scale_translate(layer)
+    grid = np.eye(len(sp) + 1)
+    grid[:-1, :-1] = np.diag(sp)
+    grid[:-1, -1] = org
+    full = affine_matrix(layer) @ physical_matrix(layer)
+    if abs(np.linalg.det(grid)) < 1e-12 or abs(np.linalg.det(full)) < 1e-12:
+        raise ValueError(f"layer {layer.name!r} is placed by a matrix that cannot be "
+                         "inverted (a zero scale or a degenerate affine/shear): fix its "
+                         "scale/affine first")
+    return full @ np.linalg.inv(grid)
+
+
 def physical_matrix(layer) -> np.ndarray:
     """Homogeneous data -> world matrix of scale/translate/rotate/shear (not ``affine``)."""
     from napari.utils.transforms import Affine
@@ -102,8 +126,8 @@ def transform_from_layer(layer) -> Transform | None:
     return None
 
 
-_IN_PLACE = {"image": ("scale", "translate", "affine", "colormap", "contrast_limits", "blending",
-                       "visible", "opacity"),
+_IN_PLACE = {"image": ("scale", "translate", "rotate", "shear", "affine", "colormap",
+                       "contrast_limits", "blending", "visible", "opacity"),
              "labels": ("scale", "translate", "affine", "opacity"),
              "points": ("scale", "translate", "size", "face_color", "border_color")}
 

@@ -37,16 +37,18 @@ from ._common import (
     colour_checkerboard,
     affine_matrix,
     find_output,
-    geometry,
     fixed_lines,
     image_data,
     is_output,
     layer_choices,
+    placement,
     put_layer,
     same_layer,
+    scale_translate,
     show_error,
     show_info,
 )
+from ..core.transform import Transform
 
 PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
 
@@ -202,6 +204,7 @@ class RegisterWidget(Container):
         self._placing = False
         self._run_inputs = None  # (fixed, moving) of the running registration
         self._aborted: str | None = None  # why the running registration was cancelled
+        self._outcome_shown = False
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self.method.changed.connect(self._on_method)
@@ -313,11 +316,30 @@ class RegisterWidget(Container):
         fixed, moving = self.fixed.value, self.moving.value
         if fixed is None or moving is None:
             raise ValueError("pick a fixed and a moving Image layer (open two images first)")
-        if fixed is moving:
+        if same_layer(fixed, moving):
             raise ValueError("fixed and moving are the same layer: pick two different layers")
-        f_sp, f_or = geometry(fixed)
-        m_sp, m_or = geometry(moving)
+        f_sp, f_or = scale_translate(fixed)
+        m_sp, m_or = scale_translate(moving)
+        # a layer napari already moves (rotate, shear, affine: a manual alignment, a
+        # file's orientation) is registered in the world napari shows: its current
+        # placement relative to the fixed layer is where the registration starts
+        if fixed.ndim == moving.ndim:
+            f_place, m_place = placement(fixed), placement(moving)
+        else:  # register() says what to do about it
+            f_place, m_place = np.eye(fixed.ndim + 1), np.eye(moving.ndim + 1)
+        start = np.linalg.inv(f_place) @ m_place if fixed.ndim == moving.ndim else np.eye(1)
+        # (start: moving grid world -> fixed grid world)
         options = self.method_options.values()
+        moved = not np.allclose(start, np.eye(start.shape[0]), atol=1e-9)
+        start_note = ""
+        if moved:
+            form = self.method_options.fields
+            if "init" in form and form["init"].value == "auto":
+                options["init"] = Transform(start)
+                start_note = "started from the moving layer's current placement"
+            else:
+                start_note = (f"{self.method.value} takes no starting transform: the images "
+                              "alone decide; the moving layer's current placement is replaced")
         options.update(equalize=self.equalize.value, smooth=float(self.smooth.value))
         if fixed.rgb == moving.rgb:
             options["rgb"] = bool(fixed.rgb)
@@ -330,6 +352,7 @@ class RegisterWidget(Container):
             method=self.method.value, transform=self.transform.value,
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
             options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
+            fixed_placement=f_place, moving_placement=m_place, start_note=start_note,
         )
 
     def make_worker(self):
@@ -382,6 +405,7 @@ class RegisterWidget(Container):
 
         self._run_inputs = (params["fixed"], params["moving"])
         self._aborted = None
+        self._outcome_shown = False
         self.timing = {}  # perf_counter stamps: worker_done (set by the worker), shown
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.started.connect(self._on_started)
@@ -421,7 +445,8 @@ class RegisterWidget(Container):
                 return
 
     def _say(self, text: str) -> None:
-        if self._aborted is not None or not self._running:
+        """A deferred status line; dropped if the run's outcome is on screen already."""
+        if self._running and not self._outcome_shown:
             self.status.value = text
 
     def run(self, *_):
@@ -466,6 +491,7 @@ class RegisterWidget(Container):
 
     def _on_returned(self, out, params):
         outcome, payload = out
+        self._outcome_shown = True
         if self._aborted is not None or not self._inputs_present(params):
             self._abandon(self._aborted or "an input layer was removed")
             return
@@ -531,10 +557,25 @@ class RegisterWidget(Container):
         meta = {"registration": result.to_dict(),
                 "registration_layers": {"fixed": fixed.name, "moving": moving.name}}
         grid = dict(scale=params["fixed_spacing"], translate=params["fixed_origin"],
+                    rotate=np.asarray(fixed.rotate), shear=np.asarray(fixed.shear),
                     affine=affine_matrix(fixed))
         colour = self.overlay.value
-        notes = []
+        notes = [params["start_note"]] if params.get("start_note") else []
         output = params["output"]
+        # the transform in the worlds napari shows: moving displayed -> fixed displayed
+        f_place, m_place = params["fixed_placement"], params["moving_placement"]
+        shown = None
+        if result.transform.is_linear:
+            shown = f_place @ result.transform.matrix @ np.linalg.inv(m_place)
+            if not np.allclose(shown, result.transform.matrix):
+                meta["registration"] = dict(meta["registration"])
+                meta["registration"]["transform_grid"] = meta["registration"]["transform"]
+                meta["registration"]["transform"] = Transform(shown).to_dict()
+        elif not (np.allclose(f_place, np.eye(len(f_place)))
+                  and np.allclose(m_place, np.eye(len(m_place)))):
+            notes.append(f"the {result.transform.kind} transform is stored between the "
+                         "layers' scale/translate grids (a rotated/affine placement is not "
+                         "folded into a deformable transform)")
         if output == AFFINE and (not result.transform.is_linear or result.transform.is_projective):
             notes.append(f"{result.transform.kind} transform cannot be shown as a napari affine: "
                          "resampled instead")
@@ -544,10 +585,11 @@ class RegisterWidget(Container):
 
         def warped():
             if output == AFFINE:
-                # napari: world = affine @ (data * scale + translate). The registration maps
-                # the moving layer's scale/translate world to the fixed one's, which the
-                # fixed layer's own affine then places in the viewer.
-                moving.affine = affine_matrix(fixed) @ result.transform.matrix
+                # napari: world = affine @ (physical placement of the data): the new
+                # affine puts the moving layer where the registration says, composed
+                # with its own rotate/shear/affine (equal to fixed affine @ transform
+                # for layers moved by scale/translate only)
+                moving.affine = shown @ affine_matrix(moving)
                 moving.metadata["registration"] = meta["registration"]
                 if colour and not moving.rgb:
                     moving.colormap = "magenta"
