@@ -273,3 +273,59 @@ def test_a_layer_napari_already_rotates_is_registered_in_the_shown_world(
     unregistered = insp.compute()["ncc"]
     print(f"NCC with the truth-placed image: registered {after:.3f}, before {unregistered:.3f}")
     assert after > 0.95 and after > unregistered + 0.1
+
+
+def test_default_pyramid_level_is_the_coarsest_with_1000_px():
+    from napari_registration.widgets._common import default_level, level_spacing
+
+    class Layer:  # what the helpers need from a napari multiscale Image layer
+        multiscale, rgb, scale = True, False, (0.5, 0.5)
+        data = [np.zeros((4096, 3000)), np.zeros((2048, 1500)), np.zeros((1024, 750)),
+                np.zeros((512, 375))]
+
+    assert default_level(Layer()) == 1  # 1500 px; level 2's short side is 750
+    assert level_spacing(Layer(), 2) == (2.0, 2.0)
+    Layer.data = Layer.data[3:]
+    assert default_level(Layer()) == 0  # none that large: the finest
+
+
+@pytest.mark.parametrize("level", [None, 1])
+def test_multiscale_layers_register_on_a_level_and_stay_multiscale(viewer, open_widget, qtbot,
+                                                                   notifications, level):
+    from napari_registration import Transform
+
+    fixed, moving, truth = fluorescence_pair()
+    f_pyr = [fixed, fixed[::2, ::2].copy(), fixed[::4, ::4].copy()]
+    m_pyr = [moving, moving[::2, ::2].copy(), moving[::4, ::4].copy()]
+    viewer.add_image(f_pyr, name="fixed", multiscale=True, scale=(0.5, 0.5))
+    viewer.add_image(m_pyr, name="moving", multiscale=True, scale=(0.5, 0.5))
+    w = open_widget(REGISTER)
+    assert w.level.visible and len(w.level.choices) == 4  # auto + 3 levels
+    w.level.value = level
+    w.method.value, w.transform.value = "fourier", "rigid"
+    _click_and_wait(qtbot, w)
+    assert w.status.value.startswith("done"), w.status.value
+    out = viewer.layers["moving registered"]
+    assert out.multiscale and [lv.shape for lv in out.data] == [lv.shape for lv in f_pyr]
+    assert tuple(out.scale) == (0.5, 0.5)
+    reg = out.metadata["registration"]
+    # registered on the chosen level (auto: none has 1000 px: the finest), in world units
+    expected_level = 0 if level is None else level
+    est = Transform.from_dict(reg["transform"])
+    world_truth = Transform(np.diag([0.5, 0.5, 1.0]) @ truth.matrix @ np.diag([2.0, 2.0, 1.0]))
+    pts = np.array([[40.0, 40.0], [128.0, 128.0], [200.0, 60.0]])
+    assert _tre(est, world_truth, pts) < 0.25 * 2 ** expected_level
+    assert w._last["params"]["fixed_level"] == expected_level
+    # every level shows the same registered image (lazily warped levels match level 0)
+    level2 = np.asarray(out.data[2])
+    assert level2.shape == f_pyr[2].shape
+    def corr(a, b):
+        return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
+
+    assert corr(level2, np.asarray(out.data[0])[::4, ::4]) > 0.9
+    print(f"level 2: registered {corr(level2, f_pyr[2]):.3f}, before {corr(m_pyr[2], f_pyr[2]):.3f}")
+    assert corr(level2, f_pyr[2]) > corr(m_pyr[2], f_pyr[2]) + 0.2
+
+
+def _tre(est, truth, pts):
+    return float(np.max(np.linalg.norm(est.apply(pts) - truth.apply(pts), axis=1)))

@@ -59,6 +59,36 @@ def image_data(layer) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+#: the default level to register: the coarsest with at least this many pixels on a
+#: side (large-image tools register a ~1-2k px thumbnail first)
+LEVEL_MIN_SIDE = 1000
+
+
+def levels(layer) -> list:
+    """The arrays of an Image layer, fine to coarse (one for a single-scale layer)."""
+    return list(layer.data) if getattr(layer, "multiscale", False) else [layer.data]
+
+
+def level_shape(layer, level: int) -> tuple:
+    """Spatial shape of one level (an RGB layer's colour axis left out)."""
+    shape = tuple(levels(layer)[level].shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def level_spacing(layer, level: int) -> tuple:
+    """World size of a pixel of ``level``: napari shows level i with ``scale *
+    shape_0 / shape_i`` per axis (same ``translate``)."""
+    s0, si = np.asarray(level_shape(layer, 0), float), np.asarray(level_shape(layer, level), float)
+    return tuple(float(v) for v in np.asarray(layer.scale, float) * s0 / si)
+
+
+def default_level(layer, min_side: int = LEVEL_MIN_SIDE) -> int:
+    """The coarsest level whose smallest side has at least ``min_side`` pixels (the
+    finest level if none has)."""
+    ok = [i for i in range(len(levels(layer))) if min(level_shape(layer, i)) >= min_side]
+    return max(ok) if ok else 0
+
+
 def spatial_ndim(layer) -> int:
     """Number of spatial axes (an RGB image's colour axis does not count)."""
     return layer.ndim
@@ -156,6 +186,8 @@ def put_layer(viewer, data, layer_type: str, *, name: str, role: str, **kwargs):
 
 
 def _update_in_place(layer, data, layer_type, metadata, kwargs) -> bool:
+    if kwargs.get("multiscale") or getattr(layer, "multiscale", False):
+        return False  # a pyramid: replaced as a whole
     settable = _IN_PLACE.get(layer_type)
     if settable is None or type(layer).__name__.lower() != layer_type:
         return False

@@ -37,10 +37,14 @@ from ._common import (
     colour_checkerboard,
     affine_matrix,
     find_output,
+    default_level,
     fixed_lines,
     image_data,
     is_output,
     layer_choices,
+    level_shape,
+    level_spacing,
+    levels,
     placement,
     put_layer,
     same_layer,
@@ -128,6 +132,9 @@ class RegisterWidget(Container):
         self.preset_note = Label(label="", value="")
         self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
         self.moving = ComboBox(label="moving", choices=images, nullable=True)
+        self.level = ComboBox(label="pyramid level", choices=self._level_choices,
+                              tooltip="multiscale layers: the level registered (the transform "
+                                      "is in world units, so it applies to every level)")
         methods = available_methods()
         self.method = ComboBox(label="method", choices=methods,
                                value="fourier" if "fourier" in methods else methods[0])
@@ -173,7 +180,8 @@ class RegisterWidget(Container):
                              (self.status, 2), (self.summary, 9)):
             fixed_lines(label, lines)
         self.main = Container(labels=True, name="main")
-        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.method,
+        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.level,
+                          self.method,
                           self.description, self.transform])
         self.main.margins = (0, 0, 0, 0)
         self.options_box = Container(labels=False, name="options_box")
@@ -212,6 +220,7 @@ class RegisterWidget(Container):
         self.fixed.changed.connect(self._forget)
         self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
+        self.moving.changed.connect(self._on_fixed)
         self.output.changed.connect(self._on_fixed)
         self.tile.changed.connect(self._refresh_checkerboard)
         self.run_button.changed.connect(self.run)
@@ -296,8 +305,29 @@ class RegisterWidget(Container):
         self.preset_note.value = (f"Preset: {method} / {transform}" + (f", {shown}" if shown else "")
                                   + f". {why}. Change anything below.")
 
+    def _level_choices(self, widget=None):
+        layer = next((ly for ly in (self.fixed.value, self.moving.value)
+                      if ly is not None and getattr(ly, "multiscale", False)), None)
+        if layer is None:
+            return [("(single-scale layers)", None)]
+        auto = default_level(layer)
+        return [(f"auto: {auto} ({' x '.join(map(str, level_shape(layer, auto)))})", None)] + [
+            (f"{i}: {' x '.join(map(str, level_shape(layer, i)))}", i)
+            for i in range(len(levels(layer)))]
+
+    def _pick_level(self, layer) -> int:
+        if not getattr(layer, "multiscale", False):
+            return 0
+        choice = self.level.value
+        return default_level(layer) if choice is None else min(int(choice), len(levels(layer)) - 1)
+
     def _on_fixed(self, *_):
         layer = self.fixed.value
+        if hasattr(self, "level"):
+            self.level.reset_choices()
+            self.level.visible = any(getattr(ly, "multiscale", False)
+                                     for ly in (self.fixed.value, self.moving.value)
+                                     if ly is not None)
         notes = []
         if layer is not None and layer.ndim >= 3:
             if self.output.value == AFFINE:
@@ -320,6 +350,9 @@ class RegisterWidget(Container):
             raise ValueError("fixed and moving are the same layer: pick two different layers")
         f_sp, f_or = scale_translate(fixed)
         m_sp, m_or = scale_translate(moving)
+        # pyramids: register one level each, with that level's pixel size
+        f_level, m_level = self._pick_level(fixed), self._pick_level(moving)
+        f_sp, m_sp = level_spacing(fixed, f_level), level_spacing(moving, m_level)
         # a layer napari already moves (rotate, shear, affine: a manual alignment, a
         # file's orientation) is registered in the world napari shows: its current
         # placement relative to the fixed layer is where the registration starts
@@ -348,7 +381,8 @@ class RegisterWidget(Container):
                 options[key] = np.asarray(image_data(layer)) != 0
         return dict(
             fixed=fixed, moving=moving,
-            fixed_data=image_data(fixed), moving_data=image_data(moving),
+            fixed_data=levels(fixed)[f_level], moving_data=levels(moving)[m_level],
+            fixed_level=f_level, moving_level=m_level,
             method=self.method.value, transform=self.transform.value,
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
             options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
@@ -603,9 +637,15 @@ class RegisterWidget(Container):
                     kwargs.update(colormap=moving.colormap.name)
                 if not moving.rgb:
                     kwargs.update(contrast_limits=tuple(moving.contrast_limits))
+                data, layer_grid = result.warped, grid
+                if getattr(fixed, "multiscale", False) or params.get("moving_level", 0):
+                    data, layer_grid = _pyramid_output(result, params), dict(
+                        grid, scale=scale_translate(fixed)[0])
+                    if isinstance(data, list):
+                        kwargs["multiscale"] = True
                 placed["warped"] = put_layer(
-                    viewer, result.warped, "image", name=f"{moving.name} registered",
-                    role="warped", metadata=meta, rgb=moving.rgb, **grid, **kwargs)
+                    viewer, data, "image", name=f"{moving.name} registered",
+                    role="warped", metadata=meta, rgb=moving.rgb, **layer_grid, **kwargs)
             if colour and not fixed.rgb:
                 fixed.colormap = "green"  # display only: data and geometry stay as they were
             text = summary_text(result)
@@ -681,6 +721,61 @@ class RegisterWidget(Container):
         elif find_output(viewer, f"{name} matches") is not None:
             steps.append(lambda: viewer.layers.remove(find_output(viewer, f"{name} matches")))
         return steps
+
+
+def _pyramid_output(result, params):
+    """The registered moving image on every level of the fixed pyramid (a single-scale
+    fixed layer: one level), as lazy dask arrays: each block of each level is warped
+    when napari first shows it, from the moving level of the same index (or the
+    coarsest there is). The transform is in world units, so it is the same for all."""
+    from ..core.register import apply_transform
+
+    fixed, moving = params["fixed"], params["moving"]
+    transform = result.transform
+    _, f_or = scale_translate(fixed)
+    _, m_or = scale_translate(moving)
+    n_moving = len(levels(moving))
+    out = []
+    for j in range(len(levels(fixed))):
+        if j == params["fixed_level"] and params["moving_level"] == min(j, n_moving - 1):
+            out.append(result.warped)  # computed already, on exactly this grid
+            continue
+        mj = min(j, n_moving - 1)
+        out.append(_lazy_warp(levels(moving)[mj], transform, level_shape(fixed, j),
+                              out_sp=level_spacing(fixed, j), out_or=f_or,
+                              in_sp=level_spacing(moving, mj), in_or=m_or,
+                              rgb=bool(moving.rgb), dtype=result.warped.dtype,
+                              apply=apply_transform))
+    return out if len(out) > 1 else out[0]
+
+
+def _lazy_warp(image, transform, shape, *, out_sp, out_or, in_sp, in_or, rgb, dtype, apply,
+               chunk=1024):
+    """A dask array of ``image`` warped onto a grid of ``shape``: block by block (each
+    block warps only its own output region) for in-memory input; one task per level
+    for lazy input (a block would otherwise load the whole input level each time)."""
+    import dask
+    import dask.array as da
+
+    out_sp, out_or = np.asarray(out_sp, float), np.asarray(out_or, float)
+    full = tuple(shape) + ((image.shape[-1],) if rgb else ())
+
+    def warp(region_start, region_shape):
+        origin = out_or + np.asarray(region_start, float) * out_sp
+        return np.asarray(apply(image, transform, output_shape=region_shape,
+                                output_spacing=tuple(out_sp), output_origin=tuple(origin),
+                                input_spacing=in_sp, input_origin=in_or, rgb=rgb), dtype)
+
+    if hasattr(image, "chunks"):
+        task = dask.delayed(warp, pure=True)((0,) * len(shape), tuple(shape))
+        return da.from_delayed(task, shape=full, dtype=dtype)
+
+    def block(block_info=None):
+        loc = block_info[None]["array-location"][: len(shape)]
+        return warp([a for a, _ in loc], tuple(b - a for a, b in loc))
+
+    chunks = da.core.normalize_chunks((chunk,) * len(shape) + ((full[-1],) if rgb else ()), full)
+    return da.map_blocks(block, dtype=dtype, chunks=chunks)
 
 
 def _qc_images(params, result, qc) -> dict:
