@@ -145,6 +145,17 @@ def test_presets_set_method_transform_options_and_say_so(viewer, open_widget, qt
     w.preset.value = "CT/MR volumes (same modality)"
     assert w.method_options.values() == {"metric": "correlation", "seed": 0}
     assert w.transform.value == "rigid"
+    # leaving the preset's method says so; picking the preset again applies it again
+    w.method.value = "fourier"
+    assert w.preset.value == CUSTOM and "no preset" in w.preset_note.value
+    w.preset.value = "CT/MR volumes (same modality)"
+    w.method.value = "fourier"
+    w.preset.native.activated.emit(w.preset.native.currentIndex())  # same entry clicked
+    assert w.method.value == "fourier"  # CUSTOM now shown: activating it changes nothing
+    w.preset.value = "two channels / same sample"
+    w.method_options.upsample.value = 7
+    w.preset.native.activated.emit(w.preset.native.currentIndex())
+    assert w.method_options.values() == {}
 
 
 def test_features_run_adds_only_what_was_asked_for(viewer, open_widget, qtbot, notifications):

@@ -260,9 +260,14 @@ def find_output(viewer, name: str):
 def fixed_lines(label, lines: int) -> None:
     """Word-wrap a magicgui Label and fix its height to ``lines`` lines of text, so the
     dock keeps its size when the text changes."""
+    from qtpy.QtWidgets import QSizePolicy
+
     native = label.native
     native.setWordWrap(True)
     native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 6)
+    # and never widens the dock: it wraps to the width it is given
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    native.setMinimumWidth(0)
 
 
 def show_error(message: str) -> None:
@@ -373,6 +378,8 @@ class OptionalNumber(Container):
                                         options=dict(min=-10**9, max=10**9))
         else:
             self.number = _float_widget("number", float(start))
+        self.number.native.setMinimumWidth(70)
+        self.number.native.setMaximumWidth(140)
         self.use = CheckBox(text="set", value=default is not None)
         self.number.enabled = default is not None
         self.use.changed.connect(lambda on: setattr(self.number, "enabled", bool(on)))
@@ -469,7 +476,7 @@ class Collapsible(Container):
     def __init__(self, inner, title: str, expanded: bool = False):
         from superqt import QCollapsible
 
-        super().__init__(labels=False, name=title.lower().replace(" ", "_"))
+        super().__init__(labels=False, name=title.lower().replace(" ", "_"), label=" ")
         self.margins = (0, 0, 0, 0)
         self.inner = inner
         self.collapsible = QCollapsible(title)

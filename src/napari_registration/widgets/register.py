@@ -123,7 +123,7 @@ class RegisterWidget(Container):
     """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=False, scrollable=True)
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         images = layer_choices(napari_viewer, "image")
         labels = layer_choices(napari_viewer, "labels")
@@ -176,7 +176,7 @@ class RegisterWidget(Container):
         # labels whose text changes keep a fixed height: a dock that grows or shrinks
         # while napari removes a layer made the software-OpenGL canvas segfault (the
         # window relayout and the removal's redraw coincide; measured under Xvfb)
-        for label, lines in ((self.preset_note, 3), (self.description, 2), (self.note, 2),
+        for label, lines in ((self.preset_note, 3), (self.description, 3), (self.note, 2),
                              (self.status, 2), (self.summary, 9)):
             fixed_lines(label, lines)
         self.main = Container(labels=True, name="main")
@@ -194,10 +194,22 @@ class RegisterWidget(Container):
         buttons = Container(layout="horizontal", labels=False, name="buttons")
         buttons.margins = (0, 0, 0, 0)
         buttons.extend([self.run_button, self.cancel_button])
-        self.extend([self.main, self.options_box,
-                     collapsible(self.more, "Preprocessing and output"),
-                     self.note, buttons, self.progress, self.status, self.summary])
-        self.native.setMinimumWidth(320)
+        # everything scrolls inside the dock (napari docks the Container's inner widget,
+        # so magicgui's own scrollable=True would be bypassed): the dock fits a
+        # 1280x800 screen whatever is unfolded
+        self.body = Container(labels=False, name="body")
+        self.body.extend([self.main, self.options_box,
+                          collapsible(self.more, "Preprocessing and output"),
+                          self.note, buttons, self.progress, self.status, self.summary])
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setWidget(self.body.native)
+        self.native.layout().addWidget(self.scroll)
+        self.margins = (0, 0, 0, 0)
+        self.native.setMinimumWidth(340)
 
         self._summary_lines = 9
         self._bridge = ProgressBridge()
@@ -217,6 +229,9 @@ class RegisterWidget(Container):
 
         self.method.changed.connect(self._on_method)
         self.preset.changed.connect(self._on_preset)
+        # choosing the shown preset again (after changing the method) applies it again
+        self.preset.native.activated.connect(lambda *_: self._on_preset(self.preset.value))
+        self._applying_preset = False
         self.fixed.changed.connect(self._forget)
         self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
@@ -236,6 +251,8 @@ class RegisterWidget(Container):
         picker to another layer: keep each picker on the layer it showed."""
         keep = [(w, w.value) for w in self._pickers()]
         super().reset_choices()
+        if hasattr(self, "body"):
+            self.body.reset_choices()
         for widget, old in keep:
             if old is None:
                 continue
@@ -274,6 +291,10 @@ class RegisterWidget(Container):
                            basic=BASIC_OPTIONS.get(method), name="method_options")
 
     def _on_method(self, name):
+        if not getattr(self, "_applying_preset", True) and self.preset.value != CUSTOM:
+            # the user left the preset's method: the preset no longer describes the form
+            self.preset.value = CUSTOM
+            self.preset_note.value = f"Method changed to {name}: no preset applies."
         # import what the method needs now, while the user is still choosing, rather
         # than on the click (SimpleITK: ~0.3-0.5 s of GUI thread, once)
         QTimer.singleShot(0, lambda: _warm_up(self.method.value))
@@ -283,7 +304,23 @@ class RegisterWidget(Container):
         self.options_box.remove(self.method_options)
         self.method_options = self._make_form(name)
         self.options_box.append(self.method_options)
+        self._fit_width()
         self._on_fixed()
+
+    def _fit_width(self):
+        """Open the dock as wide as the form needs, up to 520 px (a 1280 px screen
+        keeps the canvas); beyond that the form scrolls sideways."""
+        if hasattr(self, "scroll"):
+            from qtpy.QtWidgets import QComboBox
+
+            for combo in self.body.native.findChildren(QComboBox):
+                # a long entry (a layer name, an option) must not widen the whole dock
+                combo.setSizeAdjustPolicy(
+                    QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                combo.setMinimumContentsLength(12)
+            bar = self.scroll.verticalScrollBar().sizeHint().width()
+            need = self.body.native.minimumSizeHint().width() + bar + 4
+            self.scroll.setMinimumWidth(min(need, 520))
 
     def _on_preset(self, name):
         """Set method, transform and options for a kind of data, and say so."""
@@ -294,10 +331,14 @@ class RegisterWidget(Container):
         if method not in available_methods():
             self.preset_note.value = f"{name}: needs the {method!r} method, not installed"
             return
-        if self.method.value != method:
-            self.method.value = method  # rebuilds the form with the method's defaults
-        else:
-            self.method_options.reset()
+        self._applying_preset = True
+        try:
+            if self.method.value != method:
+                self.method.value = method  # rebuilds the form with the method's defaults
+            else:
+                self.method_options.reset()
+        finally:
+            self._applying_preset = False
         if transform in self.transform.choices:
             self.transform.value = transform
         self.method_options.set(**options)
