@@ -145,6 +145,17 @@ def test_presets_set_method_transform_options_and_say_so(viewer, open_widget, qt
     w.preset.value = "CT/MR volumes (same modality)"
     assert w.method_options.values() == {"metric": "correlation", "seed": 0}
     assert w.transform.value == "rigid"
+    # leaving the preset's method says so; picking the preset again applies it again
+    w.method.value = "fourier"
+    assert w.preset.value == CUSTOM and "no preset" in w.preset_note.value
+    w.preset.value = "CT/MR volumes (same modality)"
+    w.method.value = "fourier"
+    w.preset.native.activated.emit(w.preset.native.currentIndex())  # same entry clicked
+    assert w.method.value == "fourier"  # CUSTOM now shown: activating it changes nothing
+    w.preset.value = "two channels / same sample"
+    w.method_options.upsample.value = 7
+    w.preset.native.activated.emit(w.preset.native.currentIndex())
+    assert w.method_options.values() == {}
 
 
 def test_features_run_adds_only_what_was_asked_for(viewer, open_widget, qtbot, notifications):
@@ -208,3 +219,124 @@ def test_view_command_opens_a_sample_with_the_register_dock(viewer, qtbot, sampl
         assert dock.status.value.startswith("done")
     with pytest.raises(ValueError, match="unknown sample"):
         build_view("nope", viewer=viewer)
+
+
+@pytest.mark.parametrize("output", ["resample", "affine"])
+def test_a_layer_napari_already_rotates_is_registered_in_the_shown_world(
+        viewer, open_widget, qtbot, notifications, output):
+    from napari.utils.transforms import Affine
+
+    from napari_registration import Transform
+    from napari_registration.data import _warp_by_truth
+
+    fixed = fluorescence_pair()[0][::4, ::4].copy()
+    # the moving layer is shown rotated by 20 degrees about the image centre (a manual
+    # alignment done earlier): with that placement it is off by a shift only
+    angle, centre = 20.0, np.array([63.5, 63.5])
+    rot = np.asarray(Affine(rotate=angle).rotate)
+    place = np.eye(3)
+    place[:2, :2], place[:2, 2] = rot, centre - rot @ centre
+    shift = np.array([3.0, -2.0])
+    truth = place.copy()
+    truth[:2, 2] -= shift  # moving data -> fixed world
+    moving = _warp_by_truth(fixed, Transform(truth)).astype(np.float32)
+    viewer.add_image(fixed, name="fixed")
+    m_layer = viewer.add_image(moving, name="moving", rotate=angle,
+                               translate=tuple(centre - rot @ centre))
+    w = open_widget(REGISTER)
+    w.method.value, w.transform.value = "intensity", "rigid"
+    w.output.value = output
+    _click_and_wait(qtbot, w)
+    assert w.status.value.startswith("done"), w.status.value
+    assert "current placement" in w.status.value
+    idx = np.array([[30.0, 40.0], [64.0, 64.0], [100.0, 20.0]])
+    expected = idx @ truth[:2, :2].T + truth[:2, 2]  # where each moving pixel belongs
+    if output == "affine":
+        shown = np.array([m_layer.data_to_world(p) for p in idx])
+        assert np.max(np.abs(shown - expected)) < 0.5
+        est = Transform.from_dict(m_layer.metadata["registration"]["transform"])
+    else:
+        out = viewer.layers["moving registered"]
+        assert out.data.shape == fixed.shape and np.allclose(out.rotate, np.eye(2))
+        est = Transform.from_dict(out.metadata["registration"]["transform"])
+        # the start: the placement, from the layer's scale/translate grid (data +
+        # translate, where the core works) to the shown world
+        init = out.metadata["registration"]["info"]["options"]["init"]
+        grid = np.eye(3)
+        grid[:2, 2] = m_layer.translate
+        assert np.allclose(np.asarray(init["matrix"]), place @ np.linalg.inv(grid), atol=1e-9)
+    # the stored transform maps moving as shown -> fixed as shown: here a shift by -shift
+    shown_world = idx @ rot.T + (centre - rot @ centre)
+    assert np.max(np.abs(est.apply(shown_world) - (shown_world - shift))) < 0.5
+    assert notifications["error"] == []
+
+    # Inspect alignment follows the rotate too: the result, as shown, matches the
+    # moving image placed by the truth (resampled through both placements) far better
+    # than the moving image did before
+    ideal = viewer.add_image(moving, name="ideal", rotate=angle, translate=tuple(truth[:2, 2]))
+    before = viewer.add_image(moving, name="before", rotate=angle,
+                              translate=tuple(centre - rot @ centre))
+    insp = open_widget("Inspect alignment")
+    insp.first.value = ideal
+    insp.second.value = m_layer if output == "affine" else viewer.layers["moving registered"]
+    after = insp.compute()["ncc"]
+    insp.second.value = before
+    unregistered = insp.compute()["ncc"]
+    print(f"NCC with the truth-placed image: registered {after:.3f}, before {unregistered:.3f}")
+    assert after > 0.95 and after > unregistered + 0.1
+
+
+def test_default_pyramid_level_is_the_coarsest_with_1000_px():
+    from napari_registration.widgets._common import default_level, level_spacing
+
+    class Layer:  # what the helpers need from a napari multiscale Image layer
+        multiscale, rgb, scale = True, False, (0.5, 0.5)
+        data = [np.zeros((4096, 3000)), np.zeros((2048, 1500)), np.zeros((1024, 750)),
+                np.zeros((512, 375))]
+
+    assert default_level(Layer()) == 1  # 1500 px; level 2's short side is 750
+    assert level_spacing(Layer(), 2) == (2.0, 2.0)
+    Layer.data = Layer.data[3:]
+    assert default_level(Layer()) == 0  # none that large: the finest
+
+
+@pytest.mark.parametrize("level", [None, 1])
+def test_multiscale_layers_register_on_a_level_and_stay_multiscale(viewer, open_widget, qtbot,
+                                                                   notifications, level):
+    from napari_registration import Transform
+
+    fixed, moving, truth = fluorescence_pair()
+    f_pyr = [fixed, fixed[::2, ::2].copy(), fixed[::4, ::4].copy()]
+    m_pyr = [moving, moving[::2, ::2].copy(), moving[::4, ::4].copy()]
+    viewer.add_image(f_pyr, name="fixed", multiscale=True, scale=(0.5, 0.5))
+    viewer.add_image(m_pyr, name="moving", multiscale=True, scale=(0.5, 0.5))
+    w = open_widget(REGISTER)
+    assert w.level.visible and len(w.level.choices) == 4  # auto + 3 levels
+    w.level.value = level
+    w.method.value, w.transform.value = "fourier", "rigid"
+    _click_and_wait(qtbot, w)
+    assert w.status.value.startswith("done"), w.status.value
+    out = viewer.layers["moving registered"]
+    assert out.multiscale and [lv.shape for lv in out.data] == [lv.shape for lv in f_pyr]
+    assert tuple(out.scale) == (0.5, 0.5)
+    reg = out.metadata["registration"]
+    # registered on the chosen level (auto: none has 1000 px: the finest), in world units
+    expected_level = 0 if level is None else level
+    est = Transform.from_dict(reg["transform"])
+    world_truth = Transform(np.diag([0.5, 0.5, 1.0]) @ truth.matrix @ np.diag([2.0, 2.0, 1.0]))
+    pts = np.array([[40.0, 40.0], [128.0, 128.0], [200.0, 60.0]])
+    assert _tre(est, world_truth, pts) < 0.25 * 2 ** expected_level
+    assert w._last["params"]["fixed_level"] == expected_level
+    # every level shows the same registered image (lazily warped levels match level 0)
+    level2 = np.asarray(out.data[2])
+    assert level2.shape == f_pyr[2].shape
+    def corr(a, b):
+        return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
+
+    assert corr(level2, np.asarray(out.data[0])[::4, ::4]) > 0.9
+    print(f"level 2: registered {corr(level2, f_pyr[2]):.3f}, before {corr(m_pyr[2], f_pyr[2]):.3f}")
+    assert corr(level2, f_pyr[2]) > corr(m_pyr[2], f_pyr[2]) + 0.2
+
+
+def _tre(est, truth, pts):
+    return float(np.max(np.linalg.norm(est.apply(pts) - truth.apply(pts), axis=1)))

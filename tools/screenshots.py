@@ -39,6 +39,8 @@ def run_worker(widget) -> None:
     worker.finished.connect(loop.quit)
     worker.start()
     loop.exec()
+    while getattr(widget, "_placing", False):  # result layers go in one per event-loop turn
+        wait(20)
     wait(200)
 
 
@@ -69,18 +71,22 @@ def main(argv=None) -> None:
     import napari
 
     viewer = napari.Viewer(show=True, title="napari-registration")
-    viewer.window.resize(1400, 880)
+    viewer.window.resize(1280, 800)  # a laptop screen: every dock must fit it
 
-    # 1. Register images: the two-channel pair, rigid Fourier registration
+    # 1. Register images: the two-channel pair, with the preset for it (fourier rigid)
     viewer.open_sample(PLUGIN, "fluorescence_pair")
     fixed, moving = viewer.layers["nuclei (fixed)"], viewer.layers["nuclei shifted (moving)"]
     _, reg = viewer.window.add_plugin_dock_widget(PLUGIN, "Register images")
     reg.fixed.value, reg.moving.value = fixed, moving
-    reg.method.value = "fourier"
-    reg.transform.value = "rigid"
+    reg.preset.value = "two channels / same sample"
     reg.tile.value = 64.0
     reg.difference.value = True
     shot(viewer, out / "register_before.png")  # green/magenta overlay: out of line
+    # the intensity method's form: basic options, then "Advanced" unfolded
+    reg.method.value = "intensity"
+    reg.method_options.advanced_section.collapsible.expand(animate=False)
+    shot(viewer, out / "register_advanced.png")
+    reg.preset.value = "two channels / same sample"
     run_worker(reg)
     moving.visible = False
     viewer.layers[f"difference: {moving.name}"].visible = False
@@ -126,7 +132,7 @@ def main(argv=None) -> None:
     from napari_registration import available_methods
 
     if "intensity" in available_methods():
-        reg3.method.value, reg3.transform.value = "intensity", "rigid"
+        reg3.preset.value = "CT/MR volumes (same modality)"
     else:
         reg3.method.value, reg3.transform.value = "fourier", "translation"
     run_worker(reg3)

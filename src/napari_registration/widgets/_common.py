@@ -59,6 +59,36 @@ def image_data(layer) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+#: the default level to register: the coarsest with at least this many pixels on a
+#: side (large-image tools register a ~1-2k px thumbnail first)
+LEVEL_MIN_SIDE = 1000
+
+
+def levels(layer) -> list:
+    """The arrays of an Image layer, fine to coarse (one for a single-scale layer)."""
+    return list(layer.data) if getattr(layer, "multiscale", False) else [layer.data]
+
+
+def level_shape(layer, level: int) -> tuple:
+    """Spatial shape of one level (an RGB layer's colour axis left out)."""
+    shape = tuple(levels(layer)[level].shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def level_spacing(layer, level: int) -> tuple:
+    """World size of a pixel of ``level``: napari shows level i with ``scale *
+    shape_0 / shape_i`` per axis (same ``translate``)."""
+    s0, si = np.asarray(level_shape(layer, 0), float), np.asarray(level_shape(layer, level), float)
+    return tuple(float(v) for v in np.asarray(layer.scale, float) * s0 / si)
+
+
+def default_level(layer, min_side: int = LEVEL_MIN_SIDE) -> int:
+    """The coarsest level whose smallest side has at least ``min_side`` pixels (the
+    finest level if none has)."""
+    ok = [i for i in range(len(levels(layer))) if min(level_shape(layer, i)) >= min_side]
+    return max(ok) if ok else 0
+
+
 def spatial_ndim(layer) -> int:
     """Number of spatial axes (an RGB image's colour axis does not count)."""
     return layer.ndim
@@ -75,6 +105,30 @@ def geometry(layer) -> tuple[tuple, tuple]:
             "scale and translate only. Reset rotate/shear, or resample the layer first"
         )
     return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
+
+
+def scale_translate(layer) -> tuple[tuple, tuple]:
+    """(spacing, origin): napari ``scale`` and ``translate``, the grid the core works
+    on. Whatever else places the layer (rotate, shear, affine) is :func:`placement`."""
+    return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
+
+
+def placement(layer) -> np.ndarray:
+    """Homogeneous matrix from the layer's scale/translate world (``data * scale +
+    translate``, where the core registers it) to the world napari displays it in
+    (``affine @ (translate + rotate @ shear @ scale @ data)``): the identity unless
+    the layer is rotated, sheared or has an affine. Raises ValueError if napari's
+    placement cannot be inverted (a zero scale, a degenerate affine)."""
+    sp, org = scale_translate(layer)
+    grid = np.eye(len(sp) + 1)
+    grid[:-1, :-1] = np.diag(sp)
+    grid[:-1, -1] = org
+    full = affine_matrix(layer) @ physical_matrix(layer)
+    if abs(np.linalg.det(grid)) < 1e-12 or abs(np.linalg.det(full)) < 1e-12:
+        raise ValueError(f"layer {layer.name!r} is placed by a matrix that cannot be "
+                         "inverted (a zero scale or a degenerate affine/shear): fix its "
+                         "scale/affine first")
+    return full @ np.linalg.inv(grid)
 
 
 def physical_matrix(layer) -> np.ndarray:
@@ -102,8 +156,8 @@ def transform_from_layer(layer) -> Transform | None:
     return None
 
 
-_IN_PLACE = {"image": ("scale", "translate", "affine", "colormap", "contrast_limits", "blending",
-                       "visible", "opacity"),
+_IN_PLACE = {"image": ("scale", "translate", "rotate", "shear", "affine", "colormap",
+                       "contrast_limits", "blending", "visible", "opacity"),
              "labels": ("scale", "translate", "affine", "opacity"),
              "points": ("scale", "translate", "size", "face_color", "border_color")}
 
@@ -132,6 +186,8 @@ def put_layer(viewer, data, layer_type: str, *, name: str, role: str, **kwargs):
 
 
 def _update_in_place(layer, data, layer_type, metadata, kwargs) -> bool:
+    if kwargs.get("multiscale") or getattr(layer, "multiscale", False):
+        return False  # a pyramid: replaced as a whole
     settable = _IN_PLACE.get(layer_type)
     if settable is None or type(layer).__name__.lower() != layer_type:
         return False
@@ -204,9 +260,14 @@ def find_output(viewer, name: str):
 def fixed_lines(label, lines: int) -> None:
     """Word-wrap a magicgui Label and fix its height to ``lines`` lines of text, so the
     dock keeps its size when the text changes."""
+    from qtpy.QtWidgets import QSizePolicy
+
     native = label.native
     native.setWordWrap(True)
     native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 6)
+    # and never widens the dock: it wraps to the width it is given
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    native.setMinimumWidth(0)
 
 
 def show_error(message: str) -> None:
@@ -317,6 +378,8 @@ class OptionalNumber(Container):
                                         options=dict(min=-10**9, max=10**9))
         else:
             self.number = _float_widget("number", float(start))
+        self.number.native.setMinimumWidth(70)
+        self.number.native.setMaximumWidth(140)
         self.use = CheckBox(text="set", value=default is not None)
         self.number.enabled = default is not None
         self.use.changed.connect(lambda on: setattr(self.number, "enabled", bool(on)))
@@ -413,7 +476,7 @@ class Collapsible(Container):
     def __init__(self, inner, title: str, expanded: bool = False):
         from superqt import QCollapsible
 
-        super().__init__(labels=False, name=title.lower().replace(" ", "_"))
+        super().__init__(labels=False, name=title.lower().replace(" ", "_"), label=" ")
         self.margins = (0, 0, 0, 0)
         self.inner = inner
         self.collapsible = QCollapsible(title)

@@ -2,7 +2,7 @@
 
 The second layer is resampled onto the first layer's grid when the grids differ (shape,
 scale, translate or affine), through the world coordinates napari shows them in - so
-this also checks an alignment made by setting a layer's affine.
+this also checks an alignment made by setting a layer's affine, rotate or shear.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from ..core.transform import Transform
 from ._common import (
     affine_matrix,
     colour_checkerboard,
-    geometry,
     image_data,
     layer_choices,
+    placement,
     put_layer,
+    scale_translate,
     show_error,
 )
 
@@ -102,10 +103,11 @@ class InspectWidget(Container):
                              f"{b_layer.ndim}D: compare layers with the same number of axes")
         a = _grey(a_layer)
         b = _grey(b_layer)
-        a_sp, a_or = geometry(a_layer)
-        b_sp, b_or = geometry(b_layer)
-        # b's scale/translate world -> viewer world -> a's scale/translate world
-        m = np.linalg.inv(affine_matrix(a_layer)) @ affine_matrix(b_layer)
+        a_sp, a_or = scale_translate(a_layer)
+        b_sp, b_or = scale_translate(b_layer)
+        # b's scale/translate world -> viewer world (through its rotate/shear/affine)
+        # -> a's scale/translate world
+        m = np.linalg.inv(placement(a_layer)) @ placement(b_layer)
         same = (a.shape == b.shape and np.allclose(a_sp, b_sp) and np.allclose(a_or, b_or)
                 and np.allclose(m, np.eye(m.shape[0])))
         grid = dict(output_spacing=a_sp, output_origin=a_or, input_spacing=b_sp, input_origin=b_or)
@@ -119,7 +121,8 @@ class InspectWidget(Container):
                 raise ValueError(f"{b_layer.name!r} does not overlap {a_layer.name!r} in the "
                                  "world: nothing to compare")
         scores = compare(a, b_on_a, mask)
-        layer_grid = dict(scale=a_sp, translate=a_or, affine=affine_matrix(a_layer))
+        layer_grid = dict(scale=a_sp, translate=a_or, rotate=np.asarray(a_layer.rotate),
+                          shear=np.asarray(a_layer.shear), affine=affine_matrix(a_layer))
         self._pair = (a, b_on_a, layer_grid, (a_layer.name, b_layer.name))
         if self.checkerboard.value:
             self._update_checkerboard()

@@ -37,16 +37,22 @@ from ._common import (
     colour_checkerboard,
     affine_matrix,
     find_output,
-    geometry,
+    default_level,
     fixed_lines,
     image_data,
     is_output,
     layer_choices,
+    level_shape,
+    level_spacing,
+    levels,
+    placement,
     put_layer,
     same_layer,
+    scale_translate,
     show_error,
     show_info,
 )
+from ..core.transform import Transform
 
 PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
 
@@ -117,7 +123,7 @@ class RegisterWidget(Container):
     """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821
-        super().__init__(labels=False, scrollable=True)
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         images = layer_choices(napari_viewer, "image")
         labels = layer_choices(napari_viewer, "labels")
@@ -126,6 +132,9 @@ class RegisterWidget(Container):
         self.preset_note = Label(label="", value="")
         self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
         self.moving = ComboBox(label="moving", choices=images, nullable=True)
+        self.level = ComboBox(label="pyramid level", choices=self._level_choices,
+                              tooltip="multiscale layers: the level registered (the transform "
+                                      "is in world units, so it applies to every level)")
         methods = available_methods()
         self.method = ComboBox(label="method", choices=methods,
                                value="fourier" if "fourier" in methods else methods[0])
@@ -167,11 +176,12 @@ class RegisterWidget(Container):
         # labels whose text changes keep a fixed height: a dock that grows or shrinks
         # while napari removes a layer made the software-OpenGL canvas segfault (the
         # window relayout and the removal's redraw coincide; measured under Xvfb)
-        for label, lines in ((self.preset_note, 3), (self.description, 2), (self.note, 2),
+        for label, lines in ((self.preset_note, 3), (self.description, 3), (self.note, 2),
                              (self.status, 2), (self.summary, 9)):
             fixed_lines(label, lines)
         self.main = Container(labels=True, name="main")
-        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.method,
+        self.main.extend([self.preset, self.preset_note, self.fixed, self.moving, self.level,
+                          self.method,
                           self.description, self.transform])
         self.main.margins = (0, 0, 0, 0)
         self.options_box = Container(labels=False, name="options_box")
@@ -184,10 +194,22 @@ class RegisterWidget(Container):
         buttons = Container(layout="horizontal", labels=False, name="buttons")
         buttons.margins = (0, 0, 0, 0)
         buttons.extend([self.run_button, self.cancel_button])
-        self.extend([self.main, self.options_box,
-                     collapsible(self.more, "Preprocessing and output"),
-                     self.note, buttons, self.progress, self.status, self.summary])
-        self.native.setMinimumWidth(320)
+        # everything scrolls inside the dock (napari docks the Container's inner widget,
+        # so magicgui's own scrollable=True would be bypassed): the dock fits a
+        # 1280x800 screen whatever is unfolded
+        self.body = Container(labels=False, name="body")
+        self.body.extend([self.main, self.options_box,
+                          collapsible(self.more, "Preprocessing and output"),
+                          self.note, buttons, self.progress, self.status, self.summary])
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setWidget(self.body.native)
+        self.native.layout().addWidget(self.scroll)
+        self.margins = (0, 0, 0, 0)
+        self.native.setMinimumWidth(340)
 
         self._summary_lines = 9
         self._bridge = ProgressBridge()
@@ -202,13 +224,18 @@ class RegisterWidget(Container):
         self._placing = False
         self._run_inputs = None  # (fixed, moving) of the running registration
         self._aborted: str | None = None  # why the running registration was cancelled
+        self._outcome_shown = False
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
         self.method.changed.connect(self._on_method)
         self.preset.changed.connect(self._on_preset)
+        # choosing the shown preset again (after changing the method) applies it again
+        self.preset.native.activated.connect(lambda *_: self._on_preset(self.preset.value))
+        self._applying_preset = False
         self.fixed.changed.connect(self._forget)
         self.moving.changed.connect(self._forget)
         self.fixed.changed.connect(self._on_fixed)
+        self.moving.changed.connect(self._on_fixed)
         self.output.changed.connect(self._on_fixed)
         self.tile.changed.connect(self._refresh_checkerboard)
         self.run_button.changed.connect(self.run)
@@ -224,6 +251,8 @@ class RegisterWidget(Container):
         picker to another layer: keep each picker on the layer it showed."""
         keep = [(w, w.value) for w in self._pickers()]
         super().reset_choices()
+        if hasattr(self, "body"):
+            self.body.reset_choices()
         for widget, old in keep:
             if old is None:
                 continue
@@ -262,6 +291,10 @@ class RegisterWidget(Container):
                            basic=BASIC_OPTIONS.get(method), name="method_options")
 
     def _on_method(self, name):
+        if not getattr(self, "_applying_preset", True) and self.preset.value != CUSTOM:
+            # the user left the preset's method: the preset no longer describes the form
+            self.preset.value = CUSTOM
+            self.preset_note.value = f"Method changed to {name}: no preset applies."
         # import what the method needs now, while the user is still choosing, rather
         # than on the click (SimpleITK: ~0.3-0.5 s of GUI thread, once)
         QTimer.singleShot(0, lambda: _warm_up(self.method.value))
@@ -271,7 +304,23 @@ class RegisterWidget(Container):
         self.options_box.remove(self.method_options)
         self.method_options = self._make_form(name)
         self.options_box.append(self.method_options)
+        self._fit_width()
         self._on_fixed()
+
+    def _fit_width(self):
+        """Open the dock as wide as the form needs, up to 520 px (a 1280 px screen
+        keeps the canvas); beyond that the form scrolls sideways."""
+        if hasattr(self, "scroll"):
+            from qtpy.QtWidgets import QComboBox
+
+            for combo in self.body.native.findChildren(QComboBox):
+                # a long entry (a layer name, an option) must not widen the whole dock
+                combo.setSizeAdjustPolicy(
+                    QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                combo.setMinimumContentsLength(12)
+            bar = self.scroll.verticalScrollBar().sizeHint().width()
+            need = self.body.native.minimumSizeHint().width() + bar + 4
+            self.scroll.setMinimumWidth(min(need, 520))
 
     def _on_preset(self, name):
         """Set method, transform and options for a kind of data, and say so."""
@@ -282,10 +331,14 @@ class RegisterWidget(Container):
         if method not in available_methods():
             self.preset_note.value = f"{name}: needs the {method!r} method, not installed"
             return
-        if self.method.value != method:
-            self.method.value = method  # rebuilds the form with the method's defaults
-        else:
-            self.method_options.reset()
+        self._applying_preset = True
+        try:
+            if self.method.value != method:
+                self.method.value = method  # rebuilds the form with the method's defaults
+            else:
+                self.method_options.reset()
+        finally:
+            self._applying_preset = False
         if transform in self.transform.choices:
             self.transform.value = transform
         self.method_options.set(**options)
@@ -293,8 +346,29 @@ class RegisterWidget(Container):
         self.preset_note.value = (f"Preset: {method} / {transform}" + (f", {shown}" if shown else "")
                                   + f". {why}. Change anything below.")
 
+    def _level_choices(self, widget=None):
+        layer = next((ly for ly in (self.fixed.value, self.moving.value)
+                      if ly is not None and getattr(ly, "multiscale", False)), None)
+        if layer is None:
+            return [("(single-scale layers)", None)]
+        auto = default_level(layer)
+        return [(f"auto: {auto} ({' x '.join(map(str, level_shape(layer, auto)))})", None)] + [
+            (f"{i}: {' x '.join(map(str, level_shape(layer, i)))}", i)
+            for i in range(len(levels(layer)))]
+
+    def _pick_level(self, layer) -> int:
+        if not getattr(layer, "multiscale", False):
+            return 0
+        choice = self.level.value
+        return default_level(layer) if choice is None else min(int(choice), len(levels(layer)) - 1)
+
     def _on_fixed(self, *_):
         layer = self.fixed.value
+        if hasattr(self, "level"):
+            self.level.reset_choices()
+            self.level.visible = any(getattr(ly, "multiscale", False)
+                                     for ly in (self.fixed.value, self.moving.value)
+                                     if ly is not None)
         notes = []
         if layer is not None and layer.ndim >= 3:
             if self.output.value == AFFINE:
@@ -313,11 +387,33 @@ class RegisterWidget(Container):
         fixed, moving = self.fixed.value, self.moving.value
         if fixed is None or moving is None:
             raise ValueError("pick a fixed and a moving Image layer (open two images first)")
-        if fixed is moving:
+        if same_layer(fixed, moving):
             raise ValueError("fixed and moving are the same layer: pick two different layers")
-        f_sp, f_or = geometry(fixed)
-        m_sp, m_or = geometry(moving)
+        f_sp, f_or = scale_translate(fixed)
+        m_sp, m_or = scale_translate(moving)
+        # pyramids: register one level each, with that level's pixel size
+        f_level, m_level = self._pick_level(fixed), self._pick_level(moving)
+        f_sp, m_sp = level_spacing(fixed, f_level), level_spacing(moving, m_level)
+        # a layer napari already moves (rotate, shear, affine: a manual alignment, a
+        # file's orientation) is registered in the world napari shows: its current
+        # placement relative to the fixed layer is where the registration starts
+        if fixed.ndim == moving.ndim:
+            f_place, m_place = placement(fixed), placement(moving)
+        else:  # register() says what to do about it
+            f_place, m_place = np.eye(fixed.ndim + 1), np.eye(moving.ndim + 1)
+        start = np.linalg.inv(f_place) @ m_place if fixed.ndim == moving.ndim else np.eye(1)
+        # (start: moving grid world -> fixed grid world)
         options = self.method_options.values()
+        moved = not np.allclose(start, np.eye(start.shape[0]), atol=1e-9)
+        start_note = ""
+        if moved:
+            form = self.method_options.fields
+            if "init" in form and form["init"].value == "auto":
+                options["init"] = Transform(start)
+                start_note = "started from the moving layer's current placement"
+            else:
+                start_note = (f"{self.method.value} takes no starting transform: the images "
+                              "alone decide; the moving layer's current placement is replaced")
         options.update(equalize=self.equalize.value, smooth=float(self.smooth.value))
         if fixed.rgb == moving.rgb:
             options["rgb"] = bool(fixed.rgb)
@@ -326,10 +422,12 @@ class RegisterWidget(Container):
                 options[key] = np.asarray(image_data(layer)) != 0
         return dict(
             fixed=fixed, moving=moving,
-            fixed_data=image_data(fixed), moving_data=image_data(moving),
+            fixed_data=levels(fixed)[f_level], moving_data=levels(moving)[m_level],
+            fixed_level=f_level, moving_level=m_level,
             method=self.method.value, transform=self.transform.value,
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
             options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
+            fixed_placement=f_place, moving_placement=m_place, start_note=start_note,
         )
 
     def make_worker(self):
@@ -382,6 +480,7 @@ class RegisterWidget(Container):
 
         self._run_inputs = (params["fixed"], params["moving"])
         self._aborted = None
+        self._outcome_shown = False
         self.timing = {}  # perf_counter stamps: worker_done (set by the worker), shown
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.started.connect(self._on_started)
@@ -421,7 +520,8 @@ class RegisterWidget(Container):
                 return
 
     def _say(self, text: str) -> None:
-        if self._aborted is not None or not self._running:
+        """A deferred status line; dropped if the run's outcome is on screen already."""
+        if self._running and not self._outcome_shown:
             self.status.value = text
 
     def run(self, *_):
@@ -466,6 +566,7 @@ class RegisterWidget(Container):
 
     def _on_returned(self, out, params):
         outcome, payload = out
+        self._outcome_shown = True
         if self._aborted is not None or not self._inputs_present(params):
             self._abandon(self._aborted or "an input layer was removed")
             return
@@ -531,10 +632,25 @@ class RegisterWidget(Container):
         meta = {"registration": result.to_dict(),
                 "registration_layers": {"fixed": fixed.name, "moving": moving.name}}
         grid = dict(scale=params["fixed_spacing"], translate=params["fixed_origin"],
+                    rotate=np.asarray(fixed.rotate), shear=np.asarray(fixed.shear),
                     affine=affine_matrix(fixed))
         colour = self.overlay.value
-        notes = []
+        notes = [params["start_note"]] if params.get("start_note") else []
         output = params["output"]
+        # the transform in the worlds napari shows: moving displayed -> fixed displayed
+        f_place, m_place = params["fixed_placement"], params["moving_placement"]
+        shown = None
+        if result.transform.is_linear:
+            shown = f_place @ result.transform.matrix @ np.linalg.inv(m_place)
+            if not np.allclose(shown, result.transform.matrix):
+                meta["registration"] = dict(meta["registration"])
+                meta["registration"]["transform_grid"] = meta["registration"]["transform"]
+                meta["registration"]["transform"] = Transform(shown).to_dict()
+        elif not (np.allclose(f_place, np.eye(len(f_place)))
+                  and np.allclose(m_place, np.eye(len(m_place)))):
+            notes.append(f"the {result.transform.kind} transform is stored between the "
+                         "layers' scale/translate grids (a rotated/affine placement is not "
+                         "folded into a deformable transform)")
         if output == AFFINE and (not result.transform.is_linear or result.transform.is_projective):
             notes.append(f"{result.transform.kind} transform cannot be shown as a napari affine: "
                          "resampled instead")
@@ -544,10 +660,11 @@ class RegisterWidget(Container):
 
         def warped():
             if output == AFFINE:
-                # napari: world = affine @ (data * scale + translate). The registration maps
-                # the moving layer's scale/translate world to the fixed one's, which the
-                # fixed layer's own affine then places in the viewer.
-                moving.affine = affine_matrix(fixed) @ result.transform.matrix
+                # napari: world = affine @ (physical placement of the data): the new
+                # affine puts the moving layer where the registration says, composed
+                # with its own rotate/shear/affine (equal to fixed affine @ transform
+                # for layers moved by scale/translate only)
+                moving.affine = shown @ affine_matrix(moving)
                 moving.metadata["registration"] = meta["registration"]
                 if colour and not moving.rgb:
                     moving.colormap = "magenta"
@@ -561,9 +678,15 @@ class RegisterWidget(Container):
                     kwargs.update(colormap=moving.colormap.name)
                 if not moving.rgb:
                     kwargs.update(contrast_limits=tuple(moving.contrast_limits))
+                data, layer_grid = result.warped, grid
+                if getattr(fixed, "multiscale", False) or params.get("moving_level", 0):
+                    data, layer_grid = _pyramid_output(result, params), dict(
+                        grid, scale=scale_translate(fixed)[0])
+                    if isinstance(data, list):
+                        kwargs["multiscale"] = True
                 placed["warped"] = put_layer(
-                    viewer, result.warped, "image", name=f"{moving.name} registered",
-                    role="warped", metadata=meta, rgb=moving.rgb, **grid, **kwargs)
+                    viewer, data, "image", name=f"{moving.name} registered",
+                    role="warped", metadata=meta, rgb=moving.rgb, **layer_grid, **kwargs)
             if colour and not fixed.rgb:
                 fixed.colormap = "green"  # display only: data and geometry stay as they were
             text = summary_text(result)
@@ -639,6 +762,61 @@ class RegisterWidget(Container):
         elif find_output(viewer, f"{name} matches") is not None:
             steps.append(lambda: viewer.layers.remove(find_output(viewer, f"{name} matches")))
         return steps
+
+
+def _pyramid_output(result, params):
+    """The registered moving image on every level of the fixed pyramid (a single-scale
+    fixed layer: one level), as lazy dask arrays: each block of each level is warped
+    when napari first shows it, from the moving level of the same index (or the
+    coarsest there is). The transform is in world units, so it is the same for all."""
+    from ..core.register import apply_transform
+
+    fixed, moving = params["fixed"], params["moving"]
+    transform = result.transform
+    _, f_or = scale_translate(fixed)
+    _, m_or = scale_translate(moving)
+    n_moving = len(levels(moving))
+    out = []
+    for j in range(len(levels(fixed))):
+        if j == params["fixed_level"] and params["moving_level"] == min(j, n_moving - 1):
+            out.append(result.warped)  # computed already, on exactly this grid
+            continue
+        mj = min(j, n_moving - 1)
+        out.append(_lazy_warp(levels(moving)[mj], transform, level_shape(fixed, j),
+                              out_sp=level_spacing(fixed, j), out_or=f_or,
+                              in_sp=level_spacing(moving, mj), in_or=m_or,
+                              rgb=bool(moving.rgb), dtype=result.warped.dtype,
+                              apply=apply_transform))
+    return out if len(out) > 1 else out[0]
+
+
+def _lazy_warp(image, transform, shape, *, out_sp, out_or, in_sp, in_or, rgb, dtype, apply,
+               chunk=1024):
+    """A dask array of ``image`` warped onto a grid of ``shape``: block by block (each
+    block warps only its own output region) for in-memory input; one task per level
+    for lazy input (a block would otherwise load the whole input level each time)."""
+    import dask
+    import dask.array as da
+
+    out_sp, out_or = np.asarray(out_sp, float), np.asarray(out_or, float)
+    full = tuple(shape) + ((image.shape[-1],) if rgb else ())
+
+    def warp(region_start, region_shape):
+        origin = out_or + np.asarray(region_start, float) * out_sp
+        return np.asarray(apply(image, transform, output_shape=region_shape,
+                                output_spacing=tuple(out_sp), output_origin=tuple(origin),
+                                input_spacing=in_sp, input_origin=in_or, rgb=rgb), dtype)
+
+    if hasattr(image, "chunks"):
+        task = dask.delayed(warp, pure=True)((0,) * len(shape), tuple(shape))
+        return da.from_delayed(task, shape=full, dtype=dtype)
+
+    def block(block_info=None):
+        loc = block_info[None]["array-location"][: len(shape)]
+        return warp([a for a, _ in loc], tuple(b - a for a, b in loc))
+
+    chunks = da.core.normalize_chunks((chunk,) * len(shape) + ((full[-1],) if rgb else ()), full)
+    return da.map_blocks(block, dtype=dtype, chunks=chunks)
 
 
 def _qc_images(params, result, qc) -> dict:
