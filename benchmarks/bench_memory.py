@@ -230,7 +230,7 @@ def main():
             print(f"{ours} / {peer}: memory {by[ours]['peak_increase'] / by[peer]['peak_increase']:.2f}x, "
                   f"time {by[ours]['seconds'] / by[peer]['seconds']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": "python benchmarks/bench_memory.py",
+    Path(args.out).write_text(json.dumps({"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
                                           "budget_ratio": 4.0, "rows": rows}, indent=1))
 
 
