@@ -257,3 +257,73 @@ def test_features_detect_in_bounded_tiles_with_full_resolution_accuracy(monkeypa
     tre_tiled = tre_against_truth(tiled.transform, Transform(truth), pts)["mean"]
     tre_whole = tre_against_truth(whole.transform, Transform(truth), pts)["mean"]
     assert tre_tiled < 0.1 and tre_tiled < 2 * tre_whole + 0.02, (tre_tiled, tre_whole)
+
+
+# ------------------------------------- ITK-read image headers, in a child process
+_READER = """
+import sys, json
+sys.path.insert(0, sys.argv[1])
+from napari_registration.io import read_image
+for path in sys.argv[2:]:
+    print(path, flush=True)
+    try:
+        a, sp, _ = read_image(path)
+        print(json.dumps({"path": path, "outcome": "ok", "shape": list(a.shape)}), flush=True)
+    except ValueError as err:
+        print(json.dumps({"path": path, "outcome": "ValueError", "message": str(err)}), flush=True)
+"""
+
+ITK_HEADER_CASES = [
+    ("MHA claiming 10^6 x 10^6 voxels", "a.mha",
+     b"ObjectType = Image\nNDims = 2\nDimSize = 1000000 1000000\nElementType = MET_FLOAT\n"
+     b"ElementDataFile = LOCAL\n" + b"\x00" * 64),
+    ("MHA with NDims = 0", "b.mha", b"ObjectType = Image\nNDims = 0\nElementDataFile = LOCAL\n"),
+    ("MHA with a negative size", "c.mha",
+     b"ObjectType = Image\nNDims = 2\nDimSize = -4 4\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+     + b"\x00" * 16),
+    ("MHA pointing at another file", "d.mha",
+     b"ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+     b"ElementDataFile = /etc/hostname\n"),
+    ("NRRD claiming 10^6 x 10^6", "e.nrrd",
+     b"NRRD0004\ntype: float\ndimension: 2\nsizes: 1000000 1000000\nencoding: raw\n\n" + b"\x00" * 64),
+    ("NRRD with zero spacing", "f.nrrd",
+     b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nspacings: 0 0\nencoding: raw\n\n" + b"\x00" * 16),
+    ("gzip NIfTI that is not gzip", "g.nii.gz", b"not gzip at all" * 10),
+    ("NRRD data file elsewhere", "h.nhdr",
+     b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nencoding: raw\ndata file: ../../x.raw\n"),
+    ("MHD with its data beside it", "i.mhd",
+     b"ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+     b"ElementDataFile = i.raw\n"),
+]
+
+
+def test_itk_read_image_headers_never_crash(tmp_path):
+    """Hostile MHA/NRRD/NIfTI headers read in a child process: each gives an image or a
+    ValueError; none crashes the interpreter or takes more than a few seconds."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    paths = []
+    (tmp_path / "i.raw").write_bytes(bytes(range(16)))
+    for name, filename, content in ITK_HEADER_CASES:
+        (tmp_path / filename).write_bytes(content)
+        paths.append(str(tmp_path / filename))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _READER, src, *paths], capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, f"the reader died on {lines[-1] if lines else '?'}: {proc.stderr[-500:]}"
+    results = {r["path"]: r for r in map(json.loads, (ln for ln in lines if ln.startswith("{")))}
+    assert set(results) == set(paths)
+    assert time.perf_counter() - t0 < 60
+    for (name, filename, _), path in zip(ITK_HEADER_CASES, paths):
+        r = results[path]
+        if name in ("MHA pointing at another file", "NRRD data file elsewhere"):
+            assert r["outcome"] == "ValueError" and "outside" in r["message"], f"{name}: {r}"
+        if name in ("MHA claiming 10^6 x 10^6 voxels", "NRRD claiming 10^6 x 10^6",
+                    "gzip NIfTI that is not gzip", "MHA with NDims = 0", "MHA with a negative size"):
+            assert r["outcome"] == "ValueError", f"{name}: {r}"
+    assert results[paths[-1]] == {"path": paths[-1], "outcome": "ok", "shape": [4, 4]}
