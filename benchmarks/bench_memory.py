@@ -48,6 +48,30 @@ def make_pair(n: int, rigid: bool):
     return fixed.astype(np.float32), moving.astype(np.float32)
 
 
+def make_pair_2d(n: int):
+    """A textured n x n photo-like image (the camera picture enlarged, with fine detail
+    added so full resolution matters) and a copy rotated by 3 degrees and shifted:
+    moving[q] = fixed[A q + b]."""
+    from scipy import ndimage
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    cam = data.camera().astype(np.float32) / 255.0
+    fixed = ndimage.zoom(cam, n / cam.shape[0], order=1)
+    fixed += 0.15 * ndimage.gaussian_filter(rng.standard_normal(fixed.shape).astype(np.float32), 2.0)
+    a, rot, off = truth_2d(n)
+    moving = ndimage.affine_transform(fixed, rot, offset=off, order=1).astype(np.float32)
+    return fixed.astype(np.float32), moving
+
+
+def truth_2d(n: int):
+    a = np.deg2rad(3.0)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    c = (np.array([n, n]) - 1) / 2
+    off = c - rot @ c + np.array([n * 0.01, -n * 0.007])
+    return a, rot, off
+
+
 def truth(n: int, rigid: bool) -> np.ndarray:
     """moving -> fixed (index = world) matrix of :func:`make_pair`."""
     m = np.eye(4)
@@ -120,11 +144,18 @@ def run_case(case: str, n: int):
 
         return from_sitk_transform(tx).matrix
 
+    def ours_features(f, m):
+        return register(f, m, method="features", transform="rigid").transform.matrix
+
     fn = {"fourier": ours_fourier, "intensity": ours_intensity, "skimage_pcc": skimage_pcc,
-          "sitk_rigid": sitk_rigid}[case]
+          "sitk_rigid": sitk_rigid, "features": ours_features}[case]
     rigid = case in ("intensity", "sitk_rigid")
-    fn(*make_pair(32, rigid))  # warm-up: imports, FFT plans, ITK factories
-    fixed, moving = make_pair(n, rigid)
+    if case == "features":  # 2D: --size is the side of a square image
+        fn(*make_pair_2d(512))
+        fixed, moving = make_pair_2d(n)
+    else:
+        fn(*make_pair(32, rigid))  # warm-up: imports, FFT plans, ITK factories
+        fixed, moving = make_pair(n, rigid)
     import gc
 
     gc.collect()
@@ -141,13 +172,19 @@ def run_case(case: str, n: int):
     from napari_registration import Transform
     from napari_registration.data import grid_points, tre_against_truth
 
-    tre = tre_against_truth(Transform(np.asarray(matrix)), Transform(truth(n, rigid)),
-                            grid_points(fixed.shape))
+    if case == "features":
+        _, rot, off = truth_2d(n)
+        t = np.eye(3)
+        t[:2, :2], t[:2, 2] = rot, off   # moving q sits at fixed A q + b
+        true = Transform(t)
+    else:
+        true = Transform(truth(n, rigid))
+    tre = tre_against_truth(Transform(np.asarray(matrix)), true, grid_points(fixed.shape))
     return {"case": case, "size": n, "input_bytes": input_bytes, "baseline_rss": base,
             "peak_rss": max(sampler.peak, 0), "peak_increase": sampler.peak - base,
             "ratio_to_input": (sampler.peak - base) / input_bytes,
             "ru_maxrss": maxrss, "seconds": seconds, "tre_mean_px": tre["mean"],
-            "translation": [float(v) for v in np.asarray(matrix)[:3, 3]]}
+            "translation": [float(v) for v in np.asarray(matrix)[:-1, -1]]}
 
 
 CASES = {"fourier": ("fourier translation", "skimage_pcc"),
@@ -159,31 +196,41 @@ def main():
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--cases", default="fourier,skimage_pcc,intensity,sitk_rigid")
     p.add_argument("--child", default=None)
+    p.add_argument("--src", action="append", default=[],
+                   help="run the cases with this source tree on PYTHONPATH as well (repeatable), "
+                        "e.g. an older checkout, to compare both codes in one run")
     p.add_argument("--out", default=str(HERE / "results" / "memory.json"))
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_case(args.child, args.size)))
         return
     rows = []
-    for case in args.cases.split(","):
+    runs = [(case, tree) for case in args.cases.split(",") for tree in [None] + args.src]
+    for case, tree in runs:
+        env = dict(os.environ)
+        if tree:
+            env["PYTHONPATH"] = str(Path(tree).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
         out = subprocess.run([sys.executable, __file__, "--child", case, "--size", str(args.size)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
+        label = case if not tree else f"{case} [{tree}]"
         if out.returncode:
-            print(f"{case}: failed\n{out.stderr[-2000:]}")
+            print(f"{label}: failed\n{out.stderr[-2000:]}")
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["src"] = tree or "current"
         rows.append(row)
         mib = 2 ** 20
-        print(f"{case:12s} peak +{row['peak_increase'] / mib:7.1f} MiB = {row['ratio_to_input']:.2f}x "
+        print(f"{label:12s} peak +{row['peak_increase'] / mib:7.1f} MiB = {row['ratio_to_input']:.2f}x "
               f"input ({row['input_bytes'] / mib:.0f} MiB)  {row['seconds']:.2f} s  "
               f"TRE {row['tre_mean_px']:.3f} px", flush=True)
-    by = {r["case"]: r for r in rows}
+    rows_current = [r for r in rows if r["src"] == "current"]
+    by = {r["case"]: r for r in rows_current}
     for ours, peer in (("fourier", "skimage_pcc"), ("intensity", "sitk_rigid")):
         if ours in by and peer in by:
             print(f"{ours} / {peer}: memory {by[ours]['peak_increase'] / by[peer]['peak_increase']:.2f}x, "
                   f"time {by[ours]['seconds'] / by[peer]['seconds']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": "python benchmarks/bench_memory.py",
+    Path(args.out).write_text(json.dumps({"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
                                           "budget_ratio": 4.0, "rows": rows}, indent=1))
 
 

@@ -53,6 +53,8 @@ def read_image(path) -> tuple[np.ndarray, tuple | None, tuple | None]:
 
             if suffix in (".nii", ".nii.gz"):
                 check_nifti_header(path)
+            else:
+                check_data_file_reference(path)
             img = sitk.ReadImage(str(path))
             return (sitk.GetArrayFromImage(img), tuple(img.GetSpacing())[::-1],
                     tuple(img.GetOrigin())[::-1])
@@ -102,6 +104,27 @@ def check_nifti_header(path: Path) -> None:
         raise ValueError(f"{path}: the NIfTI header gives voxel sizes {sizes}; they must be "
                          "positive (fix the header's pixdim, e.g. with nibabel or 3D Slicer, "
                          "or save the image with its real voxel size)")
+
+
+def check_data_file_reference(path: Path) -> None:
+    """MetaImage (``ElementDataFile``) and NRRD (``data file``) headers may name another
+    file holding the voxels; from an untrusted header that must stay beside it (no
+    absolute path, no '..'), or any local file of the right size would be read."""
+    import re
+
+    with open(path, "rb") as fh:
+        head = fh.read(65536).decode("latin-1")
+    header = head.split("\n\n", 1)[0] if path.suffix.lower() in (".nrrd", ".nhdr") else head
+    pattern = r"^\s*(?:ElementDataFile\s*=|data ?file\s*:)\s*(.+?)\s*$"
+    for match in re.finditer(pattern, header, re.M | re.I):
+        ref = match.group(1).strip()
+        if ref.upper() in ("LOCAL", "LIST") or ref.upper().startswith("LIST"):
+            continue
+        for name in ref.split()[:1] if "%" in ref else [ref]:
+            target = Path(name)
+            if target.is_absolute() or ".." in target.parts or name.startswith(("/", "\\")):
+                raise ValueError(f"{path}: its header names the data file {name[:80]!r} outside "
+                                 "its own folder; refused (keep the data file beside the header)")
 
 
 def partial_path(path: Path) -> Path:

@@ -85,12 +85,20 @@ def to_uint8(image, mask=None) -> np.ndarray:
     finite = np.isfinite(a)
     if not finite.all():
         a = np.where(finite, a, 0.0)
+    del finite
     lo, hi = float(a.min()), float(a.max())
+    offset, gain = 0.0, 255.0
     if lo < 0.0 or hi > 1.0:
         sample = a[mask] if mask is not None and mask.any() else a
         lo, hi = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        offset, gain = (lo, 255.0 / (hi - lo)) if hi > lo else (0.0, 0.0)
+    # in blocks of rows: float temporaries of a few MB instead of two image-sized ones
+    out = np.empty(a.shape, dtype=np.uint8)
+    rows = max(1, (1 << 20) // max(1, int(np.prod(a.shape[1:]))))
+    for r in range(0, a.shape[0], rows):
+        block = (a[r:r + rows] - np.float32(offset)) * np.float32(gain) + np.float32(0.5)
+        out[r:r + rows] = np.clip(block, 0, 255)
+    return out
 
 
 def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
@@ -184,6 +192,66 @@ def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
     import cv2
 
     xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
+    return xy, desc
+
+
+def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None, *,
+                 tile_size: int = 1024, margin: int = 64, stop=None):
+    """:func:`detect` on an image of any size with bounded memory: OpenCV's detectors
+    build float pyramids (SIFT: ~230 bytes per input pixel, since it doubles the image
+    first), so an image larger than ~1.5 tiles is cut into ``tile_size`` squares, each
+    detected with ``margin`` pixels of context; a keypoint is kept by the tile whose core
+    holds it, and the strongest ``n_features`` of all tiles are returned. Locations are
+    full-resolution ones (no precision is lost); features larger than a tile are not
+    found. ``stop()`` is called between tiles (cancel)."""
+    h, w = image_u8.shape
+    tile = int(tile_size)
+    if tile <= 0 or h * w <= 1.5 * tile * tile:
+        return detect(image_u8, mask, detector, n_features, threshold)
+    import cv2
+
+    det_all = []
+    n_tiles = int(np.ceil(h / tile)) * int(np.ceil(w / tile))
+    # each tile may keep twice its share of the budget: strong features cluster
+    per_tile = 0 if n_features <= 0 else int(np.ceil(2 * n_features / n_tiles))
+    for r0 in range(0, h, tile):
+        for c0 in range(0, w, tile):
+            if stop is not None:
+                stop()
+            r1, c1 = min(r0 + tile, h), min(c0 + tile, w)
+            R0, C0 = max(r0 - margin, 0), max(c0 - margin, 0)
+            R1, C1 = min(r1 + margin, h), min(c1 + margin, w)
+            sub_mask = None if mask is None else mask[R0:R1, C0:C1]
+            if sub_mask is not None and not sub_mask.any():
+                continue
+            det = _make_detector(detector, per_tile, threshold)
+            cv_mask = None if sub_mask is None else np.ascontiguousarray(sub_mask, dtype=np.uint8) * 255
+            with _cv2_errors(f"detecting {detector} keypoints"):
+                sub = np.ascontiguousarray(image_u8[R0:R1, C0:C1])
+                if detector == "brisk" and per_tile > 0:
+                    kps = det.detect(sub, cv_mask)
+                    if len(kps) > per_tile:
+                        kps = sorted(kps, key=lambda k: -k.response)[:per_tile]
+                    kps, desc = det.compute(sub, kps)
+                else:
+                    kps, desc = det.detectAndCompute(sub, cv_mask)
+            if not kps or desc is None:
+                continue
+            xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
+            xy += (C0, R0)
+            core = ((xy[:, 0] >= c0 - 0.5) & (xy[:, 0] < c1 - 0.5)
+                    & (xy[:, 1] >= r0 - 0.5) & (xy[:, 1] < r1 - 0.5))
+            if core.any():
+                response = np.array([k.response for k in kps])[core]
+                det_all.append((xy[core], desc[core], response))
+    if not det_all:
+        return np.empty((0, 2)), None
+    xy = np.concatenate([d[0] for d in det_all])
+    desc = np.concatenate([d[1] for d in det_all])
+    response = np.concatenate([d[2] for d in det_all])
+    if 0 < n_features < len(xy):
+        keep = np.sort(np.argsort(-response, kind="stable")[:n_features])
+        xy, desc = xy[keep], desc[keep]
     return xy, desc
 
 
@@ -494,7 +562,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              estimator: Literal["ransac", "usac_magsac", "lmeds"] = "ransac", reproj_threshold: float = 3.0,
              confidence: float = 0.999, max_iters: int = 5000, refine: bool = True,
              min_inliers: int = 10, max_scale: float = 10.0, isotropic: bool = True,
-             seed: int = 0, threads: int = 0) -> BackendResult:
+             seed: int = 0, threads: int = 0, tile_size: int = 1024) -> BackendResult:
     """Detect keypoints in both images, match their descriptors and fit ``transform``
     robustly, in world coordinates.
 
@@ -536,6 +604,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Seed for the random sampling (OpenCV's RNG and the translation consensus).
     threads : int
         OpenCV worker threads for this call (0 = leave OpenCV's setting).
+    tile_size : int
+        Images larger than ~1.5 tiles of this side (pixels) are detected tile by tile at
+        full resolution, which bounds memory (SIFT needs ~230 bytes per pixel it sees at
+        once); 0 = the whole image at once.
     """
     _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, confidence,
               max_iters, n_features, min_inliers, max_scale, np.ndim(fixed))
@@ -558,9 +630,13 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if isotropic:
             f_img, f_mask, f_det_sp = square_pixels(fixed, f_sp, fixed_mask)
             m_img, m_mask, m_det_sp = square_pixels(moving, m_sp, moving_mask)
-        f_xy, f_desc = detect(to_uint8(f_img, f_mask), f_mask, detector, n_features, threshold)
+        if int(tile_size) < 0:
+            raise ValueError(f"tile_size must be >= 0 (0 = no tiles); got {tile_size}")
+        f_xy, f_desc = detect_tiled(to_uint8(f_img, f_mask), f_mask, detector, n_features,
+                                    threshold, tile_size=int(tile_size), stop=stop)
         stop()
-        m_xy, m_desc = detect(to_uint8(m_img, m_mask), m_mask, detector, n_features, threshold)
+        m_xy, m_desc = detect_tiled(to_uint8(m_img, m_mask), m_mask, detector, n_features,
+                                    threshold, tile_size=int(tile_size), stop=stop)
         timings["detect"] = time.perf_counter() - t
         f_pts = keypoints_to_world(f_xy, f_det_sp)
         m_pts = keypoints_to_world(m_xy, m_det_sp)

@@ -407,7 +407,7 @@ def _json_depth(text: str) -> int:
     """Deepest nesting of [ and { in JSON text, found without recursion (strings skipped)."""
     import re
 
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")
+    bare = re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', '""', text).encode("utf-8", "replace")
     b = np.frombuffer(bare, dtype=np.uint8)
     step = (np.isin(b, (ord("["), ord("{"))).astype(np.int64)
             - np.isin(b, (ord("]"), ord("}"))).astype(np.int64))
