@@ -404,7 +404,7 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
     datasets = [ds.path for ds in ms.metadata.datasets]
 
     tasks = []
-    total = 0
+    total = written = 0
     for k, im in enumerate(ms.images):
         shape_k = tuple(im.data.shape[-ndim:]) if not rgb else tuple(im.data.shape[1:])
         sp_k = np.array([im.scale[d] for d in dims])
@@ -437,16 +437,30 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
         done_dir.mkdir(parents=True, exist_ok=True)
         done = set(os.listdir(done_dir))
         arr_path = str(tmp / datasets[k])
+        # one write task per block, on the block's own key (no per-block dask arrays:
+        # dask would fuse and recompute source chunks that neighbouring blocks share);
+        # blocks marked done get no task, and culling drops what only they needed
+        name = f"write-ome-zarr-{k}-{dask.base.tokenize(src.name, arr_path)}"
+        dsk = {}
         for idx in np.ndindex(*src.numblocks):
             total += 1
             key = ".".join(map(str, idx))
             if key in done:
                 continue
             region = tuple(slice(sum(c[:i]), sum(c[:i + 1])) for c, i in zip(src.chunks, idx))
-            tasks.append(dask.delayed(_write_block, pure=False)(
-                src.blocks[idx], arr_path, region, str(done_dir / key)))
+            dsk[(name, *idx)] = (_write_block, (src.name, *idx), arr_path, region,
+                                 str(done_dir / key))
+        if dsk:
+            from dask.delayed import Delayed
+            from dask.highlevelgraph import HighLevelGraph
+
+            keys = list(dsk)
+            dsk[name] = (len, keys)
+            graph = HighLevelGraph.from_collections(name, dsk, dependencies=[src])
+            tasks.append(Delayed(name, graph))
+            written += len(keys)
     if progress is not None:
-        progress(0.0, f"writing {len(tasks)} of {total} blocks")
+        progress(0.0, f"writing {written} of {total} blocks")
     if tasks:
         if client is not None:
             client.gather(client.compute(tasks))

@@ -159,12 +159,17 @@ def lazy_resample(
     out_dtype = resample(probe, Transform.identity(ndim), (1,) * ndim, **kwargs).dtype
     channel = (image.shape[-1],) if rgb else ()
 
+    if rgb and len(src.chunks[-1]) > 1:
+        src = src.rechunk(src.chunks[:-1] + (src.shape[-1],))
     token = dask.base.tokenize(src.name, transform.to_dict(), output_shape, out_sp, out_or,
                                in_sp, in_or, kwargs, block)
     name = f"warp-{token}"
+    # one task per output block, reading the source's own chunk keys: no per-block dask
+    # array (slicing one per block let dask fuse, and so recompute, shared source chunks)
+    in_bounds = [np.r_[0, np.cumsum(c)] for c in src.chunks[:ndim]]
     starts = [np.r_[0, np.cumsum(c)[:-1]] for c in out_chunks]
     grid = [len(c) for c in out_chunks]
-    pieces = np.empty(grid, dtype=object)
+    dsk = {}
     for idx in np.ndindex(*grid):
         start = np.array([starts[a][i] for a, i in enumerate(idx)])
         size = np.array([out_chunks[a][i] for a, i in enumerate(idx)])
@@ -181,16 +186,37 @@ def lazy_resample(
             n = np.array(spatial)
             lo = np.clip(lo, 0, n - 1)
             hi = np.clip(hi, lo + 1, n)
-        region = src[tuple(slice(a, b) for a, b in zip(lo, hi))]
-        task = dask.delayed(_warp_block, pure=True)(
-            region, transform, tuple(int(s) for s in size), out_sp, out_or + start * out_sp,
-            in_sp, in_or + lo * in_sp, kwargs, dask_key_name=(name, *idx))
-        pieces[idx] = da.from_delayed(task, shape=tuple(int(s) for s in size) + channel,
-                                      dtype=out_dtype)
-    nested = pieces.tolist()
-    if rgb:  # da.block joins the innermost lists along the last (colour) axis
-        nested = _wrap_leaves(nested, ndim)
-    return da.block(nested)
+        # the source chunks the region touches, and the region inside their union
+        first = [int(np.searchsorted(b, v, side="right") - 1) for b, v in zip(in_bounds, lo)]
+        last = [int(np.searchsorted(b, v - 1, side="right") - 1) for b, v in zip(in_bounds, hi)]
+        keys = _nested_keys(src.name, first, last, rgb)
+        offset = tuple(int(v - b[f]) for v, b, f in zip(lo, in_bounds, first))
+        dsk[(name, *idx) + ((0,) if rgb else ())] = (
+            _warp_chunks, keys, offset, tuple(int(v) for v in hi - lo), transform,
+            tuple(int(v) for v in size), out_sp, out_or + start * out_sp, in_sp,
+            in_or + lo * in_sp, kwargs)
+    from dask.highlevelgraph import HighLevelGraph
+
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[src])
+    return da.Array(graph, name, chunks=out_chunks + ((channel[0],),) if rgb else out_chunks,
+                    dtype=out_dtype, meta=np.empty((0,) * (ndim + len(channel)), out_dtype))
+
+
+def _nested_keys(name, first, last, rgb, prefix=()):
+    axis = len(prefix)
+    if axis == len(first):
+        # rgb: one more level of nesting, so that np.block joins colour chunks last
+        return [(name, *prefix, 0)] if rgb else (name, *prefix)
+    return [_nested_keys(name, first, last, rgb, prefix + (i,))
+            for i in range(first[axis], last[axis] + 1)]
+
+
+def _warp_chunks(chunks, offset, extent, transform, shape, out_sp, out_or, in_sp, in_or, kwargs):
+    """Assemble the input region from its chunks (nested lists, one level per axis) and
+    warp it onto one output block."""
+    union = np.block(chunks) if isinstance(chunks, list) else chunks
+    region = union[tuple(slice(o, o + e) for o, e in zip(offset, extent))]
+    return _warp_block(region, transform, shape, out_sp, out_or, in_sp, in_or, kwargs)
 
 
 def _wrap_leaves(nested, depth):
