@@ -438,8 +438,10 @@ def _polish_best(fixed, moving, stages, candidates, baseline_index, model, judge
         return
     value, i, tf = max(linear, key=lambda c: c[0])
     src = stages[i]
-    if value < 0.9 or any(isinstance(src.get(k), dict) and src[k].get("accepted")
-                          for k in ("polish", "spline_refine")):
+    precise = (src["method"] == "fourier" and src["model"] == "translation"
+               and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
+    if value < 0.9 or precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
+                                     for k in ("polish", "spline_refine")):
         return
     entry = {"method": "polish", "model": model, "on": "intensities",
              "why": f"Gauss-Newton on a cubic-spline pyramid from the best candidate "
