@@ -286,8 +286,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             judged[idx] = float(value)
         return judged[idx]
 
-    def clearly_aligned(linear_only=True):
+    def clearly_aligned(linear_only=None):
         # a candidate that refinement can start from (linear), or any when none follows
+        # (and any for a homography: intensity cannot improve on a projective fit)
+        if linear_only is None:
+            linear_only = refine_model == transform
         if stop_ncc is None:
             return None
         for _, idx, tf in candidates:
@@ -323,7 +326,14 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         run(method, model, why, rep=rep, fraction=fraction(),
             shrink=method == "fourier" and transform != "translation")
     scratch = None
-    if n_refine:
+    if n_refine and refine_model != transform:
+        # homography: intensity fits only its affine part; keypoints go first and the
+        # intensity run starts from them (below), never from scratch
+        skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                        "why": f"skipped: from scratch, intensity cannot fit a {transform}; it "
+                               "refines the best coarse stage instead"})
+        done_stages[0] += 1
+    elif n_refine:
         done = clearly_aligned() if transform == "translation" else None
         if done is None:
             scratch = run_intensity(f"intensity {refine_model} from scratch (its own start and "
