@@ -124,6 +124,9 @@ class Ours(Method):
         if isinstance(deform, dict):
             out["deformable_iterations"] = deform.get("iterations")
             out["deformable_seconds"] = deform.get("seconds")
+        chosen = info.get("chosen")
+        if isinstance(chosen, dict):
+            out["chosen"] = f"{chosen.get('method')} {chosen.get('model')} on {chosen.get('on')}"
         stages = info.get("stages")
         if isinstance(stages, list):
             out["stages"] = [f"{st.get('method')}/{st.get('model')} on {st.get('on')}"

@@ -74,7 +74,7 @@ def test_auto_ranks_same_contrast_candidates_by_the_sharper_judge():
     assert tre_against_truth(r.transform, truth, grid_points(fixed.shape))["mean"] < 0.01
 
 
-def test_auto_translation_is_polished_and_cheap():
+def test_auto_translation_is_precise_and_cheap():
     """A plain shift: Fourier at full resolution is clearly aligned, so the intensity
     run is skipped (cost), and the result is sub-hundredth of a pixel."""
     fixed = _camera(1)

@@ -289,8 +289,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             judged[idx] = float(value)
         return judged[idx]
 
-    def clearly_aligned(linear_only=True):
+    def clearly_aligned(linear_only=None):
         # a candidate that refinement can start from (linear), or any when none follows
+        # (and any for a homography: intensity cannot improve on a projective fit)
+        if linear_only is None:
+            linear_only = refine_model == transform
         if stop_ncc is None:
             return None
         for _, idx, tf in candidates:
@@ -326,7 +329,14 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         run(method, model, why, rep=rep, fraction=fraction(),
             shrink=method == "fourier" and transform != "translation")
     scratch = None
-    if n_refine:
+    if n_refine and refine_model != transform:
+        # homography: intensity fits only its affine part; keypoints go first and the
+        # intensity run starts from them (below), never from scratch
+        skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
+                        "why": f"skipped: from scratch, intensity cannot fit a {transform}; it "
+                               "refines the best coarse stage instead"})
+        done_stages[0] += 1
+    elif n_refine:
         done = clearly_aligned() if transform == "translation" else None
         if done is None:
             scratch = run_intensity(f"intensity {refine_model} from scratch (its own start and "
@@ -441,8 +451,10 @@ def _polish_best(fixed, moving, stages, candidates, baseline_index, model, judge
         return
     value, i, tf = max(linear, key=lambda c: c[0])
     src = stages[i]
-    if value < 0.9 or any(isinstance(src.get(k), dict) and src[k].get("accepted")
-                          for k in ("polish", "spline_refine")):
+    precise = (src["method"] == "fourier" and src["model"] == "translation"
+               and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
+    if value < 0.9 or precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
+                                     for k in ("polish", "spline_refine")):
         return
     entry = {"method": "polish", "model": model, "on": "intensities",
              "why": f"Gauss-Newton on a cubic-spline pyramid from the best candidate "

@@ -490,7 +490,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             f = np.where(fm, f, 0.0).astype(np.float32)
         if mm is not None:
             m = np.where(mm, m, 0.0).astype(np.float32)
-        est = _estimate_similarity(f, m, transform, int(upsample), cancel)
+        # the spline polish follows: a 1/10 px peak is start enough (1/100 px cost ~0.1 s)
+        est = _estimate_similarity(f, m, transform, min(int(upsample), 10) if refine else int(upsample),
+                                   cancel)
         if est is None or est[0] is None:
             return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
         (score, angle, scale, shift, peak), lp_peak = est

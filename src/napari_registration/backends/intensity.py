@@ -634,8 +634,13 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
             sig = sg * base
             f_l = _sitk().SmoothingRecursiveGaussian(sitk.Cast(fixed_img, sitk.sitkFloat32), sig)
             m_l = _sitk().SmoothingRecursiveGaussian(sitk.Cast(moving_img, sitk.sitkFloat32), sig)
+        # a level that would sample half its voxels or more uses all of them: random
+        # sampling at 100 % still draws with repeats and moves the result between seeds
+        level_sampling = sampling
+        if sampling == "random" and percentages is not None and percentages[li] >= 0.5:
+            level_sampling = "none"
         R = _method(f_l, m_l, metric="mattes" if metric == "auto" else metric,
-                    bins=bins, sampling=sampling,
+                    bins=bins, sampling=level_sampling,
                     percentages=None if percentages is None else [percentages[li]], seed=seed,
                     shrink=[1], sigmas=[0.0], fixed_mask_img=fm_l,
                     moving_mask_img=mm_l, threads=threads)
@@ -939,7 +944,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     m_mask = None if moving_mask is None else to_sitk_image(moving_mask.astype(np.uint8), moving_spacing)
 
     shrink, sigmas = _auto_levels(fixed.shape, shrink_factors, smoothing_sigmas)
-    percentages = _auto_percentages(fixed.shape, shrink, sampling_percentage)
+    # 2D: up to 65k samples on the finest level (every pixel of a 256^2 image): with
+    # ~16k the random sample set alone moved multi-modal results by 0.02-0.05 px
+    # (MNI T1 vs grey matter slice: 0.022-0.049 px over 3 seeds; every pixel: 0.006)
+    percentages = _auto_percentages(fixed.shape, shrink, sampling_percentage,
+                                    target=(4000, 65536 if ndim == 2 else 16000))
     info: dict = {"shrink_factors": shrink, "smoothing_sigmas": sigmas,
                   "sampling": sampling, "sampling_percentages": percentages,
                   "seed": seed, "threads": threads or sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}

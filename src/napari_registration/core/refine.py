@@ -203,13 +203,15 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
             mag += g * g
         mag[~inner] = -1.0
         idx = np.flatnonzero(mag > 0)
-        if idx.size > max_samples:
+        # coarse levels only steer: fewer samples; the finest sets the precision
+        cap = max_samples if factor == levels[-1] else min(max_samples, 2 ** 14)
+        if idx.size > cap:
             # the stronger-gradient half (flat areas carry no alignment signal), then an
             # evenly spread subset of it: deterministic, and not only the sharpest edges
             # (the strongest-gradient pixels alone conditioned 3D affine poorly)
             strong = idx[mag.ravel()[idx] >= np.median(mag.ravel()[idx])]
-            if strong.size > max_samples:
-                strong = strong[np.linspace(0, strong.size - 1, max_samples).astype(np.int64)]
+            if strong.size > cap:
+                strong = strong[np.linspace(0, strong.size - 1, cap).astype(np.int64)]
             idx = strong
         coords = np.array(np.unravel_index(idx, f_l.shape), float).T  # (N, D) level index
         pts = coords * (factor * f_sp) + f_off                           # fixed world
