@@ -41,7 +41,7 @@ def test_linear_stage_and_auto_metric_are_literals():
     stage = _literal(hints["linear_stage"])
     assert stage[:2] == ("auto", "none")
     assert set(stage[2:]) == set(_backend("intensity").LINEAR)
-    assert _literal(typing.get_type_hints(_backend("auto").register)["metric"]) == ("mi", "ncc")
+    assert _literal(typing.get_type_hints(_backend("auto").register)["metric"]) == ("auto", "mi", "ncc")
 
 
 def test_option_docs_split_shared_entries_and_read_the_options_section():

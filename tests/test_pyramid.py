@@ -113,7 +113,7 @@ def test_numpy_with_and_without_budget(pair):
     # a mask given at level 0 is sampled onto the estimation level
     mask = np.ones(f.shape[:2], bool)
     masked = register(f, m, method="intensity", transform="rigid", pixel_budget=128,
-                      fixed_mask=mask, refine=None)
+                      fixed_mask=mask, pyramid_refine=None)
     assert masked.info["masks"]["fixed"]
 
 
@@ -121,10 +121,10 @@ def test_bad_pyramid_options(pair):
     fixed, moving, _ = pair
     with pytest.raises(ValueError, match="pixel_budget"):
         register(fixed, moving, pixel_budget=3)
-    with pytest.raises(ValueError, match="refine must be"):
-        register(fixed, moving, refine="yes")
+    with pytest.raises(ValueError, match="pyramid_refine must be"):
+        register(fixed, moving, pyramid_refine="yes")
     with pytest.raises(ValueError, match="applies to pyramids"):
-        register(np.asarray(fixed[3]), np.asarray(moving[3]), refine_tile=64)
+        register(np.asarray(fixed[3]), np.asarray(moving[3]), pyramid_tile=64)
     with pytest.raises(ValueError, match="fine to coarse"):
         register(fixed[::-1], moving)
     with pytest.raises(ValueError, match="dtype"):

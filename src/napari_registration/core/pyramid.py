@@ -32,7 +32,9 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
-PYRAMID_OPTIONS = {"pixel_budget": None, "refine": "tiles", "refine_tile": None}
+# named apart from the backends' own ``refine`` (features, auto, fourier), which a pyramid
+# run passes through to the method on the chosen level
+PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "pyramid_tile": None}
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -148,7 +150,7 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, refine="tiles", refine_tile=None, **options):
+                     pixel_budget=None, pyramid_refine="tiles", pyramid_tile=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -160,11 +162,12 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 16:
         raise ValueError(f"pixel_budget (pixels a side of the level used for estimation) must "
                          f"be a whole number >= 16; got {pixel_budget!r}")
-    if refine not in (None, False, "tiles"):
-        raise ValueError(f"refine must be 'tiles' (refine on tiles of finer levels) or None; got {refine!r}")
-    if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
-            refine_tile, (int, np.integer)) or refine_tile < 32):
-        raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
+    if pyramid_refine not in (None, False, "tiles"):
+        raise ValueError("pyramid_refine must be 'tiles' (refine on tiles of finer levels) or "
+                         f"None; got {pyramid_refine!r}")
+    if pyramid_tile is not None and (isinstance(pyramid_tile, bool) or not isinstance(
+            pyramid_tile, (int, np.integer)) or pyramid_tile < 32):
+        raise ValueError(f"pyramid_tile (tile side in pixels) must be a whole number >= 32; got {pyramid_tile!r}")
     for name, img in (("fixed", fixed), ("moving", moving)):
         first = img[0] if is_pyramid(img) else img
         if first is None or not hasattr(first, "shape"):
@@ -186,8 +189,8 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     m_levels = as_levels(moving, spacing=moving_spacing, origin=moving_origin, rgb=m_rgb,
                          name="moving", budget=budget)
     ndim = len(f_levels[0].shape)
-    if refine_tile is None:
-        refine_tile = 512 if ndim == 2 else 96
+    if pyramid_tile is None:
+        pyramid_tile = 512 if ndim == 2 else 96
     if len(m_levels[0].shape) != ndim:
         raise ValueError(f"fixed is {ndim}D {f_levels[0].shape} but moving is "
                          f"{len(m_levels[0].shape)}D {m_levels[0].shape}: both need the same axes")
@@ -222,7 +225,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     del f_arr, m_arr
     tf = coarse.transform
     refinements = []
-    if refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
+    if pyramid_refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
         # finer levels, stepping by >= 8x, ending at the finest fixed level
         targets = [k for k in range(kf - 1, -1, -1)
                    if (kf - k) % 3 == 0 or k == 0]
@@ -230,7 +233,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
             stop()
             report(0.7 + 0.2 * i / max(len(targets), 1), f"refining on tiles of level {k}")
             tf, rinfo = _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb,
-                                         tile=int(refine_tile), budget=budget, stop=stop)
+                                         tile=int(pyramid_tile), budget=budget, stop=stop)
             refinements.append(rinfo)
 
     report(0.92, "building the lazy warp")
