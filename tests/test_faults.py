@@ -431,10 +431,12 @@ def test_workers_without_a_main_guard_fall_back_to_threads(tmp_path):
         frames = np.stack([np.roll(base, k, axis=1) for k in range(4)])
         r = register_stack(frames, workers=2)
         print("drift", [round(float(v), 2) for v in r.drift[:, 1]])
+        print("scheduler", r.info["scheduler"])
     """))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "guard" in proc.stderr and "threads" in proc.stderr
+    assert "scheduler threads (2; no __main__ guard)" in proc.stdout
     assert "drift [0.0, -1.0, -2.0, -3.0]" in proc.stdout or "drift [0.0, 1.0, 2.0, 3.0]" in proc.stdout
 
 
