@@ -459,3 +459,19 @@ def test_stack_on_a_full_disk_leaves_no_truncated_stack_and_resumes(tmp_path, mo
     assert main(["stack", str(src), "--out", str(out)]) == 0
     assert "resuming, 3 frame(s)" in capsys.readouterr().err
     assert tifffile.imread(out / "aligned.tif").shape == frames.shape
+
+
+def test_stack_with_bad_settings_touches_nothing(tmp_path, capsys):
+    """Refused settings (a reference out of range) leave an earlier finished run as it
+    was: its report.json is not removed, no checkpoint is written."""
+    frames = np.stack([_CAM[100 + k:228 + k, 150:278] for k in range(3)]).astype(np.float32)
+    src = tmp_path / "series.tif"
+    tifffile.imwrite(src, frames)
+    out = tmp_path / "out"
+    assert main(["stack", str(src), "--out", str(out), "-q"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["stack", str(src), "--out", str(out), "-q", "--reference", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(["stack", str(src), "--out", str(tmp_path / "new"), "-q", "--reference", "7"]) == 2
+    assert not (tmp_path / "new").exists()
