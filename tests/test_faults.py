@@ -431,10 +431,12 @@ def test_workers_without_a_main_guard_fall_back_to_threads(tmp_path):
         frames = np.stack([np.roll(base, k, axis=1) for k in range(4)])
         r = register_stack(frames, workers=2)
         print("drift", [round(float(v), 2) for v in r.drift[:, 1]])
+        print("scheduler", r.info["scheduler"])
     """))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "guard" in proc.stderr and "threads" in proc.stderr
+    assert "scheduler threads (2; no __main__ guard)" in proc.stdout
     assert "drift [0.0, -1.0, -2.0, -3.0]" in proc.stdout or "drift [0.0, 1.0, 2.0, 3.0]" in proc.stdout
 
 
@@ -457,3 +459,19 @@ def test_stack_on_a_full_disk_leaves_no_truncated_stack_and_resumes(tmp_path, mo
     assert main(["stack", str(src), "--out", str(out)]) == 0
     assert "resuming, 3 frame(s)" in capsys.readouterr().err
     assert tifffile.imread(out / "aligned.tif").shape == frames.shape
+
+
+def test_stack_with_bad_settings_touches_nothing(tmp_path, capsys):
+    """Refused settings (a reference out of range) leave an earlier finished run as it
+    was: its report.json is not removed, no checkpoint is written."""
+    frames = np.stack([_CAM[100 + k:228 + k, 150:278] for k in range(3)]).astype(np.float32)
+    src = tmp_path / "series.tif"
+    tifffile.imwrite(src, frames)
+    out = tmp_path / "out"
+    assert main(["stack", str(src), "--out", str(out), "-q"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["stack", str(src), "--out", str(out), "-q", "--reference", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(["stack", str(src), "--out", str(tmp_path / "new"), "-q", "--reference", "7"]) == 2
+    assert not (tmp_path / "new").exists()

@@ -390,10 +390,9 @@ def cmd_stack(args) -> int:
     from .io import write_atomic
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # the old "done" marker goes first; frames finished by an interrupted run with the
-    # same settings are read back from the checkpoint and not registered again
-    (out / "report.json").unlink(missing_ok=True)
+    # frames finished by an interrupted run with the same settings are read back from
+    # the checkpoint and not registered again; the old "done" marker is removed when
+    # the run starts (the first event: bad settings are refused before it, untouched)
     run_key = _stack_run_key(args, frames, axis, reference, spacing, channel_axis, options)
     checkpoint = out / "checkpoint.jsonl"
     known = {} if args.force else _read_checkpoint(checkpoint, run_key, int(frames.shape[axis]))
@@ -415,10 +414,13 @@ def cmd_stack(args) -> int:
                 except StopIteration as stop:
                     result = stop.value
                     break
+                log.start()
                 if event["phase"] == "register" and "transform" in event:
                     log.add(event["frame"], event["transform"], event.get("info"))
                 if progress is not None:
                     progress(float(event["fraction"]), str(event["message"]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").unlink(missing_ok=True)  # (a run without events)
         aligned = out / "aligned.tif"
         write_atomic(aligned, lambda tmp: write_tiff_stack(
             tmp, result.warped, frames_per_batch=max(2, 2 * args.workers)))
@@ -501,24 +503,35 @@ class _Checkpoint:
 
     def __init__(self, path: Path, run_key: str, known: dict):
         self.path, self.run_key, self.known = path, run_key, known
+        self.fh = None
 
     def __enter__(self):
+        return self
+
+    def start(self) -> None:
+        """On the run's first event: create the folder, remove the old report.json
+        (the "done" marker), rewrite the checkpoint with the frames kept."""
+        if self.fh is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "report.json").unlink(missing_ok=True)
         keep = [json.dumps({"frame": i, "transform": t.to_dict(), "info": info}, default=str)
                 for i, (t, info) in sorted(self.known.items())]
         _write_atomic(self.path, "\n".join([json.dumps({"run": self.run_key}), *keep]) + "\n")
         self.fh = self.path.open("a")
-        return self
 
     def add(self, frame, step, info) -> None:
         if frame in self.known:
             return
+        self.start()
         self.fh.write(json.dumps({"frame": int(frame), "transform": step.to_dict(),
                                   "info": info}, default=str) + "\n")
         self.fh.flush()
         os.fsync(self.fh.fileno())
 
     def __exit__(self, *exc):
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
         return False
 
 

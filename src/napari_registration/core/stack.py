@@ -740,7 +740,9 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
         "frames": frame_info,
         "failed": failed[0],
         "scheduler": ("dask.distributed" if client is not None else
-                      f"process pool ({int(workers)})" if int(workers) > 1 else "serial"),
+                      "serial" if int(workers) <= 1 else
+                      f"threads ({int(workers)}; no __main__ guard)" if _main_reimport_unsafe()
+                      else f"process pool ({int(workers)})"),
         "lazy": lazy,
         "seconds": time.perf_counter() - t0,
     }
