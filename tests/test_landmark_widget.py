@@ -300,3 +300,29 @@ def test_closing_the_dock_then_editing_layers_is_quiet(widget, pair, qtbot):
     _layer(w, "fixed landmarks").add([30.0, 30.0])
     qtbot.wait(300)
     assert "moving" not in w.real_viewer.layers
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_tps_preview_is_small_and_close_to_the_full_resampling(ndim):
+    from scipy import ndimage
+
+    from napari_registration.backends.landmarks import fit_landmarks
+    from napari_registration.core.resample import resample
+    from napari_registration.widgets.landmarks import PREVIEW_SIDE, _tps_preview
+
+    rng = np.random.default_rng(0)
+    side = 600 if ndim == 2 else 160
+    f = rng.uniform(0, side, (8, ndim))
+    tps, _ = fit_landmarks(f, f + rng.normal(0, 4, f.shape), "tps")
+    image = ndimage.gaussian_filter(rng.random((side,) * ndim).astype(np.float32), 4)
+    data, sp, org = _tps_preview(image, tps, fixed_shape=image.shape, fixed_spacing=(1.0,) * ndim,
+                                 fixed_origin=(0.0,) * ndim, moving_spacing=(1.0,) * ndim,
+                                 moving_origin=(0.0,) * ndim, rgb=False)
+    assert max(data.shape) <= PREVIEW_SIDE and data.size <= PREVIEW_SIDE ** 2 * 1.05
+    full = resample(image, tps, data.shape, output_spacing=sp, output_origin=org)
+    # compare away from the edge of the moving image's footprint (there a pixel is in or out)
+    inside = resample(np.ones(image.shape, np.uint8), tps, data.shape, output_spacing=sp,
+                      output_origin=org, labels=True).astype(bool)
+    inside = ndimage.binary_erosion(inside, iterations=3)
+    assert inside.mean() > 0.5
+    assert np.abs(full - data)[inside].max() < 0.05 * np.ptp(image)

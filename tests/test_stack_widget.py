@@ -304,3 +304,27 @@ def test_docks_scroll_and_fit_a_small_screen(make_napari_viewer, qtbot, name):
     size = viewer.window._qt_window.size()
     assert size.height() <= 800 and size.width() <= 1280
     assert dock.widget().minimumSizeHint().height() < 400   # the form scrolls, not the window
+
+
+def test_the_drift_plot_draws_its_lines(qtbot):
+    from qtpy.QtGui import QColor
+
+    from napari_registration.widgets.stack import DriftPlot
+
+    plot = DriftPlot()
+    qtbot.addWidget(plot)
+    plot.resize(300, 180)
+    plot.set_data({"frame": [0, 1, 2, 3], "drift row": [0.0, 1.0, 2.0, 1.5],
+                   "drift col": [0.0, -1.0, 0.5, 0.2], "rotation": [0.0, 0.5, 1.0, 0.2],
+                   "ncc after": [0.99, 0.98, None, 0.97]})
+    assert [t for t, _ in plot.panels] == ["shift", "rotation (deg)", "NCC after"]
+    image = plot.grab().toImage()
+    pixels = np.array([[image.pixelColor(x, y).getRgb()[:3] for x in range(image.width())]
+                       for y in range(image.height())], float)
+
+    def drawn(colour):  # pixels of (nearly) the line's colour
+        target = np.array(QColor(colour).getRgb()[:3], float)
+        return int((np.abs(pixels - target).sum(-1) < 40).sum())
+
+    assert drawn(DriftPlot.COLOURS[0]) > 50                     # the row (and other) lines
+    assert drawn(DriftPlot.COLOURS[1]) > 50                     # the col line

@@ -42,7 +42,7 @@ MOVING_COLOUR = "lime"
 _ROLE_KEY = "napari_registration_landmarks"
 _OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
 PREVIEW_SIDE = 512  # thin-plate spline previews are resampled at most this size per axis
-PREVIEW_NODES = 48  # ... through the spline evaluated on at most this many nodes per axis
+PREVIEW_NODES = {2: 48, 3: 20}  # ... through the spline evaluated on this many nodes per axis
 DEBOUNCE_MS = 150  # a refit starts once clicks pause this long
 SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
 
@@ -70,7 +70,8 @@ def _geometry(layer):
 def _tps_preview(moving_data, transform, *, fixed_shape, fixed_spacing, fixed_origin,
                  moving_spacing, moving_origin, rgb):
     """The moving image resampled through ``transform`` at most PREVIEW_SIDE pixels per
-    axis over the fixed extent: (data, spacing, origin). Runs in the fit worker.
+    axis (and PREVIEW_SIDE^2 in all) over the fixed extent: (data, spacing, origin). Runs
+    in the fit worker.
 
     A preview, made fast: the spline's inverse (Newton iterations per point) is evaluated
     on a coarse lattice of at most PREVIEW_NODES nodes per axis, and the source positions
@@ -79,11 +80,14 @@ def _tps_preview(moving_data, transform, *, fixed_shape, fixed_spacing, fixed_or
     from scipy import ndimage
 
     shape = np.asarray(fixed_shape)
-    factor = max(1.0, float(shape.max()) / PREVIEW_SIDE)
+    # at most PREVIEW_SIDE per axis and PREVIEW_SIDE^2 pixels in all (3D: ~64^3 voxels)
+    factor = max(1.0, float(shape.max()) / PREVIEW_SIDE,
+                 (float(np.prod(shape, dtype=float)) / PREVIEW_SIDE ** 2) ** (1.0 / len(shape)))
     out_shape = tuple(int(v) for v in np.maximum(1, np.ceil(shape / factor)))
     out_sp = np.asarray(fixed_spacing) * shape / np.asarray(out_shape)
     out_or = np.asarray(fixed_origin) + (out_sp - np.asarray(fixed_spacing)) / 2  # same extent
-    nodes = tuple(min(n, PREVIEW_NODES) for n in out_shape)
+    per_axis = PREVIEW_NODES.get(len(out_shape), 12)
+    nodes = tuple(min(n, per_axis) for n in out_shape)
     axes = [np.linspace(0.0, n - 1.0, k) for n, k in zip(out_shape, nodes)]
     lattice = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(out_shape))
     source = (transform.apply_inverse(lattice * out_sp + out_or) - np.asarray(moving_origin)) \
@@ -454,6 +458,12 @@ class LandmarkWidget(ScrollableDock):
                     self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
             if active is not None:  # adding a layer selects it: give the click back
                 self.viewer.layers.selection.active = active
+        if bool(self.preview.multiscale) != isinstance(data, (list, tuple)):
+            # a pyramid moving image shown through a linear fit, then a TPS array (or back):
+            # napari cannot switch a layer between the two, make it again
+            self.viewer.layers.remove(self.preview)
+            self.preview = None
+            return self._update_preview(resampled)
         # each setter makes napari refresh the layer: set only what changed
         if self.preview.data is not data:
             self.preview.data = data

@@ -33,6 +33,22 @@ RESAMPLE = "resample"
 AFFINE = "affine"
 
 
+def _is_series_file(path: Path) -> bool:
+    """True for a JSON file of per-frame stack transforms (save_transforms)."""
+    import json
+
+    from ..core.series import SERIES_TYPE
+
+    try:
+        if path.suffix.lower() != ".json" or path.stat().st_size > 512 * 1024 * 1024:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("type") in (
+        SERIES_TYPE, "napari-registration stack result")
+
+
 class TransformWidget(ScrollableDock):
     """Dock widget holding one *current* transform, which can come from a layer or a
     file, be inverted or saved, and be applied to layers (each apply makes a new layer
@@ -113,7 +129,15 @@ class TransformWidget(ScrollableDock):
         path = Path(path if path is not None else self.load_file.value)
         if not path.is_file():
             raise ValueError(f"no transform file at {str(path)!r}: pick a .json or .tfm file")
-        self.set_transform(load_transform(path), f"from {path.name}")
+        try:
+            transform = load_transform(path)
+        except ValueError as err:
+            if _is_series_file(path):
+                raise ValueError(f"{path.name} holds per-frame transforms of a stack: load it "
+                                 "in the 'Register stack' dock (Load transforms) to apply "
+                                 "them frame by frame") from None
+            raise err
+        self.set_transform(transform, f"from {path.name}")
         return self.transform
 
     def invert(self):
