@@ -129,7 +129,8 @@ def test_batch_interrupted_item_is_not_counted_as_done(tmp_path, monkeypatch, in
     real_save = __import__("napari_registration").save_transform
 
     def half_then_interrupt(path, writer):
-        if pathlib.Path(path).name.startswith(interrupt_at):
+        # the file itself or its temporary name (".partial-<pid>-<name>")
+        if pathlib.Path(path).name.endswith(interrupt_at):
             pathlib.Path(path).write_bytes(b"{\"half\": ")
             raise KeyboardInterrupt
         return writer()
@@ -154,7 +155,7 @@ def test_batch_interrupted_item_is_not_counted_as_done(tmp_path, monkeypatch, in
     assert summary["ok"] == 1 and summary["skipped"] == 0
     report = json.loads((item / "report.json").read_text())
     assert report["outputs"]["warped"].endswith("warped.tif")
-    assert not list(item.glob("*.partial"))
+    assert not [p for p in item.iterdir() if p.name.startswith(".partial")]
 
 
 # --------------------------------------------------------------------- concurrency

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.files import write_text_atomic
+
 
 def _parse_options(items) -> dict:
     """``--option key=value`` pairs; values parsed as JSON when they can be."""
@@ -74,19 +76,9 @@ def write_outputs(result, fixed, out: Path, *, fixed_spacing=None, fixed_origin=
     report["output_bytes"] = {k: Path(v).stat().st_size for k, v in paths.items()}
     # report.json marks a finished item (batch skips folders that have one): write it
     # last and atomically, so an interrupted run never leaves a half-written one
-    _write_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     paths["report"] = str(out / "report.json")
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _summary(result) -> str:
@@ -297,7 +289,7 @@ def cmd_register_big(args) -> int:
     report["moving"].update({"file": str(args.moving), "geometry": moving.geometry()})
     report["write_seconds"] = write_seconds
     report["outputs"] = paths
-    _write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     paths["report"] = str(out / "report.json")
     print(_summary(result))
     for key, path in paths.items():
@@ -439,7 +431,7 @@ def cmd_stack(args) -> int:
                          "report": str(out / "report.json")}
     report["output_bytes"] = {k: Path(v).stat().st_size for k, v in report["outputs"].items()
                               if k != "report"}
-    _write_atomic(out / "report.json", json.dumps(report, indent=1))  # the marker, last
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))  # the marker, last
     checkpoint.unlink(missing_ok=True)
     span = np.ptp(drift, axis=0) if len(drift) else np.zeros(0)
     print(f"stack: {len(result.transforms)} frames, reference={result.info['reference']}, "
@@ -517,7 +509,7 @@ class _Checkpoint:
         (self.path.parent / "report.json").unlink(missing_ok=True)
         keep = [json.dumps({"frame": i, "transform": t.to_dict(), "info": info}, default=str)
                 for i, (t, info) in sorted(self.known.items())]
-        _write_atomic(self.path, "\n".join([json.dumps({"run": self.run_key}), *keep]) + "\n")
+        write_text_atomic(self.path, "\n".join([json.dumps({"run": self.run_key}), *keep]) + "\n")
         self.fh = self.path.open("a")
 
     def add(self, frame, step, info) -> None:

@@ -6,10 +6,11 @@ SimpleITK (spacing and origin from the header, converted to napari axis order).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .core.files import partial_path, write_atomic  # noqa: F401 (the package's one atomic writer)
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -127,25 +128,6 @@ def check_data_file_reference(path: Path) -> None:
                                  "its own folder; refused (keep the data file beside the header)")
 
 
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: the same folder (so
-    the rename is atomic) and the same suffix (writers choose the format by it)."""
-    return path.with_name(f".partial-{os.getpid()}-{path.name}")
-
-
-def write_atomic(path, write) -> Path:
-    """Call ``write(temp_path)``, then rename the temp file onto ``path``: readers see
-    the old file or the complete new one, never a truncated one. On any error (a full
-    disk, an interrupt) the temp file is removed and the error propagates."""
-    path = Path(path)
-    tmp = partial_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_image(path, array, spacing=None, origin=None) -> Path:

@@ -26,14 +26,13 @@ This module imports neither napari nor Qt.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .files import write_text_atomic
 from .transform import Transform
 
 __all__ = ["TransformSeries", "save_transforms", "load_transforms", "apply_stack_transforms",
@@ -204,15 +203,7 @@ def save_transforms(path: str | Path, transforms, frame_axis: int | None = None,
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r} does not exist: create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
     return path
 
 

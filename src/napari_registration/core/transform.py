@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .files import write_atomic, write_text_atomic
+
 __all__ = [
     "Transform",
     "Step",
@@ -692,25 +694,12 @@ def save_transform(transform: Transform, path: str | Path) -> Path:
     # interrupted or failed write never leaves a truncated file under the real name
     if suffix == ".json":
         text = json.dumps(transform.to_dict(), indent=1)
-        return _write_atomic(path, lambda tmp: tmp.write_text(text))
+        return write_text_atomic(path, text)
     if suffix in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
         from .itk import write_itk_transform
 
-        return _write_atomic(path, lambda tmp: write_itk_transform(transform, tmp))
+        return write_atomic(path, lambda tmp: write_itk_transform(transform, tmp))
     raise ValueError(f"unknown transform file type {suffix!r}: use .json, .tfm, .txt or .h5")
-
-
-def _write_atomic(path: Path, write) -> Path:
-    import os
-
-    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def load_transform(path: str | Path) -> Transform:
