@@ -12,7 +12,7 @@ import typing
 from typing import Any, Iterable
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, LineEdit
 from qtpy.QtCore import QObject, Signal
 
 from ..core.transform import Transform
