@@ -175,7 +175,9 @@ def test_features_run_adds_only_what_was_asked_for(viewer, open_widget, qtbot, n
     _click_and_wait(qtbot, w)
     matches = viewer.layers["moving matches"]
     assert type(matches).__name__ == "Vectors" and len(matches.data) >= 10
-    assert type(viewer.layers["moving keypoints (fixed)"]).__name__ == "Points"
+    keypoints = viewer.layers["moving keypoints (fixed)"]
+    assert type(keypoints).__name__ == "Points" and 10 <= len(keypoints.data) <= 500
+    assert keypoints.metadata["keypoints_total"] >= len(keypoints.data)
     assert notifications["error"] == []
 
 
