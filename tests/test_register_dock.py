@@ -175,7 +175,9 @@ def test_features_run_adds_only_what_was_asked_for(viewer, open_widget, qtbot, n
     _click_and_wait(qtbot, w)
     matches = viewer.layers["moving matches"]
     assert type(matches).__name__ == "Vectors" and len(matches.data) >= 10
-    assert type(viewer.layers["moving keypoints (fixed)"]).__name__ == "Points"
+    keypoints = viewer.layers["moving keypoints (fixed)"]
+    assert type(keypoints).__name__ == "Points" and 10 <= len(keypoints.data) <= 500
+    assert keypoints.metadata["keypoints_total"] >= len(keypoints.data)
     assert notifications["error"] == []
 
 
@@ -340,3 +342,18 @@ def test_multiscale_layers_register_on_a_level_and_stay_multiscale(viewer, open_
 
 def _tre(est, truth, pts):
     return float(np.max(np.linalg.norm(est.apply(pts) - truth.apply(pts), axis=1)))
+
+
+def test_inspect_says_why_it_did_not_compare(viewer, open_widget, qtbot, notifications):
+    fixed, moving = _pair()
+    viewer.add_image(fixed, name="a")
+    viewer.add_image(moving, name="b")
+    viewer.add_image(blobs_volume((8, 16, 16)), name="volume")
+    insp = open_widget("Inspect alignment")
+    insp.first.value, insp.second.value = viewer.layers["a"], viewer.layers["b"]
+    qtbot.mouseClick(insp.compute_button.native, _left())
+    assert "NCC" in insp.summary.value
+    insp.second.value = viewer.layers["volume"]
+    qtbot.mouseClick(insp.compute_button.native, _left())
+    assert insp.summary.value.startswith("not compared") and "NCC" not in insp.summary.value
+    assert "same number of axes" in notifications["error"][-1]

@@ -12,7 +12,7 @@ import typing
 from typing import Any, Iterable
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, LineEdit
 from qtpy.QtCore import QObject, Signal
 
 from ..core.transform import Transform
@@ -159,7 +159,9 @@ def transform_from_layer(layer) -> Transform | None:
 _IN_PLACE = {"image": ("scale", "translate", "rotate", "shear", "affine", "colormap",
                        "contrast_limits", "blending", "visible", "opacity"),
              "labels": ("scale", "translate", "affine", "opacity"),
-             "points": ("scale", "translate", "size", "face_color", "border_color")}
+             "points": ("scale", "translate", "size", "face_color", "border_color"),
+             # removing and re-adding a Vectors layer of ~3,800 matches took ~1 s
+             "vectors": ("scale", "translate", "edge_color", "edge_width", "length")}
 
 
 def put_layer(viewer, data, layer_type: str, *, name: str, role: str, **kwargs):
@@ -193,8 +195,9 @@ def _update_in_place(layer, data, layer_type, metadata, kwargs) -> bool:
         return False
     if set(kwargs) - set(settable) - {"rgb"}:
         return False
-    ndim = np.asarray(data).shape[1] if layer_type == "points" else np.ndim(data) - (
-        1 if kwargs.get("rgb") else 0)
+    ndim = (np.asarray(data).shape[1] if layer_type == "points"
+            else np.asarray(data).shape[-1] if layer_type == "vectors"
+            else np.ndim(data) - (1 if kwargs.get("rgb") else 0))
     if ndim != layer.ndim or bool(kwargs.get("rgb", False)) != bool(getattr(layer, "rgb", False)):
         return False
     if layer_type == "image" and "contrast_limits" not in kwargs:

@@ -43,6 +43,7 @@ class InspectWidget(Container):
         self.difference = CheckBox(label="difference", value=True)
         self.compute_button = PushButton(text="Compare")
         self.summary = Label(label="", value="")
+        self.summary.native.setWordWrap(True)
         try:
             from qtpy.QtGui import QFontDatabase
 
@@ -91,6 +92,9 @@ class InspectWidget(Container):
         try:
             return self._compute()
         except ValueError as err:
+            # in the dock too, replacing the previous pair's scores
+            self.summary.value = f"not compared: {err}"
+            self._pair = None
             show_error(str(err))
             return None
 

@@ -55,6 +55,7 @@ from ._common import (
 from ..core.transform import Transform
 
 PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
+MAX_KEYPOINTS_SHOWN = 500  # per image, in the keypoint layers (all matches are shown)
 
 RESAMPLE = "resample"
 AFFINE = "affine"
@@ -747,9 +748,14 @@ class RegisterWidget(Container):
         for side in ("fixed", "moving"):
             pts = ex.get(f"{side}_keypoints")
             if isinstance(pts, np.ndarray) and pts.ndim == 2 and len(pts):
-                steps.append(lambda pts=pts, side=side: put_layer(
+                # a Points layer of 5,000 keypoints took ~1 s to add (measured): show an
+                # even subset; the metadata says how many there are
+                shown = pts[np.linspace(0, len(pts) - 1, min(len(pts), MAX_KEYPOINTS_SHOWN))
+                            .round().astype(int)]
+                steps.append(lambda pts=shown, side=side, total=len(pts): put_layer(
                     viewer, pts, "points", name=f"{name} keypoints ({side})", role="keypoints",
                     size=6, face_color="transparent",
+                    metadata={"keypoints_total": total, "keypoints_shown": len(pts)},
                     border_color="green" if side == "fixed" else "magenta"))
         fm, mm = ex.get("fixed_matches"), ex.get("moving_matches")
         if (isinstance(fm, np.ndarray) and isinstance(mm, np.ndarray) and fm.ndim == 2
