@@ -788,41 +788,13 @@ def _pyramid_output(result, params):
             out.append(result.warped)  # computed already, on exactly this grid
             continue
         mj = min(j, n_moving - 1)
-        out.append(_lazy_warp(levels(moving)[mj], transform, level_shape(fixed, j),
-                              out_sp=level_spacing(fixed, j), out_or=f_or,
-                              in_sp=level_spacing(moving, mj), in_or=m_or,
-                              rgb=bool(moving.rgb), dtype=result.warped.dtype,
-                              apply=apply_transform))
+        # lazy: each block of the output reads only the input region it needs
+        warped = apply_transform(levels(moving)[mj], transform, output_shape=level_shape(fixed, j),
+                                 output_spacing=level_spacing(fixed, j), output_origin=f_or,
+                                 input_spacing=level_spacing(moving, mj), input_origin=m_or,
+                                 rgb=bool(moving.rgb), lazy=True)
+        out.append(warped.astype(result.warped.dtype, copy=False))
     return out if len(out) > 1 else out[0]
-
-
-def _lazy_warp(image, transform, shape, *, out_sp, out_or, in_sp, in_or, rgb, dtype, apply,
-               chunk=1024):
-    """A dask array of ``image`` warped onto a grid of ``shape``: block by block (each
-    block warps only its own output region) for in-memory input; one task per level
-    for lazy input (a block would otherwise load the whole input level each time)."""
-    import dask
-    import dask.array as da
-
-    out_sp, out_or = np.asarray(out_sp, float), np.asarray(out_or, float)
-    full = tuple(shape) + ((image.shape[-1],) if rgb else ())
-
-    def warp(region_start, region_shape):
-        origin = out_or + np.asarray(region_start, float) * out_sp
-        return np.asarray(apply(image, transform, output_shape=region_shape,
-                                output_spacing=tuple(out_sp), output_origin=tuple(origin),
-                                input_spacing=in_sp, input_origin=in_or, rgb=rgb), dtype)
-
-    if hasattr(image, "chunks"):
-        task = dask.delayed(warp, pure=True)((0,) * len(shape), tuple(shape))
-        return da.from_delayed(task, shape=full, dtype=dtype)
-
-    def block(block_info=None):
-        loc = block_info[None]["array-location"][: len(shape)]
-        return warp([a for a, _ in loc], tuple(b - a for a, b in loc))
-
-    chunks = da.core.normalize_chunks((chunk,) * len(shape) + ((full[-1],) if rgb else ()), full)
-    return da.map_blocks(block, dtype=dtype, chunks=chunks)
 
 
 def _qc_images(params, result, qc) -> dict:
