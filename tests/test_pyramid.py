@@ -143,5 +143,6 @@ def test_3d_volume_dask(pair):
     m = lazy_scene(texture, shape, magnify=3.0, transform=truth, chunks=64)
     result = register(f, m, method="fourier", transform="translation", pixel_budget=200)
     assert result.info["pyramid"]["fixed_level"] == 2  # 24x32x32 voxels <= 200^2
+    assert result.info["pyramid"]["refinements"][-1]["tiles_used"] >= 4  # 3D tiles at level 0
     np.testing.assert_allclose(result.transform.matrix[:3, 3], (3.4, -5.2, 2.6), atol=0.3)
     assert result.warped.dtype == np.uint16 and result.warped.shape == shape

@@ -20,6 +20,7 @@ Nothing here imports napari or Qt; dask is imported when a pyramid is used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import itertools
 import time
 
 import numpy as np
@@ -286,25 +287,32 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
 
     lev = f_levels[k]
     shape = np.array(lev.shape)
-    side = np.minimum(shape, tile)
+    # at most 3/4 of an axis, so that tiles can sit where the moving image covers them
+    side = np.minimum(np.maximum(shape * 3 // 4, np.minimum(shape, 16)), tile)
     ndim = len(shape)
-    per_axis = 3 if ndim == 2 else 2
     src = _source_level(m_levels, lev.spacing)
-    # candidate tile corners on a grid over the level
-    grids = [np.unique(np.linspace(0, n - s, per_axis).round().astype(int)) for n, s in zip(shape, side)]
+    # a 3x3 (3x3x3) grid of tiles, inset from the edges, where a motion moves the least
+    # of the moving image out of view; the spread of the grid pins rotation and scale
+    grids = [np.unique(np.linspace(0.1 * (n - s), 0.9 * (n - s), 3).round().astype(int))
+             for n, s in zip(shape, side)]
+    src_shape = np.array(src.data.shape[:ndim])
     pairs_f, pairs_m, used = [], [], []
     for corner in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
         stop()
+        origin = lev.origin + corner * lev.spacing
+        # only tiles that the moving image covers whole (the corners suffice: linear map)
+        box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
+        back = (tf.apply_inverse(box * lev.spacing + origin) - src.origin) / src.spacing
+        if np.any(back < 0) or np.any(back > src_shape - 1):
+            continue
         sl = tuple(slice(int(c), int(c + s)) for c, s in zip(corner, side))
         f_tile = _grey(_compute(lev.data[sl + ((slice(None),) if f_rgb else ())]), f_rgb)
-        origin = lev.origin + corner * lev.spacing
         w_tile = lazy_resample(src.data, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
                                output_origin=origin, input_spacing=src.spacing,
                                input_origin=src.origin, rgb=m_rgb, chunks=tuple(int(s) for s in side))
         w_tile = _grey(_compute(w_tile), m_rgb)
-        overlap = np.mean(w_tile != 0)
-        if overlap < 0.9 or float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
-            continue
+        if float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
+            continue  # no texture (e.g. background outside a head): nothing to measure
         try:
             r = register(f_tile, w_tile, method="fourier", transform="translation",
                          fixed_spacing=lev.spacing, moving_spacing=lev.spacing,
