@@ -113,16 +113,27 @@ def test_numpy_with_and_without_budget(pair):
     # a mask given at level 0 is sampled onto the estimation level
     mask = np.ones(f.shape[:2], bool)
     masked = register(f, m, method="intensity", transform="rigid", pixel_budget=128,
-                      fixed_mask=mask, refine=None)
+                      fixed_mask=mask, pyramid_refine=None)
     assert masked.info["masks"]["fixed"]
+
+
+def test_pyramid_options_leave_backend_options_alone(pair):
+    fixed, moving, _ = pair
+    # `auto` has a `refine` option of its own: it must reach the backend, numpy or pyramid
+    f, m = np.asarray(fixed[3]), np.asarray(moving[3])
+    r = register(f, m, method="auto", transform="rigid", refine=False, use_features=False)
+    assert r.info["method"] == "auto"
+    r = register(fixed, moving, method="auto", transform="rigid", refine=False,
+                 use_features=False, pixel_budget=300, pyramid_refine=None)
+    assert r.info["pyramid"]["refinements"] == []
 
 
 def test_bad_pyramid_options(pair):
     fixed, moving, _ = pair
     with pytest.raises(ValueError, match="pixel_budget"):
         register(fixed, moving, pixel_budget=3)
-    with pytest.raises(ValueError, match="refine must be"):
-        register(fixed, moving, refine="yes")
+    with pytest.raises(ValueError, match="pyramid_refine must be"):
+        register(fixed, moving, pyramid_refine="yes")
     with pytest.raises(ValueError, match="applies to pyramids"):
         register(np.asarray(fixed[3]), np.asarray(moving[3]), refine_tile=64)
     with pytest.raises(ValueError, match="fine to coarse"):
@@ -146,3 +157,16 @@ def test_3d_volume_dask(pair):
     assert result.info["pyramid"]["refinements"][-1]["tiles_used"] >= 4  # 3D tiles at level 0
     np.testing.assert_allclose(result.transform.matrix[:3, 3], (3.4, -5.2, 2.6), atol=0.3)
     assert result.warped.dtype == np.uint16 and result.warped.shape == shape
+
+
+def test_napari_multiscale_data_is_a_pyramid(pair):
+    pytest.importorskip("napari")
+    from napari.layers._multiscale_data import MultiScaleData
+
+    from napari_registration.core.pyramid import is_pyramid
+
+    fixed, moving, truth = pair
+    data = MultiScaleData(fixed)
+    assert is_pyramid(data) and not is_pyramid(np.zeros((4, 4))) and not is_pyramid(fixed[0])
+    levels = as_levels(data, rgb=True)
+    assert [lev.shape for lev in levels] == [f.shape[:2] for f in fixed]

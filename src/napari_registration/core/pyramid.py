@@ -33,7 +33,8 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
-PYRAMID_OPTIONS = {"pixel_budget": None, "refine": "tiles", "refine_tile": None}
+# (named apart from every backend's options: `auto` has a `refine` of its own)
+PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None}
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -52,9 +53,13 @@ class Level:
 
 
 def is_pyramid(image) -> bool:
-    """A list/tuple of arrays (fine -> coarse), e.g. a napari multiscale layer's data."""
-    return isinstance(image, (list, tuple)) and len(image) > 0 and all(
-        hasattr(a, "shape") and hasattr(a, "dtype") for a in image)
+    """A sequence of arrays (fine -> coarse): a list, a tuple, or a napari multiscale
+    layer's ``data`` (a ``MultiScaleData``, which is a Sequence but not an array)."""
+    from collections.abc import Sequence
+
+    if isinstance(image, (str, bytes)) or not isinstance(image, Sequence):
+        return False  # numpy and dask arrays are not Sequences
+    return len(image) > 0 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in image)
 
 
 def _spatial(a, rgb):
@@ -67,7 +72,7 @@ def as_levels(image, *, spacing=None, origin=None, rgb: bool = False, name: str 
     with ``dask.array.coarsen``) down to the first that fits ``budget``."""
     import dask.array as da
 
-    arrays = list(image) if is_pyramid(image) else [image]
+    arrays = list(image) if is_pyramid(image) else [image]  # a napari MultiScaleData too
     base = arrays[0]
     shape0 = _spatial(base, rgb)
     ndim = len(shape0)
@@ -149,7 +154,7 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, refine="tiles", refine_tile=None, **options):
+                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -161,8 +166,9 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 16:
         raise ValueError(f"pixel_budget (pixels a side of the level used for estimation) must "
                          f"be a whole number >= 16; got {pixel_budget!r}")
-    if refine not in (None, False, "tiles"):
-        raise ValueError(f"refine must be 'tiles' (refine on tiles of finer levels) or None; got {refine!r}")
+    if pyramid_refine not in (None, False, "tiles"):
+        raise ValueError(f"pyramid_refine must be 'tiles' (refine on tiles of finer levels) or "
+                         f"None; got {pyramid_refine!r}")
     if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
             refine_tile, (int, np.integer)) or refine_tile < 32):
         raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
@@ -223,7 +229,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     del f_arr, m_arr
     tf = coarse.transform
     refinements = []
-    if refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
+    if pyramid_refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
         # finer levels, stepping by >= 8x, ending at the finest fixed level
         targets = [k for k in range(kf - 1, -1, -1)
                    if (kf - k) % 3 == 0 or k == 0]
