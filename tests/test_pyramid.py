@@ -170,3 +170,17 @@ def test_napari_multiscale_data_is_a_pyramid(pair):
     assert is_pyramid(data) and not is_pyramid(np.zeros((4, 4))) and not is_pyramid(fixed[0])
     levels = as_levels(data, rgb=True)
     assert [lev.shape for lev in levels] == [f.shape[:2] for f in fixed]
+
+
+def test_tiles_that_disagree_do_not_replace_the_estimate(pair, monkeypatch):
+    import napari_registration.core.pyramid as pyramid
+
+    fixed, moving, truth = pair
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(pyramid, "_tile_shift",
+                        lambda f, w, spacing, origin: rng.normal(0, 3, 2) * spacing)
+    result = register(fixed, moving, method="fourier", transform="rigid", pixel_budget=300)
+    step = result.info["pyramid"]["refinements"][-1]
+    assert "tiles disagree" in step["skipped"]
+    coarse = Transform.from_dict(result.info["pyramid"]["coarse_transform"])
+    np.testing.assert_allclose(result.transform.matrix, coarse.matrix)

@@ -289,7 +289,6 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     ``transform`` to the tile displacements, composed onto ``tf``."""
     from ..backends.landmarks import fit_landmarks
     from .lazy import lazy_resample
-    from .register import RegistrationError, register
 
     lev = f_levels[k]
     shape = np.array(lev.shape)
@@ -319,13 +318,9 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         w_tile = _grey(_compute(w_tile), m_rgb)
         if float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
             continue  # no texture (e.g. background outside a head): nothing to measure
-        try:
-            r = register(f_tile, w_tile, method="fourier", transform="translation",
-                         fixed_spacing=lev.spacing, moving_spacing=lev.spacing,
-                         fixed_origin=origin, moving_origin=origin, warp=False, score=False)
-        except (RegistrationError, ValueError):
+        shift = _tile_shift(f_tile, w_tile, lev.spacing, origin)
+        if shift is None:
             continue
-        shift = r.transform.matrix[:ndim, ndim]
         if np.any(np.abs(shift / lev.spacing) > side / 4):
             continue  # a peak far from zero on a tile is a mismatch, not a correction
         centre = origin + (side - 1) / 2 * lev.spacing
@@ -350,7 +345,30 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         info["skipped"] = str(err)
         return tf, info
     info["residual_px_rms"] = float(fit["fre_rms"] / float(np.min(lev.spacing)))
+    if info["residual_px_rms"] > MAX_TILE_RMS_PX:
+        # the tiles disagree with one another (smooth or empty tiles, repeated patterns):
+        # their fit is no better than the estimate it would replace
+        info["skipped"] = (f"tiles disagree (rms {info['residual_px_rms']:.2f} px > "
+                           f"{MAX_TILE_RMS_PX}): kept the previous estimate")
+        return tf, info
     return new, info
+
+
+MAX_TILE_RMS_PX = 0.5  # tile displacements must fit the model this well (level pixels)
+
+
+def _tile_shift(f_tile, w_tile, spacing, origin):
+    """World shift that moves the warped moving tile onto the fixed tile (sub-pixel phase
+    correlation), or None when the tile cannot be measured."""
+    from .register import RegistrationError, register
+
+    try:
+        r = register(f_tile, w_tile, method="fourier", transform="translation",
+                     fixed_spacing=spacing, moving_spacing=spacing, fixed_origin=origin,
+                     moving_origin=origin, warp=False, score=False)
+    except (RegistrationError, ValueError):
+        return None
+    return r.transform.matrix[:-1, -1]
 
 
 def level_warper(moving, transform: Transform, *, spacing=None, origin=None, rgb: bool = False,
