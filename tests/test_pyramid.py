@@ -117,6 +117,17 @@ def test_numpy_with_and_without_budget(pair):
     assert masked.info["masks"]["fixed"]
 
 
+def test_pyramid_options_leave_backend_options_alone(pair):
+    fixed, moving, _ = pair
+    # `auto` has a `refine` option of its own: it must reach the backend, numpy or pyramid
+    f, m = np.asarray(fixed[3]), np.asarray(moving[3])
+    r = register(f, m, method="auto", transform="rigid", refine=False, use_features=False)
+    assert r.info["method"] == "auto"
+    r = register(fixed, moving, method="auto", transform="rigid", refine=False,
+                 use_features=False, pixel_budget=300, pyramid_refine=None)
+    assert r.info["pyramid"]["refinements"] == []
+
+
 def test_bad_pyramid_options(pair):
     fixed, moving, _ = pair
     with pytest.raises(ValueError, match="pixel_budget"):
@@ -124,7 +135,7 @@ def test_bad_pyramid_options(pair):
     with pytest.raises(ValueError, match="pyramid_refine must be"):
         register(fixed, moving, pyramid_refine="yes")
     with pytest.raises(ValueError, match="applies to pyramids"):
-        register(np.asarray(fixed[3]), np.asarray(moving[3]), pyramid_tile=64)
+        register(np.asarray(fixed[3]), np.asarray(moving[3]), refine_tile=64)
     with pytest.raises(ValueError, match="fine to coarse"):
         register(fixed[::-1], moving)
     with pytest.raises(ValueError, match="dtype"):
@@ -143,5 +154,33 @@ def test_3d_volume_dask(pair):
     m = lazy_scene(texture, shape, magnify=3.0, transform=truth, chunks=64)
     result = register(f, m, method="fourier", transform="translation", pixel_budget=200)
     assert result.info["pyramid"]["fixed_level"] == 2  # 24x32x32 voxels <= 200^2
+    assert result.info["pyramid"]["refinements"][-1]["tiles_used"] >= 4  # 3D tiles at level 0
     np.testing.assert_allclose(result.transform.matrix[:3, 3], (3.4, -5.2, 2.6), atol=0.3)
     assert result.warped.dtype == np.uint16 and result.warped.shape == shape
+
+
+def test_napari_multiscale_data_is_a_pyramid(pair):
+    pytest.importorskip("napari")
+    from napari.layers._multiscale_data import MultiScaleData
+
+    from napari_registration.core.pyramid import is_pyramid
+
+    fixed, moving, truth = pair
+    data = MultiScaleData(fixed)
+    assert is_pyramid(data) and not is_pyramid(np.zeros((4, 4))) and not is_pyramid(fixed[0])
+    levels = as_levels(data, rgb=True)
+    assert [lev.shape for lev in levels] == [f.shape[:2] for f in fixed]
+
+
+def test_tiles_that_disagree_do_not_replace_the_estimate(pair, monkeypatch):
+    import napari_registration.core.pyramid as pyramid
+
+    fixed, moving, truth = pair
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(pyramid, "_tile_shift",
+                        lambda f, w, spacing, origin: rng.normal(0, 3, 2) * spacing)
+    result = register(fixed, moving, method="fourier", transform="rigid", pixel_budget=300)
+    step = result.info["pyramid"]["refinements"][-1]
+    assert "tiles disagree" in step["skipped"]
+    coarse = Transform.from_dict(result.info["pyramid"]["coarse_transform"])
+    np.testing.assert_allclose(result.transform.matrix, coarse.matrix)

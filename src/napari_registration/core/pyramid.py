@@ -20,6 +20,7 @@ Nothing here imports napari or Qt; dask is imported when a pyramid is used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import itertools
 import time
 
 import numpy as np
@@ -32,9 +33,8 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
-# named apart from the backends' own ``refine`` (features, auto, fourier), which a pyramid
-# run passes through to the method on the chosen level
-PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "pyramid_tile": None}
+# (named apart from every backend's options: `auto` has a `refine` of its own)
+PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None}
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -53,9 +53,13 @@ class Level:
 
 
 def is_pyramid(image) -> bool:
-    """A list/tuple of arrays (fine -> coarse), e.g. a napari multiscale layer's data."""
-    return isinstance(image, (list, tuple)) and len(image) > 0 and all(
-        hasattr(a, "shape") and hasattr(a, "dtype") for a in image)
+    """A sequence of arrays (fine -> coarse): a list, a tuple, or a napari multiscale
+    layer's ``data`` (a ``MultiScaleData``, which is a Sequence but not an array)."""
+    from collections.abc import Sequence
+
+    if isinstance(image, (str, bytes)) or not isinstance(image, Sequence):
+        return False  # numpy and dask arrays are not Sequences
+    return len(image) > 0 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in image)
 
 
 def _spatial(a, rgb):
@@ -68,7 +72,7 @@ def as_levels(image, *, spacing=None, origin=None, rgb: bool = False, name: str 
     with ``dask.array.coarsen``) down to the first that fits ``budget``."""
     import dask.array as da
 
-    arrays = list(image) if is_pyramid(image) else [image]
+    arrays = list(image) if is_pyramid(image) else [image]  # a napari MultiScaleData too
     base = arrays[0]
     shape0 = _spatial(base, rgb)
     ndim = len(shape0)
@@ -150,7 +154,7 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, pyramid_refine="tiles", pyramid_tile=None, **options):
+                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -163,11 +167,11 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
         raise ValueError(f"pixel_budget (pixels a side of the level used for estimation) must "
                          f"be a whole number >= 16; got {pixel_budget!r}")
     if pyramid_refine not in (None, False, "tiles"):
-        raise ValueError("pyramid_refine must be 'tiles' (refine on tiles of finer levels) or "
+        raise ValueError(f"pyramid_refine must be 'tiles' (refine on tiles of finer levels) or "
                          f"None; got {pyramid_refine!r}")
-    if pyramid_tile is not None and (isinstance(pyramid_tile, bool) or not isinstance(
-            pyramid_tile, (int, np.integer)) or pyramid_tile < 32):
-        raise ValueError(f"pyramid_tile (tile side in pixels) must be a whole number >= 32; got {pyramid_tile!r}")
+    if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
+            refine_tile, (int, np.integer)) or refine_tile < 32):
+        raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
     for name, img in (("fixed", fixed), ("moving", moving)):
         first = img[0] if is_pyramid(img) else img
         if first is None or not hasattr(first, "shape"):
@@ -189,8 +193,8 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     m_levels = as_levels(moving, spacing=moving_spacing, origin=moving_origin, rgb=m_rgb,
                          name="moving", budget=budget)
     ndim = len(f_levels[0].shape)
-    if pyramid_tile is None:
-        pyramid_tile = 512 if ndim == 2 else 96
+    if refine_tile is None:
+        refine_tile = 512 if ndim == 2 else 96
     if len(m_levels[0].shape) != ndim:
         raise ValueError(f"fixed is {ndim}D {f_levels[0].shape} but moving is "
                          f"{len(m_levels[0].shape)}D {m_levels[0].shape}: both need the same axes")
@@ -233,7 +237,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
             stop()
             report(0.7 + 0.2 * i / max(len(targets), 1), f"refining on tiles of level {k}")
             tf, rinfo = _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb,
-                                         tile=int(pyramid_tile), budget=budget, stop=stop)
+                                         tile=int(refine_tile), budget=budget, stop=stop)
             refinements.append(rinfo)
 
     report(0.92, "building the lazy warp")
@@ -285,36 +289,38 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     ``transform`` to the tile displacements, composed onto ``tf``."""
     from ..backends.landmarks import fit_landmarks
     from .lazy import lazy_resample
-    from .register import RegistrationError, register
 
     lev = f_levels[k]
     shape = np.array(lev.shape)
-    side = np.minimum(shape, tile)
+    # at most 3/4 of an axis, so that tiles can sit where the moving image covers them
+    side = np.minimum(np.maximum(shape * 3 // 4, np.minimum(shape, 16)), tile)
     ndim = len(shape)
-    per_axis = 3 if ndim == 2 else 2
     src = _source_level(m_levels, lev.spacing)
-    # candidate tile corners on a grid over the level
-    grids = [np.unique(np.linspace(0, n - s, per_axis).round().astype(int)) for n, s in zip(shape, side)]
+    # a 3x3 (3x3x3) grid of tiles, inset from the edges, where a motion moves the least
+    # of the moving image out of view; the spread of the grid pins rotation and scale
+    grids = [np.unique(np.linspace(0.1 * (n - s), 0.9 * (n - s), 3).round().astype(int))
+             for n, s in zip(shape, side)]
+    src_shape = np.array(src.data.shape[:ndim])
     pairs_f, pairs_m, used = [], [], []
     for corner in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
         stop()
+        origin = lev.origin + corner * lev.spacing
+        # only tiles that the moving image covers whole (the corners suffice: linear map)
+        box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
+        back = (tf.apply_inverse(box * lev.spacing + origin) - src.origin) / src.spacing
+        if np.any(back < 0) or np.any(back > src_shape - 1):
+            continue
         sl = tuple(slice(int(c), int(c + s)) for c, s in zip(corner, side))
         f_tile = _grey(_compute(lev.data[sl + ((slice(None),) if f_rgb else ())]), f_rgb)
-        origin = lev.origin + corner * lev.spacing
         w_tile = lazy_resample(src.data, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
                                output_origin=origin, input_spacing=src.spacing,
                                input_origin=src.origin, rgb=m_rgb, chunks=tuple(int(s) for s in side))
         w_tile = _grey(_compute(w_tile), m_rgb)
-        overlap = np.mean(w_tile != 0)
-        if overlap < 0.9 or float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
+        if float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
+            continue  # no texture (e.g. background outside a head): nothing to measure
+        shift = _tile_shift(f_tile, w_tile, lev.spacing, origin)
+        if shift is None:
             continue
-        try:
-            r = register(f_tile, w_tile, method="fourier", transform="translation",
-                         fixed_spacing=lev.spacing, moving_spacing=lev.spacing,
-                         fixed_origin=origin, moving_origin=origin, warp=False, score=False)
-        except (RegistrationError, ValueError):
-            continue
-        shift = r.transform.matrix[:ndim, ndim]
         if np.any(np.abs(shift / lev.spacing) > side / 4):
             continue  # a peak far from zero on a tile is a mismatch, not a correction
         centre = origin + (side - 1) / 2 * lev.spacing
@@ -339,7 +345,30 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         info["skipped"] = str(err)
         return tf, info
     info["residual_px_rms"] = float(fit["fre_rms"] / float(np.min(lev.spacing)))
+    if info["residual_px_rms"] > MAX_TILE_RMS_PX:
+        # the tiles disagree with one another (smooth or empty tiles, repeated patterns):
+        # their fit is no better than the estimate it would replace
+        info["skipped"] = (f"tiles disagree (rms {info['residual_px_rms']:.2f} px > "
+                           f"{MAX_TILE_RMS_PX}): kept the previous estimate")
+        return tf, info
     return new, info
+
+
+MAX_TILE_RMS_PX = 0.5  # tile displacements must fit the model this well (level pixels)
+
+
+def _tile_shift(f_tile, w_tile, spacing, origin):
+    """World shift that moves the warped moving tile onto the fixed tile (sub-pixel phase
+    correlation), or None when the tile cannot be measured."""
+    from .register import RegistrationError, register
+
+    try:
+        r = register(f_tile, w_tile, method="fourier", transform="translation",
+                     fixed_spacing=spacing, moving_spacing=spacing, fixed_origin=origin,
+                     moving_origin=origin, warp=False, score=False)
+    except (RegistrationError, ValueError):
+        return None
+    return r.transform.matrix[:-1, -1]
 
 
 def level_warper(moving, transform: Transform, *, spacing=None, origin=None, rgb: bool = False,
