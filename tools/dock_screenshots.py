@@ -11,7 +11,6 @@ guide_stack.png, guide_stack_reuse.png and apply_transform.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guide_screenshots import drifting_stack, show_only  # noqa: E402
-from screenshots import PLUGIN, close_docks, run_worker, wait  # noqa: E402
+from screenshots import PLUGIN, close_docks, run_cases, run_worker, wait  # noqa: E402
 from screenshots import shot as _grab  # noqa: E402
 
 WINDOW = (1280, 800)
@@ -146,21 +145,7 @@ CASES = {"landmarks": landmarks, "stack": stack, "apply": apply_transform}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
-    parser.add_argument("--only", nargs="*", choices=sorted(CASES), default=None)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import napari
-
-    viewer = napari.Viewer(show=True, title="napari-registration")
-    viewer.window._qt_window.resize(*WINDOW)
-    wait(200)
-    for name in args.only or CASES:
-        CASES[name](viewer, out)
-    viewer.close()
+    run_cases(CASES, WINDOW, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,26 @@ def close_docks(viewer) -> None:
     wait(50)
 
 
+def run_cases(cases: dict, window: tuple, description: str, argv=None) -> None:
+    """The command line of the screenshot scripts: ``--out`` folder and ``--only`` cases;
+    each case is ``case(viewer, out)`` in one napari window of ``window`` size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
+    parser.add_argument("--only", nargs="*", choices=sorted(cases), default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+
+    viewer = napari.Viewer(show=True, title="napari-registration")
+    viewer.window._qt_window.resize(*window)
+    wait(200)
+    for name in args.only or cases:
+        cases[name](viewer, out)
+    viewer.close()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
