@@ -94,19 +94,6 @@ def spatial_ndim(layer) -> int:
     return layer.ndim
 
 
-def geometry(layer) -> tuple[tuple, tuple]:
-    """(spacing, origin) of a layer, i.e. napari ``scale`` and ``translate``, checking
-    that nothing else (rotate, shear) moves it: registration works in that world."""
-    rotate = np.asarray(layer.rotate, float)
-    shear = np.asarray(layer.shear, float)
-    if not (np.allclose(rotate, np.eye(rotate.shape[0])) and np.allclose(shear, 0.0)):
-        raise ValueError(
-            f"layer {layer.name!r} has a rotate/shear set; registration uses each layer's "
-            "scale and translate only. Reset rotate/shear, or resample the layer first"
-        )
-    return tuple(float(v) for v in layer.scale), tuple(float(v) for v in layer.translate)
-
-
 def scale_translate(layer) -> tuple[tuple, tuple]:
     """(spacing, origin): napari ``scale`` and ``translate``, the grid the core works
     on. Whatever else places the layer (rotate, shear, affine) is :func:`placement`."""

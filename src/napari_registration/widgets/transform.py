@@ -19,10 +19,11 @@ from ..core.resample import resample
 from ..core.transform import Transform, load_transform, save_transform
 from ._common import (
     affine_matrix,
-    geometry,
     image_data,
     layer_choices,
+    placement,
     put_layer,
+    scale_translate,
     show_error,
     show_info,
     transform_from_layer,
@@ -170,17 +171,20 @@ class TransformWidget(ScrollableDock):
             raise ValueError(f"{layer.name!r} is {layer.ndim}D but the transform is {t.ndim}D")
         kind = type(layer).__name__.lower()
         name = f"{layer.name} transformed"
-        sp, org = geometry(layer)
+        # the transform maps the world napari shows (rotate, shear and affine included)
+        sp, org = scale_translate(layer)
+        shown = Transform(placement(layer))  # the layer's scale/translate world -> shown world
         common = dict(name=name, role="transformed",
                       metadata={"registration_applied": {"source": layer.name,
                                                          "transform": t.to_dict()}})
         if kind in ("points", "shapes"):
-            # data -> world (scale/translate), map, back to the same layer's data coordinates
+            # data -> shown world, map, back to data coordinates of a layer placed by its
+            # scale/translate alone (so the result shows where the transform puts it)
             def to_data(world):
                 return (world - np.asarray(org)) / np.asarray(sp)
 
             def mapped(verts):
-                return to_data(t.apply(np.asarray(verts, float) * sp + org))
+                return to_data(t.apply(shown.apply(np.asarray(verts, float) * sp + org)))
 
             if kind == "points":
                 return put_layer(self.viewer, mapped(layer.data) if len(layer.data) else layer.data,
@@ -199,17 +203,21 @@ class TransformWidget(ScrollableDock):
             if not t.is_linear or t.is_projective:
                 raise ValueError(f"a {t.kind} transform cannot be a napari affine: choose "
                                  "'resampled copy'")
-            ref = self.reference.value
-            base = affine_matrix(ref) if ref is not None else np.eye(t.ndim + 1)
+            # shown = affine @ (rotate/shear/scale/translate); the transform acts after all
             return put_layer(self.viewer, image_data(layer), "labels" if is_labels else "image",
-                             scale=sp, translate=org, affine=base @ t.matrix,
+                             scale=sp, translate=org, rotate=layer.rotate, shear=layer.shear,
+                             affine=t.matrix @ affine_matrix(layer),
                              **({} if is_labels else {"rgb": rgb}), **extra, **common)
         ref = self.reference.value if self.reference.value is not None else layer
-        r_sp, r_or = geometry(ref)
+        r_sp, r_or = scale_translate(ref)
         shape = tuple(image_data(ref).shape[: ref.ndim])
-        out = resample(np.asarray(image_data(layer)), t, shape, output_spacing=r_sp,
+        # on the reference's scale/translate grid, shown as the reference is shown:
+        # layer grid world -> shown world -> transform -> reference grid world
+        grid_to_grid = Transform(placement(ref)).inverse() @ t @ shown
+        out = resample(np.asarray(image_data(layer)), grid_to_grid, shape, output_spacing=r_sp,
                        output_origin=r_or, input_spacing=sp, input_origin=org,
                        labels=is_labels, rgb=rgb)
         return put_layer(self.viewer, out, "labels" if is_labels else "image", scale=r_sp,
-                         translate=r_or, affine=affine_matrix(ref),
+                         translate=r_or, rotate=ref.rotate, shear=ref.shear,
+                         affine=affine_matrix(ref),
                          **({} if is_labels else {"rgb": rgb}), **extra, **common)
