@@ -326,3 +326,21 @@ def test_tps_preview_is_small_and_close_to_the_full_resampling(ndim):
     inside = ndimage.binary_erosion(inside, iterations=3)
     assert inside.mean() > 0.5
     assert np.abs(full - data)[inside].max() < 0.05 * np.ptp(image)
+
+
+def test_a_rotated_image_is_refused_with_what_to_do(make_napari_viewer, pair, qtbot):
+    """Clicks land where napari shows a layer, but the preview and the refinement resample
+    on its scale/translate grid: a rotated (or sheared, or affine) image is refused at
+    Start with a message, instead of giving a preview and a result in the wrong place."""
+    fixed, moving, _ = pair
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(fixed, name="fixed")
+    viewer.add_image(moving, name="moving", rotate=30)
+    _, w = viewer.window.add_plugin_dock_widget("napari-registration", "Landmark registration")
+    _click(qtbot, w.start_button)
+    assert "'moving'" in w.status.value and "rotate" in w.status.value
+    assert "Register images" in w.status.value
+    assert "fixed landmarks" not in viewer.layers and w.fixed_points is None
+    viewer.layers["moving"].rotate = 0  # reset: the dock starts
+    _click(qtbot, w.start_button)
+    assert "fixed landmarks" in viewer.layers and "moving landmarks" in viewer.layers

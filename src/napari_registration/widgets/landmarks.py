@@ -35,6 +35,7 @@ from magicgui.widgets import CheckBox, ComboBox, Label, PushButton, Table
 
 from ..backends.landmarks import TRANSFORMS, fit_landmarks, min_points
 from ..core.transform import Transform
+from ._common import placement
 from ._dock import ScrollableDock
 
 FIXED_COLOUR = "magenta"
@@ -269,6 +270,18 @@ class LandmarkWidget(ScrollableDock):
         if fixed.ndim != moving.ndim:
             self.status.value = (f"{fixed.name!r} is {fixed.ndim}D and {moving.name!r} is "
                                  f"{moving.ndim}D: choose two images with the same dimensions")
+            return
+        moved = [ly.name for ly in (fixed, moving)
+                 if not np.allclose(placement(ly), np.eye(ly.ndim + 1), atol=1e-9)]
+        if moved:
+            # clicks land in the world napari shows, but the preview and the refinement
+            # resample on the scale/translate grid: refuse rather than mix the two
+            self.status.value = (f"{' and '.join(repr(n) for n in moved)} "
+                                 f"{'is' if len(moved) == 1 else 'are'} placed by rotate, shear "
+                                 "or affine, which this dock does not follow yet: reset them "
+                                 "(Layer controls, or layer.rotate = 0 / layer.affine = None), "
+                                 "or use the Register images dock, which registers layers as "
+                                 "napari shows them")
             return
         self._disconnect()
         self._generation += 1
