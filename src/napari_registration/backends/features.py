@@ -178,21 +178,25 @@ def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
     where keypoints are taken."""
     det = _make_detector(detector, n_features, threshold)
     cv_mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
-    with _cv2_errors(f"detecting {detector} keypoints"):
-        if detector == "brisk" and n_features > 0:
-            # BRISK has no feature budget: keep the strongest responses, then describe
-            kps = det.detect(image_u8, cv_mask)
-            if len(kps) > n_features:
-                kps = sorted(kps, key=lambda k: -k.response)[:n_features]
-            kps, desc = det.compute(image_u8, kps)
-        else:
-            kps, desc = det.detectAndCompute(image_u8, cv_mask)
+    kps, desc = _detect_and_describe(det, image_u8, cv_mask, detector, n_features)
     if not kps or desc is None:
         return np.empty((0, 2)), None
     import cv2
 
     xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
     return xy, desc
+
+
+def _detect_and_describe(det, image_u8, cv_mask, detector: str, budget: int):
+    """OpenCV keypoints and descriptors of one image (or tile), at most ``budget``."""
+    with _cv2_errors(f"detecting {detector} keypoints"):
+        if detector == "brisk" and budget > 0:
+            # BRISK has no feature budget: keep the strongest responses, then describe
+            kps = det.detect(image_u8, cv_mask)
+            if len(kps) > budget:
+                kps = sorted(kps, key=lambda k: -k.response)[:budget]
+            return det.compute(image_u8, kps)
+        return det.detectAndCompute(image_u8, cv_mask)
 
 
 def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None, *,
@@ -226,15 +230,8 @@ def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None,
                 continue
             det = _make_detector(detector, per_tile, threshold)
             cv_mask = None if sub_mask is None else np.ascontiguousarray(sub_mask, dtype=np.uint8) * 255
-            with _cv2_errors(f"detecting {detector} keypoints"):
-                sub = np.ascontiguousarray(image_u8[R0:R1, C0:C1])
-                if detector == "brisk" and per_tile > 0:
-                    kps = det.detect(sub, cv_mask)
-                    if len(kps) > per_tile:
-                        kps = sorted(kps, key=lambda k: -k.response)[:per_tile]
-                    kps, desc = det.compute(sub, kps)
-                else:
-                    kps, desc = det.detectAndCompute(sub, cv_mask)
+            sub = np.ascontiguousarray(image_u8[R0:R1, C0:C1])
+            kps, desc = _detect_and_describe(det, sub, cv_mask, detector, per_tile)
             if not kps or desc is None:
                 continue
             xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
