@@ -122,10 +122,10 @@ def test_removing_an_input_mid_run_cancels_cleanly(viewer, open_widget, qtbot, n
 
 def test_presets_set_method_transform_options_and_say_so(viewer, open_widget, qtbot):
     from napari_registration import available_methods
-    from napari_registration.widgets.register import CUSTOM, PRESETS
+    from napari_registration.widgets.register import CUSTOM, CUSTOM_NOTE, PRESETS
 
     w = open_widget(REGISTER)
-    assert w.preset.value == CUSTOM and w.preset_note.value == ""
+    assert w.preset.value == CUSTOM and w.preset_note.value == CUSTOM_NOTE
     assert set(PRESETS) >= {"two channels / same sample", "time-lapse drift",
                             "CT/MR volumes (same modality)", "CT/MR volumes (different modality)",
                             "slides and photos", "deformable tissue"}

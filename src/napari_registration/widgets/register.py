@@ -55,6 +55,9 @@ from ._common import (
 from ..core.transform import Transform
 
 PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
+# said where a preset would explain itself (the label keeps a fixed height either way)
+CUSTOM_NOTE = ("No preset: set method, transform and options below, or pick a preset "
+               "for your kind of data.")
 MAX_KEYPOINTS_SHOWN = 500  # per image, in the keypoint layers (all matches are shown)
 
 RESAMPLE = "resample"
@@ -130,7 +133,7 @@ class RegisterWidget(Container):
         labels = layer_choices(napari_viewer, "labels")
         self.preset = ComboBox(label="preset", choices=[CUSTOM, *PRESETS], value=CUSTOM,
                                tooltip="a kind of data: sets method, transform and options")
-        self.preset_note = Label(label="", value="")
+        self.preset_note = Label(label="", value=CUSTOM_NOTE)
         self.fixed = ComboBox(label="fixed", choices=images, nullable=True)
         self.moving = ComboBox(label="moving", choices=images, nullable=True)
         self.level = ComboBox(label="pyramid level", choices=self._level_choices,
@@ -326,7 +329,7 @@ class RegisterWidget(Container):
     def _on_preset(self, name):
         """Set method, transform and options for a kind of data, and say so."""
         if name not in PRESETS:
-            self.preset_note.value = ""
+            self.preset_note.value = CUSTOM_NOTE
             return
         method, transform, options, why = PRESETS[name]
         if method not in available_methods():
