@@ -37,6 +37,11 @@ def layer_choices(viewer, *kinds: str):
     return choices
 
 
+# docks wait this long after a layer removal before touching their UI: the layer list
+# settles first (a notification or a label resize mid-removal segfaulted software GL)
+SETTLE_MS = 50
+
+
 def unwrap(obj):
     """The object behind napari's ``PublicOnlyProxy`` (plugin docks get proxies)."""
     while hasattr(obj, "__wrapped__"):

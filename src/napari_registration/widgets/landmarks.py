@@ -35,27 +35,15 @@ from magicgui.widgets import CheckBox, ComboBox, Label, PushButton, Table
 
 from ..backends.landmarks import TRANSFORMS, fit_landmarks, min_points
 from ..core.transform import Transform
-from ._common import placement
+from ._common import OUTPUT_KEY as _OUTPUT_KEY, SETTLE_MS, placement, same_layer
 from ._dock import ScrollableDock
 
 FIXED_COLOUR = "magenta"
 MOVING_COLOUR = "lime"
 _ROLE_KEY = "napari_registration_landmarks"
-_OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
 PREVIEW_SIDE = 512  # thin-plate spline previews are resampled at most this size per axis
 PREVIEW_NODES = {2: 48, 3: 20}  # ... through the spline evaluated on this many nodes per axis
 DEBOUNCE_MS = 150  # a refit starts once clicks pause this long
-SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
-
-
-def _unwrap(obj):
-    """The object under a napari ``PublicOnlyProxy`` (what plugin docks are handed)."""
-    return getattr(obj, "__wrapped__", obj)
-
-
-def _same(a, b) -> bool:
-    """True when ``a`` and ``b`` are the same layer, proxied or not."""
-    return a is not None and b is not None and _unwrap(a) is _unwrap(b)
 
 
 def _image_layers(viewer):
@@ -209,13 +197,13 @@ class LandmarkWidget(ScrollableDock):
     def _layer_removed(self, removed):
         if removed is None:
             return
-        if _same(removed, self.fixed_points) or _same(removed, self.moving_points):
+        if same_layer(removed, self.fixed_points) or same_layer(removed, self.moving_points):
             self._disconnect()
             self.fixed_points = self.moving_points = None
             self._generation += 1  # a fit in flight is for layers that are gone
-        if _same(removed, self.preview):
+        if same_layer(removed, self.preview):
             self.preview = None
-        gone_input = any(_same(removed, layer) for layer in self._refine_inputs)
+        gone_input = any(same_layer(removed, layer) for layer in self._refine_inputs)
         if gone_input and self.worker is not None and not self._refine_cancel.is_set():
             self._refine_cancel.set()
             self.worker.quit()
@@ -223,7 +211,7 @@ class LandmarkWidget(ScrollableDock):
                        "no output layer was made")
         else:
             message = None
-        if _same(removed, self.moving_layer.value) or _same(removed, self.fixed_layer.value):
+        if same_layer(removed, self.moving_layer.value) or same_layer(removed, self.fixed_layer.value):
             self._generation += 1
             self._debounce.stop()
         # UI changes wait until napari has finished removing the layer (a repaint or a
@@ -264,7 +252,7 @@ class LandmarkWidget(ScrollableDock):
         """(Re)create the two landmark layers for the chosen images and start clicking
         in the fixed one."""
         fixed, moving = self.fixed_layer.value, self.moving_layer.value
-        if fixed is None or moving is None or _same(fixed, moving):
+        if fixed is None or moving is None or same_layer(fixed, moving):
             self.status.value = "choose two different images (fixed and moving) first"
             return
         if fixed.ndim != moving.ndim:
@@ -299,7 +287,7 @@ class LandmarkWidget(ScrollableDock):
         self.viewer.layers.selection.active = points_layer
         points_layer.mode = "add"
         if self.one_at_a_time.value:
-            fixed_turn = _same(points_layer, self.fixed_points)
+            fixed_turn = same_layer(points_layer, self.fixed_points)
             self.fixed_layer.value.visible = fixed_turn
             self.moving_layer.value.visible = not fixed_turn
             if self.preview is not None and self._preview_shown:
@@ -311,9 +299,9 @@ class LandmarkWidget(ScrollableDock):
             return
         action = str(getattr(event, "action", ""))
         source = event.source
-        if _same(source, self.fixed_points):
+        if same_layer(source, self.fixed_points):
             source, other = self.fixed_points, self.moving_points
-        elif _same(source, self.moving_points):
+        elif same_layer(source, self.moving_points):
             source, other = self.moving_points, self.fixed_points
         else:
             return
@@ -462,7 +450,7 @@ class LandmarkWidget(ScrollableDock):
             data, out_sp, out_or = resampled
             geometry = {"scale": out_sp, "translate": out_or,
                         "affine": np.eye(len(out_sp) + 1)}
-        if self.preview is None or not any(_same(self.preview, ly) for ly in self.viewer.layers):
+        if self.preview is None or not any(same_layer(self.preview, ly) for ly in self.viewer.layers):
             active = self.viewer.layers.selection.active
             self._make_preview()
             # keep the point layers on top so clicks land on them
@@ -489,7 +477,7 @@ class LandmarkWidget(ScrollableDock):
         if not self._preview_shown:
             self._preview_shown = True
             self.preview.visible = (not self.one_at_a_time.value
-                                    or _same(self.viewer.layers.selection.active,
+                                    or same_layer(self.viewer.layers.selection.active,
                                              self.fixed_points))
 
     def _make_preview(self):

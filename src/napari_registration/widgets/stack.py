@@ -48,21 +48,11 @@ from ..core.series import (
     save_transforms,
 )
 from ..core.stack import iter_register_stack
+from ._common import OUTPUT_KEY, SETTLE_MS, same_layer
 from ._dock import ScrollableDock
 
 REFERENCE_CHOICES = ("first", "previous", "mean", "frame")
-OUTPUT_KEY = "napari_registration_output"  # same key as widgets._common.OUTPUT_KEY
 _OWN_KEYS = (OUTPUT_KEY, "napari_registration_landmarks")
-SETTLE_MS = 50  # UI updates after a layer removal wait this long (the layer list settles)
-
-
-def _unwrap(obj):
-    """The object under a napari ``PublicOnlyProxy`` (what plugin docks are handed)."""
-    return getattr(obj, "__wrapped__", obj)
-
-
-def _same(a, b) -> bool:
-    return a is not None and b is not None and _unwrap(a) is _unwrap(b)
 
 
 def _is_ours(layer) -> bool:
@@ -289,7 +279,7 @@ class StackRegistrationWidget(ScrollableDock):
         if len(candidates) == 1:
             return candidates[0]
         active = self._viewer.layers.selection.active
-        return next((ly for ly in candidates if _same(ly, active)), None)
+        return next((ly for ly in candidates if same_layer(ly, active)), None)
 
     def _transforms(self, _widget=None):
         method = getattr(self, "_method", None)
@@ -312,7 +302,7 @@ class StackRegistrationWidget(ScrollableDock):
 
     def _removed(self, removed):
         running = self.worker is not None and not self._cancel.is_set()
-        if running and _same(removed, self._source):
+        if running and same_layer(removed, self._source):
             # cancel at once (no output layer); the words wait for the layer list
             self._cancel_reason = (f"cancelled: the stack layer {removed.name!r} was removed "
                                    "during the run; no output layer was made")
@@ -416,7 +406,7 @@ class StackRegistrationWidget(ScrollableDock):
         if result is None or self._cancel.is_set():  # cancelled: make nothing
             return
         source = self._source
-        if source is None or not any(_same(source, ly) for ly in self._viewer.layers):
+        if source is None or not any(same_layer(source, ly) for ly in self._viewer.layers):
             return  # the input went away as the run finished
         self.result = result
         name = f"{source.name} registered"
@@ -605,7 +595,7 @@ class StackRegistrationWidget(ScrollableDock):
                                _start_thread=False, _ignore_errors=True)
 
         def done(data):
-            if not any(_same(layer, ly) for ly in self._viewer.layers):
+            if not any(same_layer(layer, ly) for ly in self._viewer.layers):
                 self._status.value = (f"{layer.name!r} was removed while the transforms were "
                                       "applied: no layer was made")
                 return
