@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.files import partial_path, write_atomic  # noqa: F401 (the package's one atomic writer)
+from .core.files import write_atomic
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 TIFF_SUFFIXES = (".tif", ".tiff")

@@ -266,7 +266,7 @@ def _check_itk_block(path, k, block, composite_ok) -> int:
     d = int(din)
     if kind == "CompositeTransform":
         if not composite_ok:
-            raise ValueError(f"a CompositeTransform may only come first, with parts "
+            raise ValueError("a CompositeTransform may only come first, with parts "
                              "after it (nested or empty composites are not supported)")
         return d
     if kind not in _ITK_TYPES or d not in _ITK_TYPES[kind]:

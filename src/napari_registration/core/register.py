@@ -553,8 +553,6 @@ def register(
     if core["score"]:
         report(0.93, "scoring")
         should_stop()
-        from .metrics import compare
-
         metrics = _score(fixed_g, moving_g, full, fixed_mask, f_sp, f_or, m_sp, m_or)
     if not core["warp"]:
         warped = None
