@@ -260,7 +260,7 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     fine_px = float(f_sp.min())  # world size of one finest pixel (smallest axis)
     corners = np.array(np.meshgrid(*[[0.0, (n - 1) * s] for n, s in zip(fixed.shape, f_sp)],
                                    indexing="ij")).reshape(ndim, -1).T - centre
-    lv = None
+    lv = last = None
     for factor in levels:
         if cancel is not None and cancel():
             info["reason"] = "cancelled"
@@ -268,6 +268,7 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
         lv = sample_level(factor)
         if len(lv["pts"]) < 8 * n_par:
             info["iterations"].append(0)
+            last = None
             continue
         vals, ok = warped_values(lv, warp)
         cur = fit(lv, vals, ok)
@@ -280,13 +281,26 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
             break
         n_it = 0
         tol_world = tolerance * fine_px
+        # the Gauss-Newton matrix over all samples, once per level (inverse compositional:
+        # it does not change with the warp); an iteration subtracts the few samples that
+        # fall outside the moving image instead of rebuilding it from (N, P) copies
+        sd_all = lv["sd"]
+        h_all = np.einsum("np,nq->pq", sd_all, sd_all)
         for n_it in range(1, int(iterations) + 1):
             if cancel is not None and cancel():
                 break
             res, _, rms = cur
-            sd = lv["sd"][ok]
-            h = np.einsum("np,nq->pq", sd, sd)
-            b = np.einsum("np,n->p", sd, res)
+            n_out = len(ok) - int(np.count_nonzero(ok))
+            if n_out == 0:
+                h = h_all
+                b = np.einsum("np,n->p", sd_all, res)
+            else:
+                out_sd = sd_all[~ok]
+                h = (h_all - np.einsum("np,nq->pq", out_sd, out_sd) if n_out < len(ok) // 2
+                     else np.einsum("np,nq->pq", sd_all[ok], sd_all[ok]))
+                res_all = np.zeros(len(ok))
+                res_all[ok] = res
+                b = np.einsum("np,n->p", sd_all, res_all)
             try:
                 dp = np.linalg.solve(h + 1e-9 * np.trace(h) / n_par * np.eye(n_par), b)
             except np.linalg.LinAlgError:
@@ -309,10 +323,12 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
             if float(np.abs(moved).max()) < tol_world:
                 break
         info["iterations"].append(n_it)
+        last = cur
     if "reason" not in info and lv is not None:
         # compare the start and the result on the finest level's samples: same footing
+        # (the result's fit on them is the last one the iterations computed)
         a = fit(lv, *warped_values(lv, start_warp))
-        b = fit(lv, *warped_values(lv, warp))
+        b = last if factor == levels[-1] and last is not None else fit(lv, *warped_values(lv, warp))
         if a is not None and b is not None:
             info.update(rms_start=a[2], rms=b[2], ncc_start=a[1], ncc=b[1])
             if b[2] <= a[2]:
