@@ -392,11 +392,34 @@ def _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info):
     out, rinfo = refine_linear(f, m, start, model=transform, fixed_mask=fm, moving_mask=mm,
                                start_error_px=8.0, cancel=cancel)
     info["spline_refine"] = {k: v for k, v in rinfo.items() if k in
-                             ("accepted", "reason", "iterations", "levels", "seconds", "rms", "ncc")}
+                             ("accepted", "reason", "iterations", "evaluations", "levels", "seconds",
+                              "rms", "ncc")}
     if not rinfo["accepted"]:
         return None
     return out.matrix, float(rinfo["ncc"])
 
+
+
+COARSE_FACTOR, COARSE_MIN_SIDE = 2, 256  # block means for the log-polar search when refining
+
+
+def _block_mean(image, k):
+    from ..core.refine import _block_mean as block_mean
+
+    return image if k == 1 else block_mean(image, k)
+
+
+def _shift_at_full_resolution(angle, scale, shift, k, full_moving_shape):
+    """The shift (about the full moving image's centre) of a similarity found on k x k
+    block means: block index i is full index k * i + (k - 1) / 2."""
+    small_shape = np.array(full_moving_shape) // k
+    m_small = _similarity_idx(angle, scale, shift, (small_shape - 1) / 2)
+    s = np.eye(3)
+    s[:2, :2] *= k
+    s[:2, 2] = (k - 1) / 2
+    m_full = s @ m_small @ np.linalg.inv(s)
+    centre = (np.array(full_moving_shape, float) - 1) / 2
+    return m_full[:2, 2] - _similarity_idx(angle, scale, (0.0, 0.0), centre)[:2, 2]
 
 
 # --------------------------------------------------------------------------- backend
@@ -493,12 +516,17 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             f = np.where(fm, f, 0.0).astype(np.float32)
         if mm is not None:
             m = np.where(mm, m, 0.0).astype(np.float32)
-        # the spline polish follows: a 1/10 px peak is start enough (1/100 px cost ~0.1 s)
-        est = _estimate_similarity(f, m, transform, min(int(upsample), 10) if refine else int(upsample),
-                                   cancel)
+        # the spline polish follows: a 1/10 px peak is start enough (1/100 px cost ~0.1 s),
+        # and so is the search on 2x2 block means (3-10x cheaper; the start it gives was
+        # as close on the report's photos: within ~4 px, inside the polish's pyramid range)
+        k = COARSE_FACTOR if refine and min(min(f.shape), min(m.shape)) >= COARSE_MIN_SIDE else 1
+        est = _estimate_similarity(_block_mean(f, k), _block_mean(m, k), transform,
+                                   min(int(upsample), 10) if refine else int(upsample), cancel)
         if est is None or est[0] is None:
             return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
         (score, angle, scale, shift, peak), lp_peak = est
+        if k > 1:
+            shift = _shift_at_full_resolution(angle, scale, shift, k, m.shape)
         info.update(coarse={"angle_deg": angle, "scale": scale, "shift_px": list(shift), "ncc": score},
                     log_polar_peak=lp_peak, peak=peak)
         progress(0.5, "refining")
