@@ -65,3 +65,73 @@ def test_refinement_with_samples_outside_the_moving_image_still_converges(astron
     assert info["accepted"], info
     pts = grid_points(img.shape, margin=0.35)
     assert tre_against_truth(out, truth, pts)["mean"] < 5e-3
+
+
+def _stage_names(info):
+    return [(s["method"], s["model"]) for s in info["stages"]]
+
+
+def test_auto_keeps_the_fast_fourier_stage_and_skips_intensity_on_same_contrast(astronaut):
+    img = astronaut[::2, ::2].copy()
+    c = _centre(img.shape)
+    truth = Transform.from_rotation(35.0, center=c, shift=(-4.3, 6.1))
+    moving = _warp_by_truth(img, truth).astype(np.float32)
+    r = register(img, moving, method="auto", transform="rigid", warp=False, score=False)
+    assert r.info["chosen"]["method"] == "fourier" and r.info["chosen"]["model"] == "rigid"
+    assert ("intensity", "rigid") not in _stage_names(r.info)  # skipped: already aligned
+    assert tre_against_truth(r.transform, truth, grid_points(img.shape))["mean"] < 5e-3
+    # the same pair with intensity alone: auto is not less precise than it (1.25x)
+    ri = register(img, moving, method="intensity", transform="rigid", seed=0, warp=False,
+                  score=False)
+    e_auto = tre_against_truth(r.transform, truth, grid_points(img.shape))["mean"]
+    e_int = tre_against_truth(ri.transform, truth, grid_points(img.shape))["mean"]
+    assert e_auto <= max(1.25 * e_int, 1e-3)
+
+
+def test_auto_affine_from_a_fourier_similarity_start(coins):
+    c = _centre(coins.shape)
+    truth = Transform.from_linear(np.array([[1.04, 0.05], [-0.03, 0.97]]), c, (3.3, -4.6))
+    moving = _warp_by_truth(coins, truth).astype(np.float32)
+    r = register(coins, moving, method="auto", transform="affine", warp=False, score=False)
+    chosen = r.info["chosen"]
+    assert (chosen["method"], chosen["model"]) == ("polish", "affine")
+    assert ("intensity", "affine") not in _stage_names(r.info)
+    assert tre_against_truth(r.transform, truth, grid_points(coins.shape))["mean"] < 0.01
+
+
+def test_auto_multimodal_pair_falls_through_to_intensity(coins):
+    # folded contrast: fourier's spline stage declines (no linear intensity relation)
+    # without its slow Powell fallback, and intensity (mutual information) decides
+    c = _centre(coins.shape)
+    truth = Transform.from_rotation(6.0, center=c, shift=(2.0, -3.0))
+    moving = _warp_by_truth(coins, truth).astype(np.float32)
+    folded = (np.abs(moving - 0.45) * 2).astype(np.float32)
+    r = register(coins, folded, method="auto", transform="rigid", seed=0, warp=False, score=False)
+    fast = [s for s in r.info["stages"] if (s["method"], s["model"]) == ("fourier", "rigid")][0]
+    assert fast.get("spline_refine", {}).get("accepted") is False
+    assert "refine_evaluations" not in fast  # no Powell fallback
+    assert ("intensity", "rigid") in _stage_names(r.info)
+    assert r.info["chosen"]["method"] != "fourier"
+
+
+@pytest.fixture(scope="module")
+def coins():
+    from skimage import data
+
+    return data.coins().astype(np.float32) / 255
+
+
+def test_mutual_information_matches_numpy_histogram2d():
+    from napari_registration.core.metrics import mutual_information
+
+    rng = np.random.default_rng(3)
+    a = rng.random(5000)
+    b = np.round((0.6 * a + 0.4 * rng.random(5000)) * 8) / 8  # values on bin edges too
+    mask = rng.random(5000) > 0.3
+    hist, _, _ = np.histogram2d(a[mask], b[mask], bins=32)
+    pxy = hist / hist.sum()
+    px, py = pxy.sum(1, keepdims=True), pxy.sum(0, keepdims=True)
+    nz = pxy > 0
+    expected = float(np.sum(pxy[nz] * np.log(pxy[nz] / (px @ py)[nz])))
+    assert mutual_information(a, b, mask) == pytest.approx(expected, rel=1e-12)
+    assert mutual_information(np.full(50, 0.2), np.full(50, 0.7)) == 0.0

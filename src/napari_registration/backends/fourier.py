@@ -464,7 +464,7 @@ MAX_UPSAMPLE = 1000
 def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progress, cancel,
              fixed_mask=None, moving_mask=None, upsample: int = 100, window: bool = True,
              lowpass: float | None = 0.1, iterations: int = 2,
-             refine: bool = True) -> BackendResult:
+             refine: bool = True, fallback: bool = True) -> BackendResult:
     """Phase correlation (translation, nD) or log-polar + phase correlation (2D rigid,
     similarity), in world units.
 
@@ -484,6 +484,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         For rigid/similarity: polish the log-polar estimate by Gauss-Newton on a
         cubic-spline pyramid (least squares up to gain and offset; falls back to
         maximising NCC with Powell when that declines).
+    fallback : bool
+        When the Gauss-Newton polish declines (contrasts not linearly related), polish
+        with Powell on NCC instead (slow: hundreds of warps); False returns the
+        log-polar estimate as it is (``auto`` does, and refines with intensity).
     """
     ndim = fixed.ndim
     if transform != "translation" and ndim != 2:
@@ -536,7 +540,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         if polished is not None:
             m_idx, score = polished
             angle, scale = _angle_scale(m_idx)
-        elif refine:
+        elif refine and fallback:
             out = _refine(f, m, angle, scale, shift, transform, cancel)
             if out is None:
                 return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})

@@ -63,12 +63,26 @@ def mutual_information(a, b, mask=None, bins: int = 32) -> float:
         a, b = a[mask], b[mask]
     if a.size < 2:
         return float("nan")
-    hist, _, _ = np.histogram2d(a.ravel(), b.ravel(), bins=bins)
+    # the joint histogram of np.histogram2d(a, b, bins) (equal bins over each range),
+    # by one bincount: histogram2d's searchsorted cost ~20 ms per score on 65k pixels,
+    # a quarter of a 512^2 translation's whole registration (issue #15)
+    hist = np.bincount(_bin_index(a.ravel(), bins) * bins + _bin_index(b.ravel(), bins),
+                       minlength=bins * bins).reshape(bins, bins).astype(np.float64)
     pxy = hist / hist.sum()
     px = pxy.sum(axis=1, keepdims=True)
     py = pxy.sum(axis=0, keepdims=True)
     nz = pxy > 0
     return float(np.sum(pxy[nz] * np.log(pxy[nz] / (px @ py)[nz])))
+
+
+def _bin_index(v: np.ndarray, bins: int) -> np.ndarray:
+    """Index of equal-width bins over [v.min(), v.max()], the last bin closed (as numpy's
+    histograms); a constant array falls in the middle bin, as there."""
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.full(v.shape, bins // 2, np.intp)
+    idx = ((v - lo) * (bins / (hi - lo))).astype(np.intp)
+    return np.minimum(idx, bins - 1, out=idx)
 
 
 def ssim(a, b, mask=None) -> float:
