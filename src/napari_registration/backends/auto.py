@@ -385,7 +385,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                                    "asked for here)"})
             done_stages[0] += 1
             continue
-        run(method, model, why, rep=rep, fraction=fraction(), shrink=method == "fourier",
+        # features too is only a start when intensity refines after it (not for a
+        # homography, which it fits itself): SIFT on the coarse copy costs ~1/4 (on the
+        # IHC pair, where it fails anyway, it was a third of auto's time at full size)
+        run(method, model, why, rep=rep, fraction=fraction(),
+            shrink=method == "fourier" or (method == "features" and refine_model == transform
+                                           and n_refine > 0),
             **(coarse_fourier if (method, model) == ("fourier", "translation") else {}))
 
     # ---- intensity from the best coarse candidate, when it lies elsewhere
