@@ -9,6 +9,11 @@ Stages (each one optional, each one recorded in ``info["stages"]``):
    gradient magnitude (edges survive contrast inversion and monotonic remapping, so
    this copes with multi-modal pairs where phase correlation of the raw intensities
    locks onto the wrong peak). ``features`` (OpenCV keypoints, 2D) when installed.
+   In 2D rigid/similarity/affine, ``fourier`` at full resolution with its spline
+   Gauss-Newton stage runs first (affine: a Gauss-Newton affine pass from its
+   similarity); when that reaches ``stop_ncc`` on a same-contrast pair it is kept and
+   the slower stages below are skipped (it is as precise as ``intensity`` there, at
+   a fraction of the time).
 2. **refine**: ``intensity`` (SimpleITK, with its spline Gauss-Newton polish) with the
    requested transform model: from scratch right after the cheap Fourier translation
    (its own centre and rotation search; the slower coarse stages are skipped when it
