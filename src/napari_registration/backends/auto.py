@@ -43,6 +43,11 @@ from ..core.transform import Transform
 DESCRIPTION = ("Automatic: coarse global search (Fourier, features) then intensity refinement, "
                "every stage scored, best kept")
 NDIMS = (2, 3)
+# 2D: the core also hands over a linear (unclipped) rescale of both images, used by the
+# stages blind to gain and offset (Fourier, the Gauss-Newton polish): detail beyond the
+# 0.5/99.5 percentiles then still guides them; intensity (MI) and scoring keep the
+# clipped images
+LINEAR_COPY = True
 
 
 def _transforms():
@@ -108,7 +113,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              structure: bool = True,
              use_features: bool = True, refine: bool = True, coarse_size: int = 256,
              stop_ncc: float | None = 0.98, min_overlap: float = 0.1,
-             seed: int | None = None) -> BackendResult:
+             seed: int | None = None, linear_copy=None) -> BackendResult:
     """Chain and score methods; return the best-scoring transform.
 
     Options
@@ -192,10 +197,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     def run(method, model, why, *, rep="intensities", fraction=(0.0, 1.0), shrink=False, **opts):
         check_cancel()
         f_img, m_img = fixed, moving
+        if method == "fourier" and rep == "intensities" and linear_copy is not None:
+            f_img, m_img = linear_copy
         fs, ms, f_msk, m_msk = f_sp, m_sp, fixed_mask, moving_mask
         if shrink and coarse_size:
-            f_img, fs = _shrink(fixed, f_sp, coarse_size)
-            m_img, ms = _shrink(moving, m_sp, coarse_size)
+            f_img, fs = _shrink(f_img, f_sp, coarse_size)
+            m_img, ms = _shrink(m_img, m_sp, coarse_size)
             if f_img.shape != fixed.shape or m_img.shape != moving.shape:
                 why = why + f"; on a copy of at most {int(coarse_size)} px per axis"
                 f_msk = None if fixed_mask is None else _shrink(fixed_mask, f_sp, coarse_size)[0] > 0.5
@@ -347,8 +354,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     fast_done = None
     if fast_model:
         fast_done = _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
-                               fraction, fixed, moving, f_sp, m_sp, fixed_mask, moving_mask,
-                               cancel)
+                               fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
+                               fixed_mask, moving_mask, cancel)
     scratch = None
     if n_refine and refine_model != transform:
         # homography: intensity fits only its affine part; keypoints go first and the
@@ -428,7 +435,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
     # ---- a final Gauss-Newton polish of the best linear candidate (when not polished yet)
     if candidates and refine:
-        _polish_best(fixed, moving, stages, candidates, baseline_index, refine_model, judge,
+        _polish_best(*(linear_copy or (fixed, moving)), stages, candidates, baseline_index,
+                     refine_model, judge,
                      record, f_sp, m_sp, fixed_mask, moving_mask, cancel)
 
     progress(1.0, "scoring done")

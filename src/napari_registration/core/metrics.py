@@ -18,7 +18,10 @@ import numpy as np
 PERCENTILE_SAMPLES = 1_000_000
 
 
-def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5) -> np.ndarray:
+def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5,
+                     clip: bool = True) -> np.ndarray:
+    """Rescale so the ``low``/``high`` percentiles map to 0/1 (float32), clipped to [0, 1]
+    unless ``clip=False`` (then values beyond the percentiles keep their detail)."""
     image = np.asarray(image, dtype=np.float32)
     values = image[mask] if mask is not None else image.ravel()
     if values.size == 0:
@@ -34,7 +37,7 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
         return np.zeros_like(image)
     out = image - np.float32(lo)  # one new float32 array, then in place
     out /= np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return np.clip(out, 0.0, 1.0, out=out) if clip else out
 
 
 def mse(a, b, mask=None) -> float:

@@ -15,11 +15,13 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 
 
-def normalize(image: np.ndarray, mask=None, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Robust rescale to [0, 1] by percentiles (float32)."""
+def normalize(image: np.ndarray, mask=None, low: float = 0.5, high: float = 99.5,
+              clip: bool = True) -> np.ndarray:
+    """Robust rescale to [0, 1] by percentiles (float32); ``clip=False`` keeps the values
+    beyond the percentiles (a purely linear rescale)."""
     from .metrics import robust_normalize
 
-    return robust_normalize(image, mask, low, high)
+    return robust_normalize(image, mask, low, high, clip=clip)
 
 
 def equalize(image: np.ndarray, how: str | None, mask=None) -> np.ndarray:
@@ -48,11 +50,16 @@ def smooth(image: np.ndarray, sigma: float, spacing=None) -> np.ndarray:
 
 
 def prepare(image, *, spacing=None, mask=None, normalize_: bool = True, equalize_=None,
-            smooth_: float = 0.0) -> np.ndarray:
-    """The shared pipeline: float32, robust [0, 1] normalisation, equalisation, smoothing."""
+            smooth_: float = 0.0, clip: bool = True) -> np.ndarray:
+    """The shared pipeline: float32, robust [0, 1] normalisation, equalisation, smoothing.
+
+    ``clip=False`` (used for methods that are blind to gain and offset, e.g. phase
+    correlation and the spline refinement) rescales linearly without clipping, so bright
+    or dark detail beyond the 0.5/99.5 percentiles still guides the fit; equalisation
+    always clips."""
     out = np.asarray(image, dtype=np.float32)
     if normalize_ or equalize_:
-        out = normalize(out, mask)
+        out = normalize(out, mask, clip=clip or bool(equalize_))
     out = equalize(out, equalize_, mask)
     out = smooth(out, smooth_, spacing)
     return np.ascontiguousarray(out, dtype=np.float32)

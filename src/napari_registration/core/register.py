@@ -202,7 +202,7 @@ def method_info(method: str) -> dict:
 
 
 _BACKEND_PLUMBING = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
-                     "fixed_mask", "moving_mask"}
+                     "fixed_mask", "moving_mask", "linear_copy"}
 
 
 # ------------------------------------------------------------------------- validation
@@ -486,10 +486,19 @@ def register(
 
     report(0.0, "preprocessing")
     should_stop()
+    # a backend that is blind to gain and offset says so (CLIP_NORMALIZED = False): it
+    # gets a linear rescale, so detail beyond the percentiles is not clipped away
+    clip = bool(getattr(mod, "CLIP_NORMALIZED", True))
     f_prep = prepare(fixed_g, spacing=f_sp, mask=fixed_mask, normalize_=core["normalize"],
-                     equalize_=core["equalize"], smooth_=core["smooth"])
+                     equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
     m_prep = prepare(moving_g, spacing=m_sp, mask=moving_mask, normalize_=core["normalize"],
-                     equalize_=core["equalize"], smooth_=core["smooth"])
+                     equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
+    # a backend that mixes both kinds of stage (auto, 2D) also gets a linear rescale
+    if (clip and getattr(mod, "LINEAR_COPY", False) and ndim == 2 and core["normalize"]
+            and not core["equalize"]):
+        backend_opts["linear_copy"] = tuple(
+            prepare(img, spacing=sp, mask=msk, smooth_=core["smooth"], clip=False)
+            for img, sp, msk in ((fixed_g, f_sp, fixed_mask), (moving_g, m_sp, moving_mask)))
 
     # an initial transform (full world) is handed to the backend in zero-origin worlds
     if "init" in backend_opts and isinstance(backend_opts["init"], Transform):
