@@ -70,11 +70,15 @@ class Ours(Method):
     family = "ours"
     package = "napari-registration"
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, **options):
         self.method = method
-        self.name = f"ours: {method}"
-        self.settings = (f"register(method={method!r}, transform=<case>, score=False) (stacks: "
-                         f"register_stack(reference='first', ..., score=False)), defaults otherwise")
+        self.options = options  # a documented option a user picks in the dock (e.g. ORB)
+        extra = "".join(f", {k}={v!r}" for k, v in options.items())
+        self.name = f"ours: {method}" + (f" ({', '.join(map(str, options.values()))})"
+                                         if options else "")
+        self.settings = (f"register(method={method!r}, transform=<case>{extra}, score=False) "
+                         f"(stacks: register_stack(reference='first', ...{extra}, score=False)), "
+                         "defaults otherwise")
 
     def _info(self):
         from napari_registration import method_info
@@ -106,9 +110,10 @@ class Ours(Method):
         tf = self.transform_for(case)
         if case.is_stack:
             return register_stack(case.frames, reference="first", method=self.method,
-                                  transform=tf, spacing=case.spacing, score=False)
+                                  transform=tf, spacing=case.spacing, score=False, **self.options)
         return register(case.fixed, case.moving, method=self.method, transform=tf,
-                        fixed_spacing=case.spacing, moving_spacing=case.spacing, score=False)
+                        fixed_spacing=case.spacing, moving_spacing=case.spacing, score=False,
+                        **self.options)
 
     def mapper(self, case, raw):
         if case.is_stack:
@@ -480,6 +485,8 @@ def all_methods() -> list[Method]:
     from napari_registration import available_methods
 
     ours = [Ours(m) for m in available_methods() if m != "landmarks"]
+    if "features" in available_methods():  # the fast keypoint choice, against OpenCV's ORB
+        ours.append(Ours("features", detector="orb"))
     peers = [PhaseCorrelation(), OpenCVSift(), OpenCVOrb(), SimpleITKDirect(), Elastix(), Ants(),
              PyStackReg()]
     return ours + peers
