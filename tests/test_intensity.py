@@ -385,3 +385,37 @@ def test_deformable_3d_brain(brain, transform):
     assert tre_against_truth(r.transform, truth, grid_points(fixed.shape, sp))["mean"] < min(sp)
     assert r.info["jacobian_determinant"]["folded_voxels"] == 0
     assert r.metrics["after"]["ncc"] > r.metrics["before"]["ncc"]
+
+
+# --------------------------------------------------- 3D affine, multi-modal (issue #15)
+def _block_mean3(a, factors):
+    crop = tuple(slice(0, (n // f) * f) for n, f in zip(a.shape, factors))
+    a = a[crop]
+    shape = [v for n, f in zip(a.shape, factors) for v in (n // f, f)]
+    return a.reshape(shape).mean(axis=(1, 3, 5)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def brain_322(brain):
+    """T1 and grey-matter map averaged into 3 x 2 x 2 mm voxels (63 x 116 x 98)."""
+    t1, gm = brain
+    return _block_mean3(t1, (3, 2, 2)), _block_mean3(gm, (3, 2, 2)), (3.0, 2.0, 2.0)
+
+
+def test_brain_affine_3d_sub_tenth_millimetre(brain_322):
+    """Same contrast, 12-parameter affine (scale, shear, rotation, shift): the final
+    Gauss-Newton pass uses every strong-gradient voxel. With the evenly spread subset it
+    had before, this pair ended at ~0.07 mm; a user comparing 2 mm voxels wants well
+    under a twentieth of a voxel."""
+    t1, _, sp = brain_322
+    centre = (np.array(t1.shape) - 1) / 2 * np.array(sp)
+    truth = _rigid3d([-3, 5, 2], [2.5, -3.5, 4.0], centre, scale=(0.96, 1.04, 1.02), shear=0.04)
+    moving = np.clip(resample(t1, truth.inverse(), t1.shape, order=3, output_spacing=sp,
+                              input_spacing=sp), 0, 1).astype(np.float32)
+    before = moving.copy()
+    r = register(t1, moving, method="intensity", transform="affine", fixed_spacing=sp,
+                 moving_spacing=sp, seed=0, warp=False, score=False)
+    assert np.array_equal(moving, before)
+    assert r.info["polish"]["accepted"], r.info["polish"]
+    err = tre_against_truth(r.transform, truth, grid_points(t1.shape, sp))
+    assert err["mean"] < 0.05, err

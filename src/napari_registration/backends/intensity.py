@@ -981,11 +981,17 @@ def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fix
     from ..core.refine import refine_linear
 
     t = time.perf_counter()
+    # 3D affine: every strong-gradient voxel up to 2**19 (refine's default keeps an evenly
+    # spread 2**15 in raster order, whose regular pattern biased the 12-parameter fit:
+    # MNI T1 3x2x2 mm affine 0.076 mm with 32k such samples, 0.033 with all 260k, the
+    # same with 32k random ones; rigid was not affected: 0.002 mm either way)
+    max_samples = 2 ** 19 if fixed.ndim == 3 and transform == "affine" else None
     try:
         out, rinfo = refine_linear(fixed, moving, result.transform, model=transform,
                                    fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
                                    fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                   start_error_px=2.0, min_ncc=0.9, cancel=cancel)
+                                   start_error_px=2.0, min_ncc=0.9, cancel=cancel,
+                                   max_samples=max_samples)
     except (ValueError, np.linalg.LinAlgError) as err:
         out, rinfo = result.transform, {"accepted": False, "reason": f"failed: {err}"}
     info = dict(result.info)
