@@ -333,6 +333,9 @@ def test_bad_combinations_raise_value_errors(camera):
     with pytest.raises(ValueError, match="smoothing_sigmas"):
         register(camera, moving, method="intensity", transform="rigid",
                  shrink_factors=(4, 2, 1), smoothing_sigmas=(2, 1))
+    for bad in ("(4, 2, 1)", (4, 1.5, 1), (4, "a")):  # said in our words, not int()'s
+        with pytest.raises(ValueError, match="shrink_factors must be integers"):
+            register(camera, moving, method="intensity", transform="rigid", shrink_factors=bad)
     with pytest.raises(ValueError, match="grid_spacing"):
         register(camera, moving, method="intensity", transform="bspline", grid_spacing=10,
                  mesh_size=4)

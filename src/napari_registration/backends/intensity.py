@@ -119,8 +119,11 @@ def _check_options(transform, ndim, metric, optimizer, sampling, sampling_percen
     if iterations is not None and int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1; got {iterations}")
     if shrink_factors is not None:
-        sf = list(shrink_factors)
-        if not sf or any(int(s) < 1 for s in sf):
+        try:
+            sf = [float(s) for s in shrink_factors]
+        except (TypeError, ValueError):
+            sf = []  # a string or other non-numbers: reported just below
+        if not sf or isinstance(shrink_factors, str) or any(s < 1 or s != int(s) for s in sf):
             raise ValueError(f"shrink_factors must be integers >= 1, coarse to fine, e.g. (4, 2, 1); "
                              f"got {shrink_factors}")
         if smoothing_sigmas is not None and len(list(smoothing_sigmas)) != len(sf):
