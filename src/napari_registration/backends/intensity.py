@@ -19,6 +19,9 @@ Pipeline
    coarser than half the search grid.
 4. **Deformable stage**: a B-spline (L-BFGS-B) or a demons field on top of the linear
    result. The result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
+5. **Polish** (linear transforms, ``polish=True``): a Gauss-Newton pass on a cubic-spline
+   pyramid (:mod:`core.refine`) for same-contrast pairs; in 3D, on intensity-remapped
+   images for pairs of different contrast (:func:`_remapped_polish`).
 
 Convention: SimpleITK's transforms map fixed physical points to moving ones; every
 conversion goes through :mod:`napari_registration.core.itk`.
@@ -897,7 +900,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         resolution (least squares up to a gain and offset, :mod:`core.refine`), kept
         only when the images are linearly related in intensity (|NCC| >= 0.9 after the
         ITK stage) and the residual drops; it removes most of the random-sampling
-        noise of the ITK stage (3D brain rigid: ~0.03 mm -> < 0.01 mm).
+        noise of the ITK stage (3D brain rigid: ~0.03 mm -> < 0.01 mm). In 3D, images
+        of different contrast (|NCC| < 0.98) get it on intensity-remapped images (one
+        image's intensities replaced by the other's conditional means), so multi-modal
+        results gain too (MNI T1 vs grey-matter map: ~0.1 mm -> ~0.07 mm).
 
     The core's ``fixed_mask`` / ``moving_mask`` become ITK metric masks (only pixels
     inside count); demons has no masks, so there they restrict its linear stage only.
