@@ -19,6 +19,9 @@ Pipeline
    coarser than half the search grid.
 4. **Deformable stage**: a B-spline (L-BFGS-B) or a demons field on top of the linear
    result. The result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
+5. **Polish** (linear transforms, ``polish=True``): a Gauss-Newton pass on a cubic-spline
+   pyramid (:mod:`core.refine`) for same-contrast pairs; in 3D, on intensity-remapped
+   images for pairs of different contrast (:func:`_remapped_polish`).
 
 Convention: SimpleITK's transforms map fixed physical points to moving ones; every
 conversion goes through :mod:`napari_registration.core.itk`.
@@ -119,8 +122,11 @@ def _check_options(transform, ndim, metric, optimizer, sampling, sampling_percen
     if iterations is not None and int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1; got {iterations}")
     if shrink_factors is not None:
-        sf = list(shrink_factors)
-        if not sf or any(int(s) < 1 for s in sf):
+        try:
+            sf = [float(s) for s in shrink_factors]
+        except (TypeError, ValueError):
+            sf = []  # a string or other non-numbers: reported just below
+        if not sf or isinstance(shrink_factors, str) or any(s < 1 or s != int(s) for s in sf):
             raise ValueError(f"shrink_factors must be integers >= 1, coarse to fine, e.g. (4, 2, 1); "
                              f"got {shrink_factors}")
         if smoothing_sigmas is not None and len(list(smoothing_sigmas)) != len(sf):
@@ -894,7 +900,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         resolution (least squares up to a gain and offset, :mod:`core.refine`), kept
         only when the images are linearly related in intensity (|NCC| >= 0.9 after the
         ITK stage) and the residual drops; it removes most of the random-sampling
-        noise of the ITK stage (3D brain rigid: ~0.03 mm -> < 0.01 mm).
+        noise of the ITK stage (3D brain rigid: ~0.03 mm -> < 0.01 mm). In 3D, images
+        of different contrast (|NCC| < 0.98) get it on intensity-remapped images (one
+        image's intensities replaced by the other's conditional means), so multi-modal
+        results gain too (MNI T1 vs grey-matter map: ~0.1 mm -> ~0.07 mm).
 
     The core's ``fixed_mask`` / ``moving_mask`` become ITK metric masks (only pixels
     inside count); demons has no masks, so there they restrict its linear stage only.
@@ -977,22 +986,130 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
 def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fixed_mask,
             moving_mask, cancel):
-    """Final Gauss-Newton pass (see the ``polish`` option); the ITK result when declined."""
+    """Final Gauss-Newton pass (see the ``polish`` option); the ITK result when declined.
+    3D images related by a non-linear or many-to-one intensity change get it on
+    intensity-remapped images instead (:func:`_remapped_polish`)."""
     from ..core.refine import refine_linear
 
     t = time.perf_counter()
-    try:
-        out, rinfo = refine_linear(fixed, moving, result.transform, model=transform,
-                                   fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
-                                   fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                   start_error_px=2.0, min_ncc=0.9, cancel=cancel)
-    except (ValueError, np.linalg.LinAlgError) as err:
-        out, rinfo = result.transform, {"accepted": False, "reason": f"failed: {err}"}
+    # 3D affine: every strong-gradient voxel up to 2**19 (refine's default keeps an evenly
+    # spread 2**15 in raster order, whose regular pattern biased the 12-parameter fit:
+    # MNI T1 3x2x2 mm affine 0.076 mm with 32k such samples, 0.033 with all 260k, the
+    # same with 32k random ones; rigid was not affected: 0.002 mm either way)
+    max_samples = 2 ** 19 if fixed.ndim == 3 and transform == "affine" else None
+
+    def plain(min_ncc):
+        try:
+            return refine_linear(fixed, moving, result.transform, model=transform,
+                                 fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
+                                 fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                 start_error_px=2.0, min_ncc=min_ncc, cancel=cancel,
+                                 max_samples=max_samples)
+        except (ValueError, np.linalg.LinAlgError) as err:
+            return result.transform, {"accepted": False, "reason": f"failed: {err}"}
+
+    # 3D, below |NCC| 0.98 (at the start): the images are remapped first, then the same
+    # pass runs (ITK's mutual information saw ~16k sampled voxels there; the remapped
+    # pass averages that noise away). 2D keeps ITK's result or the plain pass: ITK's
+    # finest level uses every pixel up to 65k, and remapping was not reliably better
+    # (MNI slice T1 vs grey matter: 0.006 px from ITK, 0.017 remapped; moon with
+    # 1 - I^2 + noise: worse in 3 of 3 noise levels, with 1 - sqrt(I): better in 2 of 3)
+    out, rinfo = plain(0.98 if fixed.ndim == 3 else 0.9)
+    ncc = rinfo.get("ncc_start")
+    remapped = None
+    if (fixed.ndim == 3 and not rinfo.get("accepted")
+            and str(rinfo.get("reason", "")).startswith("declined")
+            and ncc is not None and not (cancel is not None and cancel())):
+        out, remapped = _remapped_polish(fixed, moving, result.transform, transform,
+                                         fixed_spacing, moving_spacing, fixed_mask,
+                                         moving_mask, cancel)
+        if remapped.get("accepted"):
+            rinfo = dict(remapped, reason="converged on remapped intensities")
+        elif ncc >= 0.9:  # as before the remapped pass existed
+            out, rinfo = plain(0.9)
     info = dict(result.info)
     info["polish"] = {k: v for k, v in rinfo.items() if k in
                       ("accepted", "reason", "iterations", "levels", "rms_start", "rms", "ncc")}
+    if remapped is not None:
+        info["polish"]["remapped"] = remapped
     info["polish"]["seconds"] = time.perf_counter() - t
     return BackendResult(out, info)
+
+
+def _intensity_map(source, target, bins=64, min_count=5):
+    """Conditional means of ``target`` in ``bins`` equal-width bins of ``source`` (1D
+    arrays of paired samples) as a piecewise-linear function, and the correlation ratio
+    eta^2 = 1 - E[Var(target | source)] / Var(target) (1: target is a function of
+    source)."""
+    source = np.asarray(source, np.float64)
+    target = np.asarray(target, np.float64)
+    lo, hi = float(source.min()), float(source.max())
+    width = (hi - lo) / bins if hi > lo else 1.0
+    k = np.clip(((source - lo) / width).astype(np.int64), 0, bins - 1)
+    count = np.bincount(k, minlength=bins)
+    total = np.bincount(k, target, minlength=bins)
+    mean = total / np.maximum(count, 1)
+    within = float(np.bincount(k, (target - mean[k]) ** 2, minlength=bins).sum())
+    spread = float(target.var()) * target.size
+    eta2 = 1.0 - within / spread if spread > 0 else 0.0
+    good = count >= min_count
+    centres = lo + (np.flatnonzero(good) + 0.5) * width
+    values = mean[good]
+
+    def apply(a):
+        return np.interp(np.asarray(a, np.float64), centres, values).astype(np.float32)
+
+    return apply, eta2
+
+
+def _remapped_polish(fixed, moving, start, transform, fixed_spacing, moving_spacing,
+                     fixed_mask, moving_mask, cancel):
+    """Gauss-Newton pass on images made linearly related: with the moving image warped
+    through ``start``, the fixed image's intensities are replaced by the mean moving
+    intensity seen at each (or the other way round, whichever direction predicts better
+    by the correlation ratio), then :func:`core.refine.refine_linear` runs as for one
+    contrast. Removes most of the sampling noise of ITK's mutual information in 3D (MNI
+    T1 vs grey-matter map, 3x2x2 mm, rigid: 0.09-0.13 mm -> 0.064-0.072 mm over 6 seeds).
+    Returns (transform, record); the start when declined."""
+    from ..core.refine import refine_linear
+    from ..core.resample import resample
+
+    rec: dict = {"accepted": False}
+    geom = dict(output_spacing=fixed_spacing, input_spacing=moving_spacing)
+    try:
+        # NaN outside the moving image marks the overlap (no second resampling)
+        warped = resample(np.asarray(moving, np.float32), start, fixed.shape, order=1,
+                          cval=np.nan, **geom)
+        ok = np.isfinite(warped)
+        if moving_mask is not None:
+            ok &= resample(np.asarray(moving_mask, bool), start, fixed.shape, labels=True, **geom)
+        if fixed_mask is not None:
+            ok &= np.asarray(fixed_mask, bool)
+        idx = np.flatnonzero(ok)
+        if idx.size < 1000:
+            rec["reason"] = "too little overlap to map intensities"
+            return start, rec
+        if idx.size > 2 ** 18:  # plenty for 64 conditional means
+            idx = idx[np.random.default_rng(0).choice(idx.size, 2 ** 18, replace=False)]
+        f_ok, w_ok = np.asarray(fixed, np.float32).ravel()[idx], warped.ravel()[idx]
+        to_moving, eta_f = _intensity_map(f_ok, w_ok)   # moving ~ g(fixed)
+        to_fixed, eta_m = _intensity_map(w_ok, f_ok)    # fixed ~ h(moving)
+        if eta_f >= eta_m:
+            f2, m2, rec["remapped"] = to_moving(fixed), moving, "fixed"
+        else:
+            f2, m2, rec["remapped"] = fixed, to_fixed(moving), "moving"
+        rec["correlation_ratio"] = max(eta_f, eta_m)
+        out, rinfo = refine_linear(f2, m2, start, model=transform,
+                                   fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
+                                   fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                   start_error_px=2.0, min_ncc=0.5, cancel=cancel,
+                                   max_samples=2 ** 19 if fixed.ndim == 3 and transform == "affine" else None)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        rec["reason"] = f"failed: {err}"
+        return start, rec
+    rec.update({k: v for k, v in rinfo.items() if k in
+                ("accepted", "reason", "iterations", "rms_start", "rms", "ncc")})
+    return out, rec
 
 
 # registrations running at the same time in threads share SimpleITK's process-wide
