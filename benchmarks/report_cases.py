@@ -169,6 +169,27 @@ def retina_affine() -> Case:
                 "affine", fixed=fixed, moving=_moving_from(fixed, truth), truth=truth)
 
 
+def retina_affine_acquired() -> Case:
+    """The retina affine case as two acquisitions: the motion is applied at twice the
+    resolution and both images are 2x block means of it, so the moving image is not an
+    exact spline interpolation of the fixed one (which favours methods that interpolate
+    the fixed image onto the moving grid)."""
+    from skimage import data
+
+    hi = _unit(data.retina()[:1408, :1408, 1])
+    fixed = _downscale(hi, (2, 2))
+    lin = np.array([[1.04, 0.06], [-0.05, 0.96]])
+    truth = _affine_about(lin, _centre(fixed.shape), (6.0, -9.0))
+    # low-res pixel i covers high-res pixels 2i, 2i+1: high = 2 * low + 0.5
+    s = np.diag([2.0, 2.0, 1.0])
+    s[:2, 2] = 0.5
+    truth_hi = Transform(s @ truth.matrix @ np.linalg.inv(s))
+    moving = _downscale(_moving_from(hi, truth_hi), (2, 2))
+    return Case("retina_affine_acquired", "retina (green), affine with shear, both images "
+                "2x block means of a finer image (held out)", "skimage.data.retina", "affine",
+                fixed=fixed, moving=moving, truth=truth)
+
+
 def astronaut_homography() -> Case:
     from napari_registration.data import photo_pair
 
@@ -381,7 +402,8 @@ def camera_rotation_150() -> Case:
                 "rigid", fixed=fixed, moving=_moving_from(fixed, truth), truth=truth)
 
 
-HELD_OUT = ("astronaut_rigid", "chelsea_similarity", "brain_rigid_2mm", "brain_t1_vs_gm_3d")
+HELD_OUT = ("astronaut_rigid", "chelsea_similarity", "brain_rigid_2mm", "brain_t1_vs_gm_3d",
+            "retina_affine_acquired")
 
 
 # ---------------------------------------------------------------------------- stack
@@ -417,7 +439,7 @@ ALL = [camera_translation, coins_rigid, moon_similarity, retina_affine, astronau
        ihc_multimodal, brain_multimodal_2d, camera_noise_gamma, camera_deformable,
        stereo_motorcycle, brain_rigid_3d, brain_affine_3d, moon_stack,
        camera_rotation_150, astronaut_rigid, chelsea_similarity, brain_rigid_2mm,
-       brain_t1_vs_gm_3d]
+       brain_t1_vs_gm_3d, retina_affine_acquired]
 # blobs_rigid_3d is in QUICK only: it needs no neuroimaging package, and brain_rigid_3d
 # covers 3D rigid with real anatomy in the full report
 QUICK = [camera_translation, coins_rigid, ihc_multimodal, blobs_rigid_3d, moon_stack]
