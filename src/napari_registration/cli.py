@@ -243,6 +243,10 @@ def cmd_register_big(args) -> int:
                       pixel_budget=args.pixel_budget, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the old "done" marker goes first (batch skips folders that have one), and a warp
+    # interrupted earlier is resumed only if it was started with this very transform
+    (out / "report.json").unlink(missing_ok=True)
+    _drop_stale_partial_warp(out, result.transform)
     paths = {"transform": str(save_transform(result.transform, out / "transform.json"))}
     linear = result.transform.is_linear and not result.transform.is_projective
     if linear:
@@ -291,10 +295,34 @@ def cmd_register_big(args) -> int:
     report["outputs"] = paths
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     paths["report"] = str(out / "report.json")
+    if getattr(args, "_silent", False):  # a batch item: the batch reports
+        return 0
     print(_summary(result))
     for key, path in paths.items():
         print(f"  {key}: {path}")
     return 0
+
+
+def _drop_stale_partial_warp(out: Path, transform) -> None:
+    """``warped.ome.zarr.tmp`` is a write that was interrupted; its finished blocks are
+    kept (write_ome_zarr resumes them) only when the transform.json written before it
+    holds the same transform, otherwise they would show a different alignment."""
+    import shutil
+
+    from . import load_transform
+
+    partial = out / "warped.ome.zarr.tmp"
+    if not partial.exists():
+        return
+    try:
+        old = load_transform(out / "transform.json")
+        same = (old.kind == transform.kind and old.matrix is not None
+                and transform.matrix is not None
+                and np.allclose(old.matrix, transform.matrix, rtol=0, atol=1e-9))
+    except (OSError, ValueError, TypeError, KeyError):
+        same = False
+    if not same:
+        shutil.rmtree(partial)
 
 
 # ------------------------------------------------------------------ stack and batch
@@ -531,8 +559,13 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     """One pair of the batch (runs in a worker): read, register, write the outputs."""
     from . import register
     from .io import read_image
+    from .io_big import is_big_path
 
     t0 = time.perf_counter()
+    big = settings.get("big", {})
+    if (is_big_path(fixed_path) or is_big_path(moving_path)
+            or big.get("pixel_budget") is not None or big.get("format") == "ome-zarr"):
+        return _batch_item_big(fixed_path, moving_path, out, settings, t0)
     fixed, f_sp, f_or = read_image(fixed_path)
     moving, m_sp, m_or = read_image(moving_path)
     result = register(fixed, moving, method=settings["method"], transform=settings["transform"],
@@ -543,6 +576,31 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     write_outputs(result, fixed, Path(out), fixed_spacing=f_sp, fixed_origin=f_or, suffix=suffix)
     after = result.metrics.get("after", {})
     before = result.metrics.get("before", {})
+    return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
+            "ncc_after": after.get("ncc")}
+
+
+def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
+    """A pair of slides / volumes (OME-Zarr, pyramidal OME-TIFF, DICOM, or any image
+    with a pixel budget): exactly what ``register`` does with them (estimate on a
+    level, refine on tiles, write the warp block by block). The blocks are written with
+    this worker's threads: on a cluster the items are its tasks, and a task that handed
+    its blocks back to the same cluster would wait on workers busy with other items. A
+    killed write is resumed from its finished blocks when the item is run again."""
+    import dask
+
+    big = settings.get("big", {})
+    ns = argparse.Namespace(
+        fixed=fixed_path, moving=moving_path, out=str(out), method=settings["method"],
+        transform=settings["transform"], fixed_spacing=None, moving_spacing=None,
+        equalize=None, option=[f"{k}={json.dumps(v)}" for k, v in settings["options"].items()],
+        quiet=True, pixel_budget=big.get("pixel_budget"), format=big.get("format") or "auto",
+        channel=big.get("channel"), scheduler=None, _silent=True)
+    with dask.config.set(scheduler="threads"):
+        cmd_register_big(ns)
+    report = json.loads((Path(out) / "report.json").read_text())
+    after = report.get("metrics", {}).get("after", {})
+    before = report.get("metrics", {}).get("before", {})
     return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
             "ncc_after": after.get("ncc")}
 
@@ -581,7 +639,8 @@ def _batch_items(args) -> list[tuple[str, str, Path]]:
     for fixed, moving, out in items:
         if out is None:
             stem = Path(moving).name
-            for ext in (".nii.gz", ".tiff", ".tif", ".png", ".jpg", ".jpeg", ".nii", ".mha", ".nrrd"):
+            for ext in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".nii.gz", ".tiff", ".tif",
+                        ".png", ".jpg", ".jpeg", ".nii", ".mha", ".nrrd"):
                 if stem.lower().endswith(ext):
                     stem = stem[: -len(ext)]
                     break
@@ -604,6 +663,8 @@ def _finished(out: Path) -> bool:
         for key, path in outputs.items():
             if key == "report":
                 continue
+            if Path(path).is_dir() and key == "warped":
+                continue  # an OME-Zarr store: renamed into place only when complete
             if not Path(path).is_file():
                 return False
             if key in sizes and Path(path).stat().st_size != sizes[key]:
@@ -668,7 +729,9 @@ def cmd_batch(args) -> int:
 
     items = _batch_items(args)
     settings = {"method": args.method, "transform": args.transform,
-                "options": _parse_options(args.option)}
+                "options": _parse_options(args.option),
+                "big": {"pixel_budget": args.pixel_budget, "format": args.format,
+                        "channel": args.channel}}
     total = len(items)
     todo, skipped = [], []
     for k, (fixed, moving, out) in enumerate(items):
@@ -763,6 +826,13 @@ def _add_stack_parsers(sub) -> None:
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE")
     p.add_argument("--force", action="store_true", help="redo items whose report.json exists")
     p.add_argument("--quiet", "-q", action="store_true", help="report failures only")
+    # slides and volumes (OME-Zarr, pyramidal OME-TIFF, DICOM folders go this way anyway)
+    p.add_argument("--pixel-budget", type=int, default=None, metavar="N",
+                   help="as for register: estimate on the level of about N x N pixels")
+    p.add_argument("--format", choices=["auto", "ome-zarr", "tif"], default="auto",
+                   help="warped output of big items, as for register")
+    p.add_argument("--channel", type=int, default=None,
+                   help="the channel to register in multi-channel OME-Zarr inputs")
     scale_out(p)
     p.set_defaults(func=cmd_batch)
 
