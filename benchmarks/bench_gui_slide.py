@@ -1,7 +1,7 @@
 """GUI stalls while a slide-sized lazy registered result is browsed in napari.
 
     xvfb-run -a -s "-screen 0 1400x900x24" .venv/bin/python benchmarks/bench_gui_slide.py \
-        [--size 20000] [--repeats 2] [--modes sync async]
+        [--size 20000] [--repeats 2] [--modes sync async] [--source scene|free] [--why]
 
 A slide pair (``napari_registration.bigdata.slide_pair``: scikit-image's
 immunohistochemistry slide magnified to ``--size`` px a side, uint8 RGB, a 4 degree
@@ -15,18 +15,25 @@ the viewer was frozen (drawing, and with synchronous slicing computing the visib
 Layers compared, one after the other in the same session, napari's dask cache emptied
 before each:
 
-* ``napari alone``: the fixed slide itself (lazy, not warped): what napari costs on this
-  machine for a lazy multiscale layer of the same size (the scene is computed per block).
+* ``napari, free tiles``: a lazy multiscale layer of the same size whose blocks cost
+  nothing (copies of one precomputed tile, in 1024 px blocks as the slides have): what
+  napari's slicing and drawing alone cost on this machine.
+* ``napari alone``: the fixed slide itself (lazy, not warped): napari with a lazy
+  multiscale layer of the same size whose blocks are computed (the synthetic scene; the
+  warped layers compute the same scene for their source blocks, plus the warp).
 * ``before``: the warped moving slide as the Register dock built it before this change:
   every level ``apply_transform(..., lazy=True)`` (exact SciPy warp, the input's 1024 px
   blocks), all levels lazy.
 * ``after``: as the dock builds it now (``widgets.register.display_levels``): 512 px
-  blocks, OpenCV per block (releases the GIL), the levels of at most 4 M pixels computed
+  blocks, OpenCV per block (releases the GIL), the levels of at most 8 M pixels computed
   before the layer is placed (in the dock: in its worker thread; here: timed apart).
 
 Each layer is browsed with napari's default synchronous slicing and with its
 asynchronous slicing (``settings.experimental.async_``). The transform is the known
 truth (the browsing cost does not depend on which rigid transform is shown).
+``--source free`` makes the moving slide free tiles too: the warped layers then differ
+from ``napari, free tiles`` by the warp alone. ``--why`` samples the GUI thread's Python
+stack during gaps over 100 ms (where the time goes).
 Writes benchmarks/results/gui_slide.json. Timing on a shared machine is noisy: compare
 within one run.
 """
@@ -141,7 +148,12 @@ def main() -> int:
     p.add_argument("--size", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["sync", "async"])
-    p.add_argument("--layers", nargs="+", default=["napari alone", "before", "after"])
+    p.add_argument("--layers", nargs="+",
+                   default=["napari, free tiles", "napari alone", "before", "after"])
+    p.add_argument("--source", choices=["scene", "free"], default="scene",
+                   help="the slides' blocks: the synthetic scene (computed per block), or "
+                        "free (copies of one tile, as cheap as reading a file gets): then the "
+                        "warped layers differ from 'napari, free tiles' by the warp alone")
     p.add_argument("--why", action="store_true",
                    help="sample the GUI thread's stack during gaps over 100 ms")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gui_slide.json"))
@@ -161,9 +173,27 @@ def main() -> int:
     spacings = [(2.0 ** k, 2.0 ** k) for k in range(n_levels)]
     shapes = [lev.shape[:2] for lev in fixed]
 
+    # one real 512 px RGB tile (the coarsest level has >= 512 px), repeated to a block
+    tile = np.tile(np.asarray(fixed[-1][:512, :512]), (2, 2, 1))
+
+    def free_block(block_info=None):
+        (r0, r1), (c0, c1) = block_info[None]["array-location"][:2]
+        return np.ascontiguousarray(tile[:r1 - r0, :c1 - c0])
+
+    def free_pyramid():
+        import dask.array as da
+
+        return [da.map_blocks(free_block, dtype=np.uint8, chunks=da.core.normalize_chunks(
+            (1024, 1024, 3), lev.shape), meta=np.empty((0, 0, 0), np.uint8)) for lev in fixed]
+
+    if args.source == "free":
+        moving = free_pyramid()
+
     def make(name):
         if name == "napari alone":
             return fixed, 0.0
+        if name == "napari, free tiles":
+            return free_pyramid(), 0.0
         if name == "before":
             return [apply_transform(moving[k], truth, output_shape=shapes[k],
                                     output_spacing=spacings[k], input_spacing=spacings[k],
@@ -190,7 +220,7 @@ def main() -> int:
                 stats = browse(viewer, size, row, args.why)
                 run = {"layer": name, "mode": mode, "repeat": rep, "prepare_s": prep, **stats}
                 runs.append(run)
-                print(f"{name:13s} {mode:5s} rep {rep}: max gap {stats['all']['max_ms']:7.0f} ms, "
+                print(f"{name:18s} {mode:5s} rep {rep}: max gap {stats['all']['max_ms']:7.0f} ms, "
                       f"p99 {stats['all']['p99_ms']:5.0f}, >250 ms: {stats['all']['over_250ms']:2d}"
                       f"  (zoom {stats['zoom']['max_ms']:.0f}, pan {stats['pan']['max_ms']:.0f}, "
                       f"back {stats['pan_back']['max_ms']:.0f}) prepare {prep:.1f} s", flush=True)
@@ -206,7 +236,7 @@ def main() -> int:
                 "p99_ms (median run)": float(np.median([r["all"]["p99_ms"] for r in mine])),
                 "over_250ms (per run)": [r["all"]["over_250ms"] for r in mine],
                 "pan_back max_ms (per run)": [round(r["pan_back"]["max_ms"]) for r in mine]}
-    out = {"size": size, "levels": n_levels, "repeats": args.repeats,
+    out = {"size": size, "levels": n_levels, "repeats": args.repeats, "source": args.source,
            "load_average": os.getloadavg(), "summary": summary, "runs": runs}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(summary, indent=1))

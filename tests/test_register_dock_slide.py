@@ -72,3 +72,38 @@ def test_slide_result_is_lazy_where_big_and_built_off_the_gui_thread(
     # with synchronous slicing the dock says how to keep browsing responsive
     advised = any("Asynchronously" in m for m in notifications["info"])
     assert advised is (not async_slicing)
+
+
+def test_blocks_seen_before_come_from_napari_cache_not_a_new_warp(monkeypatch):
+    """Panning back: napari slices a dask layer inside its opportunistic cache
+    (configure_dask); the warp's block keys are stable, so a block computed once is not
+    warped again."""
+    from napari.utils._dask_utils import configure_dask
+
+    from napari_registration import Transform
+    from napari_registration.core import lazy
+    from napari_registration.widgets.register import display_levels
+
+    calls = []
+    real = lazy._warp_chunks
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(lazy, "_warp_chunks", counting)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (4096, 4096), dtype=np.uint8)
+    t = Transform.from_rotation(3.0, center=(2048.0, 2048.0))
+    levels = display_levels([image], t, [(4096, 4096)], output_spacings=[(1.0, 1.0)],
+                            moving_spacings=[(1.0, 1.0)])
+    assert hasattr(levels[0], "dask")  # 16 M pixels: lazy
+    slicing = configure_dask(levels)
+    view = (slice(100, 900), slice(1100, 1900))  # 2 x 2 blocks of 512
+    with slicing():
+        first = np.asarray(levels[0][view])
+    assert len(calls) == 4
+    with slicing():
+        again = np.asarray(levels[0][view])
+    assert len(calls) == 4  # panned back: no block warped again
+    np.testing.assert_array_equal(first, again)

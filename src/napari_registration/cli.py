@@ -316,9 +316,11 @@ def _drop_stale_partial_warp(out: Path, transform) -> None:
         return
     try:
         old = load_transform(out / "transform.json")
-        same = (old.kind == transform.kind and old.matrix is not None
-                and transform.matrix is not None
-                and np.allclose(old.matrix, transform.matrix, rtol=0, atol=1e-9))
+        if old.matrix is not None and transform.matrix is not None:
+            same = bool(np.allclose(old.matrix, transform.matrix, rtol=0, atol=1e-9))
+        else:  # deformable: the saved file must describe the very same transform
+            same = json.dumps(old.to_dict(), sort_keys=True, default=str) == json.dumps(
+                transform.to_dict(), sort_keys=True, default=str)
     except (OSError, ValueError, TypeError, KeyError):
         same = False
     if not same:

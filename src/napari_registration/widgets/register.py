@@ -62,7 +62,7 @@ MAX_KEYPOINTS_SHOWN = 500  # per image, in the keypoint layers (all matches are 
 # a lazy multiscale result (benchmarks/bench_gui_slide.py): blocks this size compute in
 # tens of ms each, and the levels up to this many pixels are computed in the worker
 DISPLAY_CHUNKS = 512
-EAGER_PIXELS = 2048 * 2048
+EAGER_PIXELS = 8 * 2 ** 20  # 2896^2: a slide's 2500^2 level (19 MB RGB) is ready
 
 RESAMPLE = "resample"
 AFFINE = "affine"
@@ -700,7 +700,7 @@ class RegisterWidget(Container):
                     if isinstance(data, list):
                         kwargs["multiscale"] = True
                     if _lazy(data) and not _async_slicing():
-                        notes.append(ASYNC_ADVICE)
+                        placed["advice"] = ASYNC_ADVICE  # a notification, not the status
                 placed["warped"] = put_layer(
                     viewer, data, "image", name=f"{moving.name} registered",
                     role="warped", metadata=meta, rgb=moving.rgb, **layer_grid, **kwargs)
@@ -730,7 +730,7 @@ class RegisterWidget(Container):
                                  + (f" ({'; '.join(notes)})" if notes else ""))
             self.progress.value = 1000
             self.timing["shown"] = time.perf_counter()
-            for note in notes:
+            for note in notes + ([placed["advice"]] if "advice" in placed else []):
                 show_info(note)
 
         steps.append(done)
@@ -786,10 +786,10 @@ class RegisterWidget(Container):
         return steps
 
 
-ASYNC_ADVICE = ("the registered pyramid is computed tile by tile as you browse; with "
-                "napari's synchronous slicing that happens on the GUI thread (seconds per "
-                "zoom step on a slide): turn on Preferences > Experimental > 'Render Layers "
-                "Asynchronously' to keep the viewer responsive")
+ASYNC_ADVICE = ("the registered pyramid is lazy: its tiles are computed as you browse, on "
+                "the GUI thread with napari's default slicing (a second or more per zoom step "
+                "on a slide). To keep the viewer responsive, turn on Preferences > "
+                "Experimental > 'Render Layers Asynchronously'.")
 
 
 def _lazy(data) -> bool:
