@@ -99,6 +99,25 @@ def test_batch_of_slides_on_a_local_cluster_matches_register(slides, tmp_path, c
     assert "0 registered, 2 skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_batch_of_slides_on_a_scheduler_address(slides, tmp_path, capsys):
+    """An existing cluster (here: in this process, two single-thread workers, fewer
+    threads than pairs): every pair registered and written, nothing left waiting."""
+    distributed = pytest.importorskip("distributed")
+    root, table, pairs = slides
+    out = tmp_path / "batch"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        code = main(["batch", str(table), "--out", str(out), "--method", "fourier",
+                     "--transform", "rigid", "--pixel-budget", BUDGET, "--format", "ome-zarr",
+                     "--scheduler", cluster.scheduler_address, "-q"])
+    assert code == 0, capsys.readouterr()
+    assert "2 registered" in capsys.readouterr().out
+    for name, (fixed, moving, truth) in pairs.items():
+        assert _tre(out / name / "transform.json", truth) < 0.5
+        assert len(_levels(out / name / "warped.ome.zarr")) == LEVELS
+
+
 def _chunk_files(store: Path) -> dict:
     """Level-0 chunk files of an OME-Zarr store being written, with their mtimes."""
     files = {}
@@ -184,3 +203,19 @@ def test_a_partial_warp_of_another_transform_is_not_resumed(tmp_path):
     (tmp_path / "transform.json").write_text("{not json")
     _drop_stale_partial_warp(tmp_path, Transform.from_translation((1.0, 2.0)))
     assert not partial.exists()  # unreadable: started over
+
+
+def test_pairs_in_threads_of_one_worker_keep_the_threaded_scheduler_until_the_last_ends():
+    import dask
+
+    from napari_registration.cli import _local_threads
+
+    with dask.config.set(scheduler="sync"):
+        first, second = _local_threads(), _local_threads()
+        first.__enter__()
+        second.__enter__()
+        assert dask.config.get("scheduler") == "threads"
+        first.__exit__(None, None, None)  # the first pair ends: the second still writes
+        assert dask.config.get("scheduler") == "threads"
+        second.__exit__(None, None, None)
+        assert dask.config.get("scheduler") == "sync"  # what was there before

@@ -585,12 +585,11 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
 def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
     """A pair of slides / volumes (OME-Zarr, pyramidal OME-TIFF, DICOM, or any image
     with a pixel budget): exactly what ``register`` does with them (estimate on a
-    level, refine on tiles, write the warp block by block). The blocks are written with
-    this worker's threads: on a cluster the items are its tasks, and a task that handed
-    its blocks back to the same cluster would wait on workers busy with other items. A
-    killed write is resumed from its finished blocks when the item is run again."""
-    import dask
-
+    level, refine on tiles, write the warp block by block). The blocks run on this
+    process's threads: on a cluster each pair is one task, and handing its blocks back
+    to the cluster fails (graphs over tifffile/zarr readers do not serialise) or waits
+    on workers busy with other pairs. A killed write is resumed from its finished
+    blocks when the item is run again."""
     big = settings.get("big", {})
     ns = argparse.Namespace(
         fixed=fixed_path, moving=moving_path, out=str(out), method=settings["method"],
@@ -598,13 +597,42 @@ def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
         equalize=None, option=[f"{k}={json.dumps(v)}" for k, v in settings["options"].items()],
         quiet=True, pixel_budget=big.get("pixel_budget"), format=big.get("format") or "auto",
         channel=big.get("channel"), scheduler=None, _silent=True)
-    with dask.config.set(scheduler="threads"):
+    with _local_threads():
         cmd_register_big(ns)
     report = json.loads((Path(out) / "report.json").read_text())
     after = report.get("metrics", {}).get("after", {})
     before = report.get("metrics", {}).get("before", {})
     return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
             "ncc_after": after.get("ncc")}
+
+
+import threading as _threading  # noqa: E402 - only for the lock below
+
+_LOCAL = {"lock": _threading.Lock(), "users": 0, "config": None}
+
+
+class _local_threads:
+    """dask's threaded scheduler for the pairs running in this process. dask's config is
+    one dict per process, so with several pairs in the threads of one worker the first
+    to start sets it and the last to finish puts back what was there (a plain
+    ``dask.config.set`` per pair would restore the distributed scheduler under a pair
+    that is still writing)."""
+
+    def __enter__(self):
+        import dask
+
+        with _LOCAL["lock"]:
+            if _LOCAL["users"] == 0:
+                _LOCAL["config"] = dask.config.set(scheduler="threads")
+            _LOCAL["users"] += 1
+
+    def __exit__(self, *exc):
+        with _LOCAL["lock"]:
+            _LOCAL["users"] -= 1
+            if _LOCAL["users"] == 0:
+                _LOCAL["config"].__exit__(None, None, None)
+                _LOCAL["config"] = None
+        return False
 
 
 def _batch_items(args) -> list[tuple[str, str, Path]]:
