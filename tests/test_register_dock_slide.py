@@ -107,3 +107,16 @@ def test_blocks_seen_before_come_from_napari_cache_not_a_new_warp(monkeypatch):
         again = np.asarray(levels[0][view])
     assert len(calls) == 4  # panned back: no block warped again
     np.testing.assert_array_equal(first, again)
+
+
+def test_display_levels_of_a_volume_keep_volume_sized_blocks():
+    from napari_registration import Transform
+    from napari_registration.widgets.register import display_levels
+
+    vol = np.zeros((256, 256, 256), np.uint16)  # 16.7 M voxels: stays lazy
+    out = display_levels([vol, vol[::2, ::2, ::2]], Transform.from_translation((1.0, 2.0, 3.0)),
+                         [(256, 256, 256), (128, 128, 128)],
+                         output_spacings=[(1.0,) * 3, (2.0,) * 3],
+                         moving_spacings=[(1.0,) * 3, (2.0,) * 3])
+    assert out[0].chunksize == (128, 128, 128)  # not 512^3 blocks of 134 M voxels
+    assert isinstance(out[1], np.ndarray) and out[1].dtype == np.uint16

@@ -823,15 +823,17 @@ def _pyramid_geometry(fixed, moving, f_level: int, m_level: int):
 
 def display_levels(moving_levels, transform, shapes, *, output_spacings, moving_spacings,
                    output_origin=None, moving_origin=None, rgb=False, dtype=None, known=None):
-    """The registered pyramid the dock shows: every level lazy, in blocks of
-    ``DISPLAY_CHUNKS`` px warped by OpenCV (2D linear: it releases the GIL, so the
-    viewer keeps drawing while tiles compute; 1/32-pixel weights, fine for display:
-    write files with the exact warp), levels of at most ``EAGER_PIXELS`` computed now."""
+    """The registered pyramid the dock shows: every level lazy, in 2D in blocks of
+    ``DISPLAY_CHUNKS`` px warped by OpenCV (linear transforms: it releases the GIL, so
+    the viewer keeps drawing while tiles compute; 1/32-pixel weights, fine for display:
+    write files with the exact warp; 3D: the input's blocks, or 128^3), levels of at
+    most ``EAGER_PIXELS`` computed now."""
     from ..core.lazy import warp_levels
 
+    chunks = DISPLAY_CHUNKS if len(shapes[0]) == 2 else None
     return warp_levels(moving_levels, transform, shapes, output_spacings=output_spacings,
                        output_origin=output_origin, moving_spacings=moving_spacings,
-                       moving_origin=moving_origin, rgb=rgb, chunks=DISPLAY_CHUNKS,
+                       moving_origin=moving_origin, rgb=rgb, chunks=chunks,
                        fast=True, eager_pixels=EAGER_PIXELS, dtype=dtype, known=known)
 
 
