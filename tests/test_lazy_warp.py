@@ -171,3 +171,38 @@ def test_lazy_fast_is_within_opencv_rounding_of_exact(camera):
     for fast in (lazy, eager):
         assert np.abs(fast - exact)[inner].max() <= step / 32 + 1
         assert np.abs(fast - exact)[inner].mean() < 0.3
+
+
+def test_warp_levels_every_level_lazy_except_the_small_ones(camera):
+    from napari_registration.core.lazy import lazy_resample, warp_levels
+
+    rgb = np.stack([camera, camera[::-1], camera.T], axis=-1)
+    pyr = [da.from_array(rgb, chunks=(128, 128, 3)),
+           da.from_array(rgb[::2, ::2].copy(), chunks=(128, 128, 3)),
+           da.from_array(rgb[::4, ::4].copy(), chunks=(128, 128, 3))]
+    before = rgb.copy()
+    t = _motion()
+    shapes = [(512, 512), (256, 256), (128, 128)]
+    spacings = [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
+    known = np.full((256, 256, 3), 7, np.uint8)
+    out = warp_levels(pyr[:2], t, shapes, output_spacings=spacings, moving_spacings=spacings[:2],
+                      rgb=True, chunks=64, eager_pixels=128 * 128, known={1: known})
+    assert [o.shape for o in out] == [(512, 512, 3), (256, 256, 3), (128, 128, 3)]
+    # level 0 lazy in 64 px blocks; level 1 the array given; level 2 (128^2 px) computed
+    assert isinstance(out[0], da.Array) and out[0].chunksize == (64, 64, 3)
+    assert out[1] is known
+    assert isinstance(out[2], np.ndarray) and out[2].dtype == np.uint8
+    np.testing.assert_array_equal(out[0].compute(), resample(rgb, t, (512, 512), rgb=True))
+    # level 2 from the coarsest moving level there is (index 1), on its own grid
+    expect = lazy_resample(pyr[1], t, (128, 128), output_spacing=(4.0, 4.0),
+                           input_spacing=(2.0, 2.0), rgb=True).compute()
+    np.testing.assert_array_equal(out[2], expect)
+    # fast (OpenCV per block) and a dtype cast: close to the exact warp
+    fast = warp_levels(pyr, t, shapes[:1], output_spacings=spacings[:1], moving_spacings=spacings,
+                       rgb=True, chunks=64, fast=True, dtype=np.float32)
+    assert fast[0].dtype == np.float32
+    diff = np.abs(fast[0].compute() - out[0].compute().astype(np.float32))
+    assert np.percentile(diff, 99) <= 8 and np.median(diff) <= 1
+    np.testing.assert_array_equal(rgb, before)
+    with pytest.raises(ValueError, match="one spacing per level"):
+        warp_levels(pyr, t, shapes, output_spacings=spacings[:1], moving_spacings=spacings)

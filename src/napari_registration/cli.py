@@ -243,6 +243,10 @@ def cmd_register_big(args) -> int:
                       pixel_budget=args.pixel_budget, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the old "done" marker goes first (batch skips folders that have one), and a warp
+    # interrupted earlier is resumed only if it was started with this very transform
+    (out / "report.json").unlink(missing_ok=True)
+    _drop_stale_partial_warp(out, result.transform)
     paths = {"transform": str(save_transform(result.transform, out / "transform.json"))}
     linear = result.transform.is_linear and not result.transform.is_projective
     if linear:
@@ -291,10 +295,36 @@ def cmd_register_big(args) -> int:
     report["outputs"] = paths
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     paths["report"] = str(out / "report.json")
+    if getattr(args, "_silent", False):  # a batch item: the batch reports
+        return 0
     print(_summary(result))
     for key, path in paths.items():
         print(f"  {key}: {path}")
     return 0
+
+
+def _drop_stale_partial_warp(out: Path, transform) -> None:
+    """``warped.ome.zarr.tmp`` is a write that was interrupted; its finished blocks are
+    kept (write_ome_zarr resumes them) only when the transform.json written before it
+    holds the same transform, otherwise they would show a different alignment."""
+    import shutil
+
+    from . import load_transform
+
+    partial = out / "warped.ome.zarr.tmp"
+    if not partial.exists():
+        return
+    try:
+        old = load_transform(out / "transform.json")
+        if old.matrix is not None and transform.matrix is not None:
+            same = bool(np.allclose(old.matrix, transform.matrix, rtol=0, atol=1e-9))
+        else:  # deformable: the saved file must describe the very same transform
+            same = json.dumps(old.to_dict(), sort_keys=True, default=str) == json.dumps(
+                transform.to_dict(), sort_keys=True, default=str)
+    except (OSError, ValueError, TypeError, KeyError):
+        same = False
+    if not same:
+        shutil.rmtree(partial)
 
 
 # ------------------------------------------------------------------ stack and batch
@@ -531,8 +561,13 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     """One pair of the batch (runs in a worker): read, register, write the outputs."""
     from . import register
     from .io import read_image
+    from .io_big import is_big_path
 
     t0 = time.perf_counter()
+    big = settings.get("big", {})
+    if (is_big_path(fixed_path) or is_big_path(moving_path)
+            or big.get("pixel_budget") is not None or big.get("format") == "ome-zarr"):
+        return _batch_item_big(fixed_path, moving_path, out, settings, t0)
     fixed, f_sp, f_or = read_image(fixed_path)
     moving, m_sp, m_or = read_image(moving_path)
     result = register(fixed, moving, method=settings["method"], transform=settings["transform"],
@@ -545,6 +580,59 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     before = result.metrics.get("before", {})
     return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
             "ncc_after": after.get("ncc")}
+
+
+def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
+    """A pair of slides / volumes (OME-Zarr, pyramidal OME-TIFF, DICOM, or any image
+    with a pixel budget): exactly what ``register`` does with them (estimate on a
+    level, refine on tiles, write the warp block by block). The blocks run on this
+    process's threads: on a cluster each pair is one task, and handing its blocks back
+    to the cluster fails (graphs over tifffile/zarr readers do not serialise) or waits
+    on workers busy with other pairs. A killed write is resumed from its finished
+    blocks when the item is run again."""
+    big = settings.get("big", {})
+    ns = argparse.Namespace(
+        fixed=fixed_path, moving=moving_path, out=str(out), method=settings["method"],
+        transform=settings["transform"], fixed_spacing=None, moving_spacing=None,
+        equalize=None, option=[f"{k}={json.dumps(v)}" for k, v in settings["options"].items()],
+        quiet=True, pixel_budget=big.get("pixel_budget"), format=big.get("format") or "auto",
+        channel=big.get("channel"), scheduler=None, _silent=True)
+    with _local_threads():
+        cmd_register_big(ns)
+    report = json.loads((Path(out) / "report.json").read_text())
+    after = report.get("metrics", {}).get("after", {})
+    before = report.get("metrics", {}).get("before", {})
+    return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
+            "ncc_after": after.get("ncc")}
+
+
+import threading as _threading  # noqa: E402 - only for the lock below
+
+_LOCAL = {"lock": _threading.Lock(), "users": 0, "config": None}
+
+
+class _local_threads:
+    """dask's threaded scheduler for the pairs running in this process. dask's config is
+    one dict per process, so with several pairs in the threads of one worker the first
+    to start sets it and the last to finish puts back what was there (a plain
+    ``dask.config.set`` per pair would restore the distributed scheduler under a pair
+    that is still writing)."""
+
+    def __enter__(self):
+        import dask
+
+        with _LOCAL["lock"]:
+            if _LOCAL["users"] == 0:
+                _LOCAL["config"] = dask.config.set(scheduler="threads")
+            _LOCAL["users"] += 1
+
+    def __exit__(self, *exc):
+        with _LOCAL["lock"]:
+            _LOCAL["users"] -= 1
+            if _LOCAL["users"] == 0:
+                _LOCAL["config"].__exit__(None, None, None)
+                _LOCAL["config"] = None
+        return False
 
 
 def _batch_items(args) -> list[tuple[str, str, Path]]:
@@ -581,7 +669,8 @@ def _batch_items(args) -> list[tuple[str, str, Path]]:
     for fixed, moving, out in items:
         if out is None:
             stem = Path(moving).name
-            for ext in (".nii.gz", ".tiff", ".tif", ".png", ".jpg", ".jpeg", ".nii", ".mha", ".nrrd"):
+            for ext in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".nii.gz", ".tiff", ".tif",
+                        ".png", ".jpg", ".jpeg", ".nii", ".mha", ".nrrd"):
                 if stem.lower().endswith(ext):
                     stem = stem[: -len(ext)]
                     break
@@ -604,6 +693,8 @@ def _finished(out: Path) -> bool:
         for key, path in outputs.items():
             if key == "report":
                 continue
+            if Path(path).is_dir() and key == "warped":
+                continue  # an OME-Zarr store: renamed into place only when complete
             if not Path(path).is_file():
                 return False
             if key in sizes and Path(path).stat().st_size != sizes[key]:
@@ -668,7 +759,9 @@ def cmd_batch(args) -> int:
 
     items = _batch_items(args)
     settings = {"method": args.method, "transform": args.transform,
-                "options": _parse_options(args.option)}
+                "options": _parse_options(args.option),
+                "big": {"pixel_budget": args.pixel_budget, "format": args.format,
+                        "channel": args.channel}}
     total = len(items)
     todo, skipped = [], []
     for k, (fixed, moving, out) in enumerate(items):
@@ -763,6 +856,13 @@ def _add_stack_parsers(sub) -> None:
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE")
     p.add_argument("--force", action="store_true", help="redo items whose report.json exists")
     p.add_argument("--quiet", "-q", action="store_true", help="report failures only")
+    # slides and volumes (OME-Zarr, pyramidal OME-TIFF, DICOM folders go this way anyway)
+    p.add_argument("--pixel-budget", type=int, default=None, metavar="N",
+                   help="as for register: estimate on the level of about N x N pixels")
+    p.add_argument("--format", choices=["auto", "ome-zarr", "tif"], default="auto",
+                   help="warped output of big items, as for register")
+    p.add_argument("--channel", type=int, default=None,
+                   help="the channel to register in multi-channel OME-Zarr inputs")
     scale_out(p)
     p.set_defaults(func=cmd_batch)
 

@@ -19,7 +19,7 @@ import numpy as np
 from .resample import _geometry, index_to_world, resample, world_to_index
 from .transform import Transform
 
-__all__ = ["lazy_resample", "is_dask", "default_chunks"]
+__all__ = ["lazy_resample", "is_dask", "default_chunks", "warp_levels"]
 
 # output block side when neither the caller nor the input says: 1024^2 (2D) or 128^3 (3D)
 _BLOCK_PIXELS = {1: 1 << 20, 2: 1024, 3: 128}
@@ -223,3 +223,43 @@ def _wrap_leaves(nested, depth):
     if depth == 0:
         return [nested]
     return [_wrap_leaves(n, depth - 1) for n in nested]
+
+
+def warp_levels(moving_levels, transform: Transform, output_shapes, *, output_spacings,
+                output_origin=None, moving_spacings, moving_origin=None, rgb: bool = False,
+                labels: bool = False, chunks=None, fast: bool = False, eager_pixels: int = 0,
+                dtype=None, known=None):
+    """The moving pyramid warped onto every level of an output (fixed) pyramid.
+
+    Level ``j`` of the output is warped from moving level ``min(j, n_moving - 1)`` with
+    :func:`lazy_resample` (blocks of ``chunks`` pixels, ``fast``: OpenCV per block).
+    Levels with at most ``eager_pixels`` pixels (spatial) are computed now and returned
+    as numpy arrays: the coarse levels a viewer shows when zoomed out are then ready
+    instead of being computed while the user browses. ``known`` maps a level index to an
+    array already warped onto exactly that level (used as is). ``dtype`` casts every
+    level (default: the warp's own dtype). Returns a list, fine -> coarse.
+    """
+    known = dict(known or {})
+    n_moving = len(moving_levels)
+    if n_moving == 0 or len(output_shapes) == 0:
+        raise ValueError("warp_levels needs at least one moving level and one output level")
+    if len(output_spacings) != len(output_shapes) or len(moving_spacings) != n_moving:
+        raise ValueError("give one spacing per level (output_spacings for output_shapes, "
+                         "moving_spacings for moving_levels)")
+    out = []
+    for j, shape in enumerate(output_shapes):
+        shape = tuple(int(s) for s in shape)
+        if j in known:
+            level = known[j]
+        else:
+            mj = min(j, n_moving - 1)
+            level = lazy_resample(moving_levels[mj], transform, shape,
+                                  output_spacing=output_spacings[j], output_origin=output_origin,
+                                  input_spacing=moving_spacings[mj], input_origin=moving_origin,
+                                  rgb=rgb, labels=labels, chunks=chunks, fast=fast)
+        if dtype is not None and level.dtype != np.dtype(dtype):
+            level = level.astype(dtype, copy=False)
+        if is_dask(level) and eager_pixels and int(np.prod(shape)) <= eager_pixels:
+            level = np.asarray(level.compute())
+        out.append(level)
+    return out

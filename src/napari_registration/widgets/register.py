@@ -59,6 +59,10 @@ PROGRESS_INTERVAL = 0.25  # s between progress updates of the widget
 CUSTOM_NOTE = ("No preset: set method, transform and options below, or pick a preset "
                "for your kind of data.")
 MAX_KEYPOINTS_SHOWN = 500  # per image, in the keypoint layers (all matches are shown)
+# a lazy multiscale result (benchmarks/bench_gui_slide.py): blocks this size compute in
+# tens of ms each, and the levels up to this many pixels are computed in the worker
+DISPLAY_CHUNKS = 512
+EAGER_PIXELS = 8 * 2 ** 20  # 2896^2: a slide's 2500^2 level (19 MB RGB) is ready
 
 RESAMPLE = "resample"
 AFFINE = "affine"
@@ -432,6 +436,7 @@ class RegisterWidget(Container):
             fixed_spacing=f_sp, fixed_origin=f_or, moving_spacing=m_sp, moving_origin=m_or,
             options=options, output=self.output.value, show_matches=bool(self.show_matches.value),
             fixed_placement=f_place, moving_placement=m_place, start_note=start_note,
+            pyramid=_pyramid_geometry(fixed, moving, f_level, m_level),
         )
 
     def make_worker(self):
@@ -479,6 +484,13 @@ class RegisterWidget(Container):
             # QC images are plain numpy: make them here, not on the GUI thread
             bridge.progress.emit(1.0, "quality-control images")
             images = _qc_images(params, result, qc)
+            as_affine = (params["output"] == AFFINE and result.transform.is_linear
+                         and not result.transform.is_projective)
+            if params["pyramid"] is not None and result.warped is not None and not as_affine:
+                # the multiscale result: graphs built and coarse levels computed here,
+                # not on the GUI thread
+                bridge.progress.emit(1.0, "coarse levels of the registered pyramid")
+                images["pyramid"] = _pyramid_output(result, params)
             self.timing["worker_done"] = time.perf_counter()
             return "ok", (result, images)
 
@@ -683,11 +695,12 @@ class RegisterWidget(Container):
                 if not moving.rgb:
                     kwargs.update(contrast_limits=tuple(moving.contrast_limits))
                 data, layer_grid = result.warped, grid
-                if getattr(fixed, "multiscale", False) or params.get("moving_level", 0):
-                    data, layer_grid = _pyramid_output(result, params), dict(
-                        grid, scale=scale_translate(fixed)[0])
+                if qc.get("pyramid") is not None:
+                    data, layer_grid = qc["pyramid"], dict(grid, scale=scale_translate(fixed)[0])
                     if isinstance(data, list):
                         kwargs["multiscale"] = True
+                    if _lazy(data) and not _async_slicing():
+                        placed["advice"] = ASYNC_ADVICE  # a notification, not the status
                 placed["warped"] = put_layer(
                     viewer, data, "image", name=f"{moving.name} registered",
                     role="warped", metadata=meta, rgb=moving.rgb, **layer_grid, **kwargs)
@@ -717,7 +730,7 @@ class RegisterWidget(Container):
                                  + (f" ({'; '.join(notes)})" if notes else ""))
             self.progress.value = 1000
             self.timing["shown"] = time.perf_counter()
-            for note in notes:
+            for note in notes + ([placed["advice"]] if "advice" in placed else []):
                 show_info(note)
 
         steps.append(done)
@@ -773,30 +786,73 @@ class RegisterWidget(Container):
         return steps
 
 
+ASYNC_ADVICE = ("the registered pyramid is lazy: its tiles are computed as you browse, on "
+                "the GUI thread with napari's default slicing (a second or more per zoom step "
+                "on a slide). To keep the viewer responsive, turn on Preferences > "
+                "Experimental > 'Render Layers Asynchronously'.")
+
+
+def _lazy(data) -> bool:
+    from ..core.lazy import is_dask
+
+    return any(is_dask(d) for d in (data if isinstance(data, list) else [data]))
+
+
+def _async_slicing() -> bool:
+    try:
+        from napari.settings import get_settings
+
+        return bool(get_settings().experimental.async_)
+    except (ImportError, AttributeError):  # a napari without the setting
+        return False
+
+
+def _pyramid_geometry(fixed, moving, f_level: int, m_level: int):
+    """What the worker needs to warp every level (read on the GUI thread), or None when
+    the result is a single image (a single-scale fixed layer registered on level 0)."""
+    if not (getattr(fixed, "multiscale", False) or m_level):
+        return None
+    n_fixed, n_moving = len(levels(fixed)), len(levels(moving))
+    return dict(
+        moving_levels=levels(moving), rgb=bool(moving.rgb),
+        shapes=[level_shape(fixed, j) for j in range(n_fixed)],
+        spacings=[level_spacing(fixed, j) for j in range(n_fixed)],
+        moving_spacings=[level_spacing(moving, j) for j in range(n_moving)],
+        fixed_origin=scale_translate(fixed)[1], moving_origin=scale_translate(moving)[1])
+
+
+def display_levels(moving_levels, transform, shapes, *, output_spacings, moving_spacings,
+                   output_origin=None, moving_origin=None, rgb=False, dtype=None, known=None):
+    """The registered pyramid the dock shows: every level lazy, in 2D in blocks of
+    ``DISPLAY_CHUNKS`` px warped by OpenCV (linear transforms: it releases the GIL, so
+    the viewer keeps drawing while tiles compute; 1/32-pixel weights, fine for display:
+    write files with the exact warp; 3D: the input's blocks, or 128^3), levels of at
+    most ``EAGER_PIXELS`` computed now."""
+    from ..core.lazy import warp_levels
+
+    chunks = DISPLAY_CHUNKS if len(shapes[0]) == 2 else None
+    return warp_levels(moving_levels, transform, shapes, output_spacings=output_spacings,
+                       output_origin=output_origin, moving_spacings=moving_spacings,
+                       moving_origin=moving_origin, rgb=rgb, chunks=chunks,
+                       fast=True, eager_pixels=EAGER_PIXELS, dtype=dtype, known=known)
+
+
 def _pyramid_output(result, params):
     """The registered moving image on every level of the fixed pyramid (a single-scale
-    fixed layer: one level), as lazy dask arrays: each block of each level is warped
-    when napari first shows it, from the moving level of the same index (or the
-    coarsest there is). The transform is in world units, so it is the same for all."""
-    from ..core.register import apply_transform
-
-    fixed, moving = params["fixed"], params["moving"]
-    transform = result.transform
-    _, f_or = scale_translate(fixed)
-    _, m_or = scale_translate(moving)
-    n_moving = len(levels(moving))
-    out = []
-    for j in range(len(levels(fixed))):
-        if j == params["fixed_level"] and params["moving_level"] == min(j, n_moving - 1):
-            out.append(result.warped)  # computed already, on exactly this grid
-            continue
-        mj = min(j, n_moving - 1)
-        # lazy: each block of the output reads only the input region it needs
-        warped = apply_transform(levels(moving)[mj], transform, output_shape=level_shape(fixed, j),
-                                 output_spacing=level_spacing(fixed, j), output_origin=f_or,
-                                 input_spacing=level_spacing(moving, mj), input_origin=m_or,
-                                 rgb=bool(moving.rgb), lazy=True)
-        out.append(warped.astype(result.warped.dtype, copy=False))
+    fixed layer: one level), from the moving level of the same index (or the coarsest
+    there is); the transform is in world units, so it is the same for all. Runs in the
+    worker. A list of levels (numpy for the coarse ones, lazy dask for the rest), or one
+    array."""
+    geo = params["pyramid"]
+    known = {}
+    n_moving = len(geo["moving_levels"])
+    j = params["fixed_level"]
+    if params["moving_level"] == min(j, n_moving - 1):
+        known[j] = result.warped  # computed already, on exactly this grid
+    out = display_levels(geo["moving_levels"], result.transform, geo["shapes"],
+                         output_spacings=geo["spacings"], moving_spacings=geo["moving_spacings"],
+                         output_origin=geo["fixed_origin"], moving_origin=geo["moving_origin"],
+                         rgb=geo["rgb"], dtype=result.warped.dtype, known=known)
     return out if len(out) > 1 else out[0]
 
 
