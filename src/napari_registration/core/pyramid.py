@@ -34,7 +34,10 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
 # (named apart from every backend's options: `auto` has a `refine` of its own)
-PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None}
+PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None,
+                   "pyramid_deformable": None, "deformable_budget": None}
+DEFAULT_DEFORMABLE_BUDGET = 512  # pixels a side of the B-spline refinement's level (2D)
+FIELD_NODES = 129  # nodes a side of the stored deformable field (2D; 3D: 65)
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -154,7 +157,8 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None, **options):
+                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None,
+                     pyramid_deformable=None, deformable_budget=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -172,6 +176,16 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
             refine_tile, (int, np.integer)) or refine_tile < 32):
         raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
+    if pyramid_deformable not in (None, False, True, "bspline"):
+        raise ValueError(f"pyramid_deformable must be True (or 'bspline': a B-spline refinement "
+                         f"on a middle level after the linear one) or None; got {pyramid_deformable!r}")
+    if pyramid_deformable and transform not in _LINEAR:
+        raise ValueError(f"pyramid_deformable refines a linear transform; use transform='rigid', "
+                         f"'similarity' or 'affine' with it, not {transform!r}")
+    if deformable_budget is not None and (isinstance(deformable_budget, bool) or not isinstance(
+            deformable_budget, (int, np.integer)) or deformable_budget < 32):
+        raise ValueError(f"deformable_budget (pixels a side of the level the B-spline refinement "
+                         f"runs on) must be a whole number >= 32; got {deformable_budget!r}")
     for name, img in (("fixed", fixed), ("moving", moving)):
         first = img[0] if is_pyramid(img) else img
         if first is None or not hasattr(first, "shape"):
@@ -240,6 +254,15 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
                                          tile=int(refine_tile), budget=budget, stop=stop)
             refinements.append(rinfo)
 
+    deformable = None
+    if pyramid_deformable:
+        stop()
+        report(0.9, "deformable (B-spline) refinement")
+        dbudget = int(deformable_budget or (DEFAULT_DEFORMABLE_BUDGET if ndim == 2 else 128))
+        tf, deformable = _refine_deformable(
+            f_levels, m_levels, tf, f_rgb, m_rgb, budget=dbudget, options=level_opts,
+            cancel=cancel)
+
     report(0.92, "building the lazy warp")
     warped = None
     if options.get("warp", True):
@@ -261,6 +284,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
             "estimation_spacing": fl.spacing.tolist(),
             "coarse_transform": coarse.transform.to_dict(),
             "refinements": refinements,
+            "deformable": deformable,
         },
         "seconds": time.perf_counter() - t0,
     })
@@ -355,6 +379,66 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
 
 
 MAX_TILE_RMS_PX = 0.5  # tile displacements must fit the model this well (level pixels)
+
+
+def _refine_deformable(f_levels, m_levels, tf, f_rgb, m_rgb, *, budget, options, cancel):
+    """B-spline (intensity) refinement of the linear ``tf`` on the finest levels within
+    ``budget`` pixels a side. The result is ``tf`` followed by a displacement field in
+    world units (resampled onto a grid of at most FIELD_NODES nodes a side spanning the
+    level's field of view), so it applies to every level and warps block by block."""
+    from .register import register
+    from .transform import FieldStep
+
+    t0 = time.perf_counter()
+    kf, km = choose_level(f_levels, budget), choose_level(m_levels, budget)
+    fl, ml = f_levels[kf], m_levels[km]
+    f_arr = _grey(_compute(fl.data), f_rgb)
+    m_arr = _grey(_compute(ml.data), m_rgb)
+    extra = {k: options[k] for k in ("seed", "fixed_mask", "moving_mask") if options.get(k) is not None}
+    for key, levels, lev in (("fixed_mask", f_levels, fl), ("moving_mask", m_levels, ml)):
+        if key in extra:
+            extra[key] = _level_mask(extra[key], levels[0].shape, lev, key)
+    if "fixed_mask" in extra and extra["fixed_mask"].shape != fl.shape:
+        del extra["fixed_mask"]  # a mask given at the estimation level's shape only
+    if "moving_mask" in extra and extra["moving_mask"].shape != ml.shape:
+        del extra["moving_mask"]
+    r = register(f_arr, m_arr, method="intensity", transform="bspline", linear_stage="none",
+                 init=tf, fixed_spacing=fl.spacing, moving_spacing=ml.spacing,
+                 fixed_origin=fl.origin, moving_origin=ml.origin, cancel=cancel, warp=False,
+                 score=False, rgb=False, **extra)
+    del f_arr, m_arr
+    steps = []
+    for step in r.transform.steps:
+        if isinstance(step, FieldStep):
+            step = _coarser_field(step, FIELD_NODES if step.ndim == 2 else 65)
+        steps.append(step)
+    out = Transform(steps=steps)
+    fields = [s for s in steps if isinstance(s, FieldStep)]
+    info = {"level": kf, "moving_level": km, "shape": list(fl.shape),
+            "spacing": fl.spacing.tolist(),
+            "field_nodes": [list(s.field.shape[:-1]) for s in fields],
+            "max_displacement": float(max((np.abs(s.field).max() for s in fields), default=0.0)),
+            "jacobian_determinant": r.info.get("jacobian_determinant"),
+            "iterations": r.info.get("iterations"), "stop_condition": r.info.get("stop_condition"),
+            "seconds": time.perf_counter() - t0}
+    return out, info
+
+
+def _coarser_field(step, nodes: int):
+    """The same displacement field sampled on at most ``nodes`` nodes a side over the
+    same field of view (a B-spline of a few mesh cells varies slowly: linear
+    interpolation between such nodes differs from it by far less than a pixel)."""
+    from .transform import FieldStep
+
+    shape = np.array(step.field.shape[:-1])
+    if np.all(shape <= nodes):
+        return step
+    new = np.minimum(shape, nodes)
+    spacing = step.spacing * (shape - 1) / np.maximum(new - 1, 1)
+    axes = [np.arange(n) * sp + o for n, sp, o in zip(new, spacing, step.origin)]
+    pts = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1)
+    field = step.displacement(pts).reshape(tuple(new) + (step.ndim,))
+    return FieldStep(field, spacing, step.origin, step.direction)
 
 
 def _tile_shift(f_tile, w_tile, spacing, origin):
