@@ -10,6 +10,10 @@ Every case runs in a fresh subprocess so its peak memory (VmHWM) is its own:
   multiscale OME-Zarr (every level warped straight from the moving pyramid).
 * ``throughput SIZE``: the same lazy warp against ``dask_image.ndinterp.affine_transform``
   on one in-memory SIZE^2 RGB image (same chunks, same matrix, order 1), MB/s of output.
+* ``bent SIZE``: the slide pair bent by a smooth random deformation (largest displacement
+  SIZE/800 px), registered rigidly (coarse + tiles) and then with
+  ``pyramid_deformable=True`` (B-spline on the level within 512 px): TRE at full resolution
+  of both, time of both, and the time to warp a 2048^2 region of level 0 through each.
 * ``volume D``: a D x 2D x 2D uint16 volume from the MNI152 T1 template shipped by
   nilearn, a rigid motion, ``register(..., method="intensity", transform="rigid")`` on
   the budget level + tile refinement, and the warp written as chunked OME-Zarr. Peak
@@ -135,6 +139,30 @@ def case_throughput(size: int, workdir: Path) -> dict:
     return out
 
 
+def case_bent(size: int, workdir: Path) -> dict:
+    from napari_registration import register
+    from napari_registration.bigdata import slide_pair
+
+    levels = max(1, int(np.floor(np.log2(size / 512))) + 1)
+    amp = size / 800
+    fixed, moving, truth = slide_pair(size, angle=2.0, shift=(123.4, -56.7), levels=levels,
+                                      chunks=1024, deform=amp)
+    out = {"size": size, "levels": levels, "deform_px": amp}
+    for name, extra in (("linear", {}), ("deformable", {"pyramid_deformable": True})):
+        t0 = time.perf_counter()
+        r = register(fixed, moving, method="fourier", transform="rigid", **extra)
+        out[f"{name}_seconds"] = time.perf_counter() - t0
+        out.update({f"{name}_{k}": v for k, v in _tre(r.transform, truth, (size, size)).items()})
+        if name == "deformable":
+            out["deformable_info"] = r.info["pyramid"]["deformable"]
+        region = r.warped[0][size // 2 - 1024:size // 2 + 1024, size // 2 - 1024:size // 2 + 1024]
+        t0 = time.perf_counter()
+        region.compute()
+        out[f"{name}_warp_2048_seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = _vmhwm_mb()
+    return out
+
+
 def _mni():
     import SimpleITK as sitk
     import nilearn
@@ -192,7 +220,8 @@ def case_volume(depth: int, workdir: Path) -> dict:
 
 
 FAST = os.environ.get("BENCH_FAST_WARP", "1") == "1"  # OpenCV block warps (see docs)
-CASES = {"slide": case_slide, "throughput": case_throughput, "volume": case_volume}
+CASES = {"slide": case_slide, "throughput": case_throughput, "volume": case_volume,
+         "bent": case_bent}
 
 
 def _child(kind: str, size: int, workdir: str) -> None:
@@ -222,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--slides", type=int, nargs="*", default=[5000, 10000, 20000])
     p.add_argument("--throughput", type=int, nargs="*", default=[4096])
     p.add_argument("--volumes", type=int, nargs="*", default=[128, 256])
+    p.add_argument("--bent", type=int, nargs="*", default=[])
     p.add_argument("--out", default=str(HERE / "results" / "bigimage.json"))
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--child", nargs=3, metavar=("KIND", "SIZE", "WORKDIR"), help=argparse.SUPPRESS)
@@ -232,7 +262,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for kind, sizes in (("throughput", args.throughput), ("slide", args.slides),
-                            ("volume", args.volumes)):
+                            ("volume", args.volumes), ("bent", args.bent)):
             for size in sizes:
                 r = _run(kind, size, Path(tmp), args.timeout)
                 results.append(r)
