@@ -244,9 +244,14 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     tf = coarse.transform
     refinements = []
     if pyramid_refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
-        # finer levels, stepping by >= 8x, ending at the finest fixed level
+        # finer levels, ending at the finest fixed level, in steps as large as the tiles
+        # allow: an estimate good to ~2 pixels of one level is within a tile's capture
+        # range (a quarter of its side) on a level 2**step finer when 2 * 2**step <=
+        # tile / 4 (2D 512 px tiles: 64x, straight to level 0 from a 1-2k px estimate;
+        # 3D 96 voxels: 8x)
+        step = max(1, int(np.floor(np.log2(max(int(refine_tile) / 8.0, 2.0)))))
         targets = [k for k in range(kf - 1, -1, -1)
-                   if (kf - k) % 3 == 0 or k == 0]
+                   if (kf - k) % step == 0 or k == 0]
         for i, k in enumerate(targets):
             stop()
             report(0.7 + 0.2 * i / max(len(targets), 1), f"refining on tiles of level {k}")
@@ -312,7 +317,7 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     warped by ``tf`` and phase-correlated with the fixed tile; a least-squares fit of
     ``transform`` to the tile displacements, composed onto ``tf``."""
     from ..backends.landmarks import fit_landmarks
-    from .lazy import lazy_resample
+    from .resample import resample
 
     lev = f_levels[k]
     shape = np.array(lev.shape)
@@ -325,21 +330,31 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     grids = [np.unique(np.linspace(0.1 * (n - s), 0.9 * (n - s), 3).round().astype(int))
              for n, s in zip(shape, side)]
     src_shape = np.array(src.data.shape[:ndim])
+    f_bounds = _chunk_bounds(lev.data, ndim)
+    m_bounds = _chunk_bounds(src.data, ndim)
     pairs_f, pairs_m, used = [], [], []
-    for corner in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
+    chunk_reads = 0
+    for nominal in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
         stop()
+        # where, near the grid position, the tile and the moving region it pulls back to
+        # touch the fewest source chunks (each chunk read is a decode or a computation)
+        corner = _place_tile(nominal, side, shape, tf, lev, src, f_bounds, m_bounds)
+        if corner is None:
+            continue  # the moving image does not cover a tile here
         origin = lev.origin + corner * lev.spacing
-        # only tiles that the moving image covers whole (the corners suffice: linear map)
         box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
         back = (tf.apply_inverse(box * lev.spacing + origin) - src.origin) / src.spacing
-        if np.any(back < 0) or np.any(back > src_shape - 1):
-            continue
         sl = tuple(slice(int(c), int(c + s)) for c, s in zip(corner, side))
         f_tile = _grey(_compute(lev.data[sl + ((slice(None),) if f_rgb else ())]), f_rgb)
-        w_tile = lazy_resample(src.data, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
-                               output_origin=origin, input_spacing=src.spacing,
-                               input_origin=src.origin, rgb=m_rgb, chunks=tuple(int(s) for s in side))
-        w_tile = _grey(_compute(w_tile), m_rgb)
+        # the moving region the tile pulls back into (+ an interpolation margin), read
+        # once, made grey, then warped: the same values as a lazy warp of the colour image
+        lo = np.maximum(np.floor(back.min(axis=0)).astype(int) - 2, 0)
+        hi = np.minimum(np.ceil(back.max(axis=0)).astype(int) + 3, src_shape)
+        region = _grey(_compute(src.data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+                                         + ((slice(None),) if m_rgb else ())]), m_rgb)
+        w_tile = resample(region, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
+                          output_origin=origin, input_spacing=src.spacing,
+                          input_origin=src.origin + lo * src.spacing, preserve_dtype=False)
         if float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
             continue  # no texture (e.g. background outside a head): nothing to measure
         shift = _tile_shift(f_tile, w_tile, lev.spacing, origin)
@@ -351,8 +366,10 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         pairs_f.append(centre + shift)
         pairs_m.append(tf.apply_inverse(centre[None])[0])
         used.append([int(c) for c in corner])
+        chunk_reads += _chunks_touched(corner, corner + side, f_bounds) + _chunks_touched(lo, hi, m_bounds)
     need = {"translation": 1, "rigid": ndim, "similarity": ndim, "affine": ndim + 1}[transform]
-    info = {"level": k, "tile": [int(s) for s in side], "tiles_used": len(used)}
+    info = {"level": k, "tile": [int(s) for s in side], "tiles_used": len(used),
+            "chunk_reads": int(chunk_reads)}
     if len(used) < max(need, 2 if transform != "translation" else 1):
         info["skipped"] = f"only {len(used)} usable tiles"
         return tf, info
@@ -379,6 +396,68 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
 
 
 MAX_TILE_RMS_PX = 0.5  # tile displacements must fit the model this well (level pixels)
+
+
+def _chunk_bounds(array, ndim):
+    """Chunk boundaries per spatial axis of a dask array (None for numpy: no chunks)."""
+    if not is_dask(array):
+        return None
+    return [np.r_[0, np.cumsum(c)] for c in array.chunks[:ndim]]
+
+
+def _chunks_touched(lo, hi, bounds) -> int:
+    """Chunks of a grid (``bounds``) that the index box ``[lo, hi)`` touches (1 for numpy)."""
+    if bounds is None:
+        return 1
+    n = 1
+    for a, b, edges in zip(lo, hi, bounds):
+        first = np.searchsorted(edges, a, side="right") - 1
+        last = np.searchsorted(edges, max(int(b) - 1, int(a)), side="right") - 1
+        n *= int(last - first + 1)
+    return n
+
+
+def _place_tile(nominal, side, shape, tf, lev, src, f_bounds, m_bounds):
+    """A tile corner near ``nominal`` (within half a fixed chunk) whose tile and moving
+    region touch the fewest chunks (ties: the closest to ``nominal``), among corners
+    whose tile the moving image covers whole; None if none is covered."""
+    ndim = len(shape)
+    src_shape = np.array(src.data.shape[:ndim])
+    if f_bounds is None and m_bounds is None:
+        axes = [np.array([int(c)]) for c in nominal]
+    else:
+        axes = []
+        for a in range(ndim):
+            chunk = int(np.max(np.diff(f_bounds[a]))) if f_bounds is not None else int(side[a])
+            reach = chunk // 2
+            step = max(1, chunk // 32)
+            cand = np.arange(int(nominal[a]) - reach, int(nominal[a]) + reach + 1, step)
+            cand = np.unique(np.clip(np.r_[cand, int(nominal[a])], 0, shape[a] - side[a]))
+            axes.append(cand)
+    corners = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, ndim)
+    box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
+    pts = (corners[:, None, :] + box[None]) * lev.spacing + lev.origin
+    back = (tf.apply_inverse(pts.reshape(-1, ndim)) - src.origin) / src.spacing
+    back = back.reshape(len(corners), len(box), ndim)
+    lo, hi = back.min(axis=1), back.max(axis=1)
+    inside = np.all(lo >= 0, axis=1) & np.all(hi <= src_shape - 1, axis=1)
+    if not inside.any():
+        return None
+    corners, lo, hi = corners[inside], lo[inside], hi[inside]
+    cost = np.zeros(len(corners))
+    for bounds, a, b in ((f_bounds, corners, corners + side),
+                         (m_bounds, np.floor(lo) - 2, np.ceil(hi) + 3)):
+        if bounds is None:
+            continue
+        n = np.ones(len(corners))
+        for ax, edges in enumerate(bounds):
+            first = np.searchsorted(edges, np.maximum(a[:, ax], 0), side="right") - 1
+            last = np.searchsorted(edges, np.maximum(b[:, ax] - 1, a[:, ax]), side="right") - 1
+            n *= last - first + 1
+        cost += n
+    dist = np.abs(corners - np.asarray(nominal)).sum(axis=1)
+    best = np.lexsort((dist, cost))[0]
+    return corners[best].astype(int)
 
 
 def _refine_deformable(f_levels, m_levels, tf, f_rgb, m_rgb, *, budget, options, cancel):
