@@ -70,6 +70,18 @@ def test_deformable_refinement_beats_linear_at_full_resolution(bent_pair):
     assert np.abs(w - ref).mean() < 0.6 * np.abs(lin_w - ref).mean()
 
 
+def test_deformable_stage_takes_a_level0_mask(bent_pair):
+    fixed, moving, truth = bent_pair
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[100:-100, 100:-100] = True
+    r = register(fixed, moving, method="fourier", transform="rigid", pixel_budget=300,
+                 pyramid_refine=None, pyramid_deformable=True, deformable_budget=512,
+                 fixed_mask=mask, warp=False)
+    assert r.info["pyramid"]["deformable"]["level"] == 2  # finer than the 256^2 estimate
+    linear = Transform.from_dict(r.info["pyramid"]["coarse_transform"])
+    assert _tre(r.transform, truth)[0] < _tre(linear, truth)[0] / 2
+
+
 def test_bad_deformable_options(bent_pair):
     fixed, moving, _ = bent_pair
     with pytest.raises(ValueError, match="pyramid_deformable must be"):

@@ -265,7 +265,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
         report(0.9, "deformable (B-spline) refinement")
         dbudget = int(deformable_budget or (DEFAULT_DEFORMABLE_BUDGET if ndim == 2 else 128))
         tf, deformable = _refine_deformable(
-            f_levels, m_levels, tf, f_rgb, m_rgb, budget=dbudget, options=level_opts,
+            f_levels, m_levels, tf, f_rgb, m_rgb, budget=dbudget, options=options,
             cancel=cancel)
 
     report(0.92, "building the lazy warp")
@@ -481,11 +481,11 @@ def _refine_deformable(f_levels, m_levels, tf, f_rgb, m_rgb, *, budget, options,
     extra = {k: options[k] for k in ("seed", "fixed_mask", "moving_mask") if options.get(k) is not None}
     for key, levels, lev in (("fixed_mask", f_levels, fl), ("moving_mask", m_levels, ml)):
         if key in extra:
-            extra[key] = _level_mask(extra[key], levels[0].shape, lev, key)
-    if "fixed_mask" in extra and extra["fixed_mask"].shape != fl.shape:
-        del extra["fixed_mask"]  # a mask given at the estimation level's shape only
-    if "moving_mask" in extra and extra["moving_mask"].shape != ml.shape:
-        del extra["moving_mask"]
+            shape = tuple(np.shape(extra[key]))
+            if shape in (tuple(levels[0].shape), tuple(lev.shape)):
+                extra[key] = _level_mask(extra[key], levels[0].shape, lev, key)
+            else:
+                del extra[key]  # given at the estimation level's shape: not for this level
     r = register(f_arr, m_arr, method="intensity", transform="bspline", linear_stage="none",
                  init=tf, fixed_spacing=fl.spacing, moving_spacing=ml.spacing,
                  fixed_origin=fl.origin, moving_origin=ml.origin, cancel=cancel, warp=False,
