@@ -10,6 +10,10 @@ Every case runs in a fresh subprocess so its peak memory (VmHWM) is its own:
   multiscale OME-Zarr (every level warped straight from the moving pyramid).
 * ``throughput SIZE``: the same lazy warp against ``dask_image.ndinterp.affine_transform``
   on one in-memory SIZE^2 RGB image (same chunks, same matrix, order 1), MB/s of output.
+* ``bent SIZE``: the slide pair bent by a smooth random deformation (largest displacement
+  SIZE/800 px), registered rigidly (coarse + tiles) and then with
+  ``pyramid_deformable=True`` (B-spline on the level within 512 px): TRE at full resolution
+  of both, time of both, and the time to warp a 2048^2 region of level 0 through each.
 * ``volume D``: a D x 2D x 2D uint16 volume from the MNI152 T1 template shipped by
   nilearn, a rigid motion, ``register(..., method="intensity", transform="rigid")`` on
   the budget level + tile refinement, and the warp written as chunked OME-Zarr. Peak
@@ -72,6 +76,10 @@ def case_slide(size: int, workdir: Path) -> dict:
 
     out["coarse_tre_max_px"] = _tre(Transform.from_dict(coarse), truth, (size, size))["tre_max_px"]
     out["rss_after_transform_mb"] = _vmhwm_mb()
+    out["tile_chunk_reads"] = sum(r.get("chunk_reads", 0) for r in out["refinements"])
+    if TRANSFORM_ONLY:
+        out["peak_rss_mb"] = _vmhwm_mb()
+        return out
     warp = level_warper(moving, result.transform, rgb=True, chunks=1024, fast=FAST)
     t0 = time.perf_counter()
     level0 = warp((size, size), np.ones(2), np.zeros(2))
@@ -135,6 +143,30 @@ def case_throughput(size: int, workdir: Path) -> dict:
     return out
 
 
+def case_bent(size: int, workdir: Path) -> dict:
+    from napari_registration import register
+    from napari_registration.bigdata import slide_pair
+
+    levels = max(1, int(np.floor(np.log2(size / 512))) + 1)
+    amp = size / 800
+    fixed, moving, truth = slide_pair(size, angle=2.0, shift=(123.4, -56.7), levels=levels,
+                                      chunks=1024, deform=amp)
+    out = {"size": size, "levels": levels, "deform_px": amp}
+    for name, extra in (("linear", {}), ("deformable", {"pyramid_deformable": True})):
+        t0 = time.perf_counter()
+        r = register(fixed, moving, method="fourier", transform="rigid", **extra)
+        out[f"{name}_seconds"] = time.perf_counter() - t0
+        out.update({f"{name}_{k}": v for k, v in _tre(r.transform, truth, (size, size)).items()})
+        if name == "deformable":
+            out["deformable_info"] = r.info["pyramid"]["deformable"]
+        region = r.warped[0][size // 2 - 1024:size // 2 + 1024, size // 2 - 1024:size // 2 + 1024]
+        t0 = time.perf_counter()
+        region.compute()
+        out[f"{name}_warp_2048_seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = _vmhwm_mb()
+    return out
+
+
 def _mni():
     import SimpleITK as sitk
     import nilearn
@@ -192,7 +224,9 @@ def case_volume(depth: int, workdir: Path) -> dict:
 
 
 FAST = os.environ.get("BENCH_FAST_WARP", "1") == "1"  # OpenCV block warps (see docs)
-CASES = {"slide": case_slide, "throughput": case_throughput, "volume": case_volume}
+TRANSFORM_ONLY = os.environ.get("BENCH_TRANSFORM_ONLY", "0") == "1"  # slides: skip the write
+CASES = {"slide": case_slide, "throughput": case_throughput, "volume": case_volume,
+         "bent": case_bent}
 
 
 def _child(kind: str, size: int, workdir: str) -> None:
@@ -203,9 +237,9 @@ def _child(kind: str, size: int, workdir: str) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _run(kind: str, size: int, workdir: Path, timeout: float) -> dict:
+def _run(kind: str, size: int, workdir: Path, timeout: float, src: str | None = None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (src or str(HERE.parent / "src")) + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", kind, str(size), str(workdir)],
                           capture_output=True, text=True, env=env, timeout=timeout)
@@ -214,6 +248,8 @@ def _run(kind: str, size: int, workdir: Path, timeout: float) -> dict:
         return {"kind": kind, "size": size, "error": proc.stderr.strip().splitlines()[-3:]}
     out = json.loads(lines[-1][7:])
     out.update(kind=kind, wall_seconds=time.perf_counter() - t0)
+    if src:
+        out["source"] = src
     return out
 
 
@@ -222,21 +258,31 @@ def main(argv=None) -> int:
     p.add_argument("--slides", type=int, nargs="*", default=[5000, 10000, 20000])
     p.add_argument("--throughput", type=int, nargs="*", default=[4096])
     p.add_argument("--volumes", type=int, nargs="*", default=[128, 256])
+    p.add_argument("--bent", type=int, nargs="*", default=[])
     p.add_argument("--out", default=str(HERE / "results" / "bigimage.json"))
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--transform-only", action="store_true",
+                   help="slides: time the transform and its TRE, skip writing the warp")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="also run each slide case with the package from DIR (e.g. an older "
+                        "commit's src, from `git archive`), interleaved, for before/after ratios")
     p.add_argument("--child", nargs=3, metavar=("KIND", "SIZE", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(args.child[0], int(args.child[1]), args.child[2])
         return 0
     results = []
+    if args.transform_only:
+        os.environ["BENCH_TRANSFORM_ONLY"] = "1"
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for kind, sizes in (("throughput", args.throughput), ("slide", args.slides),
-                            ("volume", args.volumes)):
+                            ("volume", args.volumes), ("bent", args.bent)):
             for size in sizes:
-                r = _run(kind, size, Path(tmp), args.timeout)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                srcs = [None] + ([args.baseline_src] if args.baseline_src and kind == "slide" else [])
+                for src in srcs:
+                    r = _run(kind, size, Path(tmp), args.timeout, src)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
     record = {"command": "python benchmarks/bench_bigimage.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])),
         "cpus": os.cpu_count(), "results": results}

@@ -236,7 +236,11 @@ def test_cli_nifti_records_orientation(tmp_path, capsys):
     geo = report["moving"]["geometry"]
     assert geo["spacing"] == [2.0, 1.0, 1.0] and geo["oblique"] is False
     assert geo["direction"] != np.eye(3).tolist()
-    np.testing.assert_allclose(load_shift(out), (-4.0, 3.0, -1.0), atol=0.2)
+    # the arrays moved by (-4, 3, -1) world units along their (z, y, x) axes; the headers
+    # swap the array's y and x axes in physical space, where the transform now lives
+    # (files with a non-identity direction are registered in physical space)
+    np.testing.assert_allclose(load_shift(out), (-4.0, -1.0, 3.0), atol=0.2)
+    assert json.loads((out / "transform.json").read_text())["space"] == "physical"
     assert (out / "warped.nii.gz").exists()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .core.transform import Transform
 
-__all__ = ["lazy_scene", "slide_pair"]
+__all__ = ["lazy_scene", "slide_pair", "smooth_deformation"]
 
 
 def _sample(texture, coords, shape, rgb, scale):
@@ -104,14 +104,39 @@ def _detail_levels(image, n=12):
             if min(lev.shape) >= 2]
 
 
+def smooth_deformation(shape, amplitude: float, *, cells: int = 4, seed: int = 0,
+                       spacing=1.0):
+    """A smooth, fold-free random deformation of a ``shape`` field of view (world =
+    index * ``spacing``): a forward displacement field (moving side -> fixed side) on a
+    coarse grid, about ``cells`` bumps a side, largest displacement ``amplitude`` world
+    units. Linear interpolation between grid nodes 1/16 of a cell apart keeps it smooth."""
+    from scipy import ndimage
+
+    from .core.transform import FieldStep
+
+    ndim = len(shape)
+    spacing = np.broadcast_to(np.asarray(spacing, float), (ndim,))
+    rng = np.random.default_rng(seed)
+    nodes = cells * 16 + 1
+    field = np.empty((nodes,) * ndim + (ndim,), np.float32)
+    for k in range(ndim):
+        noise = rng.standard_normal((nodes,) * ndim)
+        field[..., k] = ndimage.gaussian_filter(noise, sigma=nodes / cells / 2.5, mode="reflect")
+    field *= float(amplitude) / max(float(np.abs(field).max()), 1e-12)
+    extent = (np.asarray(shape, float) - 1) * spacing
+    return FieldStep(field, spacing=extent / (nodes - 1), origin=np.zeros(ndim), direction="forward")
+
+
 def slide_pair(size: int = 40_000, *, angle: float = 2.0, shift=(123.4, -56.7), levels: int = 6,
-               chunks: int = 1024):
+               chunks: int = 1024, deform: float = 0.0, seed: int = 0):
     """A whole-slide pair (uint8 RGB, ``size`` x ``size``) from scikit-image's
     immunohistochemistry slide (detail: its camera photo), as pyramids (lists fine -> coarse, 2x per level).
 
     Returns ``(fixed_levels, moving_levels, truth)``; ``truth`` maps moving world ->
     fixed world (rotation by ``angle`` degrees about the centre, then ``shift``), level-0
-    pixel units."""
+    pixel units. ``deform`` > 0 first bends the moving slide by a smooth random
+    deformation (:func:`smooth_deformation`, largest displacement ``deform`` px, ``seed``),
+    as a slide that stretched on its glass: ``truth`` is then deformable."""
     from skimage import data
 
     texture = data.immunohistochemistry()
@@ -119,6 +144,9 @@ def slide_pair(size: int = 40_000, *, angle: float = 2.0, shift=(123.4, -56.7), 
     magnify = size / texture.shape[0]  # the slide shows the whole stain image once
     c = (size - 1) / 2
     truth = Transform.from_rotation(angle, center=(c, c)).then(Transform.from_translation(shift))
+    if deform:
+        bend = Transform(steps=[smooth_deformation((size, size), deform, seed=seed)])
+        truth = bend.then(truth)
     fixed, moving = [], []
     for k in range(levels):
         f = 2 ** k

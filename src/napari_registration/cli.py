@@ -95,7 +95,10 @@ def cmd_register(args) -> int:
     from . import register
     from .io import read_image
     from .io_big import is_big_path
+    from .orientation import cli_register, needs_physical
 
+    if args.format != "ome-zarr" and needs_physical(args.fixed, args.moving):
+        return cli_register(args)  # rotated axes: register in physical space
     if (is_big_path(args.fixed) or is_big_path(args.moving) or args.pixel_budget is not None
             or args.format == "ome-zarr"):
         return cmd_register_big(args)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["BigImage", "read_big", "read_ome_zarr", "write_ome_zarr", "read_ome_tiff",
-           "write_ome_tiff", "read_dicom_series", "read_geometry", "is_big_path"]
+           "write_ome_tiff", "read_dicom_series", "read_geometry", "is_big_path", "label_levels"]
 
 MAX_SIDE = 1 << 31  # larger axes are certainly a corrupt header
 _MARKER = ".napari-registration-write.json"
@@ -329,7 +329,7 @@ def _tmp_path(path: Path) -> Path:
 def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
                    n_levels: int | None = None, chunks=None,
                    make_level: Callable | None = None, client=None, resume: bool = True,
-                   progress: Callable | None = None) -> Path:
+                   progress: Callable | None = None, labels: bool = False) -> Path:
     """Write a multiscale OME-Zarr (NGFF 0.5, metadata by ngff-zarr), block by block.
 
     Parameters
@@ -349,6 +349,10 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
     resume : bool
         Continue a crashed write into ``path.tmp/``: blocks already marked done are not
         recomputed.
+    labels : bool
+        ``data`` is a label image (integer ids): coarser levels built here are the mode of
+        each 2x2 (2x2x2) block of the level above (:func:`label_levels`), never averages,
+        so no level holds an id that is not in level 0.
 
     The store is built in ``path.tmp/`` and renamed to ``path`` when complete.
     """
@@ -366,6 +370,7 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
     if ndim not in (2, 3):
         raise ValueError(f"write_ome_zarr writes 2D or 3D images (plus colour); got shape {base.shape}")
     _check_array("image", base.shape, base.dtype)
+    _check_labels(labels, base, rgb)
     from .core.resample import _geometry
 
     sp = _geometry(spacing, ndim, 1.0, "spacing")
@@ -402,6 +407,7 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
         nz.to_ome_zarr(str(tmp), ms, metadata_only=True)
         (tmp / _MARKER).write_text(json.dumps(plan))
     datasets = [ds.path for ds in ms.metadata.datasets]
+    modes = label_levels(base_d, len(ms.images)) if labels and make_level is None else None
 
     tasks = []
     total = written = 0
@@ -413,6 +419,13 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
             src = make_level(shape_k, sp_k, or_k)
         elif k < len(given) and tuple(given[k].shape[:ndim]) == shape_k:
             src = given[k] if hasattr(given[k], "dask") else da.from_array(np.asarray(given[k]))
+        elif modes is not None:
+            # labels: mode of 2x blocks of the level above; a level the metadata makes
+            # larger than that (odd sides) is padded by repeating the edge
+            src = modes[k][tuple(slice(0, n) for n in shape_k)]
+            pad = [(0, n - m) for n, m in zip(shape_k, src.shape)]
+            if any(p[1] for p in pad):
+                src = da.pad(src, pad, mode="edge")
         elif k > 0 and tuple(np.array(spatial_shape) // 2 ** k) == shape_k:
             # block averages of level 0: pixel centres where the metadata puts them
             f = 2 ** k
@@ -480,6 +493,51 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
     return path
 
 
+def _check_labels(labels, base, rgb) -> None:
+    if not labels:
+        return
+    if rgb:
+        raise ValueError("labels=True is for label images (one integer id per pixel), not RGB")
+    if np.dtype(base.dtype).kind not in "biu":
+        raise ValueError(f"labels=True needs an integer (or bool) label image; got dtype "
+                         f"{base.dtype} (pass labels=False for intensities)")
+
+
+def _block_mode(a, axis=None):
+    """Reduction for ``dask.array.coarsen``: the most frequent value of each block (ties:
+    the first in the block, i.e. its top-left pixel), so only existing values appear."""
+    if axis is None:  # dask probes the output type
+        return a
+    axis = tuple(int(x) for x in np.atleast_1d(axis))
+    keep = [i for i in range(a.ndim) if i not in axis]
+    v = np.transpose(a, keep + list(axis))
+    v = v.reshape(v.shape[:len(keep)] + (-1,))
+    counts = np.empty(v.shape, np.int32)
+    for i in range(v.shape[-1]):
+        counts[..., i] = np.count_nonzero(v == v[..., i:i + 1], axis=-1)
+    pick = counts.argmax(axis=-1)  # the first of the most frequent
+    return np.take_along_axis(v, pick[..., None], axis=-1)[..., 0]
+
+
+def label_levels(labels, n_levels: int) -> list:
+    """A label image's pyramid, lazily: level ``k`` is the mode of each 2x2 (2x2x2) block
+    of level ``k - 1`` (odd edges trimmed), the dtype kept, so every id in a coarser level
+    is an id of level 0 (averaging would invent ids between neighbours)."""
+    import dask.array as da
+
+    base = labels if hasattr(labels, "dask") else da.from_array(np.asarray(labels))
+    if np.dtype(base.dtype).kind not in "biu":
+        raise ValueError(f"label_levels needs an integer (or bool) label image; got {base.dtype}")
+    levels = [base]
+    for _ in range(1, int(n_levels)):
+        prev = levels[-1]
+        if min(prev.shape) < 2:
+            break
+        levels.append(da.coarsen(_block_mode, prev, {a: 2 for a in range(prev.ndim)},
+                                 trim_excess=True).astype(base.dtype))
+    return levels
+
+
 def _same_plan(tmp: Path, plan: dict) -> bool:
     try:
         return json.loads((tmp / _MARKER).read_text()) == plan
@@ -498,9 +556,11 @@ def _write_block(block, arr_path, region, marker):
     return 1
 
 
-def write_ome_tiff(path, levels, *, spacing=None, rgb: bool = False, tile: int = 512) -> Path:
+def write_ome_tiff(path, levels, *, spacing=None, rgb: bool = False, tile: int = 512,
+                   labels: bool = False, n_levels: int | None = None) -> Path:
     """A pyramidal OME-TIFF (levels as SubIFDs), written tile by tile from (dask) levels,
-    to ``path.tmp`` first."""
+    to ``path.tmp`` first. ``labels=True`` with ``n_levels`` (and one level given): the
+    coarser levels are modes of 2x2 blocks (:func:`label_levels`), never averages."""
     import tifffile
 
     path = Path(path)
@@ -510,6 +570,23 @@ def write_ome_tiff(path, levels, *, spacing=None, rgb: bool = False, tile: int =
     if ndim != 2:
         raise ValueError("write_ome_tiff writes 2D images (optionally RGB); use OME-Zarr for volumes")
     _check_array("image", base.shape, base.dtype)
+    _check_labels(labels, base, rgb)
+    if n_levels is not None and int(n_levels) > len(levels):
+        if len(levels) != 1:
+            raise ValueError("n_levels builds coarser levels from level 0: give one level, "
+                             "or all of them")
+        if labels:
+            levels = label_levels(base, int(n_levels))
+        else:
+            import dask.array as da
+
+            src = base if hasattr(base, "dask") else da.from_array(np.asarray(base))
+            for k in range(1, int(n_levels)):
+                mean = da.coarsen(np.mean, src.astype(np.float32), {0: 2 ** k, 1: 2 ** k},
+                                  trim_excess=True)
+                if np.issubdtype(base.dtype, np.integer):
+                    mean = da.round(mean)
+                levels.append(mean.astype(base.dtype))
     sp = (1.0, 1.0) if spacing is None else tuple(float(v) for v in np.broadcast_to(spacing, (2,)))
     tmp = path.with_name(path.name + ".tmp")
 

@@ -34,7 +34,10 @@ __all__ = ["Level", "as_levels", "choose_level", "register_pyramid", "DEFAULT_PI
 DEFAULT_PIXEL_BUDGET = 2048  # pixels a side of the estimation level (about 4 M pixels)
 # register() options that belong to pyramids, with their defaults
 # (named apart from every backend's options: `auto` has a `refine` of its own)
-PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None}
+PYRAMID_OPTIONS = {"pixel_budget": None, "pyramid_refine": "tiles", "refine_tile": None,
+                   "pyramid_deformable": None, "deformable_budget": None}
+DEFAULT_DEFORMABLE_BUDGET = 512  # pixels a side of the B-spline refinement's level (2D)
+FIELD_NODES = 129  # nodes a side of the stored deformable field (2D; 3D: 65)
 _LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
@@ -154,7 +157,8 @@ def _grey(a, rgb):
 
 def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, moving_spacing=None,
                      fixed_origin=None, moving_origin=None, progress=None, cancel=None,
-                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None, **options):
+                     pixel_budget=None, pyramid_refine="tiles", refine_tile=None,
+                     pyramid_deformable=None, deformable_budget=None, **options):
     """:func:`~.register.register` for pyramids and large (dask) images: see the module
     docstring. Returns a :class:`~.register.RegistrationResult` whose ``warped`` is a
     lazy dask array (a list of them, one per fixed level, when ``fixed`` is a pyramid)."""
@@ -172,6 +176,16 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     if refine_tile is not None and (isinstance(refine_tile, bool) or not isinstance(
             refine_tile, (int, np.integer)) or refine_tile < 32):
         raise ValueError(f"refine_tile (tile side in pixels) must be a whole number >= 32; got {refine_tile!r}")
+    if pyramid_deformable not in (None, False, True, "bspline"):
+        raise ValueError(f"pyramid_deformable must be True (or 'bspline': a B-spline refinement "
+                         f"on a middle level after the linear one) or None; got {pyramid_deformable!r}")
+    if pyramid_deformable and transform not in _LINEAR:
+        raise ValueError(f"pyramid_deformable refines a linear transform; use transform='rigid', "
+                         f"'similarity' or 'affine' with it, not {transform!r}")
+    if deformable_budget is not None and (isinstance(deformable_budget, bool) or not isinstance(
+            deformable_budget, (int, np.integer)) or deformable_budget < 32):
+        raise ValueError(f"deformable_budget (pixels a side of the level the B-spline refinement "
+                         f"runs on) must be a whole number >= 32; got {deformable_budget!r}")
     for name, img in (("fixed", fixed), ("moving", moving)):
         first = img[0] if is_pyramid(img) else img
         if first is None or not hasattr(first, "shape"):
@@ -230,15 +244,29 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
     tf = coarse.transform
     refinements = []
     if pyramid_refine and transform in _LINEAR and tf.is_linear and not tf.is_projective:
-        # finer levels, stepping by >= 8x, ending at the finest fixed level
+        # finer levels, ending at the finest fixed level, in steps as large as the tiles
+        # allow: an estimate good to ~2 pixels of one level is within a tile's capture
+        # range (a quarter of its side) on a level 2**step finer when 2 * 2**step <=
+        # tile / 4 (2D 512 px tiles: 64x, straight to level 0 from a 1-2k px estimate;
+        # 3D 96 voxels: 8x)
+        step = max(1, int(np.floor(np.log2(max(int(refine_tile) / 8.0, 2.0)))))
         targets = [k for k in range(kf - 1, -1, -1)
-                   if (kf - k) % 3 == 0 or k == 0]
+                   if (kf - k) % step == 0 or k == 0]
         for i, k in enumerate(targets):
             stop()
             report(0.7 + 0.2 * i / max(len(targets), 1), f"refining on tiles of level {k}")
             tf, rinfo = _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb,
                                          tile=int(refine_tile), budget=budget, stop=stop)
             refinements.append(rinfo)
+
+    deformable = None
+    if pyramid_deformable:
+        stop()
+        report(0.9, "deformable (B-spline) refinement")
+        dbudget = int(deformable_budget or (DEFAULT_DEFORMABLE_BUDGET if ndim == 2 else 128))
+        tf, deformable = _refine_deformable(
+            f_levels, m_levels, tf, f_rgb, m_rgb, budget=dbudget, options=options,
+            cancel=cancel)
 
     report(0.92, "building the lazy warp")
     warped = None
@@ -261,6 +289,7 @@ def register_pyramid(fixed, moving, *, method, transform, fixed_spacing=None, mo
             "estimation_spacing": fl.spacing.tolist(),
             "coarse_transform": coarse.transform.to_dict(),
             "refinements": refinements,
+            "deformable": deformable,
         },
         "seconds": time.perf_counter() - t0,
     })
@@ -288,7 +317,7 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     warped by ``tf`` and phase-correlated with the fixed tile; a least-squares fit of
     ``transform`` to the tile displacements, composed onto ``tf``."""
     from ..backends.landmarks import fit_landmarks
-    from .lazy import lazy_resample
+    from .resample import resample
 
     lev = f_levels[k]
     shape = np.array(lev.shape)
@@ -301,21 +330,31 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
     grids = [np.unique(np.linspace(0.1 * (n - s), 0.9 * (n - s), 3).round().astype(int))
              for n, s in zip(shape, side)]
     src_shape = np.array(src.data.shape[:ndim])
-    pairs_f, pairs_m, used = [], [], []
-    for corner in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
+    f_bounds = _chunk_bounds(lev.data, ndim)
+    m_bounds = _chunk_bounds(src.data, ndim)
+    pairs_f, pairs_m, used, energy = [], [], [], []
+    chunk_reads = 0
+    for nominal in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, ndim):
         stop()
+        # where, near the grid position, the tile and the moving region it pulls back to
+        # touch the fewest source chunks (each chunk read is a decode or a computation)
+        corner = _place_tile(nominal, side, shape, tf, lev, src, f_bounds, m_bounds)
+        if corner is None:
+            continue  # the moving image does not cover a tile here
         origin = lev.origin + corner * lev.spacing
-        # only tiles that the moving image covers whole (the corners suffice: linear map)
         box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
         back = (tf.apply_inverse(box * lev.spacing + origin) - src.origin) / src.spacing
-        if np.any(back < 0) or np.any(back > src_shape - 1):
-            continue
         sl = tuple(slice(int(c), int(c + s)) for c, s in zip(corner, side))
         f_tile = _grey(_compute(lev.data[sl + ((slice(None),) if f_rgb else ())]), f_rgb)
-        w_tile = lazy_resample(src.data, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
-                               output_origin=origin, input_spacing=src.spacing,
-                               input_origin=src.origin, rgb=m_rgb, chunks=tuple(int(s) for s in side))
-        w_tile = _grey(_compute(w_tile), m_rgb)
+        # the moving region the tile pulls back into (+ an interpolation margin), read
+        # once, made grey, then warped: the same values as a lazy warp of the colour image
+        lo = np.maximum(np.floor(back.min(axis=0)).astype(int) - 2, 0)
+        hi = np.minimum(np.ceil(back.max(axis=0)).astype(int) + 3, src_shape)
+        region = _grey(_compute(src.data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+                                         + ((slice(None),) if m_rgb else ())]), m_rgb)
+        w_tile = resample(region, tf, tuple(int(s) for s in side), output_spacing=lev.spacing,
+                          output_origin=origin, input_spacing=src.spacing,
+                          input_origin=src.origin + lo * src.spacing, preserve_dtype=False)
         if float(np.std(f_tile)) < 1e-6 or float(np.std(w_tile)) < 1e-6:
             continue  # no texture (e.g. background outside a head): nothing to measure
         shift = _tile_shift(f_tile, w_tile, lev.spacing, origin)
@@ -324,23 +363,30 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
         if np.any(np.abs(shift / lev.spacing) > side / 4):
             continue  # a peak far from zero on a tile is a mismatch, not a correction
         centre = origin + (side - 1) / 2 * lev.spacing
+        energy.append(float(np.mean(sum(g * g for g in np.gradient(f_tile)))))
         pairs_f.append(centre + shift)
         pairs_m.append(tf.apply_inverse(centre[None])[0])
         used.append([int(c) for c in corner])
+        chunk_reads += _chunks_touched(corner, corner + side, f_bounds) + _chunks_touched(lo, hi, m_bounds)
     need = {"translation": 1, "rigid": ndim, "similarity": ndim, "affine": ndim + 1}[transform]
-    info = {"level": k, "tile": [int(s) for s in side], "tiles_used": len(used)}
+    info = {"level": k, "tile": [int(s) for s in side], "tiles_used": len(used),
+            "chunk_reads": int(chunk_reads)}
     if len(used) < max(need, 2 if transform != "translation" else 1):
         info["skipped"] = f"only {len(used)} usable tiles"
         return tf, info
+    # tiles with little texture (mostly background: a sliver of an edge) measure their
+    # shift worst (~0.05 voxel off on the head volume, against ~0.01): drop those with
+    # less than half the median tile's gradient energy
+    strong = np.array(energy) >= np.median(energy) / 2
+    if strong.sum() >= max(need, 2 if transform != "translation" else 1):
+        info["weak_tiles"] = int((~strong).sum())
+        pairs_f = [p for p, ok in zip(pairs_f, strong) if ok]
+        pairs_m = [p for p, ok in zip(pairs_m, strong) if ok]
     fixed_pts, moving_pts = np.array(pairs_f), np.array(pairs_m)
     try:
-        new, fit = fit_landmarks(fixed_pts, moving_pts, transform, leave_one_out=False)
-        # drop tiles that disagree with the others (texture-less or repeated patterns)
-        res = np.asarray(fit["residuals"]) / float(np.min(lev.spacing))
-        keep = res <= max(1.0, 3 * float(np.median(res)))
-        if keep.sum() >= need and not keep.all():
-            new, fit = fit_landmarks(fixed_pts[keep], moving_pts[keep], transform, leave_one_out=False)
-            info["tiles_used"] = int(keep.sum())
+        new, fit, keep = _consensus_fit(fixed_pts, moving_pts, transform, need, lev.spacing,
+                                        fit_landmarks, tf)
+        info["tiles_used"] = int(keep.sum())
     except ValueError as err:
         info["skipped"] = str(err)
         return tf, info
@@ -357,18 +403,218 @@ def _refine_on_tiles(f_levels, m_levels, k, tf, transform, f_rgb, m_rgb, *, tile
 MAX_TILE_RMS_PX = 0.5  # tile displacements must fit the model this well (level pixels)
 
 
+def _chunk_bounds(array, ndim):
+    """Chunk boundaries per spatial axis of a dask array (None for numpy: no chunks)."""
+    if not is_dask(array):
+        return None
+    return [np.r_[0, np.cumsum(c)] for c in array.chunks[:ndim]]
+
+
+def _chunks_touched(lo, hi, bounds) -> int:
+    """Chunks of a grid (``bounds``) that the index box ``[lo, hi)`` touches (1 for numpy)."""
+    if bounds is None:
+        return 1
+    n = 1
+    for a, b, edges in zip(lo, hi, bounds):
+        first = np.searchsorted(edges, a, side="right") - 1
+        last = np.searchsorted(edges, max(int(b) - 1, int(a)), side="right") - 1
+        n *= int(last - first + 1)
+    return n
+
+
+def _place_tile(nominal, side, shape, tf, lev, src, f_bounds, m_bounds):
+    """A tile corner near ``nominal`` (within half a fixed chunk) whose tile and moving
+    region touch the fewest chunks (ties: the closest to ``nominal``), among corners
+    whose tile the moving image covers whole; None if none is covered."""
+    ndim = len(shape)
+    src_shape = np.array(src.data.shape[:ndim])
+    if f_bounds is None and m_bounds is None:
+        axes = [np.array([int(c)]) for c in nominal]
+    else:
+        axes = []
+        for a in range(ndim):
+            chunk = int(np.max(np.diff(f_bounds[a]))) if f_bounds is not None else int(side[a])
+            reach = chunk // 2
+            step = max(1, chunk // 32)
+            cand = np.arange(int(nominal[a]) - reach, int(nominal[a]) + reach + 1, step)
+            cand = np.unique(np.clip(np.r_[cand, int(nominal[a])], 0, shape[a] - side[a]))
+            axes.append(cand)
+    corners = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, ndim)
+    box = np.array(list(itertools.product(*[(0, s - 1) for s in side])), float)
+    pts = (corners[:, None, :] + box[None]) * lev.spacing + lev.origin
+    back = (tf.apply_inverse(pts.reshape(-1, ndim)) - src.origin) / src.spacing
+    back = back.reshape(len(corners), len(box), ndim)
+    lo, hi = back.min(axis=1), back.max(axis=1)
+    inside = np.all(lo >= 0, axis=1) & np.all(hi <= src_shape - 1, axis=1)
+    if not inside.any():
+        return None
+    corners, lo, hi = corners[inside], lo[inside], hi[inside]
+    cost = np.zeros(len(corners))
+    for bounds, a, b in ((f_bounds, corners, corners + side),
+                         (m_bounds, np.floor(lo) - 2, np.ceil(hi) + 3)):
+        if bounds is None:
+            continue
+        n = np.ones(len(corners))
+        for ax, edges in enumerate(bounds):
+            first = np.searchsorted(edges, np.maximum(a[:, ax], 0), side="right") - 1
+            last = np.searchsorted(edges, np.maximum(b[:, ax] - 1, a[:, ax]), side="right") - 1
+            n *= last - first + 1
+        cost += n
+    dist = np.abs(corners - np.asarray(nominal)).sum(axis=1)
+    best = np.lexsort((dist, cost))[0]
+    return corners[best].astype(int)
+
+
+def _refine_deformable(f_levels, m_levels, tf, f_rgb, m_rgb, *, budget, options, cancel):
+    """B-spline (intensity) refinement of the linear ``tf`` on the finest levels within
+    ``budget`` pixels a side. The result is ``tf`` followed by a displacement field in
+    world units (resampled onto a grid of at most FIELD_NODES nodes a side spanning the
+    level's field of view), so it applies to every level and warps block by block."""
+    from .register import register
+    from .transform import FieldStep
+
+    t0 = time.perf_counter()
+    kf, km = choose_level(f_levels, budget), choose_level(m_levels, budget)
+    fl, ml = f_levels[kf], m_levels[km]
+    f_arr = _grey(_compute(fl.data), f_rgb)
+    m_arr = _grey(_compute(ml.data), m_rgb)
+    extra = {k: options[k] for k in ("seed", "fixed_mask", "moving_mask") if options.get(k) is not None}
+    for key, levels, lev in (("fixed_mask", f_levels, fl), ("moving_mask", m_levels, ml)):
+        if key in extra:
+            shape = tuple(np.shape(extra[key]))
+            if shape in (tuple(levels[0].shape), tuple(lev.shape)):
+                extra[key] = _level_mask(extra[key], levels[0].shape, lev, key)
+            else:
+                del extra[key]  # given at the estimation level's shape: not for this level
+    r = register(f_arr, m_arr, method="intensity", transform="bspline", linear_stage="none",
+                 init=tf, fixed_spacing=fl.spacing, moving_spacing=ml.spacing,
+                 fixed_origin=fl.origin, moving_origin=ml.origin, cancel=cancel, warp=False,
+                 score=False, rgb=False, **extra)
+    del f_arr, m_arr
+    steps = []
+    for step in r.transform.steps:
+        if isinstance(step, FieldStep):
+            step = _coarser_field(step, FIELD_NODES if step.ndim == 2 else 65)
+        steps.append(step)
+    out = Transform(steps=steps)
+    fields = [s for s in steps if isinstance(s, FieldStep)]
+    info = {"level": kf, "moving_level": km, "shape": list(fl.shape),
+            "spacing": fl.spacing.tolist(),
+            "field_nodes": [list(s.field.shape[:-1]) for s in fields],
+            "max_displacement": float(max((np.abs(s.field).max() for s in fields), default=0.0)),
+            "jacobian_determinant": r.info.get("jacobian_determinant"),
+            "iterations": r.info.get("iterations"), "stop_condition": r.info.get("stop_condition"),
+            "seconds": time.perf_counter() - t0}
+    return out, info
+
+
+def _coarser_field(step, nodes: int):
+    """The same displacement field sampled on at most ``nodes`` nodes a side over the
+    same field of view (a B-spline of a few mesh cells varies slowly: linear
+    interpolation between such nodes differs from it by far less than a pixel)."""
+    from .transform import FieldStep
+
+    shape = np.array(step.field.shape[:-1])
+    if np.all(shape <= nodes):
+        return step
+    new = np.minimum(shape, nodes)
+    spacing = step.spacing * (shape - 1) / np.maximum(new - 1, 1)
+    axes = [np.arange(n) * sp + o for n, sp, o in zip(new, spacing, step.origin)]
+    pts = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1)
+    field = step.displacement(pts).reshape(tuple(new) + (step.ndim,))
+    return FieldStep(field, spacing, step.origin, step.direction)
+
+
+def _consensus_fit(fixed_pts, moving_pts, transform, need, spacing, fit_landmarks, current):
+    """Fit ``transform`` to the tile pairs that agree: a first consensus around the median
+    of the tiles' corrections to the ``current`` estimate (robust to a cluster of bad
+    tiles that agree with one another, which a first least-squares fit would absorb),
+    then fits that keep the tiles within max(0.1 px, 3x the median residual), twice.
+    Returns (transform, fit, kept mask)."""
+    px = float(np.min(spacing))
+    corrections = (fixed_pts - current.apply(moving_pts)) / px
+    dev = np.linalg.norm(corrections - np.median(corrections, axis=0), axis=1)
+    sigma = 1.4826 * float(np.median(dev))
+    # an estimate good to ~1 pixel of a coarser level leaves corrections that differ
+    # across the tiles by about that much: 1.5 px of this level is the least tolerance
+    keep = dev <= max(1.5, 3 * sigma)
+    if keep.sum() < need:
+        keep = np.ones(len(fixed_pts), bool)
+    new, fit = fit_landmarks(fixed_pts[keep], moving_pts[keep], transform, leave_one_out=False)
+    for _ in range(2):
+        res = np.linalg.norm(new.apply(moving_pts) - fixed_pts, axis=1) / px
+        nxt = res <= max(0.1, 3 * float(np.median(res[keep])))
+        if nxt.sum() < need or np.array_equal(nxt, keep):
+            break
+        keep = nxt
+        new, fit = fit_landmarks(fixed_pts[keep], moving_pts[keep], transform, leave_one_out=False)
+    return new, fit, keep
+
+
+MIN_TILE_PEAK = 0.2  # phase-correlation peak a tile's last pass must reach to count
+
+
 def _tile_shift(f_tile, w_tile, spacing, origin):
     """World shift that moves the warped moving tile onto the fixed tile (sub-pixel phase
-    correlation), or None when the tile cannot be measured."""
+    correlation), or None when the tile cannot be measured: also when the correlation
+    peak is weak (a tile of background with a sliver of edge: its sub-pixel passes on the
+    tile's centre saw nothing, and returned a shift of noise, measured ~2 voxels off on
+    the 256x512x512 head volume)."""
     from .register import RegistrationError, register
 
     try:
+        # a 1/20-pixel peak on the whole tile: the least-squares polish below does the rest
         r = register(f_tile, w_tile, method="fourier", transform="translation",
                      fixed_spacing=spacing, moving_spacing=spacing, fixed_origin=origin,
-                     moving_origin=origin, warp=False, score=False)
+                     moving_origin=origin, warp=False, score=False, upsample=20, iterations=0)
     except (RegistrationError, ValueError):
         return None
-    return r.transform.matrix[:-1, -1]
+    peak = r.info.get("peak")
+    if peak is not None and np.isfinite(peak) and float(peak) < MIN_TILE_PEAK:
+        return None
+    shift = r.transform.matrix[:-1, -1]
+    polished = _polish_shift(f_tile, w_tile, shift / np.asarray(spacing, float))
+    return shift if polished is None else polished * np.asarray(spacing, float)
+
+
+def _polish_shift(f_tile, w_tile, shift_px, iterations: int = 3):
+    """Gauss-Newton (Lucas-Kanade) on the whole tile, from the phase-correlation shift
+    (pixels, moving -> fixed): ``fixed(x) ~ a * moving(x - s) + b``. Phase correlation's
+    sub-pixel passes see only the tile's centre (64^3 in 3D) and whiten the spectrum,
+    which on smooth volumes leaves ~0.05 voxel of noise; least squares on every pixel of
+    a smooth tile is what such tiles measure best. None when it does not converge."""
+    from scipy import ndimage
+
+    f = np.asarray(f_tile, np.float64)
+    m = np.asarray(w_tile, np.float32)
+    s = np.asarray(shift_px, float).copy()
+    margin = int(np.ceil(np.max(np.abs(s)))) + 4
+    if min(f.shape) <= 2 * margin + 8:
+        return None
+    inner = tuple(slice(margin, n - margin) for n in f.shape)
+    fi = f[inner].ravel()
+    coeffs = ndimage.spline_filter(m, order=3, output=np.float32)  # once, not per pass
+    for _ in range(iterations):
+        shifted = ndimage.shift(coeffs, s, order=3, mode="nearest", prefilter=False)
+        grads = np.gradient(shifted)
+        g = np.stack([gr[inner].ravel() for gr in grads], axis=1)
+        w = shifted[inner].ravel().astype(np.float64)
+        gtg = np.linalg.eigvalsh(g.T @ g)
+        if gtg[0] <= 1e-3 * gtg[-1]:
+            return None  # structure along one direction only (an edge): shift undefined
+        # f = a * (w - g . d) + b  ->  unknowns (a*d, a, b), linear least squares
+        a_mat = np.c_[-g, w, np.ones_like(w)]
+        sol, *_ = np.linalg.lstsq(a_mat, fi, rcond=None)
+        gain = sol[-2]
+        if not np.isfinite(gain) or abs(gain) < 1e-6:
+            return None
+        d = sol[:-2] / gain
+        if not np.all(np.isfinite(d)) or np.max(np.abs(d)) > 1.0:
+            return None  # a polish moves by less than a pixel, or it is not converging
+        s = s + d
+        if np.max(np.abs(d)) < 2e-3:
+            break
+    return s
 
 
 def level_warper(moving, transform: Transform, *, spacing=None, origin=None, rgb: bool = False,

@@ -371,7 +371,9 @@ def register(
         Big images: ``pixel_budget`` (pixels a side of the level the transform is
         estimated on; default 2048 for pyramids and dask arrays, off for numpy),
         ``pyramid_refine`` ("tiles" or None: coarse-to-fine linear refinement on tiles of finer
-        levels), ``refine_tile`` (tile side, default 512 in 2D, 96 in 3D). ``fixed``/``moving`` may be
+        levels), ``refine_tile`` (tile side, default 512 in 2D, 96 in 3D),
+        ``pyramid_deformable`` (True: then a B-spline refinement on the finest level within
+        ``deformable_budget`` pixels a side, default 512 in 2D, 128 in 3D). ``fixed``/``moving`` may be
         pyramids: lists of arrays from fine to coarse (a napari multiscale layer's data).
 
     Returns
