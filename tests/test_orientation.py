@@ -150,3 +150,37 @@ def test_placement_matches_itk_physical_points():
     np.testing.assert_allclose(p.apply(world), itk, atol=1e-9)
     with pytest.raises(ValueError, match="orthonormal"):
         placement((1, 1), (0, 0), [[1.0, 0.5], [0.0, 1.0]])
+
+
+def test_batch_registers_rotated_headers_in_physical_space_and_resumes(tmp_path, capsys):
+    # the batch command takes the same physical-space path as `register` for such files,
+    # and a rerun skips the finished pair (its outputs are all there with their sizes)
+    fixed = _fixed_image()
+    shift_xyz = np.array([2.0, -1.5, 3.0])
+    ref = sitk.Image((60, 60, 36), sitk.sitkFloat32)
+    ref.SetSpacing((1.1, 1.1, 1.8))
+    rot = _rotation_itk(20.0, 0.0)
+    ref.SetDirection(tuple(rot.ravel()))
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(
+        tuple((np.array(fixed.GetSize()) - 1) / 2.0)))
+    ref.SetOrigin(tuple(centre - rot @ ((np.array(ref.GetSize()) - 1) / 2.0
+                                        * np.array(ref.GetSpacing()))))
+    moving = sitk.Resample(fixed, ref, sitk.TranslationTransform(3, tuple(shift_xyz)),
+                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    out = tmp_path / "batch"
+    args = ["batch", str(tmp_path / "moving.nii.gz"), "--fixed", str(tmp_path / "fixed.nii.gz"),
+            "--method", "intensity", "--transform", "rigid", "-o", "seed=0", "--out", str(out),
+            "-q"]
+    assert main(args) == 0, capsys.readouterr().err
+    item = next(p for p in out.iterdir() if p.is_dir())
+    doc = json.loads((item / "transform.json").read_text())
+    assert doc["space"] == "physical"
+    t = load_transform(item / "transform.json")
+    fixed_pts = _phys_grid(fixed)
+    err = np.linalg.norm(t.apply(fixed_pts - shift_xyz[::-1]) - fixed_pts, axis=1)
+    assert err.max() < 0.3, err
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already done" in capsys.readouterr().err

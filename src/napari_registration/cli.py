@@ -571,6 +571,16 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     if (is_big_path(fixed_path) or is_big_path(moving_path)
             or big.get("pixel_budget") is not None or big.get("format") == "ome-zarr"):
         return _batch_item_big(fixed_path, moving_path, out, settings, t0)
+    from .orientation import needs_physical, register_files_physical
+
+    if needs_physical(fixed_path, moving_path):  # rotated axes: as `register` does
+        done = register_files_physical(fixed_path, moving_path, Path(out),
+                                       method=settings["method"],
+                                       transform=settings["transform"], **settings["options"])
+        metrics = done["result"].metrics
+        return {"seconds": time.perf_counter() - t0, "physical": True,
+                "ncc_before": metrics.get("before", {}).get("ncc"),
+                "ncc_after": metrics.get("after", {}).get("ncc")}
     fixed, f_sp, f_or = read_image(fixed_path)
     moving, m_sp, m_or = read_image(moving_path)
     result = register(fixed, moving, method=settings["method"], transform=settings["transform"],

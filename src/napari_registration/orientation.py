@@ -130,6 +130,14 @@ def register_files_physical(fixed_path, moving_path, out, *, method="fourier",
         moving_reg = resample(m_arr, start, f_arr.shape, output_spacing=f_sp, output_origin=f_or,
                               input_spacing=m_sp, input_origin=m_or, preserve_dtype=False)
         m_sp_reg, m_or_reg, pre = f_sp, f_or, start
+        # the voxels the moving file really covers: the zeros this resampling fills in
+        # beyond its grid are not image (they pulled a 3D polish 0.2 mm off)
+        if "moving_mask" not in options:
+            covered = resample(np.ones(m_arr.shape, bool), start, f_arr.shape, labels=True,
+                               output_spacing=f_sp, output_origin=f_or, input_spacing=m_sp,
+                               input_origin=m_or)
+            if not covered.all():
+                options = {**options, "moving_mask": covered}
     result = register(f_arr, moving_reg, method=method, transform=transform,
                       fixed_spacing=f_sp, moving_spacing=m_sp_reg, fixed_origin=f_or,
                       moving_origin=m_or_reg, progress=progress, **{**options, "warp": False})
@@ -173,6 +181,8 @@ def register_files_physical(fixed_path, moving_path, out, *, method="fourier",
     report["moving"] = {**report.get("moving", {}), "geometry": geo["moving"]}
     report["headers_start"] = start.to_dict()
     report["outputs"] = dict(paths)
+    # batch trusts a finished item only when every output is there with this size
+    report["output_bytes"] = {k: Path(v).stat().st_size for k, v in paths.items()}
     report["seconds_total"] = time.perf_counter() - t0
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     paths["report"] = str(out / "report.json")
