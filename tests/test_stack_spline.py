@@ -256,3 +256,36 @@ def test_spline_shift_matches_scipy():
     rows, cols = np.mgrid[4:120, 6:110].astype(float)
     theirs = ndimage.map_coordinates(frames[0], [rows + s[0], cols + s[1]], order=3, mode="mirror")
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("shape,spacing", [((60, 70), (1.0, 1.0)), ((60, 70), (0.26, 0.29)),
+                                           ((12, 30, 26), (2.0, 1.0, 1.0))])
+def test_translation_warp_matches_resample(dtype, shape, spacing):
+    """The stack's warp of a translated frame (order 1) takes a shortcut: the same values
+    as core.resample, including whole-pixel shifts and samples exactly on the border."""
+    from napari_registration import Transform
+    from napari_registration.core.resample import resample
+    from napari_registration.core.stack import _translation_offset, _warp_frame
+
+    rng = np.random.default_rng(0)
+    image = rng.random(shape) * (1000 if dtype == np.uint16 else 1)
+    image = image.astype(dtype)
+    shifts = [np.zeros(len(shape)), np.arange(1, len(shape) + 1, dtype=float),
+              np.full(len(shape), -0.5), np.full(len(shape), 1e-9), np.full(len(shape), 200.0)]
+    shifts += [rng.uniform(-8, 8, len(shape)) for _ in range(12)]
+    for shift in shifts:
+        t = Transform.from_translation(shift * np.asarray(spacing))
+        assert _translation_offset(t, spacing, 1, image.dtype) is not None
+        ours = _warp_frame(image, t, spacing, 1, False)
+        theirs = resample(image, t, shape, output_spacing=spacing, input_spacing=spacing, order=1)
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_allclose(ours.astype(float), theirs.astype(float),
+                                   atol=1 if dtype == np.uint16 else 1e-5)
+    # channels: each channel moved the same way; not a translation: the general path
+    both = np.stack([image, image[::-1].copy()])
+    t = Transform.from_translation(rng.uniform(-3, 3, len(shape)))
+    np.testing.assert_array_equal(_warp_frame(both, t, spacing, 1, True)[1],
+                                  _warp_frame(both[1], t, spacing, 1, False))
+    assert _translation_offset(Transform.from_scale([1.01] * len(shape)), spacing, 1, image.dtype) is None
+    assert _translation_offset(t, spacing, 3, image.dtype) is None

@@ -200,10 +200,48 @@ def _warp_frame(frame, transforms, spacing, order: int, channels: bool) -> np.nd
     frame = _load(frame)
     transform = transforms if isinstance(transforms, Transform) else Transform(transforms)
     spatial = frame.shape[1:] if channels else frame.shape
+    fast = _translation_offset(transform, spacing, order, frame.dtype)
+    if fast is not None:
+        return _translate_frame(frame, fast, channels)
     kw = dict(output_spacing=spacing, input_spacing=spacing, order=order)
     if channels:
         return np.stack([resample(frame[c], transform, spatial, **kw) for c in range(frame.shape[0])])
     return resample(frame, transform, spatial, **kw)
+
+
+def _translation_offset(transform, spacing, order, dtype):
+    """For a linear warp (order 1) by a pure translation of a float or integer frame: the
+    sampling offset (input index = output index + offset) that ``resample`` would use;
+    None otherwise (the general path)."""
+    from .resample import index_to_world, world_to_index
+
+    if order != 1 or not transform.is_linear or transform.is_projective:
+        return None
+    if not (np.dtype(dtype) in (np.float32, np.float64) or np.dtype(dtype).kind in "iu"):
+        return None
+    m = world_to_index(spacing, np.zeros(len(spacing))) @ np.linalg.inv(transform.matrix) \
+        @ index_to_world(spacing, np.zeros(len(spacing)))
+    nd = len(spacing)
+    if not np.allclose(m[:nd, :nd], np.eye(nd), rtol=0, atol=1e-12):
+        return None
+    return m[:nd, nd]
+
+
+def _translate_frame(frame, offset, channels):
+    """:func:`_warp_frame` for a pure translation, linear interpolation: the same values
+    as ``resample`` (float32 arithmetic for integer frames, rounded and clipped back)."""
+    from .stack_refine import translate_linear
+
+    def one(img):
+        if img.dtype in (np.float32, np.float64):
+            return translate_linear(img, offset)
+        out = translate_linear(img.astype(np.float32), offset)
+        info = np.iinfo(img.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(img.dtype)
+
+    if channels:
+        return np.stack([one(frame[c]) for c in range(frame.shape[0])])
+    return one(frame)
 
 
 def _warp_block(block, matrices, spacing, order, channels, block_info=None):
