@@ -213,7 +213,7 @@ def test_engine_choice_and_fallbacks():
     assert register_stack(frames, warp=False).info["polish"] == "spline"
     # options the engine does not take, other methods, tiny frames: one register() per frame
     assert register_stack(frames, warp=False, upsample=20).info["polish"] == "none"
-    assert register_stack(frames, warp=False, transform="rigid").info["polish"] == "none"
+    assert register_stack(frames, warp=False, transform="similarity").info["polish"] == "none"
     assert register_stack(frames[:, :12, :12], warp=False).info["polish"] == "none"
     assert register_stack(frames, warp=False, lowpass=None, window=False).info["polish"] == "spline"
     with pytest.raises(ValueError, match="polish='spline' cannot be used here: .*method='fourier'"):
@@ -289,3 +289,65 @@ def test_translation_warp_matches_resample(dtype, shape, spacing):
                                   _warp_frame(both[1], t, spacing, 1, False))
     assert _translation_offset(Transform.from_scale([1.01] * len(shape)), spacing, 1, image.dtype) is None
     assert _translation_offset(t, spacing, 3, image.dtype) is None
+
+
+# ----------------------------------------------------------------------------- rigid
+def rotating_series(n=8, size=160, seed=5, big_turn=None):
+    """Crops of camera turned about the crop centre (a random walk within +-3 degrees)
+    and shifted: frames and truths (frame k world -> frame 0 world)."""
+    from napari_registration import Transform
+    from napari_registration.core.resample import resample
+
+    base = _image("camera", blur=0.7)
+    rng = np.random.default_rng(seed)
+    angles = np.clip(np.cumsum(rng.normal(0, 0.9, n)), -3, 3)
+    shifts = np.cumsum(rng.normal(0, 1.2, (n, 2)), axis=0)
+    angles[0], shifts[0] = 0.0, 0.0
+    if big_turn is not None:
+        angles[big_turn] = 40.0
+    c0 = np.array([150.0, 170.0])
+    centre = (np.full(2, size) - 1) / 2
+    frames, truths = [], []
+    for a, s in zip(angles, shifts):
+        truth = Transform.from_rotation(float(a), center=centre, shift=s)
+        to_base = Transform.from_translation(c0).matrix @ truth.matrix
+        frames.append(resample(base, Transform(np.linalg.inv(to_base)), (size, size), order=3))
+        truths.append(truth)
+    return np.stack(frames).astype(np.float32), truths
+
+
+def rigid_tre(transforms, truths, shape):
+    from napari_registration.data import grid_points, tre_against_truth
+
+    pts = grid_points(shape)
+    return np.array([tre_against_truth(t, truth, pts)["mean"] for t, truth in zip(transforms, truths)])
+
+
+def test_rigid_stack_is_polished_and_more_precise():
+    frames, truths = rotating_series()
+    spline = register_stack(frames, transform="rigid")
+    plain = register_stack(frames, transform="rigid", polish="none")
+    assert spline.info["polish"] == "spline"
+    assert all("spline_declined" not in f for f in spline.info["frames"])
+    tre = rigid_tre(spline.transforms, truths, frames.shape[1:])
+    assert tre.max() < 0.01, tre
+    assert tre.mean() < 0.5 * rigid_tre(plain.transforms, truths, frames.shape[1:]).mean()
+    assert np.abs(spline.info["frames"][3]["angle_deg"]) < 3.5
+
+
+def test_rigid_with_spacing_and_a_big_turn_falls_back_per_frame():
+    frames, truths = rotating_series(n=5, big_turn=3)
+    result = register_stack(frames, transform="rigid", spacing=(0.5, 0.5))
+    assert result.info["polish"] == "spline"
+    assert "spline_declined" in result.info["frames"][3]  # 40 degrees: log-polar search
+    assert [("spline_declined" in f) for f in result.info["frames"]].count(True) == 1
+    # world units: scale the truth's shift by the pixel size
+    from napari_registration import Transform
+
+    px = [Transform.from_scale((0.5, 0.5)).then(t).then(Transform.from_scale((2.0, 2.0)))
+          for t in result.transforms]
+    tre = rigid_tre(px, truths, frames.shape[1:])
+    assert tre.max() < 0.1, tre
+    # non-square pixels: rotations are not rigid in index units; one register() per frame
+    assert register_stack(frames[:2], transform="rigid", spacing=(1.0, 0.5),
+                          warp=False).info["polish"] == "none"

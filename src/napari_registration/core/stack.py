@@ -113,7 +113,7 @@ POLISH = ("auto", "spline", "none")
 SPLINE_MIN_SIDE = 16  # smaller frames go through register(), which checks them in detail
 
 
-def _spline_engine(polish, method, transform, options, shape) -> bool:
+def _spline_engine(polish, method, transform, options, shape, spacing=None) -> bool:
     """Whether the frames go through :class:`.stack_refine.TranslationReference` (phase
     correlation against a cached reference + a spline Gauss-Newton polish) instead of
     one :func:`register` call each; ``polish="spline"`` insists and says why not."""
@@ -124,8 +124,12 @@ def _spline_engine(polish, method, transform, options, shape) -> bool:
     if polish == "none":
         return False
     why = None
-    if method != "fourier" or transform != "translation":
-        why = f"it polishes translations found by method='fourier' (got {method!r}, {transform!r})"
+    if method != "fourier" or transform not in ("translation", "rigid"):
+        why = (f"it polishes translations and rotations found by method='fourier' (got "
+               f"{method!r}, {transform!r})")
+    elif transform == "rigid" and (len(shape) != 2 or spacing is None
+                                   or not np.allclose(spacing, spacing[0], rtol=1e-9)):
+        why = "its rigid polish takes 2D frames with square pixels"
     elif min(shape) < SPLINE_MIN_SIDE:
         why = (f"the frames registered are {tuple(shape)} pixels; it needs >= "
                f"{SPLINE_MIN_SIDE} per axis")
@@ -151,11 +155,11 @@ def _spline_engine(polish, method, transform, options, shape) -> bool:
 
 
 def _spline_reference(image, settings):
-    from .stack_refine import TranslationReference
+    from .stack_refine import RigidReference, TranslationReference
 
     opts = settings["options"]
-    return TranslationReference(image, window=bool(opts.get("window", True)),
-                                lowpass=opts.get("lowpass", 0.1))
+    kind = RigidReference if settings["transform"] == "rigid" else TranslationReference
+    return kind(image, window=bool(opts.get("window", True)), lowpass=opts.get("lowpass", 0.1))
 
 
 def _spline_task(fixed, moving, settings, fixed_ready, cancel, full, t0) -> dict:
@@ -164,8 +168,20 @@ def _spline_task(fixed, moving, settings, fixed_ready, cancel, full, t0) -> dict
     factor = settings["downsample"]
     ref = fixed if fixed_ready else _spline_reference(_downsample(_load(fixed), factor), settings)
     m = _downsample(_load(moving), factor)
-    shift, info = ref.register(m, as_cancel_check(cancel))
-    transform = Transform.from_translation(shift * np.asarray(settings["reg_spacing"], float))
+    found, info = ref.register(m, as_cancel_check(cancel))
+    if settings["transform"] == "rigid":
+        if found is None:
+            # beyond the polish's reach (a large turn): the global log-polar search
+            out = _register_task(ref.reference, moving, {**settings, "engine": "register"}, True,
+                                 cancel, full)
+            out["info"]["spline_declined"] = info["stop_reason"]
+            return out
+        from .resample import index_to_world, world_to_index
+
+        geo = (settings["reg_spacing"], settings["reg_origin"])
+        transform = Transform(index_to_world(*geo) @ found @ world_to_index(*geo))
+    else:
+        transform = Transform.from_translation(found * np.asarray(settings["reg_spacing"], float))
     info = {"engine": "phase correlation + spline Gauss-Newton", **info,
             "ncc_before": ref.ncc(m)}
     out = {"transform": transform, "metrics": {}}
@@ -660,7 +676,7 @@ def iter_register_stack(frames, *, axis: int = 0, reference="first", method: str
                 "driver_index": (int(driver_channel) % int(work.shape[1])
                                  if channel_axis is not None else None)}
     spline = _spline_engine(polish, method, transform, options,
-                            [s // f for s, f in zip(reg_driver.shape[1:], factor)])
+                            [s // f for s, f in zip(reg_driver.shape[1:], factor)], reg_sp)
     settings["engine"] = "spline" if spline else "register"
 
     # the reference

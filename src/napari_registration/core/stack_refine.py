@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TranslationReference", "spline_shift", "translate_linear"]
+__all__ = ["TranslationReference", "RigidReference", "spline_shift", "translate_linear"]
 
 
 def _cubic_weights(frac: float) -> np.ndarray:
@@ -328,3 +328,176 @@ def _ncc(a, b) -> float | None:
     b = b - np.float32(_sum(b) / b.size)
     den = np.sqrt(_sum(a * a) * _sum(b * b))
     return _sum(a * b) / den if den > 0 else None
+
+
+# ------------------------------------------------------------------------------ rigid
+def _block_mean2(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return np.asarray(image, np.float32)
+    a = np.asarray(image, np.float32)
+    h, w = (a.shape[0] // factor) * factor, (a.shape[1] // factor) * factor
+    return a[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _level_map(factor: int) -> np.ndarray:
+    """Coarse index -> full index of a block-mean level (block k's centre)."""
+    return np.array([[factor, 0, (factor - 1) / 2], [0, factor, (factor - 1) / 2], [0, 0, 1.0]])
+
+
+def _rigid_delta(dp, centre) -> np.ndarray:
+    """The incremental warp: rotation by ``dp[2]`` rad about ``centre`` (row, col; the
+    generator takes (r, c) to (-c, r)) and a shift ``dp[:2]``."""
+    c, s = np.cos(dp[2]), np.sin(dp[2])
+    rot = np.array([[c, -s], [s, c]])
+    m = np.eye(3)
+    m[:2, :2] = rot
+    m[:2, 2] = centre - rot @ centre + dp[:2]
+    return m
+
+
+class _RigidLevel:
+    def __init__(self, ref: np.ndarray, factor: int):
+        from scipy import ndimage
+
+        self.factor = factor
+        self.ref = _block_mean2(ref, factor)
+        self.shape = self.ref.shape
+        self.centre = (np.array(self.shape, float) - 1) / 2
+        coeffs = _spline_coefficients(self.ref)
+        g = []
+        for axis in range(2):
+            d = ndimage.correlate1d(coeffs, [-0.5, 0.0, 0.5], axis=axis, mode="mirror")
+            g.append(ndimage.correlate1d(d, [1 / 6, 4 / 6, 1 / 6], axis=1 - axis,
+                                         mode="mirror").astype(np.float32))
+        rows, cols = np.meshgrid(np.arange(self.shape[0], dtype=np.float32),
+                                 np.arange(self.shape[1], dtype=np.float32), indexing="ij")
+        self.rows, self.cols = rows, cols
+        g_rot = g[0] * -(cols - np.float32(self.centre[1])) + g[1] * (rows - np.float32(self.centre[0]))
+        self.cols_sd = [g[0], g[1], g_rot.astype(np.float32), self.ref]
+        self.radius = float(np.hypot(*self.shape) / 2)
+
+
+MIN_RIGID_NCC = 0.5
+
+
+class RigidReference:
+    """One 2D reference frame, prepared for registering many frames to it by a rotation
+    and a shift: phase correlation for the shift, then inverse-compositional
+    Gauss-Newton on cubic splines over a block-mean pyramid (reference values and
+    gradients per level computed once), with gain and offset. Meant for the small
+    rotations of a drifting stack (a few degrees): a frame the polish cannot bring into
+    line is reported as declined, so the caller can use a global method for it.
+
+    ``register(frame)`` returns the (3, 3) index-space matrix mapping frame indices to
+    reference indices (moving -> fixed) and a dict of diagnostics."""
+
+    def __init__(self, reference, *, window: bool = True, lowpass: float | None = 0.1,
+                 max_iterations: int = 20, tolerance: float = 1e-3, max_angle_deg: float = 15.0,
+                 min_side: int = 40):
+        ref = np.asarray(reference, np.float32)
+        if ref.ndim != 2:
+            raise ValueError(f"the rigid stack engine works on 2D frames; got shape {ref.shape}")
+        _check_values(ref, "the reference frame")
+        self.shape = ref.shape
+        self.reference = ref
+        self._translation = TranslationReference(ref, window=window, lowpass=lowpass)
+        factors = [1]
+        while min(self.shape) // (factors[-1] * 2) >= min_side and factors[-1] < 8:
+            factors.append(factors[-1] * 2)
+        self.levels = [_RigidLevel(ref, f) for f in reversed(factors)]
+        self.max_iterations = int(max_iterations)
+        self.tolerance = float(tolerance)
+        self.max_angle = np.deg2rad(float(max_angle_deg))
+
+    def ncc(self, frame) -> float | None:
+        return self._translation.ncc(frame)
+
+    def _polish_level(self, level: _RigidLevel, frame, sample, tolerance):
+        """Gauss-Newton on one level; ``sample`` maps level reference indices to level
+        frame indices. Returns the new ``sample``, iterations, stop reason, (gain, ncc)."""
+        from scipy import ndimage
+
+        coeffs = _spline_coefficients(frame)
+        h, w = frame.shape
+        reason = "iteration cap"
+        gain, ncc = None, None
+        it = 0
+        for it in range(1, self.max_iterations + 1):
+            warped = ndimage.affine_transform(coeffs, sample[:2, :2], offset=sample[:2, 2],
+                                              output_shape=level.shape, order=3,
+                                              mode="mirror", prefilter=False, output=np.float32)
+            r = sample[0, 0] * level.rows + sample[0, 1] * level.cols + np.float32(sample[0, 2])
+            c = sample[1, 0] * level.rows + sample[1, 1] * level.cols + np.float32(sample[1, 2])
+            mask = ((r >= 1) & (r <= h - 2) & (c >= 1) & (c <= w - 2)).astype(np.float32)
+            count = _sum(mask)
+            if count < 64:
+                return None, it, "declined: too little overlap", None
+            cols = [col * mask for col in level.cols_sd]
+            k = len(cols) + 1
+            a = np.empty((k, k))
+            for i in range(len(cols)):
+                for j in range(i, len(cols)):
+                    a[i, j] = a[j, i] = _sum(cols[i] * level.cols_sd[j])
+                a[i, -1] = a[-1, i] = _sum(cols[i])
+            a[-1, -1] = count
+            rhs = np.array([_sum(col * warped) for col in cols] + [_sum(mask * warped)])
+            try:
+                sol = np.linalg.solve(a, rhs)
+            except np.linalg.LinAlgError:
+                return None, it, "declined: singular normal matrix", None
+            gain = sol[3]
+            if not np.all(np.isfinite(sol)) or abs(gain) < 1e-6:
+                return None, it, "declined: frame and reference not linearly related", None
+            dp = sol[:3] / gain
+            sample = sample @ np.linalg.inv(_rigid_delta(dp, level.centre))
+            if max(np.abs(dp[:2]).max(), abs(dp[2]) * level.radius) < tolerance:
+                reason = "converged"
+                inside = mask > 0
+                ncc = _ncc(level.ref[inside], warped[inside])
+                break
+        return sample, it, reason, (gain, ncc)
+
+    def register(self, frame, cancel=None):
+        frame = np.asarray(frame, np.float32)
+        if frame.shape != self.shape:
+            raise ValueError(f"frame shape {frame.shape} differs from the reference's {self.shape}")
+        _check_values(frame, "the frame")
+        shift = self._translation.phase_correlate(frame)
+        sample = np.eye(3)
+        sample[:2, 2] = -shift  # reference index -> frame index
+        info = {"phase_correlation_px": shift.tolist(), "iterations": [], "stop_reason": ""}
+        for n, level in enumerate(self.levels):
+            if cancel is not None and cancel():
+                info["stop_reason"] = "cancelled"
+                break
+            p = _level_map(level.factor)
+            local = np.linalg.inv(p) @ sample @ p
+            small = _block_mean2(frame, level.factor)
+            fine = n == len(self.levels) - 1
+            new, its, reason, extra = self._polish_level(
+                level, small, local, self.tolerance if fine else 1e-2)
+            info["iterations"].append(its)
+            if new is None:
+                info["stop_reason"] = reason
+                return None, info
+            sample = p @ new @ np.linalg.inv(p)
+            if fine:
+                info["stop_reason"] = reason
+                if extra is not None:
+                    info["gain"], info["ncc_after"] = float(extra[0]), extra[1]
+        angle = float(np.arctan2(sample[1, 0], sample[0, 0]))
+        if abs(angle) > self.max_angle:
+            info["stop_reason"] = (f"declined: {np.rad2deg(angle):.1f} degrees is beyond the "
+                                   f"+-{np.rad2deg(self.max_angle):.0f} this polish trusts")
+            return None, info
+        if info["stop_reason"] != "converged":
+            info["stop_reason"] = "declined: " + info["stop_reason"]
+            return None, info
+        if info.get("ncc_after") is None or info["ncc_after"] < MIN_RIGID_NCC:
+            # a local optimum of a large turn also "converges": a poor match is declined
+            # so that the caller's global search decides
+            info["stop_reason"] = (f"declined: NCC {info.get('ncc_after')} after the polish is "
+                                   f"below {MIN_RIGID_NCC}")
+            return None, info
+        info["angle_deg"] = float(np.rad2deg(angle))
+        return np.linalg.inv(sample), info
