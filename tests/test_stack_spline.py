@@ -274,6 +274,12 @@ def test_translation_warp_matches_resample(dtype, shape, spacing):
     shifts = [np.zeros(len(shape)), np.arange(1, len(shape) + 1, dtype=float),
               np.full(len(shape), -0.5), np.full(len(shape), 1e-9), np.full(len(shape), 200.0)]
     shifts += [rng.uniform(-8, 8, len(shape)) for _ in range(12)]
+    # within rounding of whole pixels (chained "previous" steps make such shifts): x +
+    # offset then rounds to either side along one axis
+    shifts += [np.full(len(shape), k) + rng.uniform(-1e-13, 1e-13, len(shape))
+               for k in (-3.0, -1.0, 2.0, 5.0) for _ in range(4)]
+    shifts += [np.full(len(shape), v) for v in (3 - 4e-16, -2 + 1e-15, -2 - 1e-15, -5 - 2e-15,
+                                                 1 + 1e-15)]
     for shift in shifts:
         t = Transform.from_translation(shift * np.asarray(spacing))
         assert _translation_offset(t, spacing, 1, image.dtype) is not None

@@ -88,6 +88,19 @@ def spline_shift(coeffs: np.ndarray, sample_shift, region) -> np.ndarray:
     return block
 
 
+def _run(block, axis, start, length):
+    """``length`` consecutive slices from ``start`` along ``axis``, the last one repeated
+    where the run passes the end."""
+    size = block.shape[axis]
+    start = min(max(start, 0), size - 1)
+    stop = start + length
+    lead = (slice(None),) * axis
+    if stop <= size:
+        return block[lead + (slice(start, stop),)]
+    idx = np.minimum(np.arange(start, stop), size - 1)
+    return np.take(block, idx, axis=axis)
+
+
 def translate_linear(image: np.ndarray, offset) -> np.ndarray:
     """``out[x] = image(x + offset)`` with linear interpolation, 0 where ``x + offset``
     falls outside ``[0, n - 1]`` on any axis: what ``scipy.ndimage.affine_transform``
@@ -109,12 +122,14 @@ def translate_linear(image: np.ndarray, offset) -> np.ndarray:
         base = int(np.floor(coords[lo]))
         frac = float(coords[lo] - base)
         length = hi - lo
-        first = block[(slice(None),) * axis + (slice(base, base + length),)]
+        # (x + offset rounds differently along the axis: near a whole number, the last
+        # sample's neighbour may be one past the end with a weight of ~1e-7: the edge
+        # value stands in for it)
+        first = _run(block, axis, base, length)
         if frac == 0.0:
             block = first
             continue
-        # the last sample may sit exactly on n - 1 only when frac == 0 (handled above)
-        second = block[(slice(None),) * axis + (slice(base + 1, base + 1 + length),)]
+        second = _run(block, axis, base + 1, length)
         block = first * out_dtype.type(1.0 - frac) + second * out_dtype.type(frac)
     out = np.zeros(a.shape, out_dtype)
     out[tuple(keep)] = block
