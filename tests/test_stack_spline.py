@@ -357,3 +357,28 @@ def test_rigid_with_spacing_and_a_big_turn_falls_back_per_frame():
     # non-square pixels: rotations are not rigid in index units; one register() per frame
     assert register_stack(frames[:2], transform="rigid", spacing=(1.0, 0.5),
                           warp=False).info["polish"] == "none"
+
+
+@pytest.mark.parametrize("kind", ["translation", "rigid"])
+def test_prepared_reference_travels_as_its_frame(kind):
+    """A worker gets the reference frame and its settings (not the ~4x larger prepared
+    arrays), prepares it once, and reuses it for its later frames."""
+    import pickle
+
+    from napari_registration.core import stack_refine
+    from napari_registration.core.stack_refine import RigidReference
+
+    frames = series("camera", DRIFTS[:3])
+    cls = TranslationReference if kind == "translation" else RigidReference
+    ref = cls(frames[0])
+    blob = pickle.dumps(ref)
+    assert len(blob) < 1.2 * frames[0].nbytes
+    stack_refine._PREPARED.clear()
+    try:
+        first, again = pickle.loads(blob), pickle.loads(blob)
+        assert first is again and first is not ref
+        for frame in frames[1:]:
+            a, b = ref.register(frame)[0], first.register(frame)[0]
+            np.testing.assert_array_equal(a, b)
+    finally:
+        stack_refine._PREPARED.clear()

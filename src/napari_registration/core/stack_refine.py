@@ -142,6 +142,30 @@ def translate_linear(image: np.ndarray, offset) -> np.ndarray:
     return out
 
 
+_PREPARED: dict = {}  # token -> prepared reference, in a worker process
+_KEEP = 2
+
+
+def _new_token() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def _prepared(kind, token, reference, kwargs):
+    """Unpickling: a prepared reference travels as the frame and its settings (what
+    one ``register()`` per frame sent anyway, a quarter of the prepared arrays) and is
+    prepared once per worker process, then reused by that worker's later frames."""
+    ref = _PREPARED.get(token)
+    if ref is None:
+        ref = kind(reference, **kwargs)
+        ref._token = token
+        while len(_PREPARED) >= _KEEP:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[token] = ref
+    return ref
+
+
 def _sum(a) -> float:
     """Pairwise (deterministic, BLAS-free) sum in float64."""
     return float(np.sum(a, dtype=np.float64))
@@ -184,6 +208,9 @@ class TranslationReference:
             raise ValueError(f"the reference frame {ref.shape} is too small for the spline "
                              "polish (>= 8 pixels per axis)")
         _check_values(ref, "the reference frame")
+        self._recipe = (ref, dict(window=window, lowpass=lowpass, max_iterations=max_iterations,
+                                  tolerance=tolerance, max_step=max_step, smooth=smooth))
+        self._token = _new_token()
         self.shape = ref.shape
         self.window = bool(window)
         self.lowpass = lowpass
@@ -214,6 +241,9 @@ class TranslationReference:
         self._ref = ref
         self._grads = grads
         self._normal_cache: dict = {}
+
+    def __reduce__(self):
+        return _prepared, (type(self), self._token, *self._recipe)
 
     # ---------------------------------------------------------------- phase correlation
     def phase_correlate(self, frame: np.ndarray) -> np.ndarray:
@@ -423,6 +453,10 @@ class RigidReference:
         if ref.ndim != 2:
             raise ValueError(f"the rigid stack engine works on 2D frames; got shape {ref.shape}")
         _check_values(ref, "the reference frame")
+        self._recipe = (ref, dict(window=window, lowpass=lowpass, max_iterations=max_iterations,
+                                  tolerance=tolerance, max_angle_deg=max_angle_deg,
+                                  min_side=min_side))
+        self._token = _new_token()
         self.shape = ref.shape
         self.reference = ref
         self._translation = TranslationReference(ref, window=window, lowpass=lowpass)
@@ -433,6 +467,9 @@ class RigidReference:
         self.max_iterations = int(max_iterations)
         self.tolerance = float(tolerance)
         self.max_angle = np.deg2rad(float(max_angle_deg))
+
+    def __reduce__(self):
+        return _prepared, (type(self), self._token, *self._recipe)
 
     def ncc(self, frame) -> float | None:
         return self._translation.ncc(frame)
