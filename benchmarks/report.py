@@ -325,8 +325,10 @@ def _why(v, case, table, methods, runs=()):
         notes.append("`auto` runs and scores several coarse stages before refining, and pays for "
                      "all of them")
     if case.is_stack and ratio > 1.25:
-        notes.append("`register_stack` runs the full `register()` per frame, whose 1/100-px local-DFT "
-                     "refinement (2 passes) dominates the time (profiled)")
+        notes.append("`register_stack` (fourier translation/rigid) runs its stack engine: the "
+                     "reference prepared once, then per frame one FFT pair and a few spline "
+                     "Gauss-Newton steps; other methods run a full `register()` per frame; the "
+                     "time includes warping the aligned stack")
     if fast == "ours: intensity" and case.model == "deformable" and ratio > 1.25:
         its = [r["details"] for r in runs if r["case"] == case.name and r["method"] == fast
                and (r.get("details") or {}).get("deformable_iterations")]
@@ -346,8 +348,12 @@ def _why(v, case, table, methods, runs=()):
     fast_peer = v.get("fast_peer") or ""
     if fast == "ours: features" and "ORB" in fast_peer and ratio > 1.25:
         notes.append("`features` defaults to SIFT; OpenCV's ORB is faster at a TRE that still "
-                     "counts as a tie here (below 0.1 px); `features` with detector='orb' "
-                     "exists but is not run in this report")
+                     "counts as a tie here (below 0.1 px); `features` with detector='orb' is the "
+                     "row 'ours: features (orb)'")
+    if fast == "ours: features (orb)" and "ORB" in fast_peer and ratio > 1.25:
+        notes.append("`features` with ORB makes the same OpenCV detect and match calls as the "
+                     "peer, then refits on the inliers and warps; on images this small those "
+                     "extra steps are a large share of a fraction of a second")
     if fast == "ours: features" and "SIFT" in fast_peer and ratio > 1.25:
         notes.append("`features` spends ~90 % of its time in the same OpenCV SIFT "
                      "detectAndCompute as the peer (profiled), plus matching and a refinement "
