@@ -506,8 +506,9 @@ class OptionsForm(Container):
         sig = inspect.signature(func)
         hints = option_hints(func)
         docs = option_docs(func)
-        skip = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
-                "fixed_mask", "moving_mask"}
+        from ..core.register import _BACKEND_PLUMBING
+
+        skip = set(_BACKEND_PLUMBING)  # what the core passes, not the user
         self.defaults: dict[str, Any] = {}
         self.fields: dict[str, Any] = {}
         self._readers = {}
