@@ -135,3 +135,21 @@ def test_mutual_information_matches_numpy_histogram2d():
     expected = float(np.sum(pxy[nz] * np.log(pxy[nz] / (px @ py)[nz])))
     assert mutual_information(a, b, mask) == pytest.approx(expected, rel=1e-12)
     assert mutual_information(np.full(50, 0.2), np.full(50, 0.7)) == 0.0
+
+
+def test_fourier_large_zoom_searches_again_at_full_resolution():
+    """At 60 degrees and 1.3x the 2x2 block-mean log-polar search found the scale as 1.0
+    and the spline stage declined; the full-resolution search then finds it."""
+    from skimage import data, transform as sktf
+
+    from napari_registration.data import _warp_by_truth
+
+    fixed = sktf.resize(data.camera().astype(np.float32) / 255, (384, 384), anti_aliasing=True)
+    fixed = fixed.astype(np.float32)
+    centre = (np.array(fixed.shape) - 1) / 2
+    truth = Transform.from_rotation(60.0, center=centre, scale=1.3, shift=(10.0, -15.0))
+    moving = _warp_by_truth(fixed, truth).astype(np.float32)
+    res = register(fixed, moving, method="fourier", transform="similarity", fallback=False,
+                   score=False)
+    assert abs(res.info["scale"] - 1.3) < 1e-3
+    assert res.info["spline_refine"]["accepted"]

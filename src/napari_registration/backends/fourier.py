@@ -543,6 +543,17 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         polished = None
         if refine:
             polished = _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info)
+        if refine and polished is None and k > 1:
+            # the block means lost what the search needed (camera at 60 deg and 1.3x: scale
+            # found as 1.0 on them): search again at full resolution, 720 angles
+            est = _estimate_similarity(f, m, transform, int(upsample), cancel, n_angles=720)
+            if est is None or est[0] is None:
+                return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
+            (score, angle, scale, shift, peak), lp_peak = est
+            info.update(coarse_full={"angle_deg": angle, "scale": scale, "shift_px": list(shift),
+                                     "ncc": score, "why": "block-mean search declined"},
+                        log_polar_peak=lp_peak, peak=peak)
+            polished = _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info)
         if polished is not None:
             m_idx, score = polished
             angle, scale = _angle_scale(m_idx)

@@ -195,6 +195,7 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
         if info2.get("accepted"):
             out = out2
             info["accepted"] = True
+            info["reason"] = "converged (biweight pass)"
             info["seconds"] = info.get("seconds", 0.0) + info2.get("seconds", 0.0)
     return out, info
 
