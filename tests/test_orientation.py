@@ -47,6 +47,20 @@ def _fixed_image():
     return img
 
 
+def _on_rotated_grid(fixed, shift_xyz, rot, size=(60, 60, 36), spacing=(1.1, 1.1, 1.8)):
+    """The fixed object shifted by ``shift_xyz`` (physical, ITK order), sampled on a grid
+    of ``size``/``spacing`` whose axes are turned by ``rot``, centred on the fixed one."""
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(tuple(rot.ravel()))
+    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(
+        tuple((np.array(fixed.GetSize()) - 1) / 2.0)))
+    ref.SetOrigin(tuple(centre - rot @ ((np.array(size) - 1) / 2.0 * np.array(spacing))))
+    # moving(p) = fixed(p + shift): a moving physical point p shows what fixed shows at p + shift
+    return sitk.Resample(fixed, ref, sitk.TranslationTransform(3, tuple(shift_xyz)),
+                         sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
 def _phys_grid(img, n=5, margin=0.25):
     """Physical points (napari order z, y, x) inside an image's field of view."""
     size = np.array(img.GetSize(), float)
@@ -60,17 +74,7 @@ def test_same_scene_on_a_rotated_grid_registers_in_physical_space(tmp_path, caps
     # grid rotated 25 deg (and tilted 10) against the fixed file's: only the headers say so
     fixed = _fixed_image()
     shift_xyz = np.array([3.5, -2.25, 4.0])
-    ref = sitk.Image((60, 60, 36), sitk.sitkFloat32)
-    ref.SetSpacing((1.1, 1.1, 1.8))
-    rot = _rotation_itk(25.0, 10.0)
-    ref.SetDirection(tuple(rot.ravel()))
-    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(
-        tuple((np.array(fixed.GetSize()) - 1) / 2.0)))
-    half = rot @ ((np.array(ref.GetSize()) - 1) / 2.0 * np.array(ref.GetSpacing()))
-    ref.SetOrigin(tuple(centre - half))
-    # moving(p) = fixed(p + shift): a moving physical point p shows what fixed shows at p + shift
-    moving = sitk.Resample(fixed, ref, sitk.TranslationTransform(3, tuple(shift_xyz)),
-                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moving = _on_rotated_grid(fixed, shift_xyz, _rotation_itk(25.0, 10.0))
     sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
     sitk.WriteImage(moving, str(tmp_path / "moving.mha"))
     out = tmp_path / "out"
@@ -157,16 +161,7 @@ def test_batch_registers_rotated_headers_in_physical_space_and_resumes(tmp_path,
     # and a rerun skips the finished pair (its outputs are all there with their sizes)
     fixed = _fixed_image()
     shift_xyz = np.array([2.0, -1.5, 3.0])
-    ref = sitk.Image((60, 60, 36), sitk.sitkFloat32)
-    ref.SetSpacing((1.1, 1.1, 1.8))
-    rot = _rotation_itk(20.0, 0.0)
-    ref.SetDirection(tuple(rot.ravel()))
-    centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint(
-        tuple((np.array(fixed.GetSize()) - 1) / 2.0)))
-    ref.SetOrigin(tuple(centre - rot @ ((np.array(ref.GetSize()) - 1) / 2.0
-                                        * np.array(ref.GetSpacing()))))
-    moving = sitk.Resample(fixed, ref, sitk.TranslationTransform(3, tuple(shift_xyz)),
-                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moving = _on_rotated_grid(fixed, shift_xyz, _rotation_itk(20.0, 0.0))
     sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
     sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
     out = tmp_path / "batch"

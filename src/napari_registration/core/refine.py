@@ -112,6 +112,15 @@ def _spline_gradient(image: np.ndarray) -> list[np.ndarray]:
     from scipy import ndimage
 
     c = ndimage.spline_filter(np.asarray(image, np.float64), order=3, mode="mirror")
+    return spline_gradient_from_coefficients(c)
+
+
+def spline_gradient_from_coefficients(c) -> list[np.ndarray]:
+    """Per axis, the derivative of the cubic spline with coefficients ``c`` at the grid
+    points (mirror boundary): (-1/2, 0, 1/2) along that axis, (1/6, 2/3, 1/6) along the
+    others."""
+    from scipy import ndimage
+
     out = []
     for axis in range(c.ndim):
         g = ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror")

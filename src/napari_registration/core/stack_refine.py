@@ -230,14 +230,10 @@ class TranslationReference:
         # gradient along an axis is the spline's derivative there
         if self.smooth > 0:
             ref = ndimage.gaussian_filter(ref, self.smooth, mode="mirror")
+        from .refine import spline_gradient_from_coefficients
+
         coeffs = _spline_coefficients(ref)
-        grads = []
-        for axis in range(ref.ndim):
-            g = ndimage.correlate1d(coeffs, [-0.5, 0.0, 0.5], axis=axis, mode="mirror")
-            for other in range(ref.ndim):
-                if other != axis:
-                    g = ndimage.correlate1d(g, [1 / 6, 4 / 6, 1 / 6], axis=other, mode="mirror")
-            grads.append(g.astype(np.float32))
+        grads = [g.astype(np.float32) for g in spline_gradient_from_coefficients(coeffs)]
         self._ref = ref
         self._grads = grads
         self._normal_cache: dict = {}
