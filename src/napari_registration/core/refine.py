@@ -192,6 +192,9 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     common = dict(model=model, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
                   fixed_mask=fixed_mask, moving_mask=moving_mask, iterations=iterations,
                   max_samples=max_samples, tolerance=tolerance, cancel=cancel)
+    # the biweight pass works on the finest level the least-squares pass sampled: the
+    # level's samples, spline coefficients and Jacobian are made once for both
+    common["level_cache"] = {}
     out, info = _refine_linear(fixed, moving, transform, levels=levels,
                                start_error_px=start_error_px, min_ncc=min_ncc, robust=None,
                                **common)
@@ -214,8 +217,10 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                    start_error_px: float = 2.0, iterations: int = 40,
                    max_samples: int | None = None, tolerance: float = 1e-4,
                    min_ncc: float = 0.5, robust: float | None = None,
-                   cancel=None) -> tuple[Transform, dict]:
-    """refine_linear's passes: least squares (``robust=None``) or Tukey's biweight."""
+                   cancel=None, level_cache: dict | None = None) -> tuple[Transform, dict]:
+    """refine_linear's passes: least squares (``robust=None``) or Tukey's biweight.
+    ``level_cache`` (factor -> sampled level) lets a second pass on the same images reuse
+    the first one's levels."""
     if model not in MODELS:
         raise ValueError(f"refine_linear: model must be one of {list(MODELS)}; got {model!r}")
     if not transform.is_linear or transform.is_projective:
@@ -246,6 +251,14 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     info: dict = {"model": model, "levels": levels, "iterations": [], "accepted": False}
 
     def sample_level(factor):
+        if level_cache is not None:
+            key = (factor, factor == levels[-1])  # the sample cap differs on the finest
+            if key not in level_cache:
+                level_cache[key] = _sample_level(factor)
+            return level_cache[key]
+        return _sample_level(factor)
+
+    def _sample_level(factor):
         from scipy import ndimage
 
         f_l = _block_mean(fixed, factor)
@@ -356,6 +369,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     corners = np.array(np.meshgrid(*[[0.0, (n - 1) * s] for n, s in zip(fixed.shape, f_sp)],
                                    indexing="ij")).reshape(ndim, -1).T - centre
     lv = last = None
+    at_start = {}  # factor -> the fit at the start warp (a level reached before any update)
     for factor in levels:
         if cancel is not None and cancel():
             info["reason"] = "cancelled"
@@ -370,6 +384,8 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         if cur is None:
             info["reason"] = "too little overlap"
             break
+        if np.array_equal(warp, start_warp):
+            at_start[factor] = cur
         if factor == levels[0] and cur[1] < min_ncc:
             info.update(reason=f"declined: |NCC| {cur[1]:.2f} < {min_ncc} at the start (the "
                                "images are not linearly related in intensity)", ncc_start=cur[1])
@@ -440,7 +456,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     if "reason" not in info and lv is not None:
         # compare the start and the result on the finest level's samples: same footing
         # (the result's fit on them is the last one the iterations computed)
-        a = fit(lv, *warped_values(lv, start_warp))
+        a = at_start.get(factor) or fit(lv, *warped_values(lv, start_warp))
         b = last if factor == levels[-1] and last is not None else fit(lv, *warped_values(lv, warp))
         if a is not None and b is not None:
             info.update(rms_start=a[2], rms=b[2], ncc_start=a[1], ncc=b[1])
