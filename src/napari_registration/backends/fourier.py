@@ -529,31 +529,32 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         # as close on the report's photos: within ~4 px, inside the polish's pyramid range)
         k = COARSE_FACTOR if refine and min(min(f.shape), min(m.shape)) >= COARSE_MIN_SIDE else 1
         # (and 360 log-polar angles, 1/2 degree, instead of 720: ~10 % of the CPU time)
-        est = _estimate_similarity(_block_mean(f, k), _block_mean(m, k), transform,
-                                   min(int(upsample), 10) if refine else int(upsample), cancel,
-                                   n_angles=360 if refine else 720)
-        if est is None or est[0] is None:
-            return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
-        (score, angle, scale, shift, peak), lp_peak = est
-        if k > 1:
-            shift = _shift_at_full_resolution(angle, scale, shift, k, m.shape)
-        info.update(coarse={"angle_deg": angle, "scale": scale, "shift_px": list(shift), "ncc": score},
-                    log_polar_peak=lp_peak, peak=peak)
-        progress(0.5, "refining")
+        searches = [(k, 360 if refine else 720, min(int(upsample), 10) if refine else int(upsample))]
+        if refine and k > 1:
+            # the block means can lose what the search needs (camera at 60 deg and 1.3x:
+            # scale found as 1.0 on them): when the spline stage then declines, search
+            # again at full resolution, 720 angles
+            searches.append((1, 720, int(upsample)))
         polished = None
-        if refine:
-            polished = _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info)
-        if refine and polished is None and k > 1:
-            # the block means lost what the search needed (camera at 60 deg and 1.3x: scale
-            # found as 1.0 on them): search again at full resolution, 720 angles
-            est = _estimate_similarity(f, m, transform, int(upsample), cancel, n_angles=720)
+        for attempt, (kk, n_angles, up) in enumerate(searches):
+            est = _estimate_similarity(_block_mean(f, kk), _block_mean(m, kk), transform, up,
+                                       cancel, n_angles=n_angles)
             if est is None or est[0] is None:
                 return BackendResult(Transform.identity(ndim), {"stop_reason": "cancelled"})
             (score, angle, scale, shift, peak), lp_peak = est
-            info.update(coarse_full={"angle_deg": angle, "scale": scale, "shift_px": list(shift),
-                                     "ncc": score, "why": "block-mean search declined"},
-                        log_polar_peak=lp_peak, peak=peak)
-            polished = _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info)
+            if kk > 1:
+                shift = _shift_at_full_resolution(angle, scale, shift, kk, m.shape)
+            found = {"angle_deg": angle, "scale": scale, "shift_px": list(shift), "ncc": score}
+            if attempt == 0:
+                info.update(coarse=found)
+                progress(0.5, "refining")
+            else:
+                info.update(coarse_full={**found, "why": "block-mean search declined"})
+            info.update(log_polar_peak=lp_peak, peak=peak)
+            if refine:
+                polished = _refine_spline(f, m, angle, scale, shift, transform, fm, mm, cancel, info)
+            if polished is not None:
+                break
         if polished is not None:
             m_idx, score = polished
             angle, scale = _angle_scale(m_idx)
