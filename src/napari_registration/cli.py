@@ -565,22 +565,22 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     from . import register
     from .io import read_image
     from .io_big import is_big_path
+    from .orientation import needs_physical, register_files_physical
 
     t0 = time.perf_counter()
     big = settings.get("big", {})
+    # the same order of paths as the register command (cmd_register)
+    if big.get("format") != "ome-zarr" and needs_physical(fixed_path, moving_path):
+        options = dict(settings["options"])  # rotated axes: registered in physical space
+        if big.get("pixel_budget") is not None:
+            options["pixel_budget"] = big["pixel_budget"]
+        done = register_files_physical(fixed_path, moving_path, Path(out),
+                                       method=settings["method"],
+                                       transform=settings["transform"], **options)
+        return {**_item_summary(t0, done["result"].metrics), "physical": True}
     if (is_big_path(fixed_path) or is_big_path(moving_path)
             or big.get("pixel_budget") is not None or big.get("format") == "ome-zarr"):
         return _batch_item_big(fixed_path, moving_path, out, settings, t0)
-    from .orientation import needs_physical, register_files_physical
-
-    if needs_physical(fixed_path, moving_path):  # rotated axes: as `register` does
-        done = register_files_physical(fixed_path, moving_path, Path(out),
-                                       method=settings["method"],
-                                       transform=settings["transform"], **settings["options"])
-        metrics = done["result"].metrics
-        return {"seconds": time.perf_counter() - t0, "physical": True,
-                "ncc_before": metrics.get("before", {}).get("ncc"),
-                "ncc_after": metrics.get("after", {}).get("ncc")}
     fixed, f_sp, f_or = read_image(fixed_path)
     moving, m_sp, m_or = read_image(moving_path)
     result = register(fixed, moving, method=settings["method"], transform=settings["transform"],
@@ -589,10 +589,14 @@ def _batch_item(fixed_path, moving_path, out, settings) -> dict:
     name = Path(moving_path).name.lower()
     suffix = ".nii.gz" if name.endswith((".nii", ".nii.gz")) else ".tif"
     write_outputs(result, fixed, Path(out), fixed_spacing=f_sp, fixed_origin=f_or, suffix=suffix)
-    after = result.metrics.get("after", {})
-    before = result.metrics.get("before", {})
-    return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
-            "ncc_after": after.get("ncc")}
+    return _item_summary(t0, result.metrics)
+
+
+def _item_summary(t0, metrics) -> dict:
+    """What batch.json records of a finished pair: seconds and NCC before/after."""
+    return {"seconds": time.perf_counter() - t0,
+            "ncc_before": metrics.get("before", {}).get("ncc"),
+            "ncc_after": metrics.get("after", {}).get("ncc")}
 
 
 def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
@@ -613,10 +617,7 @@ def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
     with _local_threads():
         cmd_register_big(ns)
     report = json.loads((Path(out) / "report.json").read_text())
-    after = report.get("metrics", {}).get("after", {})
-    before = report.get("metrics", {}).get("before", {})
-    return {"seconds": time.perf_counter() - t0, "ncc_before": before.get("ncc"),
-            "ncc_after": after.get("ncc")}
+    return _item_summary(t0, report.get("metrics", {}))
 
 
 import threading as _threading  # noqa: E402 - only for the lock below
