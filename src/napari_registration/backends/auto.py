@@ -320,6 +320,13 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         for _, idx, tf in candidates:
             if idx == baseline_index or (linear_only and n_refine and (not tf.is_linear or tf.is_projective)):
                 continue
+            own = abs(stages[idx]["score"]["ncc"])
+            if idx not in judged and own >= stop_ncc:
+                # the whole-overlap score already clears the bar: the sharper judge can
+                # only raise it (judge = max of both), so it need not be built (building
+                # it cost as much as the Fourier stage on a 512^2 shift)
+                stages[idx]["aligned_ncc"] = float(own)
+                return stages[idx]
             if judge(idx, tf) >= stop_ncc:
                 stages[idx]["aligned_ncc"] = judged[idx]
                 return stages[idx]
@@ -541,16 +548,22 @@ def _polish_best(fixed, moving, stages, candidates, baseline_index, model, judge
     same-contrast judge) unless that one was polished already; record it as a stage."""
     from ..core.refine import MODELS, refine_linear
 
-    linear = [(judge(i, tf), i, tf) for _, i, tf in candidates
+    linear = [(i, tf) for _, i, tf in candidates
               if i != baseline_index and tf.is_linear and not tf.is_projective]
     if not linear or model not in MODELS:
         return
-    value, i, tf = max(linear, key=lambda c: c[0])
+
+    def final(src):
+        precise = (src["method"] == "fourier" and src["model"] == "translation"
+                   and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
+        return precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
+                              for k in ("polish", "spline_refine"))
+
+    if len(linear) == 1 and final(stages[linear[0][0]]):
+        return  # the only candidate needs no polish: no need to build the judge either
+    value, i, tf = max(((judge(i, tf), i, tf) for i, tf in linear), key=lambda c: c[0])
     src = stages[i]
-    precise = (src["method"] == "fourier" and src["model"] == "translation"
-               and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
-    if value < 0.9 or precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
-                                     for k in ("polish", "spline_refine")):
+    if value < 0.9 or final(src):
         return
     entry = {"method": "polish", "model": model, "on": "intensities",
              "why": f"Gauss-Newton on a cubic-spline pyramid from the best candidate "
@@ -598,7 +611,9 @@ def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_s
     from ..core.resample import overlap_mask, resample
 
     real = [(i, tf) for _, i, tf in candidates if i != baseline_index]
-    if not real:
+    if len(real) < 2:
+        # one candidate (and the baseline): nothing to rank on a common footing, and
+        # the judge's spline coefficients would cost more than the stage that made it
         return rank
     judge = linear_judge()([tf for _, tf in real])
     by_mi = max(real, key=lambda c: stages[c[0]]["score"]["mi"])[0]
