@@ -87,6 +87,90 @@ def _shrink(image, spacing, max_side):
     return small.astype(np.float32), tuple(float(s) for s in np.asarray(spacing) * ratio)
 
 
+def _block_mean(image, k: int) -> np.ndarray:
+    """Means of k x k (x k) blocks (the trailing partial blocks dropped): block index i
+    covers full indices k i .. k i + k - 1, centred on k i + (k - 1) / 2."""
+    image = np.asarray(image, np.float32)
+    if k <= 1:
+        return image
+    shape = [n // k for n in image.shape]
+    crop = image[tuple(slice(0, n * k) for n in shape)]
+    return crop.reshape([v for n in shape for v in (n, k)]).mean(
+        axis=tuple(range(1, 2 * image.ndim, 2))).astype(np.float32)
+
+
+def contrast_test(fixed, moving, transforms=(), *, fixed_spacing=None, moving_spacing=None,
+                  size: int = 64) -> dict:
+    """Do two images show one contrast (``"mono"``) or different ones (``"multi"``)?
+
+    A cheap test (~10-20 ms on 512^2 pairs) made on block means of at most ``size``
+    pixels per axis (blurred enough that a few pixels of misalignment matter little),
+    from two kinds of evidence:
+
+    * the intensity distributions: distance between the 5..95 % quantiles of the two
+      images' values strictly inside their 0.5/99.5 % percentile range (fill, clipping
+      and saturation excluded); a same-contrast pair shares them up to the field of view;
+    * the joint statistics at the best of the given alignments (``transforms``, moving
+      -> fixed, world units; identity always included, the one with the highest mutual
+      information kept): signed normalised cross-correlation ``ncc`` against the
+      informational coefficient of correlation ``r_mi = sqrt(1 - exp(-2 MI))`` (equal to
+      |NCC| for a linear relation, above it for any other).
+
+    ``"multi"``: a strongly inverted relation (NCC <= -0.5 with r_mi >= 0.6), or
+    distributions that differ (quantile distance >= 0.25) while the joint statistics show
+    more than a positive linear relation (r_mi - NCC >= 0.1). Anything else is
+    ``"mono"``: the test is made to say "multi" only when it is clear (a misaligned pair
+    tells little), and ``auto`` verifies its verdict on the first intensity result.
+    Validated on 230 pairs (benchmarks/bench_auto.py, "contrast test"): the report's
+    multi-modal pairs (IHC stains, MR T1 vs grey matter, inverted gamma + noise) say
+    "multi", its photo pairs "mono".
+    """
+    from ..core.metrics import mutual_information, ncc, robust_normalize
+    from ..core.resample import overlap_mask, resample
+
+    fixed = np.asarray(fixed, np.float32)
+    moving = np.asarray(moving, np.float32)
+    ndim = fixed.ndim
+    f_sp = np.ones(ndim) if fixed_spacing is None else np.asarray(fixed_spacing, float)
+    m_sp = np.ones(ndim) if moving_spacing is None else np.asarray(moving_spacing, float)
+    kf = max(1, int(np.ceil(max(fixed.shape) / float(size))))
+    km = max(1, int(np.ceil(max(moving.shape) / float(size))))
+    fc = robust_normalize(_block_mean(fixed, kf))
+    mc = robust_normalize(_block_mean(moving, km))
+    geometry = dict(output_spacing=f_sp * kf, output_origin=f_sp * (kf - 1) / 2.0,
+                    input_spacing=m_sp * km, input_origin=m_sp * (km - 1) / 2.0)
+    best = None
+    for tf in (Transform.identity(ndim), *transforms):
+        if tf is None or not tf.is_linear:
+            continue
+        mask = overlap_mask(mc.shape, tf, fc.shape, **geometry)
+        if mask.sum() < 64:
+            continue
+        warped = resample(mc, tf, fc.shape, **geometry)
+        mi = mutual_information(fc, warped, mask, bins=16)
+        if best is None or mi > best[0]:
+            best = (mi, ncc(fc, warped, mask))
+    p = np.linspace(0.05, 0.95, 19)
+    inner = [a[(a > 0) & (a < 1)] for a in (fc, mc)]
+    dq = (float(np.mean(np.abs(np.quantile(inner[0], p) - np.quantile(inner[1], p))))
+          if min(a.size for a in inner) >= 32 else float("nan"))
+    if best is None:
+        return {"verdict": "mono", "ncc": float("nan"), "r_mi": float("nan"),
+                "quantile_distance": dq, "why": "no overlap to compare: assumed one contrast"}
+    mi, rho = best
+    r_mi = float(np.sqrt(max(0.0, 1.0 - np.exp(-2.0 * mi))))
+    inverted = rho <= -0.5 and r_mi >= 0.6
+    remapped = np.isfinite(dq) and dq >= 0.25 and r_mi - rho >= 0.1
+    verdict = "multi" if (inverted or remapped) else "mono"
+    why = ("inverted: NCC {:.2f}, r_mi {:.2f}".format(rho, r_mi) if inverted else
+           "different intensity distributions (quantile distance {:.2f}) and a non-linear "
+           "relation (r_mi {:.2f} vs NCC {:.2f})".format(dq, r_mi, rho) if remapped else
+           "no clear sign of two contrasts (NCC {:.2f}, r_mi {:.2f}, quantile distance "
+           "{:.2f})".format(rho, r_mi, dq))
+    return {"verdict": verdict, "ncc": float(rho), "r_mi": r_mi, "quantile_distance": dq,
+            "why": why}
+
+
 def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask, max_points=2 ** 16) -> dict:
     """Scores on every k-th fixed pixel per axis (at most ~``max_points``): a statistic,
     and scoring every stage at full resolution cost as much as the stages (retina 704^2)."""
@@ -358,12 +442,27 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         full = transform == "translation"
         run(method, model, why, rep=rep, fraction=fraction(), shrink=not full,
             **({} if full else _fourier_coarse_options()))
+    # one contrast or two? On a multi-modal pair the Fourier log-polar stage and its
+    # Gauss-Newton polish (both need one contrast) only fail, at up to 3x intensity's own
+    # cost (IHC stains, MR T1 vs grey matter): intensity goes first, then the verdict is
+    # checked on its result
+    contrast = None
+    if fast_model and n_refine and refine_model == transform:
+        contrast = contrast_test(fixed, moving, [s["transform"] for s in stages[1:]
+                                                 if s["transform"] is not None],
+                                 fixed_spacing=f_sp, moving_spacing=m_sp)
+    multi = contrast is not None and contrast["verdict"] == "multi"
+
+    def fast():
+        return _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
+                          fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
+                          fixed_mask, moving_mask, cancel)
+
     fast_done = None
-    if fast_model:
-        fast_done = _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
-                               fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
-                               fixed_mask, moving_mask, cancel)
+    if fast_model and not multi:
+        fast_done = fast()
     scratch = None
+    scratch_ok = False
     if n_refine and refine_model != transform:
         # homography: intensity fits only its affine part; keypoints go first and the
         # intensity run starts from them (below), never from scratch
@@ -375,12 +474,31 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         done = clearly_aligned() if transform == "translation" else fast_done
         if done is None:
             scratch = run_intensity(f"intensity {refine_model} from scratch (its own start and "
-                                    "rotation search)")
+                                    "rotation search)" + ("; first: the contrast test says "
+                                                          "multi-modal" if multi else ""))
+            scratch_ok = (scratch is not None and stages[-1]["transform"] is scratch
+                          and not stages[-1].get("rejected"))
         else:
             skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
                             "why": skip_note(done)})
             done_stages[0] += 1
-    scratch_ok = scratch is not None and stages[-1]["transform"] is scratch and not stages[-1].get("rejected")
+    if multi:
+        # check the verdict where the images are aligned: a positive, near-linear relation
+        # (|NCC| >= 0.9 on strong-gradient pixels) means one contrast after all; then the
+        # Fourier + Gauss-Newton stage runs now (it is the more precise one there)
+        own = stages[-1]["score"]["ncc"] if scratch_ok else float("nan")
+        linear = judge(len(stages) - 1, scratch) if scratch_ok and own > 0 else float("nan")
+        if scratch_ok and not linear >= 0.9:
+            contrast["checked"] = (f"confirmed on the intensity result: NCC {own:.2f}"
+                                   + ("" if np.isnan(linear) else f", |NCC| {linear:.2f} on "
+                                      "strong-gradient pixels") + " (one contrast: >= 0.9)")
+            done_stages[0] += 1  # the fast stage: recorded as skipped in the loop below
+        else:
+            contrast["checked"] = ("overruled: " + (f"|NCC| {linear:.2f} >= 0.9 at the intensity "
+                                                     "result, one contrast" if scratch_ok else
+                                                     "no intensity result to check it on"))
+            multi = False
+            fast_done = fast()
     # a coarse Fourier shift is only a start: a 1/10 px peak, no re-correlation passes
     # (the 1/100 px refinement cost as much as the intensity run on a 3D brain)
     coarse_fourier = _fourier_coarse_options()
@@ -388,6 +506,16 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         done = clearly_aligned()
         if done is not None:
             skipped.append({"method": method, "model": model, "on": rep, "why": skip_note(done)})
+            done_stages[0] += 1
+            continue
+        if multi and rep == "intensities":
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": f"skipped: the pair is multi-modal (contrast test: "
+                                   f"{contrast['why']}; {contrast['checked']}): "
+                                   + ("keypoint descriptors need" if method == "features" else
+                                      "log-polar phase correlation of raw intensities (and its "
+                                      "Gauss-Newton polish) needs")
+                                   + " one contrast"})
             done_stages[0] += 1
             continue
         if fast_model and (method, model, rep) == ("fourier", fast_model, "intensities"):
@@ -486,6 +614,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         "advice": advice,
         "methods_available": methods,
     }
+    if contrast is not None:
+        info["contrast"] = contrast
     return BackendResult(best_tf, info)
 
 
