@@ -27,7 +27,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "src"))
+import os  # noqa: E402
+
+# the round-3 comparison runs this file as a worker on another copy of the package
+sys.path.insert(0, os.environ.get("NR_BENCH_SRC", str(ROOT / "src")))
 
 from napari_registration import Transform, available_methods, register  # noqa: E402
 from napari_registration.backends.landmarks import fit_landmarks  # noqa: E402
@@ -235,5 +238,172 @@ def main():
     print("wrote", out)
 
 
+# ------------------------------------------------------------------ auto, round 3
+# ``--round3 [--before SRC] [--repeats N] [--cases a,b] [--out FILE]``: auto of this
+# checkout vs auto of another copy of the package (``SRC``, e.g. ``git archive <commit>
+# src | tar -x -C /tmp/before``) and the single methods, on the report's cases, in ONE
+# run: two long-lived worker processes (imports and first-call costs excluded by a warm-up
+# run of every pair) take the runs in turns, repeat by repeat, so machine load hits both
+# alike. TRE is printed at full precision (the report rounds below 0.01 to a floor).
+
+ROUND3_CASES = ("camera_translation", "coins_rigid", "moon_similarity", "retina_affine",
+                "astronaut_homography", "ihc_multimodal", "brain_multimodal_2d",
+                "camera_noise_gamma", "camera_rotation_150", "brain_rigid_3d", "brain_affine_3d")
+HELD_OUT_ROUND3 = ("astronaut_rigid", "chelsea_similarity", "brain_rigid_2mm", "brain_t1_vs_gm_3d",
+                   "retina_affine_acquired")
+
+
+def _worker():
+    """Read ``case method`` lines, answer one JSON line each (seconds, TRE, kept stage)."""
+    sys.path.insert(0, str(HERE))
+    import report_cases
+
+    cache = {}
+    for line in sys.stdin:
+        name, method = line.split()
+        if name not in cache:
+            case = getattr(report_cases, name)()
+            if case is not None and case.points is None:
+                case.points = grid_points(case.shape, case.spacing)
+            cache[name] = case
+        case = cache[name]
+        if case is None:
+            print(json.dumps({"skip": "data package missing"}), flush=True)
+            continue
+        model = case.model
+        kw = dict(method=method, transform=model, fixed_spacing=case.spacing,
+                  moving_spacing=case.spacing, score=False)
+        t = time.perf_counter()
+        try:
+            r = register(case.fixed, case.moving, **kw)
+        except Exception as err:  # noqa: BLE001 - a failing method is a result here
+            print(json.dumps({"error": f"{type(err).__name__}: {err}"[:120],
+                              "seconds": time.perf_counter() - t}), flush=True)
+            continue
+        seconds = time.perf_counter() - t
+        tre = tre_against_truth(r.transform, case.truth, case.points)
+        kept = None
+        if method == "auto":
+            st = r.info["stages"][r.info["chosen"]["stage"]]
+            kept = f"{st['method']} {st['model']} ({st['on']})"
+        print(json.dumps({"seconds": seconds, "tre": tre["mean"], "kept": kept,
+                          "contrast": (r.info.get("contrast") or {}).get("verdict")}), flush=True)
+
+
+def _applies(method, case_name, ndim3):
+    if method == "fourier":
+        return not ndim3 and case_name not in ("retina_affine", "astronaut_homography")
+    if method == "features":
+        return not ndim3
+    if method == "intensity":
+        return case_name != "astronaut_homography"
+    return True
+
+
+def round3(argv):
+    import subprocess
+
+    opts = dict(zip(argv[::2], argv[1::2]))
+    before = opts.get("--before")
+    repeats = int(opts.get("--repeats", 3))
+    cases = opts.get("--cases", ",".join(ROUND3_CASES)).split(",")
+    out = Path(opts.get("--out", "/tmp/bench_auto_round3.json"))
+    env = dict(os.environ)
+
+    def spawn(src):
+        e = dict(env, NR_BENCH_SRC=src, PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
+        return subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=e)
+
+    workers = {"auto (this checkout)": spawn(str(ROOT / "src"))}
+    if before:
+        workers["auto (before)"] = spawn(before)
+
+    def ask(worker, case, method):
+        worker.stdin.write(f"{case} {method}\n")
+        worker.stdin.flush()
+        return json.loads(worker.stdout.readline())
+
+    plan = []
+    for case in cases:
+        ndim3 = case.endswith("_3d")
+        for label, w in workers.items():
+            plan.append((case, label, w, "auto"))
+        for method in ("fourier", "features", "intensity"):
+            if _applies(method, case, ndim3):
+                plan.append((case, method, workers["auto (this checkout)"], method))
+    for case, label, w, method in plan:  # warm-up: imports, caches, first-call costs
+        ask(w, case, method)
+    runs = {}
+    for rep in range(repeats):
+        for case, label, w, method in plan:
+            res = ask(w, case, method)
+            runs.setdefault((case, label), []).append(res)
+            print(rep, case, label, {k: (round(v, 5) if isinstance(v, float) else v)
+                                     for k, v in res.items()}, flush=True)
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    table = []
+    for (case, label), rs in runs.items():
+        ok = [r for r in rs if "seconds" in r and "error" not in r]
+        row = {"case": case, "method": label, "n": len(rs),
+               "seconds": float(np.median([r["seconds"] for r in ok])) if ok else None,
+               "tre": float(np.median([r["tre"] for r in ok])) if ok else None,
+               "kept": ok[0].get("kept") if ok else None,
+               "contrast": ok[0].get("contrast") if ok else None,
+               "error": None if ok else (rs[0].get("error") or rs[0].get("skip"))}
+        table.append(row)
+    out.write_text(json.dumps({"argv": argv, "repeats": repeats, "table": table,
+                               "runs": {f"{c}|{l}": v for (c, l), v in runs.items()}}, indent=1))
+    print(round3_markdown(table))
+    print("wrote", out)
+
+
+def round3_markdown(table) -> str:
+    """Per case: auto before/after (s, TRE, kept), the kept single method's time and the
+    best single method's TRE, and the issue's two ratios for both versions."""
+    by = {}
+    for r in table:
+        by.setdefault(r["case"], {})[r["method"]] = r
+    lines = ["| case | auto before: s / TRE | auto now: s / TRE | kept now | kept method s "
+             "| best single TRE (method) | time ratio before -> now | TRE ratio before -> now |",
+             "|---|---|---|---|---:|---|---|---|"]
+    for case, rows in by.items():
+        singles = {m: r for m, r in rows.items() if not m.startswith("auto") and r["tre"] is not None}
+        now, before = rows.get("auto (this checkout)"), rows.get("auto (before)")
+        if not singles or now is None or now["tre"] is None:
+            continue
+        best_m, best = min(singles.items(), key=lambda kv: kv[1]["tre"])
+
+        def kept_time(row):
+            if row is None or not row.get("kept"):
+                return None
+            m = row["kept"].split()[0]
+            m = {"polish": "intensity" if "intensity" in singles else "fourier"}.get(m, m)
+            return singles.get(m, {}).get("seconds")
+
+        def ratios(row):
+            if row is None or row["tre"] is None:
+                return "-", "-"
+            kt = kept_time(row)
+            return (f"{row['seconds'] / kt:.2f}" if kt else "-",
+                    f"{row['tre'] / best['tre']:.2f}" if best["tre"] > 0 else "-")
+
+        rb, rn = ratios(before), ratios(now)
+        fmt = (lambda row: "-" if row is None or row["tre"] is None
+               else f"{row['seconds']:.3f} / {row['tre']:.2e}")
+        kt = kept_time(now)
+        lines.append(f"| {case} | {fmt(before)} | {fmt(now)} | {now['kept']} | "
+                     f"{'-' if kt is None else f'{kt:.3f}'} | {best['tre']:.2e} ({best_m}) | "
+                     f"{rb[0]} -> {rn[0]} | {rb[1]} -> {rn[1]} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:
+        _worker()
+    elif "--round3" in sys.argv:
+        round3([a for a in sys.argv[1:] if a != "--round3"])
+    else:
+        main()
