@@ -436,7 +436,22 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             tf = run("intensity", refine_model, why, fraction=fraction(), **opts2, **opts)
         return tf
 
+    if transform == "homography":
+        # only keypoints fit a homography: they go first, and when they are clearly
+        # aligned the coarse Fourier shifts (and their scoring and judging, as much again
+        # as the keypoints on a 512^2 photo pair) are not needed
+        for entry in [c for c in coarse if c[0] == "features"]:
+            coarse.remove(entry)
+            method, model, rep, why = entry
+            run(method, model, why, rep=rep, fraction=fraction())
     for method, model, rep, why in first:
+        if transform == "homography":
+            done = clearly_aligned()
+            if done is not None:
+                skipped.append({"method": method, "model": model, "on": rep,
+                                "why": skip_note(done)})
+                done_stages[0] += 1
+                continue
         # a translation is what phase correlation does best: full resolution (it is fast);
         # for other models it is a coarse start
         full = transform == "translation"
