@@ -14,6 +14,14 @@ Stages (each one optional, each one recorded in ``info["stages"]``):
    similarity); when that reaches ``stop_ncc`` on a same-contrast pair it is kept and
    the slower stages below are skipped (it is as precise as ``intensity`` there, at
    a fraction of the time).
+   A homography goes to ``features`` first (only keypoints fit one); when they are
+   clearly aligned the Fourier stages are skipped. In 2D rigid/similarity/affine a
+   cheap **contrast test** (:func:`contrast_test`, ~10 ms) runs before the Fourier fast
+   path: on a pair it calls multi-modal, ``intensity`` (mutual information) runs first
+   and the Fourier log-polar stage and keypoints on raw intensities (which need one
+   contrast) are skipped; the verdict is checked on intensity's result (|NCC| >= 0.9
+   there overrules it, and the Fourier stage runs after all). ``info["contrast"]``
+   records the verdict, its evidence and the check.
 2. **refine**: ``intensity`` (SimpleITK, with its spline Gauss-Newton polish) with the
    requested transform model: from scratch right after the cheap Fourier translation
    (its own centre and rotation search; the slower coarse stages are skipped when it
