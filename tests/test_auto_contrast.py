@@ -103,10 +103,13 @@ def test_auto_on_a_multimodal_pair_goes_to_intensity_without_fourier_log_polar()
     assert not [x for x in ran if x[0] == "features"], ran
     chosen = stages[r.info["chosen"]["stage"]]
     assert chosen["method"] == "intensity" and "contrast test says multi" in chosen["why"]
-    # the skipped stages say why, truthfully
-    why = [s["why"] for s in r.info["skipped"] if s["method"] in ("features", "fourier")
-           and s["on"] == "intensities"]
-    assert why and all("multi-modal" in w for w in why)
+    # the skipped stages say why, truthfully: keypoints for the verdict, log-polar for
+    # the full turn intensity already searched (rigid)
+    why = {s["method"]: s["why"] for s in r.info["skipped"] if s["on"] == "intensities"
+           and s["method"] in ("features", "fourier")}
+    assert "multi-modal" in why["features"]
+    assert "full turn" in why["fourier"]
+    assert "highest mutual information" in r.info["contrast"]["checked"]
     assert tre_against_truth(r.transform, case.truth, grid_points(case.shape))["mean"] < 0.1
 
 
@@ -134,7 +137,45 @@ def test_a_wrong_multi_verdict_is_overruled_on_the_intensity_result(monkeypatch)
     assert r.info["contrast"]["checked"].startswith("overruled")
     ran = [(s["method"], s["model"]) for s in r.info["stages"]]
     assert ran.index(("intensity", "similarity")) < ran.index(("fourier", "similarity"))
+    assert "|NCC|" in r.info["contrast"]["checked"]
     pts = grid_points(fixed.shape)
     tre = tre_against_truth(r.transform, truth, pts)["mean"]
     assert tre < 0.01
+    assert tre <= 1.25 * tre_against_truth(plain.transform, truth, pts)["mean"] + 1e-4
+
+
+@needs_intensity
+def test_a_multi_verdict_is_overruled_when_intensity_did_not_align(monkeypatch):
+    """Forced "multi" on a same-contrast pair that intensity (no scale search) cannot
+    align from scratch (100 degrees, 1.25x): a coarse log-polar candidate then scores
+    higher mutual information than intensity's result, which overrules the verdict; the
+    held-back stages run and auto ends as precise as without the wrong verdict."""
+    from napari_registration.backends import auto
+
+    fixed = _photo("camera")[::2, ::2].copy()
+    c = (np.array(fixed.shape) - 1) / 2
+    truth = Transform.from_rotation(100.0, center=c, scale=1.25, shift=(6.0, -4.0))
+    moving = np.clip(_warp_by_truth(fixed, truth), 0, 1).astype(np.float32)
+    kw = dict(method="auto", transform="similarity", seed=0, warp=False, score=False)
+    plain = register(fixed, moving, **kw)
+
+    def wrong(*a, **k):
+        return {"verdict": "multi", "ncc": 0.0, "r_mi": 0.0, "quantile_distance": 1.0,
+                "why": "forced by the test"}
+
+    monkeypatch.setattr(auto, "contrast_test", wrong)
+    r = register(fixed, moving, **kw)
+    checked = r.info["contrast"]["checked"]
+    pts = grid_points(fixed.shape)
+    tre = tre_against_truth(r.transform, truth, pts)["mean"]
+    scratch = [s for s in r.info["stages"] if s["method"] == "intensity"][0]
+    if tre_against_truth(scratch["transform"], truth, pts)["mean"] > 1.0:
+        assert "higher mutual information" in checked, checked
+    else:  # intensity aligned it after all: the |NCC| check overrules
+        assert "|NCC|" in checked, checked
+    assert checked.startswith("overruled")
+    # the stages held back for the verdict ran, and are not listed as skipped
+    assert any(s["method"] == "features" for s in r.info["stages"])
+    assert not any(s["method"] == "features" for s in r.info["skipped"])
+    assert tre < 0.05
     assert tre <= 1.25 * tre_against_truth(plain.transform, truth, pts)["mean"] + 1e-4

@@ -505,23 +505,37 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
                             "why": skip_note(done)})
             done_stages[0] += 1
+    scratch_index = len(stages) - 1 if scratch_ok else None
+    deferred = []  # stages held back by a "multi" verdict, run if it is overruled
+
+    def overrule(reason):
+        nonlocal multi, fast_done
+        contrast["checked"] = "overruled: " + reason
+        multi = False
+        if fast_model:
+            fast_done = fast()
+        for method, model, rep, why in deferred:
+            skipped[:] = [s for s in skipped if not (s["method"], s["model"], s["on"]) ==
+                          (method, model, rep)]
+            run(method, model, why + "; run after the multi-modal verdict was overruled",
+                rep=rep, fraction=fraction(),
+                shrink=method == "features" and refine_model == transform and n_refine > 0)
+
     if multi:
         # check the verdict where the images are aligned: a positive, near-linear relation
         # (|NCC| >= 0.9 on strong-gradient pixels) means one contrast after all; then the
         # Fourier + Gauss-Newton stage runs now (it is the more precise one there)
         own = stages[-1]["score"]["ncc"] if scratch_ok else float("nan")
-        linear = judge(len(stages) - 1, scratch) if scratch_ok and own > 0 else float("nan")
-        if scratch_ok and not linear >= 0.9:
-            contrast["checked"] = (f"confirmed on the intensity result: NCC {own:.2f}"
+        linear = judge(scratch_index, scratch) if scratch_ok and own > 0 else float("nan")
+        if not scratch_ok:
+            overrule("no intensity result to check it on")
+        elif linear >= 0.9:
+            overrule(f"|NCC| {linear:.2f} >= 0.9 at the intensity result: one contrast")
+        else:
+            contrast["checked"] = (f"confirmed at the intensity result: NCC {own:.2f}"
                                    + ("" if np.isnan(linear) else f", |NCC| {linear:.2f} on "
                                       "strong-gradient pixels") + " (one contrast: >= 0.9)")
-            done_stages[0] += 1  # the fast stage: recorded as skipped in the loop below
-        else:
-            contrast["checked"] = ("overruled: " + (f"|NCC| {linear:.2f} >= 0.9 at the intensity "
-                                                     "result, one contrast" if scratch_ok else
-                                                     "no intensity result to check it on"))
-            multi = False
-            fast_done = fast()
+            done_stages[0] += 1  # the full-resolution Fourier stage, not run
     # a coarse Fourier shift is only a start: a 1/10 px peak, no re-correlation passes
     # (the 1/100 px refinement cost as much as the intensity run on a 3D brain)
     coarse_fourier = _fourier_coarse_options()
@@ -531,17 +545,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             skipped.append({"method": method, "model": model, "on": rep, "why": skip_note(done)})
             done_stages[0] += 1
             continue
-        if multi and rep == "intensities":
+        if multi and method == "features":
             skipped.append({"method": method, "model": model, "on": rep,
                             "why": f"skipped: the pair is multi-modal (contrast test: "
-                                   f"{contrast['why']}; {contrast['checked']}): "
-                                   + ("keypoint descriptors need" if method == "features" else
-                                      "log-polar phase correlation of raw intensities (and its "
-                                      "Gauss-Newton polish) needs")
-                                   + " one contrast"})
+                                   f"{contrast['why']}; {contrast['checked']}): keypoint "
+                                   "descriptors need one contrast"})
+            deferred.append((method, model, rep, why))
             done_stages[0] += 1
             continue
-        if fast_model and (method, model, rep) == ("fourier", fast_model, "intensities"):
+        if fast_model and not multi and (method, model, rep) == ("fourier", fast_model, "intensities"):
             skipped.append({"method": method, "model": model, "on": rep,
                             "why": "skipped: ran at full resolution already (first stage)"})
             done_stages[0] += 1
@@ -562,6 +574,23 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             shrink=method == "fourier" or (method == "features" and refine_model == transform
                                            and n_refine > 0),
             **(coarse_fourier if (method, model) == ("fourier", "translation") else {}))
+
+    if multi:
+        # intensity maximises mutual information: when another candidate scores higher
+        # mutual information, intensity did not align the pair and the "multi" verdict
+        # rests on a misaligned look (a same-contrast pair turned by 100 degrees and
+        # zoomed 1.3x can look like two contrasts): run the held-back stages after all
+        mine = stages[scratch_index]["score"]["mi"]
+        better = [(c, i) for c, i, _ in candidates if i != scratch_index
+                  and stages[i]["score"]["mi"] > mine]
+        if better:
+            i = max(better)[1]
+            overrule(f"{stages[i]['method']} {stages[i]['model']} ({stages[i]['on']}) scores "
+                     f"higher mutual information ({stages[i]['score']['mi']:.3f}) than the "
+                     f"intensity result ({mine:.3f}): intensity did not align the pair")
+        else:
+            contrast["checked"] += ("; the intensity result has the highest mutual information "
+                                    "of all candidates")
 
     # ---- intensity from the best coarse candidate, when it lies elsewhere
     if n_refine and "init" in method_info("intensity")["options"]:
