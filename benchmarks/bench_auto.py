@@ -403,8 +403,117 @@ def round3_markdown(table) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ contrast test
+# ``--contrast``: the validation of ``backends.auto.contrast_test`` (one contrast or two?)
+# on the report's 2D pairs and on synthetic pairs from scikit-image's photos (not the
+# held-out astronaut and chelsea): each photo moved (small and any angle, 0.85-1.3x zoom,
+# shift) with noise + gain/offset or a mild gamma (0.8-1.25) -> "mono" expected; moved by
+# up to 12 deg and remapped (inverted, 1 - sqrt, cube, sin, |x - 0.5|) -> "multi" wanted
+# (a miss costs time only: auto then takes the same-contrast route); colour channels and
+# noise pairs listed as they come out. The alignments offered are the identity and the
+# Fourier shift, as in auto.
+
+CONTRAST_PHOTOS = ("camera", "coins", "moon", "text", "page", "brick", "grass", "gravel", "clock",
+                   "rocket", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+                   "cell", "horse", "logo")
+
+
+def contrast_study():
+    sys.path.insert(0, str(HERE))
+    import report_cases as rc
+    from scipy import ndimage
+    from skimage import color, data
+    from skimage.transform import downscale_local_mean
+
+    from napari_registration.backends.auto import contrast_test
+    from napari_registration.core.metrics import robust_normalize
+    from napari_registration.core.resample import resample
+
+    def unit(a):
+        a = np.asarray(a, np.float64)
+        return ((a - a.min()) / max(np.ptp(a), 1e-12)).astype(np.float32)
+
+    def verdict(fixed, moving):
+        f, m = robust_normalize(fixed), robust_normalize(moving)
+        shift = register(f, m, method="fourier", transform="translation", normalize=False,
+                         warp=False, score=False, upsample=10, iterations=0).transform
+        t = time.perf_counter()
+        out = contrast_test(f, m, [shift])
+        out["ms"] = 1000 * (time.perf_counter() - t)
+        return out
+
+    def moved(img, angle, scale, shift):
+        c = (np.array(img.shape) - 1) / 2
+        t = Transform.from_rotation(angle, center=c, scale=scale, shift=shift)
+        return np.clip(resample(img, t.inverse(), img.shape, order=3), 0, 1).astype(np.float32)
+
+    rows = []
+
+    def add(expect, name, fixed, moving):
+        out = verdict(fixed, moving)
+        rows.append({"expect": expect, "pair": name, **out})
+        print(f"{expect:6s} {out['verdict']:5s} {name:42s} ncc {out['ncc']:+.2f} r_mi "
+              f"{out['r_mi']:.2f} qd {out['quantile_distance']:.2f} {out['ms']:.0f} ms", flush=True)
+
+    for b in (rc.camera_translation, rc.coins_rigid, rc.moon_similarity, rc.retina_affine,
+              rc.astronaut_homography, rc.camera_deformable, rc.stereo_motorcycle,
+              rc.camera_rotation_150):
+        c = b()
+        add("mono", "report: " + c.name, c.fixed, c.moving)
+    for b in (rc.ihc_multimodal, rc.brain_multimodal_2d, rc.camera_noise_gamma):
+        c = b()
+        if c is not None:
+            add("multi", "report: " + c.name, c.fixed, c.moving)
+    rng = np.random.default_rng(0)
+    remaps = {"invert": lambda x: 1 - x, "1-sqrt": lambda x: 1 - np.sqrt(x),
+              "cube": lambda x: x ** 3, "sin": lambda x: 0.5 + 0.5 * np.sin(3 * np.pi * x),
+              "abs": lambda x: np.abs(x - 0.5)}
+    for name in CONTRAST_PHOTOS:
+        a = np.asarray(getattr(data, name)())
+        a = color.rgb2gray(a[..., :3]) if a.ndim == 3 else a
+        a = unit(downscale_local_mean(a, (2, 2)) if max(a.shape) > 600 else a)
+        for j in range(3):
+            angle = (rng.uniform(-15, 15), rng.uniform(-180, 180), rng.uniform(-30, 30))[j]
+            scale, shift = rng.uniform(0.85, 1.3), rng.uniform(-20, 20, 2)
+            m = moved(a, angle, scale, shift)
+            sigma = 0.1 if j == 2 else rng.uniform(0, 0.05)
+            gain, off = rng.uniform(0.5, 2), rng.uniform(-0.2, 0.2)
+            add("mono", f"{name} {angle:.0f} deg x{scale:.2f} noise {sigma:.2f}", a,
+                gain * (m + rng.normal(0, sigma, m.shape)) + off)
+            g = rng.uniform(0.8, 1.25)
+            add("mono", f"{name} {angle:.0f} deg x{scale:.2f} gamma {g:.2f}", a, m ** g)
+        for rn, fn in remaps.items():
+            angle = rng.uniform(-12, 12)
+            m = moved(a, angle, 1.0, rng.uniform(-10, 10, 2))
+            add("multi", f"{name} {rn} {angle:.0f} deg", a, fn(m) + rng.normal(0, 0.02, m.shape))
+    hed = color.rgb2hed(data.immunohistochemistry())
+    for j, lab in ((1, "eosin"), (2, "DAB")):
+        add("multi", f"IHC hematoxylin vs {lab}", unit(hed[..., 0]),
+            moved(unit(hed[..., j]), 4, 1, (3, 2)))
+    cof = data.coffee() / 255.0
+    add("either", "coffee red vs blue channel", unit(cof[..., 0]), moved(unit(cof[..., 2]), 4, 1, (3, 2)))
+    for j in range(3):
+        a, b = unit(rng.random((256, 256))), unit(rng.random((256, 256)))
+        add("either", f"white noise pair {j}", a, b)
+        add("either", f"smooth noise pair {j}", unit(ndimage.gaussian_filter(a, 4)),
+            unit(ndimage.gaussian_filter(b, 4)))
+    summary = {}
+    for r in rows:
+        key = r["expect"]
+        summary.setdefault(key, {"pairs": 0, "multi": 0})
+        summary[key]["pairs"] += 1
+        summary[key]["multi"] += r["verdict"] == "multi"
+    print(json.dumps(summary))
+    print("mono pairs called multi:", [r["pair"] for r in rows if r["expect"] == "mono"
+                                       and r["verdict"] == "multi"])
+    print("median ms:", float(np.median([r["ms"] for r in rows])))
+    return rows, summary
+
+
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
+    if "--contrast" in sys.argv:
+        contrast_study()
+    elif "--worker" in sys.argv:
         _worker()
     elif "--round3" in sys.argv:
         round3([a for a in sys.argv[1:] if a != "--round3"])
