@@ -360,7 +360,44 @@ def round3(argv):
     print(round3_markdown(table))
     print("\nthe same by the fastest of the repeats (less sensitive to other jobs' load):")
     print(round3_markdown([dict(r, seconds=r["min_seconds"]) for r in table]))
+    print("\npaired ratios (median over repeats of run / run next to it in time):")
+    print(round3_paired({f"{c}|{l}": v for (c, l), v in runs.items()}))
     print("wrote", out)
+
+
+def round3_paired(runs: dict) -> str:
+    """Per repeat, each run divided by the run next to it in time (auto now / auto before,
+    auto / the single method it kept), median over repeats: on a machine other jobs load
+    unevenly this is steadier than ratios of medians."""
+    runs = {tuple(k.split("|")): v for k, v in runs.items()}
+    cases = list(dict.fromkeys(c for c, _ in runs))
+    lines = ["| case | kept (now) | auto now / auto before | auto before / kept | "
+             "auto now / kept | TRE now / best single (method) |", "|---|---|---:|---:|---:|---|"]
+    for c in cases:
+        now, bef = runs.get((c, "auto (this checkout)")), runs.get((c, "auto (before)"))
+        if not now or any("seconds" not in r or "tre" not in r for r in now):
+            continue
+        singles = {m: runs[(c, m)] for m in ("fourier", "features", "intensity")
+                   if (c, m) in runs and all("tre" in r for r in runs[(c, m)])}
+        if not singles:
+            continue
+        kept = now[0]["kept"].split()[0]
+        kept = {"polish": "intensity" if "intensity" in singles else "fourier"}.get(kept, kept)
+        k = singles.get(kept)
+
+        def sec(rs):
+            return np.array([r["seconds"] for r in rs])
+
+        tre = {m: float(np.median([r["tre"] for r in v])) for m, v in singles.items()}
+        best = min(tre, key=tre.get)
+        tre_now = float(np.median([r["tre"] for r in now]))
+        ok_bef = bef and all("seconds" in r and "tre" in r for r in bef)
+        nb = f"{np.median(sec(now) / sec(bef)):.2f}" if ok_bef else "-"
+        bk = f"{np.median(sec(bef) / sec(k)):.2f}" if ok_bef and k else "-"
+        nk = f"{np.median(sec(now) / sec(k)):.2f}" if k else "-"
+        lines.append(f"| {c} | {now[0]['kept']} | {nb} | {bk} | {nk} | "
+                     f"{tre_now / tre[best]:.2f} ({best}) |")
+    return "\n".join(lines)
 
 
 def round3_markdown(table) -> str:
@@ -515,6 +552,10 @@ if __name__ == "__main__":
         contrast_study()
     elif "--worker" in sys.argv:
         _worker()
+    elif "--round3-from" in sys.argv:  # re-tabulate a saved run
+        saved = json.loads(Path(sys.argv[sys.argv.index("--round3-from") + 1]).read_text())
+        print(round3_markdown(saved["table"]))
+        print(round3_paired(saved["runs"]))
     elif "--round3" in sys.argv:
         round3([a for a in sys.argv[1:] if a != "--round3"])
     else:
