@@ -111,7 +111,7 @@ def contrast_test(fixed, moving, transforms=(), *, fixed_spacing=None, moving_sp
                   size: int = 64) -> dict:
     """Do two images show one contrast (``"mono"``) or different ones (``"multi"``)?
 
-    A cheap test (~10-20 ms on 512^2 pairs) made on block means of at most ``size``
+    A cheap test (a few ms on 512^2 pairs) made on block means of at most ``size``
     pixels per axis (blurred enough that a few pixels of misalignment matter little),
     from two kinds of evidence:
 
@@ -129,9 +129,10 @@ def contrast_test(fixed, moving, transforms=(), *, fixed_spacing=None, moving_sp
     more than a positive linear relation (r_mi - NCC >= 0.1). Anything else is
     ``"mono"``: the test is made to say "multi" only when it is clear (a misaligned pair
     tells little), and ``auto`` verifies its verdict on the first intensity result.
-    Validated on 230 pairs (benchmarks/bench_auto.py, "contrast test"): the report's
-    multi-modal pairs (IHC stains, MR T1 vs grey matter, inverted gamma + noise) say
-    "multi", its photo pairs "mono".
+    Validated on ~200 pairs (``benchmarks/bench_auto.py --contrast``, docs/benchmarks.md
+    "auto, round 3"): the report's multi-modal pairs (IHC stains, MR T1 vs grey matter,
+    inverted gamma + noise) say "multi", its photo pairs "mono"; 11 of 102 moved photos
+    (large turns with zoom) say "multi" too, which auto's check then overrules.
     """
     from ..core.metrics import mutual_information, ncc, robust_normalize
     from ..core.resample import overlap_mask, resample
