@@ -14,6 +14,14 @@ Stages (each one optional, each one recorded in ``info["stages"]``):
    similarity); when that reaches ``stop_ncc`` on a same-contrast pair it is kept and
    the slower stages below are skipped (it is as precise as ``intensity`` there, at
    a fraction of the time).
+   A homography goes to ``features`` first (only keypoints fit one); when they are
+   clearly aligned the Fourier stages are skipped. In 2D rigid/similarity/affine a
+   cheap **contrast test** (:func:`contrast_test`, ~10 ms) runs before the Fourier fast
+   path: on a pair it calls multi-modal, ``intensity`` (mutual information) runs first
+   and the Fourier log-polar stage and keypoints on raw intensities (which need one
+   contrast) are skipped; the verdict is checked on intensity's result (|NCC| >= 0.9
+   there overrules it, and the Fourier stage runs after all). ``info["contrast"]``
+   records the verdict, its evidence and the check.
 2. **refine**: ``intensity`` (SimpleITK, with its spline Gauss-Newton polish) with the
    requested transform model: from scratch right after the cheap Fourier translation
    (its own centre and rotation search; the slower coarse stages are skipped when it
@@ -85,6 +93,91 @@ def _shrink(image, spacing, max_side):
     small = ndimage.zoom(ndimage.gaussian_filter(image, 0.5 * factor), 1.0 / factor, order=1)
     ratio = (np.array(image.shape) - 1) / np.maximum(np.array(small.shape) - 1, 1)
     return small.astype(np.float32), tuple(float(s) for s in np.asarray(spacing) * ratio)
+
+
+def _block_mean(image, k: int) -> np.ndarray:
+    """Means of k x k (x k) blocks (the trailing partial blocks dropped): block index i
+    covers full indices k i .. k i + k - 1, centred on k i + (k - 1) / 2."""
+    image = np.asarray(image, np.float32)
+    if k <= 1:
+        return image
+    shape = [n // k for n in image.shape]
+    crop = image[tuple(slice(0, n * k) for n in shape)]
+    return crop.reshape([v for n in shape for v in (n, k)]).mean(
+        axis=tuple(range(1, 2 * image.ndim, 2))).astype(np.float32)
+
+
+def contrast_test(fixed, moving, transforms=(), *, fixed_spacing=None, moving_spacing=None,
+                  size: int = 64) -> dict:
+    """Do two images show one contrast (``"mono"``) or different ones (``"multi"``)?
+
+    A cheap test (a few ms on 512^2 pairs) made on block means of at most ``size``
+    pixels per axis (blurred enough that a few pixels of misalignment matter little),
+    from two kinds of evidence:
+
+    * the intensity distributions: distance between the 5..95 % quantiles of the two
+      images' values strictly inside their 0.5/99.5 % percentile range (fill, clipping
+      and saturation excluded); a same-contrast pair shares them up to the field of view;
+    * the joint statistics at the best of the given alignments (``transforms``, moving
+      -> fixed, world units; identity always included, the one with the highest mutual
+      information kept): signed normalised cross-correlation ``ncc`` against the
+      informational coefficient of correlation ``r_mi = sqrt(1 - exp(-2 MI))`` (equal to
+      |NCC| for a linear relation, above it for any other).
+
+    ``"multi"``: a strongly inverted relation (NCC <= -0.5 with r_mi >= 0.6), or
+    distributions that differ (quantile distance >= 0.25) while the joint statistics show
+    more than a positive linear relation (r_mi - NCC >= 0.1). Anything else is
+    ``"mono"``: the test is made to say "multi" only when it is clear (a misaligned pair
+    tells little), and ``auto`` verifies its verdict on the first intensity result.
+    Validated on ~200 pairs (``benchmarks/bench_auto.py --contrast``, docs/benchmarks.md
+    "auto, round 3"): the report's multi-modal pairs (IHC stains, MR T1 vs grey matter,
+    inverted gamma + noise) say "multi", its photo pairs "mono"; 11 of 102 moved photos
+    (large turns with zoom) say "multi" too, which auto's check then overrules.
+    """
+    from ..core.metrics import mutual_information, ncc, robust_normalize
+    from ..core.resample import overlap_mask, resample
+
+    fixed = np.asarray(fixed, np.float32)
+    moving = np.asarray(moving, np.float32)
+    ndim = fixed.ndim
+    f_sp = np.ones(ndim) if fixed_spacing is None else np.asarray(fixed_spacing, float)
+    m_sp = np.ones(ndim) if moving_spacing is None else np.asarray(moving_spacing, float)
+    kf = max(1, int(np.ceil(max(fixed.shape) / float(size))))
+    km = max(1, int(np.ceil(max(moving.shape) / float(size))))
+    fc = robust_normalize(_block_mean(fixed, kf))
+    mc = robust_normalize(_block_mean(moving, km))
+    geometry = dict(output_spacing=f_sp * kf, output_origin=f_sp * (kf - 1) / 2.0,
+                    input_spacing=m_sp * km, input_origin=m_sp * (km - 1) / 2.0)
+    best = None
+    for tf in (Transform.identity(ndim), *transforms):
+        if tf is None or not tf.is_linear:
+            continue
+        mask = overlap_mask(mc.shape, tf, fc.shape, **geometry)
+        if mask.sum() < 64:
+            continue
+        warped = resample(mc, tf, fc.shape, **geometry)
+        mi = mutual_information(fc, warped, mask, bins=16)
+        if best is None or mi > best[0]:
+            best = (mi, ncc(fc, warped, mask))
+    p = np.linspace(0.05, 0.95, 19)
+    inner = [a[(a > 0) & (a < 1)] for a in (fc, mc)]
+    dq = (float(np.mean(np.abs(np.quantile(inner[0], p) - np.quantile(inner[1], p))))
+          if min(a.size for a in inner) >= 32 else float("nan"))
+    if best is None:
+        return {"verdict": "mono", "ncc": float("nan"), "r_mi": float("nan"),
+                "quantile_distance": dq, "why": "no overlap to compare: assumed one contrast"}
+    mi, rho = best
+    r_mi = float(np.sqrt(max(0.0, 1.0 - np.exp(-2.0 * mi))))
+    inverted = rho <= -0.5 and r_mi >= 0.6
+    remapped = np.isfinite(dq) and dq >= 0.25 and r_mi - rho >= 0.1
+    verdict = "multi" if (inverted or remapped) else "mono"
+    why = ("inverted: NCC {:.2f}, r_mi {:.2f}".format(rho, r_mi) if inverted else
+           "different intensity distributions (quantile distance {:.2f}) and a non-linear "
+           "relation (r_mi {:.2f} vs NCC {:.2f})".format(dq, r_mi, rho) if remapped else
+           "no clear sign of two contrasts (NCC {:.2f}, r_mi {:.2f}, quantile distance "
+           "{:.2f})".format(rho, r_mi, dq))
+    return {"verdict": verdict, "ncc": float(rho), "r_mi": r_mi, "quantile_distance": dq,
+            "why": why}
 
 
 def _score(fixed, moving, transform, f_sp, m_sp, fixed_mask, max_points=2 ** 16) -> dict:
@@ -320,6 +413,13 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         for _, idx, tf in candidates:
             if idx == baseline_index or (linear_only and n_refine and (not tf.is_linear or tf.is_projective)):
                 continue
+            own = abs(stages[idx]["score"]["ncc"])
+            if idx not in judged and own >= stop_ncc:
+                # the whole-overlap score already clears the bar: the sharper judge can
+                # only raise it (judge = max of both), so it need not be built (building
+                # it cost as much as the Fourier stage on a 512^2 shift)
+                stages[idx]["aligned_ncc"] = float(own)
+                return stages[idx]
             if judge(idx, tf) >= stop_ncc:
                 stages[idx]["aligned_ncc"] = judged[idx]
                 return stages[idx]
@@ -345,18 +445,48 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             tf = run("intensity", refine_model, why, fraction=fraction(), **opts2, **opts)
         return tf
 
+    if transform == "homography":
+        # only keypoints fit a homography: they go first, and when they are clearly
+        # aligned the coarse Fourier shifts (and their scoring and judging, as much again
+        # as the keypoints on a 512^2 photo pair) are not needed
+        for entry in [c for c in coarse if c[0] == "features"]:
+            coarse.remove(entry)
+            method, model, rep, why = entry
+            run(method, model, why, rep=rep, fraction=fraction())
     for method, model, rep, why in first:
+        if transform == "homography":
+            done = clearly_aligned()
+            if done is not None:
+                skipped.append({"method": method, "model": model, "on": rep,
+                                "why": skip_note(done)})
+                done_stages[0] += 1
+                continue
         # a translation is what phase correlation does best: full resolution (it is fast);
         # for other models it is a coarse start
         full = transform == "translation"
         run(method, model, why, rep=rep, fraction=fraction(), shrink=not full,
             **({} if full else _fourier_coarse_options()))
+    # one contrast or two? On a multi-modal pair the Fourier log-polar stage and its
+    # Gauss-Newton polish (both need one contrast) only fail, at up to 3x intensity's own
+    # cost (IHC stains, MR T1 vs grey matter): intensity goes first, then the verdict is
+    # checked on its result
+    contrast = None
+    if fast_model and n_refine and refine_model == transform:
+        contrast = contrast_test(fixed, moving, [s["transform"] for s in stages[1:]
+                                                 if s["transform"] is not None],
+                                 fixed_spacing=f_sp, moving_spacing=m_sp)
+    multi = contrast is not None and contrast["verdict"] == "multi"
+
+    def fast():
+        return _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
+                          fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
+                          fixed_mask, moving_mask, cancel)
+
     fast_done = None
-    if fast_model:
-        fast_done = _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
-                               fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
-                               fixed_mask, moving_mask, cancel)
+    if fast_model and not multi:
+        fast_done = fast()
     scratch = None
+    scratch_ok = False
     if n_refine and refine_model != transform:
         # homography: intensity fits only its affine part; keypoints go first and the
         # intensity run starts from them (below), never from scratch
@@ -368,12 +498,45 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         done = clearly_aligned() if transform == "translation" else fast_done
         if done is None:
             scratch = run_intensity(f"intensity {refine_model} from scratch (its own start and "
-                                    "rotation search)")
+                                    "rotation search)" + ("; first: the contrast test says "
+                                                          "multi-modal" if multi else ""))
+            scratch_ok = (scratch is not None and stages[-1]["transform"] is scratch
+                          and not stages[-1].get("rejected"))
         else:
             skipped.append({"method": "intensity", "model": refine_model, "on": "intensities",
                             "why": skip_note(done)})
             done_stages[0] += 1
-    scratch_ok = scratch is not None and stages[-1]["transform"] is scratch and not stages[-1].get("rejected")
+    scratch_index = len(stages) - 1 if scratch_ok else None
+    deferred = []  # stages held back by a "multi" verdict, run if it is overruled
+
+    def overrule(reason):
+        nonlocal multi, fast_done
+        contrast["checked"] = "overruled: " + reason
+        multi = False
+        if fast_model:
+            fast_done = fast()
+        for method, model, rep, why in deferred:
+            skipped[:] = [s for s in skipped if not (s["method"], s["model"], s["on"]) ==
+                          (method, model, rep)]
+            run(method, model, why + "; run after the multi-modal verdict was overruled",
+                rep=rep, fraction=fraction(),
+                shrink=method == "features" and refine_model == transform and n_refine > 0)
+
+    if multi:
+        # check the verdict where the images are aligned: a positive, near-linear relation
+        # (|NCC| >= 0.9 on strong-gradient pixels) means one contrast after all; then the
+        # Fourier + Gauss-Newton stage runs now (it is the more precise one there)
+        own = stages[-1]["score"]["ncc"] if scratch_ok else float("nan")
+        linear = judge(scratch_index, scratch) if scratch_ok and own > 0 else float("nan")
+        if not scratch_ok:
+            overrule("no intensity result to check it on")
+        elif linear >= 0.9:
+            overrule(f"|NCC| {linear:.2f} >= 0.9 at the intensity result: one contrast")
+        else:
+            contrast["checked"] = (f"confirmed at the intensity result: NCC {own:.2f}"
+                                   + ("" if np.isnan(linear) else f", |NCC| {linear:.2f} on "
+                                      "strong-gradient pixels") + " (one contrast: >= 0.9)")
+            done_stages[0] += 1  # the full-resolution Fourier stage, not run
     # a coarse Fourier shift is only a start: a 1/10 px peak, no re-correlation passes
     # (the 1/100 px refinement cost as much as the intensity run on a 3D brain)
     coarse_fourier = _fourier_coarse_options()
@@ -383,7 +546,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             skipped.append({"method": method, "model": model, "on": rep, "why": skip_note(done)})
             done_stages[0] += 1
             continue
-        if fast_model and (method, model, rep) == ("fourier", fast_model, "intensities"):
+        if multi and method == "features":
+            skipped.append({"method": method, "model": model, "on": rep,
+                            "why": f"skipped: the pair is multi-modal (contrast test: "
+                                   f"{contrast['why']}; {contrast['checked']}): keypoint "
+                                   "descriptors need one contrast"})
+            deferred.append((method, model, rep, why))
+            done_stages[0] += 1
+            continue
+        if fast_model and not multi and (method, model, rep) == ("fourier", fast_model, "intensities"):
             skipped.append({"method": method, "model": model, "on": rep,
                             "why": "skipped: ran at full resolution already (first stage)"})
             done_stages[0] += 1
@@ -404,6 +575,23 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             shrink=method == "fourier" or (method == "features" and refine_model == transform
                                            and n_refine > 0),
             **(coarse_fourier if (method, model) == ("fourier", "translation") else {}))
+
+    if multi:
+        # intensity maximises mutual information: when another candidate scores higher
+        # mutual information, intensity did not align the pair and the "multi" verdict
+        # rests on a misaligned look (a same-contrast pair turned by 100 degrees and
+        # zoomed 1.3x can look like two contrasts): run the held-back stages after all
+        mine = stages[scratch_index]["score"]["mi"]
+        better = [(c, i) for c, i, _ in candidates if i != scratch_index
+                  and stages[i]["score"]["mi"] > mine]
+        if better:
+            i = max(better)[1]
+            overrule(f"{stages[i]['method']} {stages[i]['model']} ({stages[i]['on']}) scores "
+                     f"higher mutual information ({stages[i]['score']['mi']:.3f}) than the "
+                     f"intensity result ({mine:.3f}): intensity did not align the pair")
+        else:
+            contrast["checked"] += ("; the intensity result has the highest mutual information "
+                                    "of all candidates")
 
     # ---- intensity from the best coarse candidate, when it lies elsewhere
     if n_refine and "init" in method_info("intensity")["options"]:
@@ -479,6 +667,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         "advice": advice,
         "methods_available": methods,
     }
+    if contrast is not None:
+        info["contrast"] = contrast
     return BackendResult(best_tf, info)
 
 
@@ -541,16 +731,22 @@ def _polish_best(fixed, moving, stages, candidates, baseline_index, model, judge
     same-contrast judge) unless that one was polished already; record it as a stage."""
     from ..core.refine import MODELS, refine_linear
 
-    linear = [(judge(i, tf), i, tf) for _, i, tf in candidates
+    linear = [(i, tf) for _, i, tf in candidates
               if i != baseline_index and tf.is_linear and not tf.is_projective]
     if not linear or model not in MODELS:
         return
-    value, i, tf = max(linear, key=lambda c: c[0])
+
+    def final(src):
+        precise = (src["method"] == "fourier" and src["model"] == "translation"
+                   and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
+        return precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
+                              for k in ("polish", "spline_refine"))
+
+    if len(linear) == 1 and final(stages[linear[0][0]]):
+        return  # the only candidate needs no polish: no need to build the judge either
+    value, i, tf = max(((judge(i, tf), i, tf) for i, tf in linear), key=lambda c: c[0])
     src = stages[i]
-    precise = (src["method"] == "fourier" and src["model"] == "translation"
-               and "on a copy" not in src["why"])  # 1/100 px peak, re-correlated: keep as is
-    if value < 0.9 or precise or any(isinstance(src.get(k), dict) and src[k].get("accepted")
-                                     for k in ("polish", "spline_refine")):
+    if value < 0.9 or final(src):
         return
     entry = {"method": "polish", "model": model, "on": "intensities",
              "why": f"Gauss-Newton on a cubic-spline pyramid from the best candidate "
@@ -598,7 +794,9 @@ def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_s
     from ..core.resample import overlap_mask, resample
 
     real = [(i, tf) for _, i, tf in candidates if i != baseline_index]
-    if not real:
+    if len(real) < 2:
+        # one candidate (and the baseline): nothing to rank on a common footing, and
+        # the judge's spline coefficients would cost more than the stage that made it
         return rank
     judge = linear_judge()([tf for _, tf in real])
     by_mi = max(real, key=lambda c: stages[c[0]]["score"]["mi"])[0]

@@ -491,16 +491,22 @@ def register(
     # a backend that is blind to gain and offset says so (CLIP_NORMALIZED = False): it
     # gets a linear rescale, so detail beyond the percentiles is not clipped away
     clip = bool(getattr(mod, "CLIP_NORMALIZED", True))
-    f_prep = prepare(fixed_g, spacing=f_sp, mask=fixed_mask, normalize_=core["normalize"],
-                     equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
-    m_prep = prepare(moving_g, spacing=m_sp, mask=moving_mask, normalize_=core["normalize"],
-                     equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
     # a backend that mixes both kinds of stage (auto, 2D) also gets a linear rescale
-    if (clip and getattr(mod, "LINEAR_COPY", False) and ndim == 2 and core["normalize"]
-            and not core["equalize"]):
+    linear_copy = (clip and getattr(mod, "LINEAR_COPY", False) and ndim == 2
+                   and core["normalize"] and not core["equalize"])
+    if linear_copy:
         backend_opts["linear_copy"] = tuple(
             prepare(img, spacing=sp, mask=msk, smooth_=core["smooth"], clip=False)
             for img, sp, msk in ((fixed_g, f_sp, fixed_mask), (moving_g, m_sp, moving_mask)))
+    if linear_copy and not core["smooth"]:
+        # same percentiles, same rescale: the clipped images are the linear ones clipped
+        # (bit for bit), without computing the percentiles a second time
+        f_prep, m_prep = (np.clip(img, 0.0, 1.0) for img in backend_opts["linear_copy"])
+    else:
+        f_prep = prepare(fixed_g, spacing=f_sp, mask=fixed_mask, normalize_=core["normalize"],
+                         equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
+        m_prep = prepare(moving_g, spacing=m_sp, mask=moving_mask, normalize_=core["normalize"],
+                         equalize_=core["equalize"], smooth_=core["smooth"], clip=clip)
 
     # an initial transform (full world) is handed to the backend in zero-origin worlds
     if "init" in backend_opts and isinstance(backend_opts["init"], Transform):

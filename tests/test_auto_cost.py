@@ -1,0 +1,73 @@
+"""``method="auto"`` round 3: what auto does NOT compute on cheap pairs (its overhead
+is what made it cost 2-3x the method it keeps), checked by making the skipped work fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_registration import Transform, register
+from napari_registration.data import _warp_by_truth, grid_points, tre_against_truth
+
+
+def _camera(factor=2):
+    from skimage import data
+    from skimage.transform import downscale_local_mean
+
+    return downscale_local_mean(data.camera().astype(np.float32) / 255,
+                                (factor, factor)).astype(np.float32)
+
+
+def test_a_clear_shift_never_builds_the_spline_judge(monkeypatch):
+    """Fourier at full resolution reaches |NCC| >= stop_ncc on its own overlap: the
+    cubic-spline judge (spline coefficients of the moving image, as costly as the
+    Fourier stage) is neither needed to stop nor to rank a single candidate."""
+    from napari_registration.core import refine
+
+    def boom(*a, **kw):
+        raise AssertionError("LinearJudge built on a clear shift")
+
+    monkeypatch.setattr(refine, "LinearJudge", boom)
+    fixed = _camera(1)
+    truth = Transform.from_translation([7.3, -11.6])
+    moving = _warp_by_truth(fixed, truth).astype(np.float32)
+    r = register(fixed, moving, method="auto", transform="translation", warp=False, score=False)
+    chosen = r.info["stages"][r.info["chosen"]["stage"]]
+    assert (chosen["method"], chosen["model"]) == ("fourier", "translation")
+    assert chosen["aligned_ncc"] >= 0.98
+    assert tre_against_truth(r.transform, truth, grid_points(fixed.shape))["mean"] < 0.01
+
+
+def test_auto_gets_clipped_images_equal_to_the_clipped_pipeline(monkeypatch):
+    """The core makes auto's clipped images from its linear copies (one percentile pass
+    per image instead of two): they must equal what prepare(clip=True) gives, bit for
+    bit, with and without a mask; and with smoothing the two are made separately."""
+    from napari_registration.backends import auto
+    from napari_registration.core.preprocess import prepare
+
+    seen = {}
+    original = auto.register
+
+    def spy(fixed, moving, **kw):
+        seen["images"] = (fixed.copy(), moving.copy(), kw.get("linear_copy"))
+        return original(fixed, moving, **kw)
+
+    monkeypatch.setattr(auto, "register", spy)
+    rng = np.random.default_rng(1)
+    fixed = (rng.gamma(2.0, 30.0, (96, 120)) + 40 * _camera(4)[:96, :120]).astype(np.uint16)
+    moving = np.roll(fixed, (3, -2), axis=(0, 1))
+    mask = np.zeros(fixed.shape, bool)
+    mask[8:-8, 10:-10] = True
+    for kw in ({}, {"fixed_mask": mask}, {"smooth": 1.0}):
+        register(fixed, moving, method="auto", transform="translation", warp=False,
+                 score=False, **kw)
+        f, m, linear = seen["images"]
+        sm = kw.get("smooth", 0.0)
+        want_f = prepare(fixed, mask=kw.get("fixed_mask"), smooth_=sm, clip=True)
+        want_m = prepare(moving, smooth_=sm, clip=True)
+        assert f.dtype == np.float32 and np.array_equal(f, want_f)
+        assert np.array_equal(m, want_m)
+        assert linear is not None
+        if not sm:  # bright detail beyond the 99.5th percentile kept in the linear copy
+            assert linear[0].max() > 1.0 >= f.max()
+            np.testing.assert_array_equal(np.clip(linear[0], 0, 1), f)
