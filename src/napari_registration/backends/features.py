@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from ..core.parallel import n_workers, run_all
 from ..core.register import BackendResult, RegistrationCancelled, RegistrationError
 from ..core.transform import Transform
 
@@ -46,6 +47,10 @@ MIN_POINTS = {"translation": 1, "rigid": 2, "similarity": 2, "affine": 3, "homog
 # SIFT keypoints per image, LSH beats brute-force Hamming from ~4000 binary ones, with
 # the same number of matches within 1%)
 _AUTO_FLANN_PAIRS = {"float": 2000 * 2000, "binary": 4000 * 4000}
+
+# fixed + moving pixels up to which both images are detected at once (two threads): the
+# detectors' memory (SIFT ~230 bytes per pixel) then stays at what one tiled image needs
+CONCURRENT_DETECT_PIXELS = 2 * 1024 * 1024
 
 _SIMPLER = {"homography": "transform='affine' or 'similarity'",
             "affine": "transform='similarity' or 'rigid'", "similarity": "transform='rigid'",
@@ -282,14 +287,33 @@ def _matcher(kind: str, detector: str):
     return cv2.FlannBasedMatcher(index, {"checks": 64})
 
 
+def _knn_parallel(kind, detector, query, train, k, workers):
+    """:func:`_knn` with the queries cut into ``workers`` blocks matched at once (brute
+    force only: each query's neighbours do not depend on the other queries, so the result
+    is the one of a single call; OpenCV releases the GIL while it matches)."""
+    from ..core.parallel import run_all, split
+
+    if kind != "bf" or workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+        return _knn(_matcher(kind, detector), query, train, k)
+    parts = split(len(query), min(workers, len(query) // MIN_QUERIES_PER_THREAD))
+    out = run_all([lambda a=a, b=b: _knn(_matcher(kind, detector), query[a:b], train, k)
+                   for a, b in parts])
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+# below this many query descriptors per thread, starting a thread costs more than it saves
+MIN_QUERIES_PER_THREAD = 256
+
+
 def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
-          cross_check: bool = False, matcher: str = "auto", seed: int = 0):
+          cross_check: bool = False, matcher: str = "auto", seed: int = 0, workers: int = 1):
     """Match moving descriptors to fixed ones: ``(moving_idx, fixed_idx, matcher_used)``.
 
     Lowe's ratio test keeps a match whose best distance is below ``ratio`` times the
     second best; ``cross_check`` also requires the fixed descriptor's best match to be
     the same moving one. FLANN builds its random trees/hash tables from OpenCV's RNG,
-    seeded with ``seed`` so that the matches are reproducible."""
+    seeded with ``seed`` so that the matches are reproducible. Brute-force matching runs
+    on ``workers`` threads (same matches as one)."""
     import cv2
 
     n_m, n_f = len(desc_moving), len(desc_fixed)
@@ -302,11 +326,16 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
         desc_fixed = np.asarray(desc_fixed, np.float32)
     with _cv2_errors(f"matching descriptors ({kind})"):
         cv2.setRNGSeed(int(seed))
-        m = _matcher(kind, detector)
         k = 2 if n_f >= 2 else 1
-        idx, dist = _knn(m, desc_moving, desc_fixed, k)
-        if cross_check:
-            back, _ = _knn(m, desc_fixed, desc_moving, 1)
+        if kind == "bf":
+            idx, dist = _knn_parallel(kind, detector, desc_moving, desc_fixed, k, int(workers))
+            if cross_check:
+                back, _ = _knn_parallel(kind, detector, desc_fixed, desc_moving, 1, int(workers))
+        else:
+            m = _matcher(kind, detector)
+            idx, dist = _knn(m, desc_moving, desc_fixed, k)
+            if cross_check:
+                back, _ = _knn(m, desc_fixed, desc_moving, 1)
     q = np.arange(n_m)
     keep = idx[:, 0] >= 0
     if k == 2:
@@ -600,7 +629,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     seed : int
         Seed for the random sampling (OpenCV's RNG and the translation consensus).
     threads : int
-        OpenCV worker threads for this call (0 = leave OpenCV's setting).
+        OpenCV worker threads for this call (0 = leave OpenCV's setting); also how many
+        threads detect the two images at once and share the brute-force matching
+        (0 = one per core). The result does not depend on it.
     tile_size : int
         Images larger than ~1.5 tiles of this side (pixels) are detected tile by tile at
         full resolution, which bounds memory (SIFT needs ~230 bytes per pixel it sees at
@@ -629,11 +660,22 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             m_img, m_mask, m_det_sp = square_pixels(moving, m_sp, moving_mask)
         if int(tile_size) < 0:
             raise ValueError(f"tile_size must be >= 0 (0 = no tiles); got {tile_size}")
-        f_xy, f_desc = detect_tiled(to_uint8(f_img, f_mask), f_mask, detector, n_features,
-                                    threshold, tile_size=int(tile_size), stop=stop)
+        workers = n_workers(threads)
+
+        def detect_one(img, msk):
+            return detect_tiled(to_uint8(img, msk), msk, detector, n_features, threshold,
+                                tile_size=int(tile_size), stop=stop)
+
+        if workers > 1 and f_img.size + m_img.size <= CONCURRENT_DETECT_PIXELS:
+            # both images at once: OpenCV releases the GIL while it detects; larger images
+            # go one after the other (tiled), which bounds the detector's memory
+            (f_xy, f_desc), (m_xy, m_desc) = run_all([lambda: detect_one(f_img, f_mask),
+                                                      lambda: detect_one(m_img, m_mask)])
+        else:
+            f_xy, f_desc = detect_one(f_img, f_mask)
+            stop()
+            m_xy, m_desc = detect_one(m_img, m_mask)
         stop()
-        m_xy, m_desc = detect_tiled(to_uint8(m_img, m_mask), m_mask, detector, n_features,
-                                    threshold, tile_size=int(tile_size), stop=stop)
         timings["detect"] = time.perf_counter() - t
         f_pts = keypoints_to_world(f_xy, f_det_sp)
         m_pts = keypoints_to_world(m_xy, m_det_sp)
@@ -649,7 +691,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         stop()
         t = time.perf_counter()
         mi, fi, used = match(m_desc, f_desc, detector=detector, ratio=float(ratio),
-                             cross_check=bool(cross_check), matcher=matcher, seed=int(seed))
+                             cross_check=bool(cross_check), matcher=matcher, seed=int(seed),
+                             workers=workers)
         timings["match"] = time.perf_counter() - t
         info.update(matcher=used, matches=len(mi))
         if len(mi) < need:
