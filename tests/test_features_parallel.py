@@ -72,3 +72,76 @@ def test_cancel_during_concurrent_detection_is_reported():
     with pytest.raises(RegistrationCancelled):
         register(fixed, moving, method="features", transform="rigid", detector="orb",
                  threads=2, cancel=cancel, score=False)
+
+
+# ------------------------------------------------------------------ guided matching
+def _tre(result, truth, shape):
+    from napari_registration import data
+
+    pts = data.grid_points(shape, (1.0, 1.0))
+    return data.tre_against_truth(result.transform, truth, pts)["mean"]
+
+
+def test_sift_matches_all_against_all():
+    fixed, moving, _ = _pair("astronaut")
+    r = register(fixed, moving, method="features", transform="similarity", score=False,
+                 warp=False)
+    assert r.info["matcher"] in ("bf", "flann")
+
+
+@pytest.mark.parametrize("detector", ["orb", "akaze"])
+def test_guided_matching_is_used_and_as_accurate_as_all_against_all(detector):
+    fixed, moving, truth = _pair("astronaut")
+    guided = register(fixed, moving, method="features", transform="similarity",
+                      detector=detector, score=False, warp=False)
+    full = register(fixed, moving, method="features", transform="similarity",
+                    detector=detector, guided=False, score=False, warp=False)
+    assert guided.info["matcher"] == "guided"
+    assert full.info["matcher"] in ("bf", "flann")
+    tre_g, tre_f = _tre(guided, truth, fixed.shape), _tre(full, truth, fixed.shape)
+    assert tre_g <= 0.1 and tre_f <= 0.1
+    assert tre_g <= 2 * tre_f + 0.01
+    # as many inliers, give or take: guided matching offers every keypoint a candidate
+    assert guided.info["inliers"] >= 0.8 * full.info["inliers"]
+    # an explicit matcher or cross_check means all against all
+    for opts in ({"matcher": "bf"}, {"cross_check": True}):
+        r = register(fixed, moving, method="features", transform="similarity",
+                     detector=detector, score=False, warp=False, **opts)
+        assert r.info["matcher"] != "guided"
+
+
+def test_guided_matches_are_one_to_one_and_near_the_truth():
+    fixed, moving, truth = _pair("camera")
+    f8, m8 = features.to_uint8(fixed), features.to_uint8(moving)
+    f_xy, f_desc, f_resp = features.detect(f8, None, "orb", 5000, with_response=True)
+    m_xy, m_desc, m_resp = features.detect(m8, None, "orb", 5000, with_response=True)
+    assert len(f_resp) == len(f_xy) and np.all(np.isfinite(f_resp)) and np.ptp(f_resp) > 0
+    f_pts = features.xy_to_rowcol(f_xy)
+    m_pts = features.xy_to_rowcol(m_xy)
+    mi, fi = features.match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, detector="orb",
+                                   transform="similarity", ratio=0.75, radius=6.0,
+                                   estimator="ransac", threshold=3.0, confidence=0.999,
+                                   max_iters=5000, seed=0)
+    assert len(mi) > 500
+    assert len(np.unique(fi)) == len(fi)
+    err = np.linalg.norm(truth.apply(m_pts[mi]) - f_pts[fi], axis=1)
+    assert np.mean(err < 3.0) > 0.9  # nearly all are true correspondences
+    # unrelated descriptors: no seed fit, the caller falls back to matching all
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, m_desc.shape, dtype=np.uint8)
+    assert features.match_guided(m_pts, f_pts, noise, f_desc, m_resp, f_resp, detector="orb",
+                                 transform="similarity", ratio=0.75, radius=6.0,
+                                 estimator="ransac", threshold=3.0, confidence=0.999,
+                                 max_iters=5000, seed=0) is None
+
+
+@pytest.mark.parametrize("detector", ["orb", "sift", "akaze"])
+def test_descriptor_distance_is_opencvs(detector):
+    fixed, moving, _ = _pair("coins")
+    _, d1 = features.detect(features.to_uint8(fixed), None, detector, 300)
+    _, d2 = features.detect(features.to_uint8(moving), None, detector, 300)
+    n = min(len(d1), len(d2))
+    norm = cv2.NORM_L2 if detector == "sift" else cv2.NORM_HAMMING
+    want = [cv2.norm(d1[i], d2[i], norm) for i in range(n)]
+    np.testing.assert_allclose(features.descriptor_distance(d1[:n], d2[:n], detector), want,
+                               rtol=1e-5)
