@@ -100,7 +100,16 @@ def main(argv=None):
     ap.add_argument("--n-features", type=int, default=5000)
     ap.add_argument("--image", choices=["retina", "astronaut", "both"], default="both")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--round3", action="store_true",
+                    help="report cases: raw OpenCV ORB/SIFT vs `features` before and now")
+    ap.add_argument("--before", default=None,
+                    help="(--round3) a src/ folder of the code to compare against, e.g. "
+                         "`git archive e3bfb8e src | tar -x -C /tmp/before` -> /tmp/before/src")
+    ap.add_argument("--cases", default=",".join(ROUND3_CASES))
+    ap.add_argument("--out", default=str(HERE / "results" / "features_round3.json"))
     args = ap.parse_args(argv)
+    if args.round3:
+        return round3(args)
     images = ["retina", "astronaut"] if args.image == "both" else [args.image]
     results = {"cases": [run_case(args, image) for image in images]}
     if not args.skip_accuracy:
@@ -283,6 +292,106 @@ def run_case(args, image):
           f"{out['keypoints']['register']}")
     print("stages (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in stage_med.items()))
     print(f"cv2 warp proposal vs core.resample: max |diff| {warp_diff:.2g} (image in [0, 1])")
+    return out
+
+
+# ------------------------------------------------------------------------- round 3
+# report cases tuned on (issue #15's held-out cases are left out: pass --cases to add them)
+ROUND3_CASES = ("moon_similarity", "coins_rigid", "camera_translation", "astronaut_homography",
+                "retina_affine", "camera_rotation_150")
+
+
+def load_before(src: str, name: str = "napari_registration_before"):
+    """Import another version of the package (a copy of its ``src/``) under ``name``, beside
+    the current one, so that both run interleaved in one process. Its absolute
+    self-references (backend registry, lazy imports) are renamed in a temporary copy."""
+    import importlib
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="nr_before_"))
+    shutil.copytree(Path(src) / "napari_registration", tmp / name)
+    for f in (tmp / name).rglob("*.py"):
+        text = f.read_text()
+        f.write_text(re.sub(r"\bnapari_registration(?=[. ])", name, text))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name)
+
+
+def round3(args):
+    """`features` (ORB, SIFT) against the raw OpenCV pipelines of the report (the report's
+    own peer code), before and after this round, interleaved in one process: wall and
+    CPU seconds (medians), ratios to the raw pipeline, TRE as the report computes it."""
+    import sys
+
+    import cv2
+
+    sys.path.insert(0, str(HERE))
+    import report_cases
+    from report import tre_of
+    from report_methods import OpenCVOrb, OpenCVSift
+
+    import napari_registration as now
+    from napari_registration.data import grid_points
+
+    before = load_before(args.before) if args.before else None
+    rows = []
+    for name in args.cases.split(","):
+        case = getattr(report_cases, name)()
+        if case.points is None:
+            case.points = grid_points(case.shape, case.spacing)
+        variants = {}
+        for det, peer in (("orb", OpenCVOrb()), ("sift", OpenCVSift())):
+            kw = {"detector": det}
+            variants[f"raw OpenCV {det.upper()}"] = (
+                lambda peer=peer: peer.run(case), lambda raw, peer=peer: peer.mapper(case, raw))
+            versions = ([("before", before)] if before is not None else []) + [("now", now)]
+            for label, pkg in versions:
+                variants[f"ours {det} {label}"] = (
+                    lambda pkg=pkg, kw=kw: pkg.register(
+                        case.fixed, case.moving, method="features", transform=case.model,
+                        score=False, **kw),
+                    lambda raw: raw.transform.apply_inverse)
+            variants[f"ours {det} now, threads=1"] = (
+                lambda kw=kw: now.register(case.fixed, case.moving, method="features",
+                                           transform=case.model, score=False, threads=1, **kw),
+                lambda raw: raw.transform.apply_inverse)
+        names = list(variants)
+        tre, info = {}, {}
+        for k, (run, mapper) in variants.items():  # warm up + accuracy
+            raw = run()
+            tre[k] = tre_of(case, mapper(raw))["mean"]
+            info[k] = {key: raw.info.get(key) for key in ("keypoints_fixed", "matches", "inliers",
+                                                           "matcher")} if hasattr(raw, "info") else {}
+        wall = {k: [] for k in names}
+        cpu = {k: [] for k in names}
+        for r in range(args.repeats):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                t, c = time.perf_counter(), time.process_time()
+                variants[k][0]()
+                wall[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
+        for det in ("orb", "sift"):
+            base = f"raw OpenCV {det.upper()}"
+            for k in [n for n in names if det in n.lower()]:
+                rows.append({"case": name, "variant": k,
+                             "wall_s": statistics.median(wall[k]),
+                             "wall_x_raw": statistics.median(wall[k]) / statistics.median(wall[base]),
+                             "cpu_s": statistics.median(cpu[k]),
+                             "cpu_x_raw": statistics.median(cpu[k]) / statistics.median(cpu[base]),
+                             "tre": tre[k], **info[k]})
+                print(f"{name:22s} {k:28s} wall {rows[-1]['wall_s'] * 1e3:7.1f} ms "
+                      f"({rows[-1]['wall_x_raw']:.2f}x)  cpu {rows[-1]['cpu_s'] * 1e3:7.1f} ms "
+                      f"({rows[-1]['cpu_x_raw']:.2f}x)  TRE {tre[k]:.4f}  {info[k]}", flush=True)
+    out = {"command": "bench_features.py --round3 " + " ".join(
+               f"--{k} {v}" for k, v in (("repeats", args.repeats), ("before", args.before),
+                                          ("cases", args.cases))),
+           "rows": rows, "opencv": cv2.__version__, "cpus": os.cpu_count(),
+           "load_average_after": os.getloadavg(), "python": platform.python_version()}
+    Path(args.out).parent.mkdir(exist_ok=True, parents=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
     return out
 
 

@@ -188,7 +188,21 @@ def resample(
             out[start:stop] = vals.reshape((stop - start,) + output_shape[1:])
 
         if transform.is_linear:
-            # a projective matrix: pure numpy per point, safe to spread over threads
+            # a projective matrix: output index -> input index is one (D+1)x(D+1) matrix
+            # followed by the perspective divide, evaluated by broadcasting over the grid
+            # (no (N, D) point list through the world), spread over threads
+            m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+
+            def chunk(start, stop):
+                axes = [np.arange(start, stop, dtype=float)] + [g.astype(float) for g in grids]
+                axes = [a.reshape([-1 if i == k else 1 for i in range(ndim)]) for k, a in enumerate(axes)]
+                w = m[ndim, ndim] + sum(m[ndim, k] * axes[k] for k in range(ndim))
+                coords = np.empty((ndim, stop - start) + output_shape[1:])
+                for d in range(ndim):
+                    coords[d] = (m[d, ndim] + sum(m[d, k] * axes[k] for k in range(ndim))) / w
+                ndimage.map_coordinates(work, coords, order=order, mode="constant", cval=cval,
+                                        prefilter=False, output=out[start:stop])
+
             _run_slabs(chunk, output_shape[0], per_plane, threads)
         else:
             step = max(1, 2_000_000 // max(per_plane, 1))
