@@ -712,8 +712,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         Seed for the random sampling (OpenCV's RNG and the translation consensus).
     threads : int
         OpenCV worker threads for this call (0 = leave OpenCV's setting); also how many
-        threads detect the two images at once and share the brute-force matching
-        (0 = one per core). The result does not depend on it.
+        threads share the brute-force matching and (ORB, AKAZE, BRISK) detect the two
+        images at once (0 = one per core). The result does not depend on it.
     tile_size : int
         Images larger than ~1.5 tiles of this side (pixels) are detected tile by tile at
         full resolution, which bounds memory (SIFT needs ~230 bytes per pixel it sees at
@@ -756,9 +756,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             return detect_tiled(to_uint8(img, msk), msk, detector, n_features, threshold,
                                 tile_size=int(tile_size), stop=stop, with_response=True)
 
-        if workers > 1 and f_img.size + m_img.size <= CONCURRENT_DETECT_PIXELS:
+        if (workers > 1 and detector != "sift"
+                and f_img.size + m_img.size <= CONCURRENT_DETECT_PIXELS):
             # both images at once: OpenCV releases the GIL while it detects; larger images
-            # go one after the other (tiled), which bounds the detector's memory
+            # go one after the other (tiled), which bounds the detector's memory. Not SIFT:
+            # OpenCV already spreads its pyramids over threads, and two at once cost more
+            # CPU and time on a busy 2-core machine (bench_features.py --round3)
             (f_xy, f_desc, f_resp), (m_xy, m_desc, m_resp) = run_all(
                 [lambda: detect_one(f_img, f_mask), lambda: detect_one(m_img, m_mask)])
         else:
