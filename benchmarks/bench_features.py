@@ -106,6 +106,8 @@ def main(argv=None):
                     help="(--round3) a src/ folder of the code to compare against, e.g. "
                          "`git archive e3bfb8e src | tar -x -C /tmp/before` -> /tmp/before/src")
     ap.add_argument("--cases", default=",".join(ROUND3_CASES))
+    ap.add_argument("--stages", default="moon_similarity,astronaut_homography",
+                    help="(--round3) cases for the one-thread stage table")
     ap.add_argument("--out", default=str(HERE / "results" / "features_round3.json"))
     args = ap.parse_args(argv)
     if args.round3:
@@ -320,6 +322,85 @@ def load_before(src: str, name: str = "napari_registration_before"):
     return importlib.import_module(name)
 
 
+def stage_table(case, detector, before, repeats):
+    """Where the time goes, one thread (``threads=1``; the warp too), CPU medians in ms
+    (``time.process_time``, also inside the backend's own stage timer):
+    the backend's own timings (detect, match, fit) and the core's normalisation and warp,
+    measured by calling them directly; before and now, and the raw OpenCV pipeline's
+    detect / match / fit / warp."""
+    import cv2
+
+    import napari_registration as now
+
+    import types
+
+    rows = {}
+    for label, pkg in ([("before", before)] if before is not None else []) + [("now", now)]:
+        kw = dict(method="features", transform=case.model, score=False, detector=detector,
+                  threads=1)
+        # the backend times its stages with time.perf_counter: make that CPU time here
+        pkg.backends.features.time = types.SimpleNamespace(perf_counter=time.process_time)
+        res = pkg.register(case.fixed, case.moving, **kw)
+        t_ = pkg.Transform(res.transform.matrix)
+        norm = getattr(pkg.core.preprocess, "normalize")
+        warp = pkg.core.resample.resample
+        wkw = {"threads": 1} if "threads" in warp.__code__.co_varnames else {}
+        acc = {k: [] for k in ("register", "detect", "match", "fit", "normalize x2", "warp")}
+        for _ in range(repeats):
+            c = time.process_time()
+            r = pkg.register(case.fixed, case.moving, **kw)
+            acc["register"].append(time.process_time() - c)
+            for k in ("detect", "match", "fit"):
+                acc[k].append(r.info["timings"][k])
+            c = time.process_time()
+            norm(case.fixed)
+            norm(case.moving)
+            acc["normalize x2"].append(time.process_time() - c)
+            c = time.process_time()
+            warp(case.moving, t_, case.fixed.shape, **wkw)
+            acc["warp"].append(time.process_time() - c)
+        rows[label] = {k: 1e3 * statistics.median(v) for k, v in acc.items()}
+        pkg.backends.features.time = time
+    f8 = np.clip(case.fixed * 255, 0, 255).astype(np.uint8)
+    m8 = np.clip(case.moving * 255, 0, 255).astype(np.uint8)
+    det = cv2.ORB_create(nfeatures=5000) if detector == "orb" else cv2.SIFT_create()
+    norm_type = cv2.NORM_HAMMING if detector == "orb" else cv2.NORM_L2
+    acc = {k: [] for k in ("detect", "match", "fit", "warp")}
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for _ in range(repeats):
+            c = time.process_time()
+            kf, df = det.detectAndCompute(f8, None)
+            km, dm = det.detectAndCompute(m8, None)
+            acc["detect"].append(time.process_time() - c)
+            c = time.process_time()
+            pairs = cv2.BFMatcher(norm_type).knnMatch(dm, df, k=2)
+            good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
+            acc["match"].append(time.process_time() - c)
+            c = time.process_time()
+            src = np.float32([km[g.queryIdx].pt for g in good])
+            dst = np.float32([kf[g.trainIdx].pt for g in good])
+            if case.model == "homography":
+                h, _ = cv2.findHomography(src, dst, cv2.RANSAC, 5.0)
+            else:
+                a, _ = (cv2.estimateAffine2D if case.model == "affine"
+                        else cv2.estimateAffinePartial2D)(src, dst)
+                h = np.vstack([a, [0, 0, 1]])
+            acc["fit"].append(time.process_time() - c)
+            c = time.process_time()
+            cv2.warpPerspective(case.moving, h, case.fixed.shape[::-1])
+            acc["warp"].append(time.process_time() - c)
+    finally:
+        cv2.setNumThreads(threads)
+    rows["raw OpenCV"] = {k: 1e3 * statistics.median(v) for k, v in acc.items()}
+    rows["raw OpenCV"]["register"] = sum(rows["raw OpenCV"].values())
+    print(f"stages, {case.name}, {detector}, one thread, CPU ms:")
+    for label, r in rows.items():
+        print(f"  {label:12s} " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+    return {"case": case.name, "detector": detector, "ms": rows}
+
+
 def round3(args):
     """`features` (ORB, SIFT) against the raw OpenCV pipelines of the report (the report's
     own peer code), before and after this round, interleaved in one process: wall and
@@ -385,7 +466,9 @@ def round3(args):
                 print(f"{name:22s} {k:28s} wall {rows[-1]['wall_s'] * 1e3:7.1f} ms "
                       f"({rows[-1]['wall_x_raw']:.2f}x)  cpu {rows[-1]['cpu_s'] * 1e3:7.1f} ms "
                       f"({rows[-1]['cpu_x_raw']:.2f}x)  TRE {tre[k]:.4f}  {info[k]}", flush=True)
-    out = {"command": "bench_features.py --round3 " + " ".join(
+    stages = [stage_table(getattr(report_cases, c)(), det, before, args.repeats)
+              for c in args.stages.split(",") if c for det in ("orb", "sift")]
+    out = {"stages": stages, "command": "bench_features.py --round3 " + " ".join(
                f"--{k} {v}" for k, v in (("repeats", args.repeats), ("before", args.before),
                                           ("cases", args.cases))),
            "rows": rows, "opencv": cv2.__version__, "cpus": os.cpu_count(),
