@@ -359,6 +359,7 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
 GUIDED_MIN_PAIRS = 600 * 600
 GUIDED_SEED = 500       # strongest keypoints per image matched all-against-all first
 GUIDED_NEIGHBOURS = 8   # fixed keypoints examined around each predicted position
+GUIDED_RADIUS = 2.0     # search radius around each prediction, in reproj_threshold units
 
 
 def descriptor_distance(a, b, detector: str) -> np.ndarray:
@@ -513,7 +514,8 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     The robust estimator picks the inliers; with ``refine`` the model is then refitted
     by least squares on them (Umeyama for rigid/similarity, linear least squares for
     affine, DLT + Levenberg-Marquardt for homography) and the inliers re-selected with
-    the same threshold, until they stop changing (at most 5 rounds).
+    the same threshold, until they stop changing (at most 5 rounds); a last fit then
+    uses the inliers within TIGHT_SIGMAS robust standard deviations (:func:`_tight_refit`).
 
     OpenCV has no MAGSAC++ for rotation + scale models: with ``estimator="usac_magsac"``,
     rigid and similarity fits take their inliers from MAGSAC++ on an affine model."""
@@ -565,7 +567,34 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
                 if np.array_equal(new, inl) or new.sum() < need:
                     break
                 inl = new
+        if refine:
+            m = _tight_refit(m, src, dst, inl, transform)
     return m, inl, rounds
+
+
+# the final least-squares fit uses the inliers whose residual is within this many robust
+# standard deviations (1.4826 x median residual) of the consensus model
+TIGHT_SIGMAS = 2.5
+
+
+def _tight_refit(m, src, dst, inl, transform):
+    """Refit on the inliers that agree best with the model: those within TIGHT_SIGMAS
+    robust standard deviations of it. The RANSAC threshold (3 px) lets in matches that
+    are right but imprecise (a keypoint found a pixel or two off at a coarse pyramid
+    level); least squares weighs them as much as the precise ones. Kept only when at
+    least half the inliers (and 20) remain, so that few, clustered points never decide."""
+    n = int(inl.sum())
+    if n < 40:
+        return m
+    res = np.linalg.norm(_project(m, src) - dst, axis=1)
+    sigma = 1.4826 * float(np.median(res[inl]))
+    if not sigma > 0:
+        return m
+    tight = inl & (res <= TIGHT_SIGMAS * sigma)
+    if tight.sum() < max(20, n // 2):
+        return m
+    m_new = _refit(src[tight], dst[tight], transform)
+    return m if m_new is None or not np.all(np.isfinite(m_new)) else np.asarray(m_new, float)
 
 
 def check_model(m, transform, src_inliers, corners, max_scale: float):
@@ -788,7 +817,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                 and len(m_xy) * len(f_xy) > GUIDED_MIN_PAIRS):
             guided_res = match_guided(
                 m_pts / unit, f_pts / unit, m_desc, f_desc, m_resp, f_resp, detector=detector,
-                transform=transform, ratio=float(ratio), radius=max(2.0 * reproj_threshold, 3.0),
+                transform=transform, ratio=float(ratio), radius=max(GUIDED_RADIUS * reproj_threshold, 3.0),
                 estimator=estimator, threshold=float(reproj_threshold),
                 confidence=float(confidence), max_iters=int(max_iters), seed=int(seed),
                 workers=workers)
