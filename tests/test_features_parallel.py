@@ -145,3 +145,11 @@ def test_descriptor_distance_is_opencvs(detector):
     want = [cv2.norm(d1[i], d2[i], norm) for i in range(n)]
     np.testing.assert_allclose(features.descriptor_distance(d1[:n], d2[:n], detector), want,
                                rtol=1e-5)
+
+
+def test_popcount_table_equals_bitwise_count():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (300, 61), dtype=np.uint8)
+    want = np.array([sum(bin(v).count("1") for v in row) for row in x.tolist()])
+    np.testing.assert_array_equal(features._popcount_rows(x, table=True), want)
+    np.testing.assert_array_equal(features._popcount_rows(x), want)

@@ -368,7 +368,18 @@ def descriptor_distance(a, b, detector: str) -> np.ndarray:
     if detector == "sift":
         d = np.asarray(a, np.float32) - np.asarray(b, np.float32)
         return np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
-    return np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int64).astype(np.float64)
+    return _popcount_rows(np.bitwise_xor(a, b)).astype(np.float64)
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount_rows(x, table: bool = False) -> np.ndarray:
+    """Set bits per row of a uint8 array (np.bitwise_count needs numpy >= 2; a lookup
+    table otherwise, or with ``table=True``)."""
+    if not table and hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).sum(axis=1, dtype=np.int64)
+    return _POPCOUNT8[x].sum(axis=1, dtype=np.int64)
 
 
 def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
