@@ -100,7 +100,18 @@ def main(argv=None):
     ap.add_argument("--n-features", type=int, default=5000)
     ap.add_argument("--image", choices=["retina", "astronaut", "both"], default="both")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--round3", action="store_true",
+                    help="report cases: raw OpenCV ORB/SIFT vs `features` before and now")
+    ap.add_argument("--before", default=None,
+                    help="(--round3) a src/ folder of the code to compare against, e.g. "
+                         "`git archive e3bfb8e src | tar -x -C /tmp/before` -> /tmp/before/src")
+    ap.add_argument("--cases", default=",".join(ROUND3_CASES))
+    ap.add_argument("--stages", default="moon_similarity,astronaut_homography",
+                    help="(--round3) cases for the one-thread stage table")
+    ap.add_argument("--out", default=str(HERE / "results" / "features_round3.json"))
     args = ap.parse_args(argv)
+    if args.round3:
+        return round3(args)
     images = ["retina", "astronaut"] if args.image == "both" else [args.image]
     results = {"cases": [run_case(args, image) for image in images]}
     if not args.skip_accuracy:
@@ -283,6 +294,187 @@ def run_case(args, image):
           f"{out['keypoints']['register']}")
     print("stages (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in stage_med.items()))
     print(f"cv2 warp proposal vs core.resample: max |diff| {warp_diff:.2g} (image in [0, 1])")
+    return out
+
+
+# ------------------------------------------------------------------------- round 3
+# report cases tuned on (issue #15's held-out cases are left out: pass --cases to add them)
+ROUND3_CASES = ("moon_similarity", "coins_rigid", "camera_translation", "astronaut_homography",
+                "retina_affine", "camera_rotation_150")
+
+
+def load_before(src: str, name: str = "napari_registration_before"):
+    """Import another version of the package (a copy of its ``src/``) under ``name``, beside
+    the current one, so that both run interleaved in one process. Its absolute
+    self-references (backend registry, lazy imports) are renamed in a temporary copy."""
+    import importlib
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="nr_before_"))
+    shutil.copytree(Path(src) / "napari_registration", tmp / name)
+    for f in (tmp / name).rglob("*.py"):
+        text = f.read_text()
+        f.write_text(re.sub(r"\bnapari_registration(?=[. ])", name, text))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name)
+
+
+def stage_table(case, detector, before, repeats):
+    """Where the time goes, one thread (``threads=1``; the warp too), CPU medians in ms
+    (``time.process_time``, also inside the backend's own stage timer):
+    the backend's own timings (detect, match, fit) and the core's normalisation and warp,
+    measured by calling them directly; before and now, and the raw OpenCV pipeline's
+    detect / match / fit / warp."""
+    import cv2
+
+    import napari_registration as now
+
+    import types
+
+    rows = {}
+    for label, pkg in ([("before", before)] if before is not None else []) + [("now", now)]:
+        kw = dict(method="features", transform=case.model, score=False, detector=detector,
+                  threads=1)
+        # the backend times its stages with time.perf_counter: make that CPU time here
+        pkg.backends.features.time = types.SimpleNamespace(perf_counter=time.process_time)
+        res = pkg.register(case.fixed, case.moving, **kw)
+        t_ = pkg.Transform(res.transform.matrix)
+        norm = getattr(pkg.core.preprocess, "normalize")
+        warp = pkg.core.resample.resample
+        wkw = {"threads": 1} if "threads" in warp.__code__.co_varnames else {}
+        acc = {k: [] for k in ("register", "detect", "match", "fit", "normalize x2", "warp")}
+        for _ in range(repeats):
+            c = time.process_time()
+            r = pkg.register(case.fixed, case.moving, **kw)
+            acc["register"].append(time.process_time() - c)
+            for k in ("detect", "match", "fit"):
+                acc[k].append(r.info["timings"][k])
+            c = time.process_time()
+            norm(case.fixed)
+            norm(case.moving)
+            acc["normalize x2"].append(time.process_time() - c)
+            c = time.process_time()
+            warp(case.moving, t_, case.fixed.shape, **wkw)
+            acc["warp"].append(time.process_time() - c)
+        rows[label] = {k: 1e3 * statistics.median(v) for k, v in acc.items()}
+        pkg.backends.features.time = time
+    f8 = np.clip(case.fixed * 255, 0, 255).astype(np.uint8)
+    m8 = np.clip(case.moving * 255, 0, 255).astype(np.uint8)
+    det = cv2.ORB_create(nfeatures=5000) if detector == "orb" else cv2.SIFT_create()
+    norm_type = cv2.NORM_HAMMING if detector == "orb" else cv2.NORM_L2
+    acc = {k: [] for k in ("detect", "match", "fit", "warp")}
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for _ in range(repeats):
+            c = time.process_time()
+            kf, df = det.detectAndCompute(f8, None)
+            km, dm = det.detectAndCompute(m8, None)
+            acc["detect"].append(time.process_time() - c)
+            c = time.process_time()
+            pairs = cv2.BFMatcher(norm_type).knnMatch(dm, df, k=2)
+            good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
+            acc["match"].append(time.process_time() - c)
+            c = time.process_time()
+            src = np.float32([km[g.queryIdx].pt for g in good])
+            dst = np.float32([kf[g.trainIdx].pt for g in good])
+            if case.model == "homography":
+                h, _ = cv2.findHomography(src, dst, cv2.RANSAC, 5.0)
+            else:
+                a, _ = (cv2.estimateAffine2D if case.model == "affine"
+                        else cv2.estimateAffinePartial2D)(src, dst)
+                h = np.vstack([a, [0, 0, 1]])
+            acc["fit"].append(time.process_time() - c)
+            c = time.process_time()
+            cv2.warpPerspective(case.moving, h, case.fixed.shape[::-1])
+            acc["warp"].append(time.process_time() - c)
+    finally:
+        cv2.setNumThreads(threads)
+    rows["raw OpenCV"] = {k: 1e3 * statistics.median(v) for k, v in acc.items()}
+    rows["raw OpenCV"]["register"] = sum(rows["raw OpenCV"].values())
+    print(f"stages, {case.name}, {detector}, one thread, CPU ms:")
+    for label, r in rows.items():
+        print(f"  {label:12s} " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+    return {"case": case.name, "detector": detector, "ms": rows}
+
+
+def round3(args):
+    """`features` (ORB, SIFT) against the raw OpenCV pipelines of the report (the report's
+    own peer code), before and after this round, interleaved in one process: wall and
+    CPU seconds (medians), ratios to the raw pipeline, TRE as the report computes it."""
+    import sys
+
+    import cv2
+
+    sys.path.insert(0, str(HERE))
+    import report_cases
+    from report import tre_of
+    from report_methods import OpenCVOrb, OpenCVSift
+
+    import napari_registration as now
+    from napari_registration.data import grid_points
+
+    before = load_before(args.before) if args.before else None
+    rows = []
+    for name in args.cases.split(","):
+        case = getattr(report_cases, name)()
+        if case.points is None:
+            case.points = grid_points(case.shape, case.spacing)
+        variants = {}
+        for det, peer in (("orb", OpenCVOrb()), ("sift", OpenCVSift())):
+            kw = {"detector": det}
+            variants[f"raw OpenCV {det.upper()}"] = (
+                lambda peer=peer: peer.run(case), lambda raw, peer=peer: peer.mapper(case, raw))
+            versions = ([("before", before)] if before is not None else []) + [("now", now)]
+            for label, pkg in versions:
+                variants[f"ours {det} {label}"] = (
+                    lambda pkg=pkg, kw=kw: pkg.register(
+                        case.fixed, case.moving, method="features", transform=case.model,
+                        score=False, **kw),
+                    lambda raw: raw.transform.apply_inverse)
+            variants[f"ours {det} now, threads=1"] = (
+                lambda kw=kw: now.register(case.fixed, case.moving, method="features",
+                                           transform=case.model, score=False, threads=1, **kw),
+                lambda raw: raw.transform.apply_inverse)
+        names = list(variants)
+        tre, info = {}, {}
+        for k, (run, mapper) in variants.items():  # warm up + accuracy
+            raw = run()
+            tre[k] = tre_of(case, mapper(raw))["mean"]
+            info[k] = {key: raw.info.get(key) for key in ("keypoints_fixed", "matches", "inliers",
+                                                           "matcher")} if hasattr(raw, "info") else {}
+        wall = {k: [] for k in names}
+        cpu = {k: [] for k in names}
+        for r in range(args.repeats):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                t, c = time.perf_counter(), time.process_time()
+                variants[k][0]()
+                wall[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
+        for det in ("orb", "sift"):
+            base = f"raw OpenCV {det.upper()}"
+            for k in [n for n in names if det in n.lower()]:
+                rows.append({"case": name, "variant": k,
+                             "wall_s": statistics.median(wall[k]),
+                             "wall_x_raw": statistics.median(wall[k]) / statistics.median(wall[base]),
+                             "cpu_s": statistics.median(cpu[k]),
+                             "cpu_x_raw": statistics.median(cpu[k]) / statistics.median(cpu[base]),
+                             "tre": tre[k], **info[k]})
+                print(f"{name:22s} {k:28s} wall {rows[-1]['wall_s'] * 1e3:7.1f} ms "
+                      f"({rows[-1]['wall_x_raw']:.2f}x)  cpu {rows[-1]['cpu_s'] * 1e3:7.1f} ms "
+                      f"({rows[-1]['cpu_x_raw']:.2f}x)  TRE {tre[k]:.4f}  {info[k]}", flush=True)
+    stages = [stage_table(getattr(report_cases, c)(), det, before, args.repeats)
+              for c in args.stages.split(",") if c for det in ("orb", "sift")]
+    out = {"stages": stages, "command": "bench_features.py --round3 " + " ".join(
+               f"--{k} {v}" for k, v in (("repeats", args.repeats), ("before", args.before),
+                                          ("cases", args.cases))),
+           "rows": rows, "opencv": cv2.__version__, "cpus": os.cpu_count(),
+           "load_average_after": os.getloadavg(), "python": platform.python_version()}
+    Path(args.out).parent.mkdir(exist_ok=True, parents=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
     return out
 
 

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from ..core.parallel import n_workers, run_all
 from ..core.register import BackendResult, RegistrationCancelled, RegistrationError
 from ..core.transform import Transform
 
@@ -46,6 +47,10 @@ MIN_POINTS = {"translation": 1, "rigid": 2, "similarity": 2, "affine": 3, "homog
 # SIFT keypoints per image, LSH beats brute-force Hamming from ~4000 binary ones, with
 # the same number of matches within 1%)
 _AUTO_FLANN_PAIRS = {"float": 2000 * 2000, "binary": 4000 * 4000}
+
+# fixed + moving pixels up to which both images are detected at once (two threads): the
+# detectors' memory (SIFT ~230 bytes per pixel) then stays at what one tiled image needs
+CONCURRENT_DETECT_PIXELS = 2 * 1024 * 1024
 
 _SIMPLER = {"homography": "transform='affine' or 'similarity'",
             "affine": "transform='similarity' or 'rigid'", "similarity": "transform='rigid'",
@@ -171,19 +176,23 @@ def _make_detector(detector: str, n_features: int, threshold):
     raise ValueError(f"detector must be one of {DETECTORS}; got {detector!r}")  # pragma: no cover
 
 
-def detect(image_u8, mask, detector: str, n_features: int, threshold=None):
+def detect(image_u8, mask, detector: str, n_features: int, threshold=None, *,
+           with_response: bool = False):
     """Keypoints and descriptors of one uint8 image: ``(xy, descriptors)`` with ``xy``
     (N, 2) in OpenCV pixel ``(x, y)`` (convert with :func:`keypoints_to_world`) and
     ``descriptors`` None when nothing was found. ``mask`` (bool, image shape) limits
-    where keypoints are taken."""
+    where keypoints are taken. ``with_response``: also each keypoint's detector
+    response (strength), as a third value."""
     det = _make_detector(detector, n_features, threshold)
     cv_mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
     kps, desc = _detect_and_describe(det, image_u8, cv_mask, detector, n_features)
     if not kps or desc is None:
-        return np.empty((0, 2)), None
+        return (np.empty((0, 2)), None) + ((np.empty(0),) if with_response else ())
     import cv2
 
     xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
+    if with_response:
+        return xy, desc, np.fromiter((k.response for k in kps), np.float64, len(kps))
     return xy, desc
 
 
@@ -200,7 +209,8 @@ def _detect_and_describe(det, image_u8, cv_mask, detector: str, budget: int):
 
 
 def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None, *,
-                 tile_size: int = 1024, margin: int = 64, stop=None):
+                 tile_size: int = 1024, margin: int = 64, stop=None,
+                 with_response: bool = False):
     """:func:`detect` on an image of any size with bounded memory: OpenCV's detectors
     build float pyramids (SIFT: ~230 bytes per input pixel, since it doubles the image
     first), so an image larger than ~1.5 tiles is cut into ``tile_size`` squares, each
@@ -211,7 +221,7 @@ def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None,
     h, w = image_u8.shape
     tile = int(tile_size)
     if tile <= 0 or h * w <= 1.5 * tile * tile:
-        return detect(image_u8, mask, detector, n_features, threshold)
+        return detect(image_u8, mask, detector, n_features, threshold, with_response=with_response)
     import cv2
 
     det_all = []
@@ -242,14 +252,14 @@ def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None,
                 response = np.array([k.response for k in kps])[core]
                 det_all.append((xy[core], desc[core], response))
     if not det_all:
-        return np.empty((0, 2)), None
+        return (np.empty((0, 2)), None) + ((np.empty(0),) if with_response else ())
     xy = np.concatenate([d[0] for d in det_all])
     desc = np.concatenate([d[1] for d in det_all])
     response = np.concatenate([d[2] for d in det_all])
     if 0 < n_features < len(xy):
         keep = np.sort(np.argsort(-response, kind="stable")[:n_features])
-        xy, desc = xy[keep], desc[keep]
-    return xy, desc
+        xy, desc, response = xy[keep], desc[keep], response[keep]
+    return (xy, desc, response) if with_response else (xy, desc)
 
 
 def _norm_for(detector: str):
@@ -282,14 +292,33 @@ def _matcher(kind: str, detector: str):
     return cv2.FlannBasedMatcher(index, {"checks": 64})
 
 
+def _knn_parallel(kind, detector, query, train, k, workers):
+    """:func:`_knn` with the queries cut into ``workers`` blocks matched at once (brute
+    force only: each query's neighbours do not depend on the other queries, so the result
+    is the one of a single call; OpenCV releases the GIL while it matches)."""
+    from ..core.parallel import run_all, split
+
+    if kind != "bf" or workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+        return _knn(_matcher(kind, detector), query, train, k)
+    parts = split(len(query), min(workers, len(query) // MIN_QUERIES_PER_THREAD))
+    out = run_all([lambda a=a, b=b: _knn(_matcher(kind, detector), query[a:b], train, k)
+                   for a, b in parts])
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+# below this many query descriptors per thread, starting a thread costs more than it saves
+MIN_QUERIES_PER_THREAD = 256
+
+
 def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
-          cross_check: bool = False, matcher: str = "auto", seed: int = 0):
+          cross_check: bool = False, matcher: str = "auto", seed: int = 0, workers: int = 1):
     """Match moving descriptors to fixed ones: ``(moving_idx, fixed_idx, matcher_used)``.
 
     Lowe's ratio test keeps a match whose best distance is below ``ratio`` times the
     second best; ``cross_check`` also requires the fixed descriptor's best match to be
     the same moving one. FLANN builds its random trees/hash tables from OpenCV's RNG,
-    seeded with ``seed`` so that the matches are reproducible."""
+    seeded with ``seed`` so that the matches are reproducible. Brute-force matching runs
+    on ``workers`` threads (same matches as one)."""
     import cv2
 
     n_m, n_f = len(desc_moving), len(desc_fixed)
@@ -302,11 +331,16 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
         desc_fixed = np.asarray(desc_fixed, np.float32)
     with _cv2_errors(f"matching descriptors ({kind})"):
         cv2.setRNGSeed(int(seed))
-        m = _matcher(kind, detector)
         k = 2 if n_f >= 2 else 1
-        idx, dist = _knn(m, desc_moving, desc_fixed, k)
-        if cross_check:
-            back, _ = _knn(m, desc_fixed, desc_moving, 1)
+        if kind == "bf":
+            idx, dist = _knn_parallel(kind, detector, desc_moving, desc_fixed, k, int(workers))
+            if cross_check:
+                back, _ = _knn_parallel(kind, detector, desc_fixed, desc_moving, 1, int(workers))
+        else:
+            m = _matcher(kind, detector)
+            idx, dist = _knn(m, desc_moving, desc_fixed, k)
+            if cross_check:
+                back, _ = _knn(m, desc_fixed, desc_moving, 1)
     q = np.arange(n_m)
     keep = idx[:, 0] >= 0
     if k == 2:
@@ -317,6 +351,94 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
         ok = best >= 0
         keep &= ok & (back[np.where(ok, best, 0), 0] == q)
     return q[keep], idx[keep, 0], kind
+
+
+# above this many descriptor comparisons (moving x fixed keypoints), guided matching
+# (below) replaces all-against-all matching of binary descriptors: under it a full match
+# costs ~1-2 ms (ORB on 512^2 photos: 600 keypoints per image)
+GUIDED_MIN_PAIRS = 600 * 600
+GUIDED_SEED = 500       # strongest keypoints per image matched all-against-all first
+GUIDED_NEIGHBOURS = 8   # fixed keypoints examined around each predicted position
+GUIDED_RADIUS = 2.0     # search radius around each prediction, in reproj_threshold units
+
+
+def descriptor_distance(a, b, detector: str) -> np.ndarray:
+    """Row-wise distance between two (N, D) descriptor arrays, as OpenCV's matcher
+    measures it: Hamming bits for binary descriptors, L2 for SIFT."""
+    if detector == "sift":
+        d = np.asarray(a, np.float32) - np.asarray(b, np.float32)
+        return np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
+    return _popcount_rows(np.bitwise_xor(a, b)).astype(np.float64)
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount_rows(x, table: bool = False) -> np.ndarray:
+    """Set bits per row of a uint8 array (np.bitwise_count needs numpy >= 2; a lookup
+    table otherwise, or with ``table=True``)."""
+    if not table and hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).sum(axis=1, dtype=np.int64)
+    return _POPCOUNT8[x].sum(axis=1, dtype=np.int64)
+
+
+def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
+                 ratio: float, radius: float, estimator: str, threshold: float,
+                 confidence: float, max_iters: int, seed: int, workers: int = 1):
+    """Guided matching: ``(moving_idx, fixed_idx)``, or None when the seed fit fails.
+
+    1. The ``GUIDED_SEED`` strongest keypoints of each image are matched all against all
+       (Lowe's ratio test) and ``transform`` is fitted robustly to them.
+    2. Every moving keypoint is then compared only with the fixed keypoints within
+       ``radius`` of where that fit puts it (at most ``GUIDED_NEIGHBOURS``); it keeps the
+       nearest descriptor if that passes the ratio test against the second nearest there
+       and is no farther than the seed inliers' farthest descriptor distance.
+    3. Each fixed keypoint keeps its closest moving one (one-to-one).
+
+    The caller fits the model to these matches as it does to all-against-all ones, so a
+    poor seed cannot bias the result beyond which pairs are offered. Points are (N, 2)
+    in fitting units (about fixed pixels), like ``radius``; descriptors and responses
+    per keypoint. Costs ~GUIDED_SEED^2 + N * GUIDED_NEIGHBOURS comparisons instead of
+    N_moving * N_fixed."""
+    from scipy.spatial import cKDTree
+
+    ms = np.sort(np.argsort(-np.asarray(m_resp), kind="stable")[:GUIDED_SEED])
+    fs = np.sort(np.argsort(-np.asarray(f_resp), kind="stable")[:GUIDED_SEED])
+    a, b, _ = match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio, matcher="bf",
+                    seed=seed, workers=workers)
+    need = max(3 * MIN_POINTS[transform], 12)
+    if len(a) < need:
+        return None
+    a, b = ms[a], fs[b]
+    order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
+    a, b = a[order], b[order]
+    m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator, threshold=threshold,
+                     confidence=confidence, max_iters=max_iters, refine=True, seed=seed)
+    if m0 is None or inl.sum() < need or not np.all(np.isfinite(m0)):
+        return None
+    cap = float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
+    pred = _project(m0, m_pts)
+    ok = np.all(np.isfinite(pred), axis=1)
+    k = min(GUIDED_NEIGHBOURS, len(f_pts))
+    _, nb = cKDTree(f_pts).query(np.where(ok[:, None], pred, 1e300), k=k,
+                                 distance_upper_bound=float(radius))
+    nb = nb.reshape(len(m_pts), k)
+    rows, cols = np.nonzero(nb < len(f_pts))
+    dist = np.full(nb.shape, np.inf)
+    dist[rows, cols] = descriptor_distance(m_desc[rows], f_desc[nb[rows, cols]], detector)
+    two = np.argsort(dist, axis=1, kind="stable")[:, :2]
+    q = np.arange(len(m_pts))
+    best = dist[q, two[:, 0]]
+    second = dist[q, two[:, 1]] if k >= 2 else np.full(len(q), np.inf)
+    keep = np.isfinite(best) & (best <= cap) & (best < ratio * second)
+    mi = q[keep]
+    fi = nb[mi, two[keep, 0]]
+    # one-to-one: each fixed keypoint keeps its closest moving descriptor
+    order = np.lexsort((mi, best[mi], fi))
+    first = np.ones(len(order), bool)
+    first[1:] = fi[order][1:] != fi[order][:-1]
+    sel = np.sort(order[first])
+    return mi[sel], fi[sel]
 
 
 # ------------------------------------------------------------------ model fitting
@@ -403,7 +525,8 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
     The robust estimator picks the inliers; with ``refine`` the model is then refitted
     by least squares on them (Umeyama for rigid/similarity, linear least squares for
     affine, DLT + Levenberg-Marquardt for homography) and the inliers re-selected with
-    the same threshold, until they stop changing (at most 5 rounds).
+    the same threshold, until they stop changing (at most 5 rounds); a last fit then
+    uses the inliers within TIGHT_SIGMAS robust standard deviations (:func:`_tight_refit`).
 
     OpenCV has no MAGSAC++ for rotation + scale models: with ``estimator="usac_magsac"``,
     rigid and similarity fits take their inliers from MAGSAC++ on an affine model."""
@@ -455,7 +578,34 @@ def fit(src, dst, transform: str, *, estimator: str = "ransac", threshold: float
                 if np.array_equal(new, inl) or new.sum() < need:
                     break
                 inl = new
+        if refine:
+            m = _tight_refit(m, src, dst, inl, transform)
     return m, inl, rounds
+
+
+# the final least-squares fit uses the inliers whose residual is within this many robust
+# standard deviations (1.4826 x median residual) of the consensus model
+TIGHT_SIGMAS = 2.5
+
+
+def _tight_refit(m, src, dst, inl, transform):
+    """Refit on the inliers that agree best with the model: those within TIGHT_SIGMAS
+    robust standard deviations of it. The RANSAC threshold (3 px) lets in matches that
+    are right but imprecise (a keypoint found a pixel or two off at a coarse pyramid
+    level); least squares weighs them as much as the precise ones. Kept only when at
+    least half the inliers (and 20) remain, so that few, clustered points never decide."""
+    n = int(inl.sum())
+    if n < 40:
+        return m
+    res = np.linalg.norm(_project(m, src) - dst, axis=1)
+    sigma = 1.4826 * float(np.median(res[inl]))
+    if not sigma > 0:
+        return m
+    tight = inl & (res <= TIGHT_SIGMAS * sigma)
+    if tight.sum() < max(20, n // 2):
+        return m
+    m_new = _refit(src[tight], dst[tight], transform)
+    return m if m_new is None or not np.all(np.isfinite(m_new)) else np.asarray(m_new, float)
 
 
 def check_model(m, transform, src_inliers, corners, max_scale: float):
@@ -559,7 +709,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              estimator: Literal["ransac", "usac_magsac", "lmeds"] = "ransac", reproj_threshold: float = 3.0,
              confidence: float = 0.999, max_iters: int = 5000, refine: bool = True,
              min_inliers: int = 10, max_scale: float = 10.0, isotropic: bool = True,
-             seed: int = 0, threads: int = 0, tile_size: int = 1024) -> BackendResult:
+             seed: int = 0, threads: int = 0, tile_size: int = 1024,
+             guided: bool = True) -> BackendResult:
     """Detect keypoints in both images, match their descriptors and fit ``transform``
     robustly, in world coordinates.
 
@@ -600,11 +751,21 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     seed : int
         Seed for the random sampling (OpenCV's RNG and the translation consensus).
     threads : int
-        OpenCV worker threads for this call (0 = leave OpenCV's setting).
+        OpenCV worker threads for this call (0 = leave OpenCV's setting); also how many
+        threads share the brute-force matching and (ORB, AKAZE, BRISK) detect the two
+        images at once (0 = one per core). The result does not depend on it.
     tile_size : int
         Images larger than ~1.5 tiles of this side (pixels) are detected tile by tile at
         full resolution, which bounds memory (SIFT needs ~230 bytes per pixel it sees at
         once); 0 = the whole image at once.
+    guided : bool
+        Binary descriptors (ORB, AKAZE, BRISK), many keypoints, matcher="auto", no
+        cross_check: match the strongest 500 of each image first, fit, then compare each
+        keypoint only with the fixed keypoints near where that fit puts it
+        (2 x reproj_threshold) instead of with all of them; the final fit is made to these
+        matches as usual. Falls back to matching all against all when the first fit
+        fails. False = always all against all. (SIFT's detection costs far more than its
+        matching, and all-against-all was more accurate there.)
     """
     _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, confidence,
               max_iters, n_features, min_inliers, max_scale, np.ndim(fixed))
@@ -629,11 +790,25 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             m_img, m_mask, m_det_sp = square_pixels(moving, m_sp, moving_mask)
         if int(tile_size) < 0:
             raise ValueError(f"tile_size must be >= 0 (0 = no tiles); got {tile_size}")
-        f_xy, f_desc = detect_tiled(to_uint8(f_img, f_mask), f_mask, detector, n_features,
-                                    threshold, tile_size=int(tile_size), stop=stop)
+        workers = n_workers(threads)
+
+        def detect_one(img, msk):
+            return detect_tiled(to_uint8(img, msk), msk, detector, n_features, threshold,
+                                tile_size=int(tile_size), stop=stop, with_response=True)
+
+        if (workers > 1 and detector != "sift"
+                and f_img.size + m_img.size <= CONCURRENT_DETECT_PIXELS):
+            # both images at once: OpenCV releases the GIL while it detects; larger images
+            # go one after the other (tiled), which bounds the detector's memory. Not SIFT:
+            # OpenCV already spreads its pyramids over threads, and two at once cost more
+            # CPU and time on a busy 2-core machine (bench_features.py --round3)
+            (f_xy, f_desc, f_resp), (m_xy, m_desc, m_resp) = run_all(
+                [lambda: detect_one(f_img, f_mask), lambda: detect_one(m_img, m_mask)])
+        else:
+            f_xy, f_desc, f_resp = detect_one(f_img, f_mask)
+            stop()
+            m_xy, m_desc, m_resp = detect_one(m_img, m_mask)
         stop()
-        m_xy, m_desc = detect_tiled(to_uint8(m_img, m_mask), m_mask, detector, n_features,
-                                    threshold, tile_size=int(tile_size), stop=stop)
         timings["detect"] = time.perf_counter() - t
         f_pts = keypoints_to_world(f_xy, f_det_sp)
         m_pts = keypoints_to_world(m_xy, m_det_sp)
@@ -648,8 +823,21 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         progress(0.4, "matching")
         stop()
         t = time.perf_counter()
-        mi, fi, used = match(m_desc, f_desc, detector=detector, ratio=float(ratio),
-                             cross_check=bool(cross_check), matcher=matcher, seed=int(seed))
+        guided_res = None
+        if (guided and matcher == "auto" and not cross_check and detector != "sift"
+                and len(m_xy) * len(f_xy) > GUIDED_MIN_PAIRS):
+            guided_res = match_guided(
+                m_pts / unit, f_pts / unit, m_desc, f_desc, m_resp, f_resp, detector=detector,
+                transform=transform, ratio=float(ratio), radius=max(GUIDED_RADIUS * reproj_threshold, 3.0),
+                estimator=estimator, threshold=float(reproj_threshold),
+                confidence=float(confidence), max_iters=int(max_iters), seed=int(seed),
+                workers=workers)
+        if guided_res is not None:
+            (mi, fi), used = guided_res, "guided"
+        else:
+            mi, fi, used = match(m_desc, f_desc, detector=detector, ratio=float(ratio),
+                                 cross_check=bool(cross_check), matcher=matcher, seed=int(seed),
+                                 workers=workers)
         timings["match"] = time.perf_counter() - t
         info.update(matcher=used, matches=len(mi))
         if len(mi) < need:
