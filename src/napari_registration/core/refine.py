@@ -149,7 +149,7 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
                   levels=None, start_error_px: float = 2.0, iterations: int = 40,
                   max_samples: int | None = None, tolerance: float = 1e-4,
                   min_ncc: float = 0.5, robust: float | None | str = "auto",
-                  cancel=None) -> tuple[Transform, dict]:
+                  cancel=None, robust_gate: float | None = None) -> tuple[Transform, dict]:
     """Refine a linear ``transform`` (moving world -> fixed world) of kind ``model``.
 
     Parameters
@@ -180,6 +180,13 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
         border, an occlusion) stop pulling the fit (retina affine 2.4e-3 -> 0.8e-3 px).
         It is kept when it lowers the biweight loss. None: least squares only; "auto":
         4.685 in 2D, None in 3D (not measured there).
+    robust_gate : float or None
+        Skip the biweight pass when its first step, computed from the least-squares
+        result's residual (gain and offset reweighted, one weighted solve: no
+        interpolation), would move no pixel of the fixed grid by this many finest
+        pixels. None: ``tolerance``, where the pass itself would stop at that first
+        step with the least-squares result, so skipping changes nothing but the time.
+        0: always run the pass.
 
     Returns
     -------
@@ -195,9 +202,21 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     # the biweight pass works on the finest level the least-squares pass sampled: the
     # level's samples, spline coefficients and Jacobian are made once for both
     common["level_cache"] = {}
+    if levels is None:
+        levels = auto_levels(tuple(min(a, b) for a, b in zip(np.shape(fixed), np.shape(moving))),
+                             start_error_px)
+    levels = [int(v) for v in levels]
     out, info = _refine_linear(fixed, moving, transform, levels=levels,
                                start_error_px=start_error_px, min_ncc=min_ncc, robust=None,
-                               **common)
+                               biweight_probe=float(robust) if robust else None, **common)
+    step = info.get("biweight_step_px")
+    gate = tolerance if robust_gate is None else robust_gate
+    if robust and gate and step is not None and step < gate:
+        # the biweight pass's first step would move no pixel by the tolerance: the pass
+        # would stop there, at the least-squares result; skip its set-up and fits
+        info["robust"] = {"accepted": False, "skipped": True,
+                          "reason": f"a biweight step would move {step:.1e} px < {gate:g}"}
+        robust = None
     if robust and info.get("reason") not in ("cancelled",) and "declined" not in str(info.get("reason")):
         finest = [int(info["levels"][-1])] if info.get("levels") else None
         out2, info2 = _refine_linear(fixed, moving, out, levels=finest, min_ncc=0.0,
@@ -217,10 +236,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                    start_error_px: float = 2.0, iterations: int = 40,
                    max_samples: int | None = None, tolerance: float = 1e-4,
                    min_ncc: float = 0.5, robust: float | None = None,
-                   cancel=None, level_cache: dict | None = None) -> tuple[Transform, dict]:
+                   cancel=None, level_cache: dict | None = None,
+                   biweight_probe: float | None = None) -> tuple[Transform, dict]:
     """refine_linear's passes: least squares (``robust=None``) or Tukey's biweight.
     ``level_cache`` (factor -> sampled level) lets a second pass on the same images reuse
-    the first one's levels."""
+    the first one's levels. ``biweight_probe`` (a cutoff): record in
+    ``info["biweight_step_px"]`` how far one biweight step would move the result
+    (:func:`_biweight_step`, finest pixels)."""
     if model not in MODELS:
         raise ValueError(f"refine_linear: model must be one of {list(MODELS)}; got {model!r}")
     if not transform.is_linear or transform.is_projective:
@@ -327,16 +349,18 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                                                mode="mirror", prefilter=False)
         return vals, ok
 
-    def tukey(res):
+    def tukey(res, cutoff=None):
         """Biweight weights and mean loss (as an RMS-like number) of residuals."""
-        c = robust * (np.median(np.abs(res)) / 0.6745) + 1e-12
+        c = (cutoff or robust) * (np.median(np.abs(res)) / 0.6745) + 1e-12
         u2 = np.minimum((res / c) ** 2, 1.0)
         weights = (1.0 - u2) ** 2
         return weights, float(np.sqrt(np.mean(c * c / 6.0 * (1.0 - (1.0 - u2) ** 3))))
 
-    def fit(lv, vals, ok):
+    def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
-        (RMS of the residual; with ``robust``, the biweight loss on the same scale)."""
+        (RMS of the residual; with ``robust`` (or ``cutoff``), the biweight loss on the
+        same scale)."""
+        cutoff = cutoff or robust
         t = lv["values"][ok]
         m = vals[ok]
         if t.size < 8 * n_par:
@@ -348,11 +372,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         gain = cross / vm
         ncc = cross / np.sqrt(vm * vt)
         res = gain * mc - tc
-        if robust:
+        if cutoff:
             # gain and offset by the same biweight (an occluder biases a plain fit of them,
             # and then every residual with it): a few reweighted rounds
             for _ in range(3):
-                w = tukey(res)[0]
+                w = tukey(res, cutoff)[0]
                 sw = w.sum()
                 if sw <= 0:
                     break
@@ -362,13 +386,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                 if vmw <= 0:
                     break
                 res = (_dot(w * mcw, tcw) / vmw) * mcw - tcw
-            return res, abs(ncc), tukey(res)[1]
+            return res, abs(ncc), tukey(res, cutoff)[1]
         return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size))
 
     fine_px = float(f_sp.min())  # world size of one finest pixel (smallest axis)
     corners = np.array(np.meshgrid(*[[0.0, (n - 1) * s] for n, s in zip(fixed.shape, f_sp)],
                                    indexing="ij")).reshape(ndim, -1).T - centre
-    lv = last = None
+    lv = last = ok = None
     at_start = {}  # factor -> the fit at the start warp (a level reached before any update)
     for factor in levels:
         if cancel is not None and cancel():
@@ -379,7 +403,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             info["iterations"].append(0)
             last = None
             continue
-        vals, ok = warped_values(lv, warp)
+        seen = level_cache.get("last_eval") if level_cache is not None else None
+        if (seen is not None and seen[0] == factor
+                and np.allclose(seen[1], warp, rtol=1e-13, atol=1e-10 * fine_px)):
+            vals, ok = seen[2], seen[3]  # the previous pass ended here: no new interpolation
+            info["reused_start_samples"] = True
+        else:
+            vals, ok = warped_values(lv, warp)
         cur = fit(lv, vals, ok)
         if cur is None:
             info["reason"] = "too little overlap"
@@ -448,7 +478,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             if not accepted:
                 break
             moved = np.einsum("nd,ed->ne", corners, d[:ndim, :ndim] - np.eye(ndim)) + d[:ndim, ndim]
-            warp, ok, cur = new, ok_n, nxt
+            warp, ok, cur, vals = new, ok_n, nxt, vals_n
             if float(np.abs(moved).max()) < tol_world:
                 break
         info["iterations"].append(n_it)
@@ -460,6 +490,16 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         b = last if factor == levels[-1] and last is not None else fit(lv, *warped_values(lv, warp))
         if a is not None and b is not None:
             info.update(rms_start=a[2], rms=b[2], ncc_start=a[1], ncc=b[1])
+            if biweight_probe and b is last and ok is not None:
+                # the biweight pass's first step from here, computed as that pass would
+                # (gain and offset reweighted, then one weighted Gauss-Newton solve)
+                rb = fit(lv, vals, ok, cutoff=biweight_probe)
+                if rb is not None:
+                    info["biweight_step_px"] = _biweight_step(
+                        rb[0], tukey(rb[0], biweight_probe)[0], lv["sd"][ok], gens, ndim,
+                        model, corners) / fine_px
+                if level_cache is not None:
+                    level_cache["last_eval"] = (factor, warp.copy(), vals, ok)
             if b[2] <= a[2]:
                 info.update(accepted=True, reason="converged")
             else:
@@ -471,6 +511,23 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     if not info["accepted"]:
         return transform, info
     return Transform(np.linalg.inv(warp)), info
+
+
+def _biweight_step(res, w, sd, gens, ndim, model, corners) -> float:
+    """How far (world units, the largest move of a corner of the fixed grid) one
+    Tukey-biweight Gauss-Newton step would move a fit whose residual is ``res``, biweight
+    weights ``w`` and Jacobian ``sd``: a weighted normal matrix, no interpolation."""
+    sw = sd * w[:, None]
+    h = np.einsum("np,nq->pq", sw, sd)
+    b = np.einsum("np,n->p", sw, res)
+    n_par = h.shape[0]
+    try:
+        dp = np.linalg.solve(h + 1e-9 * np.trace(h) / n_par * np.eye(n_par), b)
+    except np.linalg.LinAlgError:
+        return float("inf")
+    d = _delta_matrix(dp, gens, ndim, model)
+    moved = np.einsum("nd,ed->ne", corners, d[:ndim, :ndim] - np.eye(ndim)) + d[:ndim, ndim]
+    return float(np.abs(moved).max())
 
 
 class LinearJudge:
