@@ -327,8 +327,9 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         mmask = None
         if moving_mask is not None:
             mmask = _block_mean(np.asarray(moving_mask, np.float32), factor) > 0.5
-        return dict(pts=pts, values=values, sd=sd, coeffs=coeffs, m_off=m_off,
-                    m_scale=factor * m_sp, m_shape=np.array(m_l.shape), mmask=mmask)
+        return dict(pts=pts, pts_t=np.ascontiguousarray(pts.T), values=values, sd=sd,
+                    coeffs=coeffs, m_off=m_off, m_scale=factor * m_sp,
+                    m_shape=np.array(m_l.shape), mmask=mmask)
 
     n_eval = [0]
 
@@ -337,55 +338,71 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
 
         n_eval[0] += 1
 
-        q = np.einsum("nd,ed->ne", lv["pts"], w[:ndim, :ndim]) + w[:ndim, ndim]
-        idx = (q - lv["m_off"]) / lv["m_scale"]
-        ok = np.all((idx >= 0) & (idx <= lv["m_shape"] - 1), axis=1)
+        # moving-level index of every sample, (D, N), in one array: this runs a few
+        # dozen times per registration on up to 2**17 samples, and every temporary of
+        # that size is fresh memory when the allocator hands big blocks back (the
+        # report's setting: the page faults of such temporaries doubled the time)
+        idx = np.einsum("de,en->dn", w[:ndim, :ndim] / lv["m_scale"][:, None], lv["pts_t"])
+        idx += ((w[:ndim, ndim] - lv["m_off"]) / lv["m_scale"])[:, None]
+        ok = idx[0] >= 0
+        for d in range(ndim):
+            if d:
+                ok &= idx[d] >= 0
+            ok &= idx[d] <= lv["m_shape"][d] - 1
         if lv["mmask"] is not None:
-            near = np.clip(np.round(idx).astype(int), 0, lv["m_shape"] - 1)
+            near = np.clip(np.round(idx.T).astype(int), 0, lv["m_shape"] - 1)
             ok &= lv["mmask"][tuple(near.T)]
-        vals = np.zeros(len(q))
-        if ok.any():
-            vals[ok] = ndimage.map_coordinates(lv["coeffs"], idx[ok].T, order=3,
-                                               mode="mirror", prefilter=False)
+        if ok.all():
+            vals = ndimage.map_coordinates(lv["coeffs"], idx, order=3, mode="mirror",
+                                           prefilter=False)
+        else:
+            vals = np.zeros(idx.shape[1])
+            if ok.any():
+                vals[ok] = ndimage.map_coordinates(lv["coeffs"], idx[:, ok], order=3,
+                                                   mode="mirror", prefilter=False)
         return vals, ok
 
     def tukey(res, cutoff=None):
-        """Biweight weights and mean loss (as an RMS-like number) of residuals."""
-        c = (cutoff or robust) * (np.median(np.abs(res)) / 0.6745) + 1e-12
-        u2 = np.minimum((res / c) ** 2, 1.0)
-        weights = (1.0 - u2) ** 2
-        return weights, float(np.sqrt(np.mean(c * c / 6.0 * (1.0 - (1.0 - u2) ** 3))))
+        """Biweight weights and mean loss (as an RMS-like number) of residuals (one
+        array of their size is made: the weights)."""
+        return _tukey(res, cutoff or robust)
 
     def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
         (RMS of the residual; with ``robust`` (or ``cutoff``), the biweight loss on the
         same scale)."""
         cutoff = cutoff or robust
-        t = lv["values"][ok]
-        m = vals[ok]
-        if t.size < 8 * n_par:
+        if ok.all():
+            t, m = lv["values"], vals
+        else:
+            t, m = lv["values"][ok], vals[ok]
+        n = t.size
+        if n < 8 * n_par:
             return None
-        mc, tc = m - m.mean(), t - t.mean()
-        vm, vt, cross = _dot(mc, mc), _dot(tc, tc), _dot(mc, tc)
+        # sums instead of centred copies (values are O(1): no cancellation to speak of)
+        sm, st = float(m.sum()), float(t.sum())
+        vm = _dot(m, m) - sm * sm / n
+        vt = _dot(t, t) - st * st / n
+        cross = _dot(m, t) - sm * st / n
         if vm <= 0 or vt <= 0:
             return None
         gain = cross / vm
         ncc = cross / np.sqrt(vm * vt)
-        res = gain * mc - tc
+        res = _gain_residual(m, t, gain, (st - gain * sm) / n)
         if cutoff:
             # gain and offset by the same biweight (an occluder biases a plain fit of them,
             # and then every residual with it): a few reweighted rounds
             for _ in range(3):
                 w = tukey(res, cutoff)[0]
-                sw = w.sum()
+                sw = float(w.sum())
                 if sw <= 0:
                     break
                 mw, tw = _dot(w, m) / sw, _dot(w, t) / sw
-                mcw, tcw = m - mw, t - tw
-                vmw = _dot(w * mcw, mcw)
+                vmw = float(np.einsum("i,i,i->", w, m, m)) - sw * mw * mw
                 if vmw <= 0:
                     break
-                res = (_dot(w * mcw, tcw) / vmw) * mcw - tcw
+                g = (float(np.einsum("i,i,i->", w, m, t)) - sw * mw * tw) / vmw
+                res = _gain_residual(m, t, g, tw - g * mw)
             return res, abs(ncc), tukey(res, cutoff)[1]
         return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size))
 
@@ -435,9 +452,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             res, _, rms = cur
             n_out = len(ok) - int(np.count_nonzero(ok))
             if robust:  # iteratively reweighted: the matrix changes with the weights
-                sw = sd_all[ok] * tukey(res)[0][:, None]
-                h = np.einsum("np,nq->pq", sw, sd_all[ok])
-                b = np.einsum("np,n->p", sw, res)
+                w = tukey(res)[0]
+                if n_out:  # weight 0 outside: no (N, P) copies of the Jacobian
+                    w_all, res_all = np.zeros(len(ok)), np.zeros(len(ok))
+                    w_all[ok], res_all[ok] = w, res
+                    w, res = w_all, res_all
+                h = np.einsum("np,n,nq->pq", sd_all, w, sd_all)
+                b = np.einsum("np,n,n->p", sd_all, w, res)
             elif n_out == 0:
                 h = h_all
                 b = np.einsum("np,n->p", sd_all, res)
@@ -496,7 +517,8 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                 rb = fit(lv, vals, ok, cutoff=biweight_probe)
                 if rb is not None:
                     info["biweight_step_px"] = _biweight_step(
-                        rb[0], tukey(rb[0], biweight_probe)[0], lv["sd"][ok], gens, ndim,
+                        rb[0], tukey(rb[0], biweight_probe)[0],
+                        lv["sd"] if ok.all() else lv["sd"][ok], gens, ndim,
                         model, corners) / fine_px
                 if level_cache is not None:
                     level_cache["last_eval"] = (factor, warp.copy(), vals, ok)
@@ -513,13 +535,42 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     return Transform(np.linalg.inv(warp)), info
 
 
+def _gain_residual(m, t, gain, offset):
+    """gain * m + offset - t, in one new array."""
+    res = np.multiply(m, gain)
+    res -= t
+    res += offset
+    return res
+
+
+def _tukey(res, cutoff):
+    """Tukey biweight weights of residuals ``res`` with cutoff ``cutoff`` robust standard
+    deviations (MAD), and the mean loss as an RMS-like number. One array of the size of
+    ``res`` is made (the median is taken in it, then it becomes the weights)."""
+    a = np.abs(res)
+    k = a.size // 2
+    if a.size % 2:
+        a.partition(k)
+        med = float(a[k])
+    else:
+        a.partition((k - 1, k))
+        med = 0.5 * (float(a[k - 1]) + float(a[k]))
+    c = cutoff * (med / 0.6745) + 1e-12
+    u = np.multiply(res, 1.0 / c, out=a)
+    np.square(u, out=u)
+    np.minimum(u, 1.0, out=u)
+    np.subtract(1.0, u, out=u)                      # 1 - u^2
+    cube = float(np.einsum("i,i,i->", u, u, u))
+    np.square(u, out=u)                             # the weights (1 - u^2)^2
+    return u, float(np.sqrt(max(c * c / 6.0 * (1.0 - cube / u.size), 0.0)))
+
+
 def _biweight_step(res, w, sd, gens, ndim, model, corners) -> float:
     """How far (world units, the largest move of a corner of the fixed grid) one
     Tukey-biweight Gauss-Newton step would move a fit whose residual is ``res``, biweight
     weights ``w`` and Jacobian ``sd``: a weighted normal matrix, no interpolation."""
-    sw = sd * w[:, None]
-    h = np.einsum("np,nq->pq", sw, sd)
-    b = np.einsum("np,n->p", sw, res)
+    h = np.einsum("np,n,nq->pq", sd, w, sd)
+    b = np.einsum("np,n,n->p", sd, w, res)
     n_par = h.shape[0]
     try:
         dp = np.linalg.solve(h + 1e-9 * np.trace(h) / n_par * np.eye(n_par), b)
