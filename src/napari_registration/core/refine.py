@@ -122,7 +122,13 @@ def spline_gradient_from_coefficients(c) -> list[np.ndarray]:
     from scipy import ndimage
 
     out = []
+    scratch = np.empty_like(c) if c.ndim == 2 else None
     for axis in range(c.ndim):
+        if scratch is not None:  # 2D: one scratch array, one output per axis
+            ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror", output=scratch)
+            g = ndimage.correlate1d(scratch, [1 / 6, 2 / 3, 1 / 6], axis=1 - axis, mode="mirror")
+            out.append(g)
+            continue
         g = ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror")
         for other in range(c.ndim):
             if other != axis:
@@ -289,17 +295,25 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         f_off = (factor - 1) / 2 * f_sp
         m_off = (factor - 1) / 2 * m_sp
         coeffs = ndimage.spline_filter(m_l, order=3, mode="mirror", output=np.float64)
-        grads = np.gradient(f_l.astype(np.float64))
-        # samples: interior pixels (one pixel margin for the central differences)
-        inner = np.zeros(f_l.shape, bool)
-        inner[tuple(slice(1, n - 1) for n in f_l.shape)] = True
+        # samples: interior pixels (one pixel margin for the central differences),
+        # ranked by the squared central-difference gradient (np.gradient's values, in
+        # float64, computed on the interior in one scratch array: no full-size gradients)
+        mag = np.full(f_l.shape, -1.0)
+        inner = tuple(slice(1, n - 1) for n in f_l.shape)
+        mag_in = mag[inner]
+        mag_in[...] = 0.0
+        diff = np.empty(mag_in.shape)
+        for axis in range(ndim):
+            hi = tuple(slice(2, None) if a == axis else s_ for a, s_ in enumerate(inner))
+            lo = tuple(slice(None, -2) if a == axis else s_ for a, s_ in enumerate(inner))
+            np.subtract(f_l[hi], f_l[lo], out=diff, dtype=np.float64)
+            diff /= 2.0
+            np.multiply(diff, diff, out=diff)
+            mag_in += diff
+        del diff
         if fixed_mask is not None:
             fm = _block_mean(np.asarray(fixed_mask, np.float32), factor) > 0.5
-            inner &= fm[tuple(slice(0, n) for n in f_l.shape)]
-        mag = np.zeros(f_l.shape)
-        for g in grads:
-            mag += g * g
-        mag[~inner] = -1.0
+            mag[~fm[tuple(slice(0, n) for n in f_l.shape)]] = -1.0
         idx = np.flatnonzero(mag > 0)
         # coarse levels only steer: fewer samples; the finest sets the precision
         cap = max_samples if factor == levels[-1] else min(max_samples, 2 ** 14)
@@ -307,18 +321,28 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # the stronger-gradient half (flat areas carry no alignment signal), then an
             # evenly spread subset of it: deterministic, and not only the sharpest edges
             # (the strongest-gradient pixels alone conditioned 3D affine poorly)
-            strong = idx[mag.ravel()[idx] >= np.median(mag.ravel()[idx])]
+            sel = mag.ravel()[idx]
+            strong = idx[sel >= np.median(sel)]
+            del sel
             if strong.size > cap:
                 strong = strong[np.linspace(0, strong.size - 1, cap).astype(np.int64)]
             idx = strong
-        coords = np.array(np.unravel_index(idx, f_l.shape), float).T  # (N, D) level index
-        pts = coords * (factor * f_sp) + f_off                           # fixed world
+        del mag
+        coords = np.unravel_index(idx, f_l.shape)
+        pts_t = np.empty((ndim, idx.size))                             # (D, N) fixed world
+        for d in range(ndim):
+            np.multiply(coords[d], factor * f_sp[d], out=pts_t[d])
+            pts_t[d] += f_off[d]
+        del coords
+        pts = pts_t.T
         values = f_l.ravel()[idx].astype(np.float64)
         if ndim == 2:
             # the Jacobian from the exact gradient of the spline model (samples above were
             # chosen on the central differences: either ranks edges alike). 2D only: in
             # 3D it is 12 passes over the volume, not measured against the steps it saves
             grads = _spline_gradient(f_l)
+        else:
+            grads = np.gradient(f_l.astype(np.float64))
         grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1) / (factor * f_sp)
         xc = pts - centre
         cols = [np.einsum("nd,ed,ne->n", xc, g, grad_w) for g in gens]
@@ -327,7 +351,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         mmask = None
         if moving_mask is not None:
             mmask = _block_mean(np.asarray(moving_mask, np.float32), factor) > 0.5
-        return dict(pts=pts, pts_t=np.ascontiguousarray(pts.T), values=values, sd=sd,
+        return dict(pts=pts, pts_t=pts_t, values=values, sd=sd,
                     coeffs=coeffs, m_off=m_off, m_scale=factor * m_sp,
                     m_shape=np.array(m_l.shape), mmask=mmask)
 
@@ -352,14 +376,15 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         if lv["mmask"] is not None:
             near = np.clip(np.round(idx.T).astype(int), 0, lv["m_shape"] - 1)
             ok &= lv["mmask"][tuple(near.T)]
-        if ok.all():
-            vals = ndimage.map_coordinates(lv["coeffs"], idx, order=3, mode="mirror",
-                                           prefilter=False)
-        else:
-            vals = np.zeros(idx.shape[1])
-            if ok.any():
-                vals[ok] = ndimage.map_coordinates(lv["coeffs"], idx[:, ok], order=3,
-                                                   mode="mirror", prefilter=False)
+        if not ok.all():
+            # samples outside: clamped and interpolated like the others, then zeroed
+            # (no compacted copies of the indices; they are masked out downstream)
+            for d in range(ndim):
+                np.clip(idx[d], 0, lv["m_shape"][d] - 1, out=idx[d])
+        vals = ndimage.map_coordinates(lv["coeffs"], idx, order=3, mode="mirror",
+                                       prefilter=False)
+        if not ok.all():
+            vals[~ok] = 0.0
         return vals, ok
 
     def tukey(res, cutoff=None):
