@@ -387,10 +387,10 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             vals[~ok] = 0.0
         return vals, ok
 
-    def tukey(res, cutoff=None):
+    def tukey(res, cutoff=None, out=None):
         """Biweight weights and mean loss (as an RMS-like number) of residuals (one
-        array of their size is made: the weights)."""
-        return _tukey(res, cutoff or robust)
+        array of their size is made for the weights, or ``out`` is used)."""
+        return _tukey(res, cutoff or robust, out)
 
     def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
@@ -417,8 +417,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         if cutoff:
             # gain and offset by the same biweight (an occluder biases a plain fit of them,
             # and then every residual with it): a few reweighted rounds
+            # (the rounds reuse two arrays: the weights, and the residual, rewritten in
+            # place once its weights are known)
+            w = None
             for _ in range(3):
-                w = tukey(res, cutoff)[0]
+                w = tukey(res, cutoff, out=w)[0]
                 sw = float(w.sum())
                 if sw <= 0:
                     break
@@ -427,8 +430,8 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                 if vmw <= 0:
                     break
                 g = (float(np.einsum("i,i,i->", w, m, t)) - sw * mw * tw) / vmw
-                res = _gain_residual(m, t, g, tw - g * mw)
-            return res, abs(ncc), tukey(res, cutoff)[1]
+                res = _gain_residual(m, t, g, tw - g * mw, out=res)
+            return res, abs(ncc), tukey(res, cutoff, out=w)[1]
         return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size))
 
     fine_px = float(f_sp.min())  # world size of one finest pixel (smallest axis)
@@ -560,19 +563,20 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     return Transform(np.linalg.inv(warp)), info
 
 
-def _gain_residual(m, t, gain, offset):
-    """gain * m + offset - t, in one new array."""
-    res = np.multiply(m, gain)
+def _gain_residual(m, t, gain, offset, out=None):
+    """gain * m + offset - t, in one new array (or ``out``)."""
+    res = np.multiply(m, gain, out=out)
     res -= t
     res += offset
     return res
 
 
-def _tukey(res, cutoff):
+def _tukey(res, cutoff, out=None):
     """Tukey biweight weights of residuals ``res`` with cutoff ``cutoff`` robust standard
     deviations (MAD), and the mean loss as an RMS-like number. One array of the size of
-    ``res`` is made (the median is taken in it, then it becomes the weights)."""
-    a = np.abs(res)
+    ``res`` is made, or ``out`` used (the median is taken in it, then it becomes the
+    weights)."""
+    a = np.abs(res, out=out)
     k = a.size // 2
     if a.size % 2:
         a.partition(k)
