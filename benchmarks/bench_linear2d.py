@@ -19,7 +19,13 @@ image included, scores not), pystackreg as ``StackReg(kind).register`` then
 distance, over a 7x7 grid of fixed points, of each method's fixed -> moving mapping from
 the truth's, in pixels. CPU seconds (``time.process_time`` of the process that ran the
 call, all its threads) are quoted beside wall time: on a shared, loaded machine they
-move far less than wall time.
+move far less than wall time. ``--malloc report`` (the default) sets glibc up as
+``report.py`` does (fixed 128 KiB mmap threshold, ``malloc_trim`` and ``gc.collect``
+before every timed call, in every process): without it, our numpy-heavy code ran about
+2x faster than under the report, pystackreg (C, few large temporaries) hardly changed.
+
+"Before" for a change: ``git archive <commit> src | tar -x -C /tmp/before`` and
+``--before /tmp/before/src``.
 """
 
 from __future__ import annotations
