@@ -115,6 +115,22 @@ def _spline_gradient(image: np.ndarray) -> list[np.ndarray]:
     return spline_gradient_from_coefficients(c)
 
 
+def _spline_gradient_at(image: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(N, 2) values of :func:`_spline_gradient` of a 2D ``image`` at the flat indices
+    ``idx``: the same numbers, made with two image-size work arrays instead of four."""
+    from scipy import ndimage
+
+    c = ndimage.spline_filter(np.asarray(image, np.float64), order=3, mode="mirror")
+    scratch = np.empty_like(c)
+    g = np.empty_like(c)
+    out = np.empty((idx.size, 2))
+    for axis in range(2):
+        ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror", output=scratch)
+        ndimage.correlate1d(scratch, [1 / 6, 2 / 3, 1 / 6], axis=1 - axis, mode="mirror", output=g)
+        out[:, axis] = g.ravel()[idx]
+    return out
+
+
 def spline_gradient_from_coefficients(c) -> list[np.ndarray]:
     """Per axis, the derivative of the cubic spline with coefficients ``c`` at the grid
     points (mirror boundary): (-1/2, 0, 1/2) along that axis, (1/6, 2/3, 1/6) along the
@@ -340,10 +356,12 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # the Jacobian from the exact gradient of the spline model (samples above were
             # chosen on the central differences: either ranks edges alike). 2D only: in
             # 3D it is 12 passes over the volume, not measured against the steps it saves
-            grads = _spline_gradient(f_l)
+            grad_w = _spline_gradient_at(f_l, idx)
         else:
             grads = np.gradient(f_l.astype(np.float64))
-        grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1) / (factor * f_sp)
+            grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1)
+            del grads
+        grad_w /= factor * f_sp
         xc = pts - centre
         cols = [np.einsum("nd,ed,ne->n", xc, g, grad_w) for g in gens]
         cols += [grad_w[:, k] for k in range(ndim)]
