@@ -387,7 +387,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         # dozen times per registration on up to 2**17 samples, and every temporary of
         # that size is fresh memory when the allocator hands big blocks back (the
         # report's setting: the page faults of such temporaries doubled the time)
-        idx = np.einsum("de,en->dn", w[:ndim, :ndim] / lv["m_scale"][:, None], lv["pts_t"])
+        # (the index array is the level's own, reused: nothing keeps it past this call)
+        if "idx_buf" not in lv:
+            lv["idx_buf"] = np.empty_like(lv["pts_t"])
+        idx = np.einsum("de,en->dn", w[:ndim, :ndim] / lv["m_scale"][:, None], lv["pts_t"],
+                        out=lv["idx_buf"])
         idx += ((w[:ndim, ndim] - lv["m_off"]) / lv["m_scale"])[:, None]
         ok = idx[0] >= 0
         for d in range(ndim):
