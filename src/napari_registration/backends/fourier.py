@@ -63,6 +63,9 @@ def _prepare(image, shape, window, mask=None):
     return a
 
 
+_EINSUM_MAX_WORK = 1_500_000  # complex multiply-adds up to which einsum is used (2D searches)
+
+
 def _local_correlation(cross, shape, real, centre, step, half_width):
     """The correlation surface (inverse DFT of ``cross``) on a small grid around
     ``centre`` (spacing ``step`` pixels, +-``half_width``): a matrix-multiply DFT, one axis
@@ -85,9 +88,16 @@ def _local_correlation(cross, shape, real, centre, step, half_width):
             weight = 1.0
         kernel = (np.exp(2j * np.pi * np.outer(centre[axis] + offsets, freqs) / n)
                   * weight).astype(np.complex64)
-        if axis == nd - 1:  # the big contraction: one BLAS matrix product on contiguous data
+        if axis == nd - 1:  # the big contraction, on contiguous data
             lead = out.shape[:-1]
-            out = (np.ascontiguousarray(out).reshape(-1, out.shape[-1]) @ kernel.T).reshape(*lead, n_points)
+            flat = np.ascontiguousarray(out).reshape(-1, out.shape[-1])
+            if flat.size * n_points <= _EINSUM_MAX_WORK:
+                # einsum: never wakes BLAS threads (a matrix product of a 2D image's
+                # spectrum cost 3-26 ms per call on the loaded 2-core machine, waiting
+                # for OpenBLAS threads; einsum 0.25-1 ms, and 0.3 ms with BLAS on 1 thread)
+                out = np.einsum("nk,pk->np", flat, kernel).reshape(*lead, n_points)
+            else:  # volumes: one BLAS matrix product
+                out = (flat @ kernel.T).reshape(*lead, n_points)
         else:
             # the small contraction (n_points x n): einsum, which never wakes BLAS threads
             # (tensordot there cost ~50 ms per call on a busy 2-core machine, profiled;
