@@ -6,7 +6,7 @@ Run (bench venv: pystackreg is installed there only):
 
     PYTHONPATH=src /work/venv-bench/bin/python benchmarks/bench_linear2d.py \\
         [--repeats 5] [--cases coins_rigid,...] [--methods fourier,intensity,auto] \\
-        [--before /path/to/old/src] [--out results.json]
+        [--before /path/to/old/src] [--out results.json] [--malloc report|default]
 
 Each version of our code runs in its own worker process (its ``src`` first on
 ``PYTHONPATH``), imported once; pystackreg runs in this process. Every (case, method)
@@ -19,7 +19,13 @@ image included, scores not), pystackreg as ``StackReg(kind).register`` then
 distance, over a 7x7 grid of fixed points, of each method's fixed -> moving mapping from
 the truth's, in pixels. CPU seconds (``time.process_time`` of the process that ran the
 call, all its threads) are quoted beside wall time: on a shared, loaded machine they
-move far less than wall time.
+move far less than wall time. ``--malloc report`` (the default) sets glibc up as
+``report.py`` does (fixed 128 KiB mmap threshold, ``malloc_trim`` and ``gc.collect``
+before every timed call, in every process): without it, our numpy-heavy code ran about
+2x faster than under the report, pystackreg (C, few large temporaries) hardly changed.
+
+"Before" for a change: ``git archive <commit> src | tar -x -C /tmp/before`` and
+``--before /tmp/before/src``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 import report_cases as rc
 from napari_registration import register
+from bench_linear2d import malloc_like_report, before_run
+malloc_like_report(sys.argv[2] == "report")
 cache = {}
 for line in sys.stdin:
     job = json.loads(line)
@@ -56,6 +64,7 @@ for line in sys.stdin:
         cache[name] = rc.build([getattr(rc, name)])[0][0]
     case = cache[name]
     try:
+        before_run()
         t0, c0 = time.perf_counter(), time.process_time()
         r = register(case.fixed, case.moving, method=job["method"], transform=case.model,
                      score=False)
@@ -71,14 +80,43 @@ for line in sys.stdin:
 """
 
 
+_LIBC = None
+
+
+def malloc_like_report(on: bool = True):
+    """Allocate as ``benchmarks/report.py`` measures: glibc's mmap threshold fixed at
+    128 KiB (so every array above it is fresh, page-faulted memory) and ``malloc_trim``
+    plus ``gc.collect`` before each run. Under it, code that makes many large
+    temporaries pays for every page of them (moon_similarity: 2x the wall time of a
+    default process), which is what the report's times include."""
+    global _LIBC
+    if not on:
+        return
+    import ctypes
+
+    try:
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        _LIBC = None
+
+
+def before_run():
+    import gc
+
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 class Ours:
-    def __init__(self, label, src, method):
-        self.label, self.src, self.method = label, src, method
+    def __init__(self, label, src, method, malloc="report"):
+        self.label, self.src, self.method, self.malloc = label, src, method, malloc
         self.name = f"ours ({label}): {method}"
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=str(self.src))
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(HERE)], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(HERE), self.malloc], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, case):
@@ -103,6 +141,7 @@ class PyStackReg:
         kind = {"translation": StackReg.TRANSLATION, "rigid": StackReg.RIGID_BODY,
                 "similarity": StackReg.SCALED_ROTATION, "affine": StackReg.AFFINE}[case.model]
         try:
+            before_run()
             t0, c0 = time.perf_counter(), time.process_time()
             sr = StackReg(kind)
             tmat = sr.register(case.fixed, case.moving)
@@ -128,13 +167,16 @@ def main(argv=None):
     parser.add_argument("--src", default=str(HERE.parent / "src"), help="our source (after)")
     parser.add_argument("--before", default="", help="another copy of our src (before)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--malloc", choices=("report", "default"), default="report",
+                        help="report: glibc set up as benchmarks/report.py does (default)")
     args = parser.parse_args(argv)
+    malloc_like_report(args.malloc == "report")
 
     import report_cases as rc
 
     cases = rc.build([getattr(rc, n) for n in args.cases.split(",") if n])[0]
     versions = [("after", args.src)] + ([("before", args.before)] if args.before else [])
-    runners = [Ours(label, src, m) for m in args.methods.split(",") if m
+    runners = [Ours(label, src, m, args.malloc) for m in args.methods.split(",") if m
                for label, src in versions]
     runners.append(PyStackReg())
     applies = {  # fourier: translation/rigid/similarity only
@@ -159,7 +201,8 @@ def main(argv=None):
             r.stop()
 
     rows = []
-    print(f"\n{args.repeats} interleaved repeats, median wall time; {platform.node()} "
+    print(f"\n{args.repeats} interleaved repeats, median wall time, malloc {args.malloc}; "
+          f"{platform.node()} "
           f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}\n")
     print("| case | method | TRE mean px | s (median) | time / pystackreg | CPU s (median) | CPU / pystackreg |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -63,6 +63,9 @@ def _prepare(image, shape, window, mask=None):
     return a
 
 
+_EINSUM_MAX_WORK = 1_500_000  # complex multiply-adds up to which einsum is used (2D searches)
+
+
 def _local_correlation(cross, shape, real, centre, step, half_width):
     """The correlation surface (inverse DFT of ``cross``) on a small grid around
     ``centre`` (spacing ``step`` pixels, +-``half_width``): a matrix-multiply DFT, one axis
@@ -85,9 +88,16 @@ def _local_correlation(cross, shape, real, centre, step, half_width):
             weight = 1.0
         kernel = (np.exp(2j * np.pi * np.outer(centre[axis] + offsets, freqs) / n)
                   * weight).astype(np.complex64)
-        if axis == nd - 1:  # the big contraction: one BLAS matrix product on contiguous data
+        if axis == nd - 1:  # the big contraction, on contiguous data
             lead = out.shape[:-1]
-            out = (np.ascontiguousarray(out).reshape(-1, out.shape[-1]) @ kernel.T).reshape(*lead, n_points)
+            flat = np.ascontiguousarray(out).reshape(-1, out.shape[-1])
+            if flat.size * n_points <= _EINSUM_MAX_WORK:
+                # einsum: never wakes BLAS threads (a matrix product of a 2D image's
+                # spectrum cost 3-26 ms per call on the loaded 2-core machine, waiting
+                # for OpenBLAS threads; einsum 0.25-1 ms, and 0.3 ms with BLAS on 1 thread)
+                out = np.einsum("nk,pk->np", flat, kernel).reshape(*lead, n_points)
+            else:  # volumes: one BLAS matrix product
+                out = (flat @ kernel.T).reshape(*lead, n_points)
         else:
             # the small contraction (n_points x n): einsum, which never wakes BLAS threads
             # (tensordot there cost ~50 ms per call on a busy 2-core machine, profiled;
@@ -242,29 +252,44 @@ def _shifted_crop(moving, shift, region, order=3, cval=None):
 
 # ----------------------------------------------------------------- rotation and scale
 def _highpass(shape):
-    grids = np.meshgrid(*[np.cos(np.pi * np.fft.fftshift(np.fft.fftfreq(n))) for n in shape],
-                        indexing="ij")
-    g = np.ones(shape)
-    for x in grids:
-        g = g * x
-    return (1.0 - g) * (2.0 - g)
+    # the product of the per-axis cosines built as one array (an outer product, not
+    # full-size grids), then (1 - g)(2 - g): the same values in 2 arrays instead of 6
+    g = None
+    for axis, n in enumerate(shape):
+        x = np.cos(np.pi * np.fft.fftshift(np.fft.fftfreq(n)))
+        sh = [1] * len(shape)
+        sh[axis] = n
+        g = np.ones(shape) * x.reshape(sh) if g is None else g * x.reshape(sh)
+    out = 1.0 - g
+    np.subtract(2.0, g, out=g)
+    out *= g
+    return out
 
 
-def _log_polar_magnitude(image, shape, n_angles, n_radii):
-    from scipy import fft, ndimage
-
-    a = _prepare(image, shape, True)
-    mag = np.abs(fft.fftshift(fft.fftn(a, workers=-1))) * _highpass(shape)
+def _log_polar_grid(shape, n_angles, n_radii):
+    """Sample positions (rows, cols) of the log-polar resampling and its log base: the
+    same for both images of a pair, so built once."""
     centre = np.array(shape, float) // 2
     max_r = min(shape) / 2.0
     log_base = np.exp(np.log(max_r) / n_radii)
     radii = log_base ** np.arange(n_radii)
     angles = np.arange(n_angles) * np.pi / n_angles  # magnitude is symmetric: half turn
-    rr, aa = np.meshgrid(radii, angles, indexing="ij")
     # angle measured counter-clockwise on screen: row = -sin, col = +cos
-    rows = centre[0] - rr * np.sin(aa)
-    cols = centre[1] + rr * np.cos(aa)
-    lp = ndimage.map_coordinates(mag, [rows, cols], order=1, mode="constant")
+    rows = centre[0] - np.multiply.outer(radii, np.sin(angles))
+    cols = centre[1] + np.multiply.outer(radii, np.cos(angles))
+    return [rows, cols], log_base
+
+
+def _log_polar_magnitude(image, shape, n_angles, n_radii, grid=None, highpass=None):
+    from scipy import fft, ndimage
+
+    a = _prepare(image, shape, True)
+    # |fftshift(F)| = fftshift(|F|): shift the real magnitude, not the complex spectrum
+    mag = fft.fftshift(np.abs(fft.fftn(a, workers=-1)))
+    del a
+    mag = mag * (_highpass(shape) if highpass is None else highpass)
+    coords, log_base = grid if grid is not None else _log_polar_grid(shape, n_angles, n_radii)
+    lp = ndimage.map_coordinates(mag, coords, order=1, mode="constant")
     return lp.T.astype(np.float32), log_base  # (angle, radius)
 
 
@@ -295,8 +320,10 @@ def _masked_ncc(fixed, warped):
 def _estimate_similarity(fixed, moving, transform, upsample, cancel, n_angles=720):
     shape = tuple(max(a, b) for a, b in zip(fixed.shape, moving.shape))
     n_radii = max(64, int(min(shape)))
-    lp_f, base = _log_polar_magnitude(fixed, shape, n_angles, n_radii)
-    lp_m, _ = _log_polar_magnitude(moving, shape, n_angles, n_radii)
+    grid, hp = _log_polar_grid(shape, n_angles, n_radii), _highpass(shape)
+    lp_f, base = _log_polar_magnitude(fixed, shape, n_angles, n_radii, grid, hp)
+    lp_m, _ = _log_polar_magnitude(moving, shape, n_angles, n_radii, grid, hp)
+    del grid, hp
     (d_angle, d_logr), height = phase_correlate(lp_f, lp_m, upsample=20, window=False)
     # the magnitude spectrum turns with the image and shrinks as the image grows
     angle = d_angle * 180.0 / n_angles
@@ -304,7 +331,7 @@ def _estimate_similarity(fixed, moving, transform, upsample, cancel, n_angles=72
     if transform == "rigid":
         scale = 1.0
     centre = (np.array(moving.shape, float) - 1) / 2
-    best = None
+    found = []
     for cand in (angle, angle + 180.0):
         if cancel():
             return None
@@ -313,6 +340,15 @@ def _estimate_similarity(fixed, moving, transform, upsample, cancel, n_angles=72
         rotated_f = np.nan_to_num(rotated, nan=0.0)
         shift, peak = phase_correlate(fixed, rotated_f, upsample=upsample,
                                       moving_mask=np.isfinite(rotated))
+        found.append((cand, shift, peak))
+    # the translation peak tells the right turn from the one 180 degrees off by 4x or
+    # more on every pair measured (right 0.39-0.99, wrong 0.06-0.10: report photos,
+    # camera at -120..179 deg); the NCC of a full warp is computed for the clear winner
+    # only, and decides between the two when their peaks are within 2x
+    peaks = [max(p, 0.0) for _, _, p in found]
+    clear = max(peaks) > 2.0 * min(peaks)
+    best = None
+    for cand, shift, peak in ([found[int(np.argmax(peaks))]] if clear else found):
         m_full = _similarity_idx(cand, scale, shift, centre)
         score = _masked_ncc(fixed, _warp_to(moving, m_full, fixed.shape))
         if best is None or score > best[0]:

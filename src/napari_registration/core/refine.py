@@ -115,6 +115,22 @@ def _spline_gradient(image: np.ndarray) -> list[np.ndarray]:
     return spline_gradient_from_coefficients(c)
 
 
+def _spline_gradient_at(image: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(N, 2) values of :func:`_spline_gradient` of a 2D ``image`` at the flat indices
+    ``idx``: the same numbers, made with two image-size work arrays instead of four."""
+    from scipy import ndimage
+
+    c = ndimage.spline_filter(np.asarray(image, np.float64), order=3, mode="mirror")
+    scratch = np.empty_like(c)
+    g = np.empty_like(c)
+    out = np.empty((idx.size, 2))
+    for axis in range(2):
+        ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror", output=scratch)
+        ndimage.correlate1d(scratch, [1 / 6, 2 / 3, 1 / 6], axis=1 - axis, mode="mirror", output=g)
+        out[:, axis] = g.ravel()[idx]
+    return out
+
+
 def spline_gradient_from_coefficients(c) -> list[np.ndarray]:
     """Per axis, the derivative of the cubic spline with coefficients ``c`` at the grid
     points (mirror boundary): (-1/2, 0, 1/2) along that axis, (1/6, 2/3, 1/6) along the
@@ -122,7 +138,13 @@ def spline_gradient_from_coefficients(c) -> list[np.ndarray]:
     from scipy import ndimage
 
     out = []
+    scratch = np.empty_like(c) if c.ndim == 2 else None
     for axis in range(c.ndim):
+        if scratch is not None:  # 2D: one scratch array, one output per axis
+            ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror", output=scratch)
+            g = ndimage.correlate1d(scratch, [1 / 6, 2 / 3, 1 / 6], axis=1 - axis, mode="mirror")
+            out.append(g)
+            continue
         g = ndimage.correlate1d(c, [-0.5, 0.0, 0.5], axis=axis, mode="mirror")
         for other in range(c.ndim):
             if other != axis:
@@ -149,7 +171,7 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
                   levels=None, start_error_px: float = 2.0, iterations: int = 40,
                   max_samples: int | None = None, tolerance: float = 1e-4,
                   min_ncc: float = 0.5, robust: float | None | str = "auto",
-                  cancel=None) -> tuple[Transform, dict]:
+                  cancel=None, robust_gate: float | None = None) -> tuple[Transform, dict]:
     """Refine a linear ``transform`` (moving world -> fixed world) of kind ``model``.
 
     Parameters
@@ -180,6 +202,13 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
         border, an occlusion) stop pulling the fit (retina affine 2.4e-3 -> 0.8e-3 px).
         It is kept when it lowers the biweight loss. None: least squares only; "auto":
         4.685 in 2D, None in 3D (not measured there).
+    robust_gate : float or None
+        Skip the biweight pass when its first step, computed from the least-squares
+        result's residual (gain and offset reweighted, one weighted solve: no
+        interpolation), would move no pixel of the fixed grid by this many finest
+        pixels. None: ``tolerance``, where the pass itself would stop at that first
+        step with the least-squares result, so skipping changes nothing but the time.
+        0: always run the pass.
 
     Returns
     -------
@@ -195,9 +224,21 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     # the biweight pass works on the finest level the least-squares pass sampled: the
     # level's samples, spline coefficients and Jacobian are made once for both
     common["level_cache"] = {}
+    if levels is None:
+        levels = auto_levels(tuple(min(a, b) for a, b in zip(np.shape(fixed), np.shape(moving))),
+                             start_error_px)
+    levels = [int(v) for v in levels]
     out, info = _refine_linear(fixed, moving, transform, levels=levels,
                                start_error_px=start_error_px, min_ncc=min_ncc, robust=None,
-                               **common)
+                               biweight_probe=float(robust) if robust else None, **common)
+    step = info.get("biweight_step_px")
+    gate = tolerance if robust_gate is None else robust_gate
+    if robust and gate and step is not None and step < gate:
+        # the biweight pass's first step would move no pixel by the tolerance: the pass
+        # would stop there, at the least-squares result; skip its set-up and fits
+        info["robust"] = {"accepted": False, "skipped": True,
+                          "reason": f"a biweight step would move {step:.1e} px < {gate:g}"}
+        robust = None
     if robust and info.get("reason") not in ("cancelled",) and "declined" not in str(info.get("reason")):
         finest = [int(info["levels"][-1])] if info.get("levels") else None
         out2, info2 = _refine_linear(fixed, moving, out, levels=finest, min_ncc=0.0,
@@ -217,10 +258,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                    start_error_px: float = 2.0, iterations: int = 40,
                    max_samples: int | None = None, tolerance: float = 1e-4,
                    min_ncc: float = 0.5, robust: float | None = None,
-                   cancel=None, level_cache: dict | None = None) -> tuple[Transform, dict]:
+                   cancel=None, level_cache: dict | None = None,
+                   biweight_probe: float | None = None) -> tuple[Transform, dict]:
     """refine_linear's passes: least squares (``robust=None``) or Tukey's biweight.
     ``level_cache`` (factor -> sampled level) lets a second pass on the same images reuse
-    the first one's levels."""
+    the first one's levels. ``biweight_probe`` (a cutoff): record in
+    ``info["biweight_step_px"]`` how far one biweight step would move the result
+    (:func:`_biweight_step`, finest pixels)."""
     if model not in MODELS:
         raise ValueError(f"refine_linear: model must be one of {list(MODELS)}; got {model!r}")
     if not transform.is_linear or transform.is_projective:
@@ -267,17 +311,25 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         f_off = (factor - 1) / 2 * f_sp
         m_off = (factor - 1) / 2 * m_sp
         coeffs = ndimage.spline_filter(m_l, order=3, mode="mirror", output=np.float64)
-        grads = np.gradient(f_l.astype(np.float64))
-        # samples: interior pixels (one pixel margin for the central differences)
-        inner = np.zeros(f_l.shape, bool)
-        inner[tuple(slice(1, n - 1) for n in f_l.shape)] = True
+        # samples: interior pixels (one pixel margin for the central differences),
+        # ranked by the squared central-difference gradient (np.gradient's values, in
+        # float64, computed on the interior in one scratch array: no full-size gradients)
+        mag = np.full(f_l.shape, -1.0)
+        inner = tuple(slice(1, n - 1) for n in f_l.shape)
+        mag_in = mag[inner]
+        mag_in[...] = 0.0
+        diff = np.empty(mag_in.shape)
+        for axis in range(ndim):
+            hi = tuple(slice(2, None) if a == axis else s_ for a, s_ in enumerate(inner))
+            lo = tuple(slice(None, -2) if a == axis else s_ for a, s_ in enumerate(inner))
+            np.subtract(f_l[hi], f_l[lo], out=diff, dtype=np.float64)
+            diff /= 2.0
+            np.multiply(diff, diff, out=diff)
+            mag_in += diff
+        del diff
         if fixed_mask is not None:
             fm = _block_mean(np.asarray(fixed_mask, np.float32), factor) > 0.5
-            inner &= fm[tuple(slice(0, n) for n in f_l.shape)]
-        mag = np.zeros(f_l.shape)
-        for g in grads:
-            mag += g * g
-        mag[~inner] = -1.0
+            mag[~fm[tuple(slice(0, n) for n in f_l.shape)]] = -1.0
         idx = np.flatnonzero(mag > 0)
         # coarse levels only steer: fewer samples; the finest sets the precision
         cap = max_samples if factor == levels[-1] else min(max_samples, 2 ** 14)
@@ -285,28 +337,44 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # the stronger-gradient half (flat areas carry no alignment signal), then an
             # evenly spread subset of it: deterministic, and not only the sharpest edges
             # (the strongest-gradient pixels alone conditioned 3D affine poorly)
-            strong = idx[mag.ravel()[idx] >= np.median(mag.ravel()[idx])]
+            sel = mag.ravel()[idx]
+            strong = idx[sel >= np.median(sel)]
+            del sel
             if strong.size > cap:
                 strong = strong[np.linspace(0, strong.size - 1, cap).astype(np.int64)]
             idx = strong
-        coords = np.array(np.unravel_index(idx, f_l.shape), float).T  # (N, D) level index
-        pts = coords * (factor * f_sp) + f_off                           # fixed world
+        del mag
+        coords = np.unravel_index(idx, f_l.shape)
+        pts_t = np.empty((ndim, idx.size))                             # (D, N) fixed world
+        for d in range(ndim):
+            np.multiply(coords[d], factor * f_sp[d], out=pts_t[d])
+            pts_t[d] += f_off[d]
+        del coords
+        pts = pts_t.T
         values = f_l.ravel()[idx].astype(np.float64)
         if ndim == 2:
             # the Jacobian from the exact gradient of the spline model (samples above were
             # chosen on the central differences: either ranks edges alike). 2D only: in
             # 3D it is 12 passes over the volume, not measured against the steps it saves
-            grads = _spline_gradient(f_l)
-        grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1) / (factor * f_sp)
+            grad_w = _spline_gradient_at(f_l, idx)
+        else:
+            grads = np.gradient(f_l.astype(np.float64))
+            grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1)
+            del grads
+        grad_w /= factor * f_sp
         xc = pts - centre
         cols = [np.einsum("nd,ed,ne->n", xc, g, grad_w) for g in gens]
         cols += [grad_w[:, k] for k in range(ndim)]
-        sd = np.stack(cols, axis=1)                                     # (N, P)
+        # (P, N): per-parameter rows; einsum contracts over N about 4x faster in this
+        # layout than over (N, P) (measured: the weighted normal matrix of 131k samples
+        # 5.3 ms -> 1.1 ms)
+        sd = np.stack(cols, axis=0)
         mmask = None
         if moving_mask is not None:
             mmask = _block_mean(np.asarray(moving_mask, np.float32), factor) > 0.5
-        return dict(pts=pts, values=values, sd=sd, coeffs=coeffs, m_off=m_off,
-                    m_scale=factor * m_sp, m_shape=np.array(m_l.shape), mmask=mmask)
+        return dict(pts=pts, pts_t=pts_t, values=values, sd=sd,
+                    coeffs=coeffs, m_off=m_off, m_scale=factor * m_sp,
+                    m_shape=np.array(m_l.shape), mmask=mmask)
 
     n_eval = [0]
 
@@ -315,60 +383,86 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
 
         n_eval[0] += 1
 
-        q = np.einsum("nd,ed->ne", lv["pts"], w[:ndim, :ndim]) + w[:ndim, ndim]
-        idx = (q - lv["m_off"]) / lv["m_scale"]
-        ok = np.all((idx >= 0) & (idx <= lv["m_shape"] - 1), axis=1)
+        # moving-level index of every sample, (D, N), in one array: this runs a few
+        # dozen times per registration on up to 2**17 samples, and every temporary of
+        # that size is fresh memory when the allocator hands big blocks back (the
+        # report's setting: the page faults of such temporaries doubled the time)
+        # (the index array is the level's own, reused: nothing keeps it past this call)
+        if "idx_buf" not in lv:
+            lv["idx_buf"] = np.empty_like(lv["pts_t"])
+        idx = np.einsum("de,en->dn", w[:ndim, :ndim] / lv["m_scale"][:, None], lv["pts_t"],
+                        out=lv["idx_buf"])
+        idx += ((w[:ndim, ndim] - lv["m_off"]) / lv["m_scale"])[:, None]
+        ok = idx[0] >= 0
+        for d in range(ndim):
+            if d:
+                ok &= idx[d] >= 0
+            ok &= idx[d] <= lv["m_shape"][d] - 1
         if lv["mmask"] is not None:
-            near = np.clip(np.round(idx).astype(int), 0, lv["m_shape"] - 1)
+            near = np.clip(np.round(idx.T).astype(int), 0, lv["m_shape"] - 1)
             ok &= lv["mmask"][tuple(near.T)]
-        vals = np.zeros(len(q))
-        if ok.any():
-            vals[ok] = ndimage.map_coordinates(lv["coeffs"], idx[ok].T, order=3,
-                                               mode="mirror", prefilter=False)
+        if not ok.all():
+            # samples outside: clamped and interpolated like the others, then zeroed
+            # (no compacted copies of the indices; they are masked out downstream)
+            for d in range(ndim):
+                np.clip(idx[d], 0, lv["m_shape"][d] - 1, out=idx[d])
+        vals = ndimage.map_coordinates(lv["coeffs"], idx, order=3, mode="mirror",
+                                       prefilter=False)
+        if not ok.all():
+            vals[~ok] = 0.0
         return vals, ok
 
-    def tukey(res):
-        """Biweight weights and mean loss (as an RMS-like number) of residuals."""
-        c = robust * (np.median(np.abs(res)) / 0.6745) + 1e-12
-        u2 = np.minimum((res / c) ** 2, 1.0)
-        weights = (1.0 - u2) ** 2
-        return weights, float(np.sqrt(np.mean(c * c / 6.0 * (1.0 - (1.0 - u2) ** 3))))
+    def tukey(res, cutoff=None, out=None):
+        """Biweight weights and mean loss (as an RMS-like number) of residuals (one
+        array of their size is made for the weights, or ``out`` is used)."""
+        return _tukey(res, cutoff or robust, out)
 
-    def fit(lv, vals, ok):
+    def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
-        (RMS of the residual; with ``robust``, the biweight loss on the same scale)."""
-        t = lv["values"][ok]
-        m = vals[ok]
-        if t.size < 8 * n_par:
+        (RMS of the residual; with ``robust`` (or ``cutoff``), the biweight loss on the
+        same scale)."""
+        cutoff = cutoff or robust
+        if ok.all():
+            t, m = lv["values"], vals
+        else:
+            t, m = lv["values"][ok], vals[ok]
+        n = t.size
+        if n < 8 * n_par:
             return None
-        mc, tc = m - m.mean(), t - t.mean()
-        vm, vt, cross = _dot(mc, mc), _dot(tc, tc), _dot(mc, tc)
+        # sums instead of centred copies (values are O(1): no cancellation to speak of)
+        sm, st = float(m.sum()), float(t.sum())
+        vm = _dot(m, m) - sm * sm / n
+        vt = _dot(t, t) - st * st / n
+        cross = _dot(m, t) - sm * st / n
         if vm <= 0 or vt <= 0:
             return None
         gain = cross / vm
         ncc = cross / np.sqrt(vm * vt)
-        res = gain * mc - tc
-        if robust:
+        res = _gain_residual(m, t, gain, (st - gain * sm) / n)
+        if cutoff:
             # gain and offset by the same biweight (an occluder biases a plain fit of them,
             # and then every residual with it): a few reweighted rounds
+            # (the rounds reuse two arrays: the weights, and the residual, rewritten in
+            # place once its weights are known)
+            w = None
             for _ in range(3):
-                w = tukey(res)[0]
-                sw = w.sum()
+                w = tukey(res, cutoff, out=w)[0]
+                sw = float(w.sum())
                 if sw <= 0:
                     break
                 mw, tw = _dot(w, m) / sw, _dot(w, t) / sw
-                mcw, tcw = m - mw, t - tw
-                vmw = _dot(w * mcw, mcw)
+                vmw = float(np.einsum("i,i,i->", w, m, m)) - sw * mw * mw
                 if vmw <= 0:
                     break
-                res = (_dot(w * mcw, tcw) / vmw) * mcw - tcw
-            return res, abs(ncc), tukey(res)[1]
+                g = (float(np.einsum("i,i,i->", w, m, t)) - sw * mw * tw) / vmw
+                res = _gain_residual(m, t, g, tw - g * mw, out=res)
+            return res, abs(ncc), tukey(res, cutoff, out=w)[1]
         return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size))
 
     fine_px = float(f_sp.min())  # world size of one finest pixel (smallest axis)
     corners = np.array(np.meshgrid(*[[0.0, (n - 1) * s] for n, s in zip(fixed.shape, f_sp)],
                                    indexing="ij")).reshape(ndim, -1).T - centre
-    lv = last = None
+    lv = last = ok = None
     at_start = {}  # factor -> the fit at the start warp (a level reached before any update)
     for factor in levels:
         if cancel is not None and cancel():
@@ -379,7 +473,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             info["iterations"].append(0)
             last = None
             continue
-        vals, ok = warped_values(lv, warp)
+        seen = level_cache.get("last_eval") if level_cache is not None else None
+        if (seen is not None and seen[0] == factor
+                and np.allclose(seen[1], warp, rtol=1e-13, atol=1e-10 * fine_px)):
+            vals, ok = seen[2], seen[3]  # the previous pass ended here: no new interpolation
+            info["reused_start_samples"] = True
+        else:
+            vals, ok = warped_values(lv, warp)
         cur = fit(lv, vals, ok)
         if cur is None:
             info["reason"] = "too little overlap"
@@ -398,26 +498,30 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         # it does not change with the warp); an iteration subtracts the few samples that
         # fall outside the moving image instead of rebuilding it from (N, P) copies
         sd_all = lv["sd"]
-        h_all = np.einsum("np,nq->pq", sd_all, sd_all)
+        h_all = np.einsum("pn,qn->pq", sd_all, sd_all)
         for n_it in range(1, int(iterations) + 1):
             if cancel is not None and cancel():
                 break
             res, _, rms = cur
             n_out = len(ok) - int(np.count_nonzero(ok))
             if robust:  # iteratively reweighted: the matrix changes with the weights
-                sw = sd_all[ok] * tukey(res)[0][:, None]
-                h = np.einsum("np,nq->pq", sw, sd_all[ok])
-                b = np.einsum("np,n->p", sw, res)
+                w = tukey(res)[0]
+                if n_out:  # weight 0 outside: no (N, P) copies of the Jacobian
+                    w_all, res_all = np.zeros(len(ok)), np.zeros(len(ok))
+                    w_all[ok], res_all[ok] = w, res
+                    w, res = w_all, res_all
+                h = np.einsum("pn,n,qn->pq", sd_all, w, sd_all)
+                b = np.einsum("pn,n,n->p", sd_all, w, res)
             elif n_out == 0:
                 h = h_all
-                b = np.einsum("np,n->p", sd_all, res)
+                b = np.einsum("pn,n->p", sd_all, res)
             else:
-                out_sd = sd_all[~ok]
-                h = (h_all - np.einsum("np,nq->pq", out_sd, out_sd) if n_out < len(ok) // 2
-                     else np.einsum("np,nq->pq", sd_all[ok], sd_all[ok]))
+                out_sd = sd_all[:, ~ok]
+                h = (h_all - np.einsum("pn,qn->pq", out_sd, out_sd) if n_out < len(ok) // 2
+                     else np.einsum("pn,qn->pq", sd_all[:, ok], sd_all[:, ok]))
                 res_all = np.zeros(len(ok))
                 res_all[ok] = res
-                b = np.einsum("np,n->p", sd_all, res_all)
+                b = np.einsum("pn,n->p", sd_all, res_all)
             try:
                 dp = np.linalg.solve(h + 1e-9 * np.trace(h) / n_par * np.eye(n_par), b)
             except np.linalg.LinAlgError:
@@ -448,7 +552,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             if not accepted:
                 break
             moved = np.einsum("nd,ed->ne", corners, d[:ndim, :ndim] - np.eye(ndim)) + d[:ndim, ndim]
-            warp, ok, cur = new, ok_n, nxt
+            warp, ok, cur, vals = new, ok_n, nxt, vals_n
             if float(np.abs(moved).max()) < tol_world:
                 break
         info["iterations"].append(n_it)
@@ -460,6 +564,17 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         b = last if factor == levels[-1] and last is not None else fit(lv, *warped_values(lv, warp))
         if a is not None and b is not None:
             info.update(rms_start=a[2], rms=b[2], ncc_start=a[1], ncc=b[1])
+            if biweight_probe and b is last and ok is not None:
+                # the biweight pass's first step from here, computed as that pass would
+                # (gain and offset reweighted, then one weighted Gauss-Newton solve)
+                rb = fit(lv, vals, ok, cutoff=biweight_probe)
+                if rb is not None:
+                    info["biweight_step_px"] = _biweight_step(
+                        rb[0], tukey(rb[0], biweight_probe)[0],
+                        lv["sd"] if ok.all() else lv["sd"][:, ok], gens, ndim,
+                        model, corners) / fine_px
+                if level_cache is not None:
+                    level_cache["last_eval"] = (factor, warp.copy(), vals, ok)
             if b[2] <= a[2]:
                 info.update(accepted=True, reason="converged")
             else:
@@ -471,6 +586,53 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     if not info["accepted"]:
         return transform, info
     return Transform(np.linalg.inv(warp)), info
+
+
+def _gain_residual(m, t, gain, offset, out=None):
+    """gain * m + offset - t, in one new array (or ``out``)."""
+    res = np.multiply(m, gain, out=out)
+    res -= t
+    res += offset
+    return res
+
+
+def _tukey(res, cutoff, out=None):
+    """Tukey biweight weights of residuals ``res`` with cutoff ``cutoff`` robust standard
+    deviations (MAD), and the mean loss as an RMS-like number. One array of the size of
+    ``res`` is made, or ``out`` used (the median is taken in it, then it becomes the
+    weights)."""
+    a = np.abs(res, out=out)
+    k = a.size // 2
+    if a.size % 2:
+        a.partition(k)
+        med = float(a[k])
+    else:
+        a.partition((k - 1, k))
+        med = 0.5 * (float(a[k - 1]) + float(a[k]))
+    c = cutoff * (med / 0.6745) + 1e-12
+    u = np.multiply(res, 1.0 / c, out=a)
+    np.square(u, out=u)
+    np.minimum(u, 1.0, out=u)
+    np.subtract(1.0, u, out=u)                      # 1 - u^2
+    cube = float(np.einsum("i,i,i->", u, u, u))
+    np.square(u, out=u)                             # the weights (1 - u^2)^2
+    return u, float(np.sqrt(max(c * c / 6.0 * (1.0 - cube / u.size), 0.0)))
+
+
+def _biweight_step(res, w, sd, gens, ndim, model, corners) -> float:
+    """How far (world units, the largest move of a corner of the fixed grid) one
+    Tukey-biweight Gauss-Newton step would move a fit whose residual is ``res``, biweight
+    weights ``w`` and Jacobian ``sd`` (P, N): a weighted normal matrix, no interpolation."""
+    h = np.einsum("pn,n,qn->pq", sd, w, sd)
+    b = np.einsum("pn,n,n->p", sd, w, res)
+    n_par = h.shape[0]
+    try:
+        dp = np.linalg.solve(h + 1e-9 * np.trace(h) / n_par * np.eye(n_par), b)
+    except np.linalg.LinAlgError:
+        return float("inf")
+    d = _delta_matrix(dp, gens, ndim, model)
+    moved = np.einsum("nd,ed->ne", corners, d[:ndim, :ndim] - np.eye(ndim)) + d[:ndim, ndim]
+    return float(np.abs(moved).max())
 
 
 class LinearJudge:
