@@ -351,9 +351,12 @@ def _why(v, case, table, methods, runs=()):
                      "counts as a tie here (below 0.1 px); `features` with detector='orb' is the "
                      "row 'ours: features (orb)'")
     if fast == "ours: features (orb)" and "ORB" in fast_peer and ratio > 1.25:
-        notes.append("`features` with ORB makes the same OpenCV detect and match calls as the "
-                     "peer, then refits on the inliers and warps; on images this small those "
-                     "extra steps are a large share of a fraction of a second")
+        notes.append("`features` with ORB detects on the image stretched to its 0.5-99.5 "
+                     "percentiles, where ORB finds more corners than on the raw 8-bit image "
+                     "(moon: 1908 against 680), then matches them (guided by a first fit), "
+                     "refits on the inliers and warps with an exact interpolation (~7 ms "
+                     "against OpenCV's ~1 ms); on images this small those steps are a large "
+                     "share of a fraction of a second")
     if fast == "ours: features" and "SIFT" in fast_peer and ratio > 1.25:
         notes.append("`features` spends ~90 % of its time in the same OpenCV SIFT "
                      "detectAndCompute as the peer (profiled), plus matching and a refinement "
@@ -610,7 +613,14 @@ def write_docs(payload, table, cases, methods, images, skipped_methods, skipped_
         "and produces the warped image, numpy in (imports excluded). Peak MB = rise of the "
         "process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs "
         "before each run) above the RSS at the start of the run, max over repeats: it "
-        "includes C++ allocations. Each library runs with its default threading on this "
+        "includes C++ allocations. So that memory one run freed does not hide the next "
+        "run's peak, glibc's mmap threshold is fixed at 128 KiB and `malloc_trim` runs "
+        "before each run: every large temporary array is then fresh memory to page in, "
+        "which costs numpy-heavy code (ours) more than the C/C++ peers (fourier on moon, before "
+        "this round cut its temporary arrays: "
+        "about 2x its time in a default process, measured by `benchmarks/bench_linear2d.py "
+        "--malloc report|default`); times here are therefore conservative for us. "
+        "Each library runs with its default threading on this "
         "2-core machine, which other jobs share, so times are noisy (compare within a run).",
         f"Failure = exception or mean TRE > {payload['threshold']} world units. Peers' "
         "mappings come from their own machinery: SimpleITK `TransformPoint`, elastix's "
