@@ -158,3 +158,25 @@ def test_multimodal_pair_keeps_mutual_information(camera, deformed):
                   iterations=10)
     assert "engine" not in r2.info["deformable"]
     assert r.info["deformable"].get("engine") == "spline Gauss-Newton"
+
+
+def test_big_image_finest_level_takes_few_steps():
+    """512^2 (> 2**17 pixels): the full-resolution level runs at most 5 steps from the
+    level below and still recovers a smooth field (median 0.02 px measured)."""
+    from skimage import data
+
+    fixed = data.camera().astype(np.float32) / 255
+    u = _smooth_field(fixed.shape, 2.0, 4, seed=3)
+    idx = np.indices(fixed.shape).astype(np.float64)
+    x = idx.copy()
+    for _ in range(30):
+        ux = np.stack([ndimage.map_coordinates(u[..., k], x, order=1, mode="nearest")
+                       for k in range(2)])
+        x = idx - ux
+    moving = ndimage.map_coordinates(fixed, x, order=3, mode="nearest").astype(np.float32)
+    field, info = deform.register_bspline(fixed, moving, grid_spacing=24.0)
+    assert info["levels"][-1] == 1 and info["iterations"][-1] <= 5
+    assert field.shape == (512, 512, 2)
+    inner = (slice(48, -48), slice(48, -48))
+    err = np.linalg.norm(field - u, axis=-1)[inner]
+    assert np.median(err) < 0.05, np.median(err)

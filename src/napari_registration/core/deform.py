@@ -193,7 +193,9 @@ def _levels(shape, final_spacing, n_levels, min_side):
 def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), levels: int = 4,
                      regularization: float = 0.05, stiffness: float = 1e-3, iterations: int = 20,
                      tolerance: float = 0.01, energy_tolerance: float = 0.0,
-                     min_side: int = 24, robust: bool = True, fixed_mask=None,
+                     min_side: int = 24, max_pixels: int | None = 2 ** 17,
+                     big_iterations: int = 5,
+                     robust: bool = True, fixed_mask=None,
                      progress=None, cancel=None) -> tuple[np.ndarray, dict]:
     """Fit a cubic B-spline displacement so that ``moving(x + u(x)) ~ fixed(x)``.
 
@@ -210,6 +212,11 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
         Control-point spacing at the finest level, in pixels; each coarser level doubles it.
     levels : int
         Resolution levels (images block-averaged by 2**k, at least ``min_side`` pixels).
+    max_pixels, big_iterations : int or None, int
+        Levels of more than ``max_pixels`` pixels run at most ``big_iterations`` steps:
+        they start from the level below, already close, and each step costs in
+        proportion to the pixels (512^2, 24 px grid: 6.1 s with 20 steps; block-averaging
+        that level instead cost 7x in median error, 0.019 -> 0.139 px).
     regularization : float
         Weight of the bending energy (the data term is the mean squared residual over
         the fixed image's variance; the energy is per pixel in pixel units).
@@ -330,7 +337,10 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
 
         u, q, mw, inside = evaluate(coeffs)
         e, r, w, sw, gain = energy(coeffs, mw, inside, None)
-        for it in range(int(iterations)):
+        n_it = int(iterations)
+        if max_pixels and float(np.prod(nl)) > max_pixels:
+            n_it = min(n_it, int(big_iterations))
+        for it in range(n_it):
             if cancel():
                 raise RegistrationCancelled("registration cancelled")
             if robust and li > 0:
@@ -366,7 +376,7 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
             gain_e = (e - e2) / max(e, 1e-30)
             coeffs, u, q, mw, inside = new, u2, q2, mw2, inside2
             e, r, w, sw, gain = e2, r2, w2, sw2, gain2
-            progress((li + (it + 1) / iterations) / len(sched),
+            progress((li + (it + 1) / n_it) / len(sched),
                      f"bspline: level {li + 1}/{len(sched)}, iteration {it + 1}, "
                      f"energy {e:.5g}")
             if moved < tolerance or gain_e < energy_tolerance:
