@@ -927,16 +927,19 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         to 1 while it runs (restored afterwards). Without a seed the coarse search is
         still deterministic; the fine stage samples differently each run.
     optimizer : str
-        "auto" (regular-step gradient descent for linear, L-BFGS-B for B-splines),
-        "regular_step", "gradient_descent" (learning rate estimated each iteration),
-        "lbfgsb".
+        "auto" (regular-step gradient descent for linear; for B-splines in 2D a
+        Gauss-Newton on the spline coefficients, :mod:`core.deform`, when the images
+        are linearly related in intensity, |NCC| >= 0.5 after the linear stage, else
+        and in 3D L-BFGS-B), "regular_step", "gradient_descent" (learning rate
+        estimated each iteration), "lbfgsb" (a named optimizer keeps ITK's B-spline).
     learning_rate : float or None
         Initial step in world units (None: estimated per level, about one voxel of
         that level).
     iterations : int or None
         Maximum optimiser iterations per level (None: 200 for linear stages; for the
         B-spline stage, whose metric evaluations cost far more, 50 in 2D and 25 in 3D,
-        and L-BFGS-B may evaluate the metric at most that many times per level).
+        and L-BFGS-B may evaluate the metric at most that many times per level; the 2D
+        Gauss-Newton takes at most 20 steps per level, 5 above 2**17 pixels).
     convergence : float
         Regular step: stop when the step is below this fraction of a pixel; gradient
         descent: when the metric changes by less than ``convergence / 1000`` over 20
@@ -957,7 +960,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         For bspline/demons: the linear stage run first ("auto" = affine, or "none").
     grid_spacing, mesh_size :
         B-spline control grid: spacing in world units or number of mesh cells per axis
-        (default 8 cells per axis in 2D, 4 in 3D).
+        (default: 2D Gauss-Newton 14 pixels, or 1/24 of the shortest side if larger,
+        refined from 8x that over 4 levels; ITK's path 8 cells per axis in 2D, 4 in 3D).
     demons : str
         "diffeomorphic" (Vercauteren et al., fold-free by construction), "fast_symmetric"
         (symmetric forces) or "classic" (Thirion).

@@ -193,6 +193,7 @@ def _levels(shape, final_spacing, n_levels, min_side):
 def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), levels: int = 4,
                      regularization: float = 0.05, stiffness: float = 1e-3, iterations: int = 20,
                      tolerance: float = 0.01, energy_tolerance: float = 0.0,
+                     coarse_energy_tolerance: float = 0.002,
                      min_side: int = 24, max_pixels: int | None = 2 ** 17,
                      big_iterations: int = 5,
                      robust: bool = True, fixed_mask=None,
@@ -228,8 +229,12 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
         At most this many Gauss-Newton steps per level.
     tolerance : float
         A level stops when a step moves no pixel by more than this many pixels.
-    energy_tolerance : float
-        ... or when a step lowers the energy by less than this fraction (0: off).
+    energy_tolerance, coarse_energy_tolerance : float
+        ... or when a step lowers the energy by less than this fraction, on the finest
+        level and on the others (0: off). Coarse levels need not converge tightly: 0.002
+        there saved 9 of 49 steps on camera_deformable (TRE 0.217 -> 0.196 px) and left
+        stereo_motorcycle unchanged (1.700 px); on the finest level stereo needs the steps
+        (0.002 there: 1.76 -> 1.80 px).
     robust : bool
         Reweight residuals with Tukey's biweight (4.685 robust standard deviations)
         from the second level on, so that occlusions and unmatched parts stop pulling.
@@ -379,7 +384,8 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
             progress((li + (it + 1) / n_it) / len(sched),
                      f"bspline: level {li + 1}/{len(sched)}, iteration {it + 1}, "
                      f"energy {e:.5g}")
-            if moved < tolerance or gain_e < energy_tolerance:
+            last = li == len(sched) - 1
+            if moved < tolerance or gain_e < (energy_tolerance if last else coarse_energy_tolerance):
                 break
         rms = float(np.sqrt((w * r * r).sum() / sw))
         info["levels"].append(int(f))
