@@ -180,3 +180,17 @@ def test_big_image_finest_level_takes_few_steps():
     inner = (slice(48, -48), slice(48, -48))
     err = np.linalg.norm(field - u, axis=-1)[inner]
     assert np.median(err) < 0.05, np.median(err)
+
+
+def test_halving_the_grid_keeps_the_field_exactly():
+    rng = np.random.default_rng(2)
+    n = (37, 50)
+    pos = [np.arange(k, dtype=float) for k in n]
+    mc = [deform.n_coefficients(k, 12.0) for k in n]
+    mf = [deform.n_coefficients(k, 6.0) for k in n]
+    c = rng.normal(size=(*mc, 2))
+    field = deform.field_from_coefficients(c, [deform.basis(pos[a], 12.0, mc[a]) for a in range(2)])
+    fine = deform._refine_half(c, mf)
+    assert fine.shape == (*mf, 2)
+    again = deform.field_from_coefficients(fine, [deform.basis(pos[a], 6.0, mf[a]) for a in range(2)])
+    assert np.abs(again - field).max() < 1e-10

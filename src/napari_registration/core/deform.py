@@ -74,6 +74,25 @@ def _project(image: np.ndarray, bases) -> np.ndarray:
     return (b1.T @ t.T).T                       # (m0, m1)
 
 
+_HALVE = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 8.0
+
+
+def _refine_half(coeffs: np.ndarray, shape) -> np.ndarray:
+    """Exact coefficients, on a grid of half the spacing, of the same cubic B-spline:
+    beta3(t) = sum_i w_i beta3(2 t - i), w = (1, 4, 6, 4, 1) / 8, i = -2..2, so coarse
+    control k feeds fine controls 2k - 1 + i (those outside ``shape`` have no support
+    inside the image)."""
+    out = coeffs
+    for axis, m_f in enumerate(shape):
+        m_c = out.shape[axis]
+        moved = np.moveaxis(out, axis, 0)
+        fine = np.zeros((max(2 * m_c + 5, m_f + 3),) + moved.shape[1:])
+        for i, w in zip(range(-2, 3), _HALVE):
+            fine[2 * np.arange(m_c) + i + 2] += w * moved      # fine index + 3
+        out = np.moveaxis(fine[3:3 + m_f], 0, axis)
+    return out
+
+
 def _fit_coefficients(field: np.ndarray, bases) -> np.ndarray:
     """Least-squares coefficients of a field sampled at the bases' positions."""
     p0, p1 = (np.linalg.pinv(np.asarray(b)) for b in bases)
@@ -282,6 +301,8 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
         hessian = _Hessian(bases, mshape)
         if coeffs is None:
             coeffs = np.zeros(mshape + (2,))
+        elif np.allclose(prev_h, 2 * h) and all(2 * c + 2 >= m for c, m in zip(coeffs.shape, mshape)):
+            coeffs = _refine_half(coeffs, mshape)
         else:
             # carry the coarser field over: fit it on the full-resolution pixel grid
             full = [np.arange(n, dtype=float) for n in fixed.shape]
