@@ -198,6 +198,30 @@ class _Hessian:
         return h
 
 
+def _solve(a, b):
+    """Solve the damped normal equations (symmetric positive definite): conjugate
+    gradients with a Jacobi preconditioner to 1e-4 relative residual for 800 unknowns
+    or more (a step need not be exact: the energy test accepts or rejects it; 2.5x
+    faster than SuperLU at ~1000 unknowns, 1e-5 relative difference), SuperLU below
+    that or when CG does not converge."""
+    from scipy.sparse.linalg import LinearOperator, cg, splu
+
+    if a.shape[0] < 800:
+        # smaller systems: SuperLU was as fast or faster (stereo, 630 unknowns: 1.38 s
+        # engine with SuperLU, 1.54 s with CG; camera, 968: 2.90 s vs 2.24 s)
+        return splu(a.tocsc(), permc_spec="MMD_AT_PLUS_A").solve(b)
+    d = a.diagonal()
+    d = np.where(d > 0, d, 1.0)
+    pre = LinearOperator(a.shape, matvec=lambda v: v / d)
+    try:
+        x, info = cg(a, b, rtol=1e-4, maxiter=4 * a.shape[0], M=pre)
+    except TypeError:  # scipy < 1.12 calls it tol
+        x, info = cg(a, b, tol=1e-4, maxiter=4 * a.shape[0], M=pre)
+    if info == 0 and np.all(np.isfinite(x)):
+        return x
+    return splu(a.tocsc(), permc_spec="MMD_AT_PLUS_A").solve(b)
+
+
 def _levels(shape, final_spacing, n_levels, min_side):
     """(image factor, control spacing in full-resolution pixels per axis) coarse to fine."""
     out = []
@@ -264,7 +288,6 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
     (levels, iterations per level, grid shapes, final RMS residual, seconds).
     """
     from scipy import ndimage, sparse
-    from scipy.sparse.linalg import splu
 
     t_start = time.perf_counter()
     fixed = np.asarray(fixed, np.float64)
@@ -386,7 +409,7 @@ def register_bspline(fixed, moving, *, valid=None, grid_spacing=(14.0, 14.0), le
             accepted = False
             for _ in range(6):
                 damp = sparse.diags(lam * (diag + 1e-12 * max(diag.max(), 1e-30)))
-                step = -splu((hess + damp).tocsc(), permc_spec="MMD_AT_PLUS_A").solve(grad)
+                step = -_solve((hess + damp).tocsr(), grad)
                 new = coeffs + np.stack([step[:n_c].reshape(mshape), step[n_c:].reshape(mshape)], -1)
                 u2, q2, mw2, inside2 = evaluate(new)
                 e2, r2, w2, sw2, gain2 = energy(new, mw2, inside2, weights_robust)
