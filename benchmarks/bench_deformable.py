@@ -1,0 +1,122 @@
+"""Deformable (B-spline) registration, before/after and peers, side by side in one run.
+
+"after" is ``register(method="intensity", transform="bspline")`` with its defaults: in
+2D, same-contrast pairs go to the spline Gauss-Newton engine (``core/deform.py``).
+"before" is the same call with ``optimizer="lbfgsb"``: exactly the previous default
+path (ITK's L-BFGS-B on an 8-cell mesh in 2D, 4 in 3D), which is still selectable.
+Peers are the accuracy report's own (``report_methods``): SimpleITK notebook settings,
+itk-elastix (affine then bspline default maps), ANTsPy SyN. Cases: the report's two
+deformable ones and a 3D one built here (MNI T1 3x2x2 mm under a smooth random field,
+up to ~6 mm; the 3D path is unchanged, measured so that it is seen not to be worse).
+
+Everything goes through ``report.run`` (same timing, peak memory, TRE and interleaving
+as the report: repeat 1 runs every method on every case, then repeat 2, ...).
+
+Run (peers live in a separate venv):
+  PYTHONPATH=src /work/venv-bench/bin/python benchmarks/bench_deformable.py --repeats 3 \
+      --out benchmarks/results/deformable.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402
+import report_cases  # noqa: E402
+import report_methods  # noqa: E402
+
+
+def brain_deformable_3d():
+    """MNI152 T1 at 3x2x2 mm under a smooth random forward field (5^3 control values,
+    cubic, sigma 2.5 mm, clipped to the volume)."""
+    from scipy import ndimage
+
+    from napari_registration.core.transform import FieldStep, Transform
+
+    fixed, spacing = report_cases._brain_anisotropic()
+    if fixed is None:
+        return None
+    rng = np.random.default_rng(5)
+    coarse = rng.normal(0, 2.5, (5, 5, 5, 3))
+    zoom = [n / 5 for n in fixed.shape] + [1]
+    field_mm = ndimage.zoom(coarse, zoom, order=3)[:fixed.shape[0], :fixed.shape[1], :fixed.shape[2]]
+    truth = Transform(steps=[FieldStep(field_mm.astype(np.float32), spacing=spacing,
+                                       direction="forward")])
+    moving = report_cases._moving_from(fixed, truth, spacing)
+    return report_cases.Case(
+        "brain_deformable_3d", "MNI152 T1, 3x2x2 mm, smooth random deformation",
+        "nilearn MNI152 2009a T1 template (package data)", "deformable", fixed=fixed,
+        moving=moving, truth=truth, spacing=spacing,
+        note=f"max displacement {float(np.abs(field_mm).max()):.1f} mm")
+
+
+BUILDERS = {"camera_deformable": report_cases.camera_deformable,
+            "stereo_motorcycle": report_cases.stereo_motorcycle,
+            "brain_deformable_3d": brain_deformable_3d}
+
+
+def methods(which):
+    out = [report_methods.Ours("intensity"),
+           report_methods.Ours("intensity", optimizer="lbfgsb"),
+           report_methods.SimpleITKDirect(), report_methods.Elastix(), report_methods.Ants()]
+    if which:
+        keys = [w.strip() for w in which.split(",") if w.strip()]
+        out = [m for m in out if any(k in m.name for k in keys)]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", default=",".join(BUILDERS))
+    p.add_argument("--methods", default="", help="comma-separated substrings of method names")
+    p.add_argument("--slow", type=float, default=10.0, help="pairs slower than this run once")
+    p.add_argument("--out", default=str(HERE / "results" / "deformable.json"))
+    args = p.parse_args(argv)
+    builders = [BUILDERS[c.strip()] for c in args.cases.split(",") if c.strip()]
+    t0 = time.perf_counter()
+    cases, avail, skipped, skipped_cases, runs, done = report.run(
+        builders, methods(args.methods), args.repeats, 2.0, slow=args.slow)
+    table = report.summarise(runs)
+    print(report.markdown_table(table, cases, avail))
+    ratios = []
+    for case in cases:
+        after = table.get((case.name, "ours: intensity"))
+        for m in avail:
+            if m.name == "ours: intensity":
+                continue
+            other = table.get((case.name, m.name))
+            if after and other and after.get("seconds") and other.get("seconds"):
+                ratios.append((case.name, m.name, after["tre_mean"] / other["tre_mean"]
+                               if other.get("tre_mean") else None,
+                               after["seconds"] / other["seconds"]))
+    print("\nafter / other (TRE ratio, time ratio):")
+    for c, m, tr, sr in ratios:
+        print(f"  {c:22s} {m:36s} TRE x{tr:.2f}  time x{sr:.2f}" if tr else f"  {c} {m} time x{sr:.2f}")
+    payload = {"command": " ".join(["benchmarks/bench_deformable.py"] + (argv or sys.argv[1:])),
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "seconds": time.perf_counter() - t0, "repeats": done,
+               "python": platform.python_version(), "environment": report.environment(avail),
+               "cases": [c.describe() for c in cases], "skipped": skipped + skipped_cases,
+               "table": [{"case": k[0], "method": k[1], **v} for k, v in table.items()],
+               "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
