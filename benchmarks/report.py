@@ -334,8 +334,9 @@ def _why(v, case, table, methods, runs=()):
                and (r.get("details") or {}).get("deformable_iterations")]
         if its:
             d = its[0]
-            notes.append(f"`intensity` B-spline spends {d['deformable_seconds']:.0f} s in ITK's "
-                         f"LBFGSB over {len(d['deformable_iterations'])} pyramid levels "
+            engine = d.get("deformable_engine") or "ITK's LBFGSB"
+            notes.append(f"`intensity` B-spline spends {d['deformable_seconds']:.0f} s in "
+                         f"{engine} over {len(d['deformable_iterations'])} pyramid levels "
                          f"({sum(d['deformable_iterations'])} iterations) after a linear search")
     # a stage that could not align (RegistrationError) is auto working as designed; any
     # other error in a stage is a defect worth showing

@@ -129,6 +129,7 @@ class Ours(Method):
         if isinstance(deform, dict):
             out["deformable_iterations"] = deform.get("iterations")
             out["deformable_seconds"] = deform.get("seconds")
+            out["deformable_engine"] = deform.get("engine") or "ITK's LBFGSB"
         chosen = info.get("chosen")
         if isinstance(chosen, dict):
             out["chosen"] = f"{chosen.get('method')} {chosen.get('model')} on {chosen.get('on')}"
