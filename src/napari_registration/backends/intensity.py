@@ -565,8 +565,11 @@ def _rigid_itk(init):
 def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, metric, bins,
                   optimizer, learning_rate, iterations, convergence, sampling, percentages,
                   seed, shrink, sigmas, fixed_mask_img, moving_mask_img, threads, progress,
-                  cancel, span, trim_levels=True):
-    """Returns (ITK transform fixed->moving, info)."""
+                  cancel, span, trim_levels=True, defer_finest=False):
+    """Returns (ITK transform fixed->moving, info, resume). ``resume`` is None, or with
+    ``defer_finest`` (and more than one level) a callable that runs the finest level,
+    left out so far, and returns (transform, info) as if it had run: a caller whose
+    full-resolution polish is accepted never needs it."""
     sitk = _sitk()
     info: dict = {}
     moving_initial = None
@@ -627,9 +630,12 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
     # coarse levels early was tried: the finest level then ended further from the truth
     # (3D brain TRE 0.16-0.43 mm instead of 0.04-0.1 mm), so every level converges fully
     n = len(shrink)
-    per_level, seconds = [], 0.0
+    per_level, level_seconds = [], []
     base = float(min(fixed_img.GetSpacing()))
-    for li, (s, sg) in enumerate(zip(shrink, sigmas)):
+    state = {}
+
+    def run_level(li):
+        s, sg = shrink[li], sigmas[li]
         f_l, m_l, fm_l, mm_l = fixed_img, moving_img, fixed_mask_img, moving_mask_img
         if s > 1:  # our own cheaper pyramid level (see _shrink)
             f_l = _shrink(fixed_img, s * base, sg * base)
@@ -660,16 +666,36 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
         R.AddCommand(sitk.sitkIterationEvent, obs)
         t_stage = time.perf_counter()
         _execute(R, f_l, m_l, f"{kind} registration", obs)
-        seconds += time.perf_counter() - t_stage
+        level_seconds.append(time.perf_counter() - t_stage)
         if obs.stopped:
             raise _Stopped
         per_level.append(obs.levels()[0])
-    info.update(seconds=seconds, metric=float(R.GetMetricValue()), iterations=per_level,
-                stop_condition=R.GetOptimizerStopConditionDescription(), optimizer=opt)
-    final = start
-    if moving_initial is not None:
-        final = sitk.CompositeTransform([moving_initial, start])
-    return final, info
+        state.update(metric=float(R.GetMetricValue()),
+                     stop_condition=R.GetOptimizerStopConditionDescription())
+
+    def finish():
+        info.update(seconds=float(sum(level_seconds)), level_seconds=list(level_seconds),
+                    metric=state["metric"], iterations=list(per_level),
+                    stop_condition=state["stop_condition"], optimizer=opt)
+        final = start
+        if moving_initial is not None:
+            final = sitk.CompositeTransform([moving_initial, start])
+        return final, info
+
+    if defer_finest and n > 1:
+        for li in range(n - 1):
+            run_level(li)
+        info["finest_level"] = "deferred"
+
+        def resume():
+            run_level(n - 1)
+            info["finest_level"] = "run"
+            return finish()
+
+        return (*finish(), resume)
+    for li in range(n):
+        run_level(li)
+    return (*finish(), None)
 
 
 # -------------------------------------------------------------------- deformable stages
@@ -931,7 +957,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             rotation_search=rotation_search, linear_stage=linear_stage,
             grid_spacing=_scaled(grid_spacing, 1.0 / unit),
             mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
-            demons_smoothing=demons_smoothing, threads=threads)
+            demons_smoothing=demons_smoothing, threads=threads, polish=polish)
         info = dict(out.info, world_unit_scale=unit)
         return BackendResult(rescale_world(out.transform, unit), info, out.extras)
     sitk = _sitk()
@@ -967,8 +993,12 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     # SimpleITK's random sampling repeats only on one thread: the method's own
     # SetNumberOfThreads does not reach every filter it runs (measured: runs differed),
     # so a seeded run sets the process-wide default and restores it afterwards
+    # with a polish to follow, the linear stage's finest ITK level waits: the polish's
+    # Gauss-Newton pass at full resolution replaces it whenever it is accepted (same-
+    # contrast pairs), and the level runs only when the polish declines
+    defer = bool(polish) and transform in LINEAR and shrink_factors is None
     with _global_threads(sitk, threads):
-        result = _run(sitk, fixed, moving, fixed_img, moving_img, transform=transform, ndim=ndim,
+        result, resume = _run(sitk, fixed, moving, fixed_img, moving_img, transform=transform, ndim=ndim,
                     init=init, rotation_search=rotation_search, optimizer=optimizer,
                     learning_rate=learning_rate, iterations=iterations,
                     convergence=convergence, shrink_factors=shrink_factors, shrink=shrink,
@@ -977,15 +1007,26 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                     info=info, linear_stage=linear_stage, grid_spacing=grid_spacing,
                     mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
                     demons_smoothing=demons_smoothing, threads=threads, progress=progress,
-                    cancel=cancel, t0=t0)
+                    cancel=cancel, t0=t0, defer_finest=defer)
+    if resume is not None:
+        polished = _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing,
+                           fixed_mask, moving_mask, cancel, remap=False)
+        if polished.info["polish"].get("accepted"):
+            progress(1.0, "done")
+            return polished
+        with _global_threads(sitk, threads):
+            result = resume()
+        declined = polished.info["polish"]
     if polish and transform in LINEAR:
         result = _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing,
                          fixed_mask, moving_mask, cancel)
+        if resume is not None:
+            result.info["polish"]["before_finest_level"] = declined
     return result
 
 
 def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fixed_mask,
-            moving_mask, cancel):
+            moving_mask, cancel, remap=True):
     """Final Gauss-Newton pass (see the ``polish`` option); the ITK result when declined.
     3D images related by a non-linear or many-to-one intensity change get it on
     intensity-remapped images instead (:func:`_remapped_polish`)."""
@@ -1017,7 +1058,7 @@ def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fix
     out, rinfo = plain(0.98 if fixed.ndim == 3 else 0.9)
     ncc = rinfo.get("ncc_start")
     remapped = None
-    if (fixed.ndim == 3 and not rinfo.get("accepted")
+    if (remap and fixed.ndim == 3 and not rinfo.get("accepted")
             and str(rinfo.get("reason", "")).startswith("declined")
             and ncc is not None and not (cancel is not None and cancel())):
         out, remapped = _remapped_polish(fixed, moving, result.transform, transform,
@@ -1147,7 +1188,10 @@ class _global_threads:
 def _run(sitk, fixed, moving, fixed_img, moving_img, *, transform, ndim, init, rotation_search,
          optimizer, learning_rate, iterations, convergence, shrink_factors, shrink, sigmas,
          percentages, metric, common, info, sampling_percentage, linear_stage, grid_spacing, mesh_size, demons,
-         demons_iterations, demons_smoothing, threads, progress, cancel, t0):
+         demons_iterations, demons_smoothing, threads, progress, cancel, t0, defer_finest=False):
+    """Runs the ITK stages; returns (BackendResult, resume). ``resume`` is None unless
+    ``defer_finest`` left the linear stage's finest level out; then it runs that level
+    and returns the BackendResult the full stage would have given."""
     from ..core.itk import from_sitk_transform
 
     deformable = transform in ("bspline", "demons")
@@ -1156,16 +1200,17 @@ def _run(sitk, fixed, moving, fixed_img, moving_img, *, transform, ndim, init, r
         kind = "affine" if linear_stage == "auto" else linear_stage
     try:
         linear_tx = None
+        resume = None
         lin_span = 0.4 if deformable else 1.0
         if kind != "none":
-            linear_tx, lin_info = _linear_stage(
+            linear_tx, lin_info, resume = _linear_stage(
                 kind, fixed_img, moving_img, ndim=ndim, init=init,
                 rotation_search=rotation_search, optimizer="auto" if deformable else optimizer,
                 learning_rate=None if deformable else learning_rate,
                 iterations=200 if deformable or iterations is None else iterations,
                 convergence=1e-3 if deformable else convergence,
                 shrink=shrink, sigmas=sigmas, progress=progress, cancel=cancel, span=lin_span,
-                trim_levels=shrink_factors is None,
+                trim_levels=shrink_factors is None, defer_finest=defer_finest and not deformable,
                 **{k: v for k, v in common.items() if k not in ("metric",)},
                 metric="mattes" if (metric == "auto" or transform == "demons") and metric != "mean_squares" else metric)
             info["linear" if deformable else "stage"] = lin_info
@@ -1198,18 +1243,38 @@ def _run(sitk, fixed, moving, fixed_img, moving_img, *, transform, ndim, init, r
     except _Stopped:
         raise RegistrationCancelled("registration cancelled") from None
 
-    if deformable:
-        final = tx if linear_tx is None else sitk.CompositeTransform([linear_tx, tx])
-        info["deformable"] = def_info
-        info.update(metric=def_info["metric"], iterations=def_info["iterations"],
-                    stop_condition=def_info["stop_condition"])
-    else:
-        final = tx
-        info.update(metric=info["stage"]["metric"], iterations=info["stage"]["iterations"],
-                    stop_condition=info["stage"]["stop_condition"])
-    result = from_sitk_transform(final, ndim=ndim, reference=fixed_img)
-    if deformable:
-        info["jacobian_determinant"] = _jacobian_stats(result)
-    info["sitk_seconds"] = time.perf_counter() - t0
-    progress(1.0, "done")
-    return BackendResult(result, info)
+    def result_of(tx, def_info, done=True):
+        if deformable:
+            final = tx if linear_tx is None else sitk.CompositeTransform([linear_tx, tx])
+            info["deformable"] = def_info
+            info.update(metric=def_info["metric"], iterations=def_info["iterations"],
+                        stop_condition=def_info["stop_condition"])
+        else:
+            final = tx
+            info.update(metric=info["stage"]["metric"], iterations=info["stage"]["iterations"],
+                        stop_condition=info["stage"]["stop_condition"])
+        result = from_sitk_transform(final, ndim=ndim, reference=fixed_img)
+        if deformable:
+            info["jacobian_determinant"] = _jacobian_stats(result)
+        info["sitk_seconds"] = time.perf_counter() - t0
+        if done:
+            progress(1.0, "done")
+        return BackendResult(result, dict(info))
+
+    if resume is None:
+        return result_of(tx, def_info), None
+
+    def run_finest():
+        t1 = time.perf_counter()
+        try:
+            tx2, lin_info2 = resume()
+        except _Stopped:
+            raise RegistrationCancelled("registration cancelled") from None
+        info["stage"] = lin_info2
+        out = result_of(tx2, None)
+        out.info["sitk_seconds"] = info["sitk_seconds"] = seconds_before + time.perf_counter() - t1
+        return out
+
+    first = result_of(tx, def_info, done=False)
+    seconds_before = info["sitk_seconds"]
+    return first, run_finest
