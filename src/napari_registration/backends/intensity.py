@@ -695,6 +695,7 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
         return (*finish(), resume)
     for li in range(n):
         run_level(li)
+    info["finest_level"] = "run"
     return (*finish(), None)
 
 
