@@ -27,6 +27,7 @@ Run (bench venv: elastix and pystackreg are installed there only):
 
     PYTHONPATH=src /work/venv-bench/bin/python benchmarks/bench_intensity_speed.py \\
         [--repeats 3] [--cases camera_noise_gamma,brain_rigid_3d] [--before /tmp/before/src] \\
+        [--before LABEL=/another/src ...] \\
         [--peers elastix,pystackreg] [--out /tmp/intensity_speed.json]
 """
 
@@ -162,7 +163,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--src", default=str(HERE.parent / "src"), help="our source (after)")
-    parser.add_argument("--before", default="", help="another copy of our src (before)")
+    parser.add_argument("--before", action="append", default=[],
+                        help="another copy of our src: PATH (labelled 'before') or LABEL=PATH; "
+                             "may be given several times")
     parser.add_argument("--peers", default="elastix,pystackreg",
                         help="report methods to run beside ours (substrings of their names)")
     parser.add_argument("--out", default="")
@@ -172,7 +175,10 @@ def main(argv=None):
 
     names = [n for n in args.cases.split(",") if n]
     cases = rc.build([getattr(rc, BUILDERS.get(n, n)) for n in names])[0]
-    versions = [("after", args.src)] + ([("before", args.before)] if args.before else [])
+    versions = [("after", args.src)]
+    for b in args.before:
+        label, _, path = b.rpartition("=")
+        versions.append((label or "before", path))
     runners = [Ours(label, src) for label, src in versions]
     runners += _peers(args.peers.split(","))
     for r in runners:
