@@ -133,3 +133,31 @@ def test_polish_false_is_honoured_in_rescaled_units(camera256):
     r2 = register(camera256, moving, method="intensity", transform="rigid", seed=0,
                   fixed_spacing=sp, moving_spacing=sp, warp=False, score=False)
     assert r2.info["polish"]["accepted"] and r2.info["stage"]["finest_level"] == "deferred"
+
+
+def test_3d_different_contrast_skips_the_attempt_and_matches_the_full_run():
+    """3D, contrast folded (many-to-one): |NCC| on the last ITK level is far below 0.9, so
+    no polish is tried at the pause (a 3D attempt that declines costs ~0.1-0.2 s); the
+    finest level then runs, and the result is the one ITK's full stage gives."""
+    from napari_registration.backends import intensity
+    from napari_registration.data import volume_pair
+
+    fixed, moving, truth, spacing = volume_pair()
+    lo, hi = float(moving.min()), float(moving.max())
+    folded = (4 * ((moving - lo) / (hi - lo) - 0.5) ** 2).astype(np.float32)
+    kw = dict(method="intensity", transform="rigid", fixed_spacing=spacing,
+              moving_spacing=spacing, seed=0, warp=False, score=False)
+    r = register(fixed, folded, **kw)
+    stage, polish = r.info["stage"], r.info["polish"]
+    assert stage["ncc_coarse"] < 0.9 and stage["finest_level"] == "run"
+    assert polish["declined_before"][0]["reason"].startswith("skipped")
+    grid = grid_points(fixed.shape, spacing)
+    assert tre_against_truth(r.transform, truth, grid)["mean"] < 0.5
+    original = intensity._defer_mode
+    intensity._defer_mode = lambda ndim, transform: None  # ITK's full stage, no pause
+    try:
+        full = register(fixed, folded, **kw)
+    finally:
+        intensity._defer_mode = original
+    assert "ncc_coarse" not in full.info["stage"]
+    assert np.allclose(r.transform.matrix, full.transform.matrix, atol=1e-9)
