@@ -1000,7 +1000,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         coarse search; 3D rigid: before its finest level) and the polish is tried from
         there; ITK's remaining levels run only when it declines. ``info["stage"]``
         records ``levels_run`` and ``finest_level`` ("deferred" or "run"),
-        ``info["polish"]["declined_before"]`` the attempts that declined.
+        ``info["polish"]["declined_before"]`` the attempts that declined. So with the
+        polish on, options of the ITK stage (metric, optimizer, sampling, iterations)
+        matter only for pairs the polish declines; ``polish=False`` (or explicit
+        ``shrink_factors``) runs ITK's stage in full as configured.
 
     The core's ``fixed_mask`` / ``moving_mask`` become ITK metric masks (only pixels
     inside count); demons has no masks, so there they restrict its linear stage only.
