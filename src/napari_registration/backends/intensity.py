@@ -569,27 +569,32 @@ def _ncc_through(f_l, m_l, fm_l, mm_l, tx):
     linear interpolation) over their overlap (and masks): tells a caller cheaply whether
     a least-squares polish can apply (a 3D polish that declines costs ~0.1-0.2 s)."""
     sitk = _sitk()
-    # copies, not views: a view of a temporary image outlives its buffer. Every second
-    # voxel per axis is plenty for one correlation and keeps the numpy part at a few ms
-    every = (slice(None, None, 2),) * f_l.GetDimension()
+    # on every second voxel per axis of the level (plenty for one correlation): the
+    # moving image is resampled onto that sparser grid only. Copies, not views: a view
+    # of a temporary image outlives its buffer
+    step = [2] * f_l.GetDimension()
+    ref = sitk.Shrink(sitk.Cast(f_l, sitk.sitkFloat32), step)
+    fixed = sitk.GetArrayFromImage(ref)
     warped = sitk.GetArrayFromImage(
-        sitk.Resample(sitk.Cast(m_l, sitk.sitkFloat32), f_l, tx, sitk.sitkLinear, float("nan"),
-                      sitk.sitkFloat32))[every]
-    fixed = sitk.GetArrayFromImage(sitk.Cast(f_l, sitk.sitkFloat32))[every]
+        sitk.Resample(sitk.Cast(m_l, sitk.sitkFloat32), ref, tx, sitk.sitkLinear, float("nan"),
+                      sitk.sitkFloat32))
     ok = np.isfinite(warped)
     if fm_l is not None:
-        ok &= sitk.GetArrayFromImage(fm_l)[every] > 0
+        ok &= sitk.GetArrayFromImage(sitk.Shrink(fm_l, step)) > 0
     if mm_l is not None:
         ok &= sitk.GetArrayFromImage(
-            sitk.Resample(mm_l, f_l, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))[every] > 0
+            sitk.Resample(mm_l, ref, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
     if np.count_nonzero(ok) < 100:
         return 0.0
     a = fixed[ok].astype(np.float64)
     b = warped[ok].astype(np.float64)
     a -= a.mean()
     b -= b.mean()
-    den = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))
-    return abs(float(np.dot(a, b)) / den) if den > 0 else 0.0
+    # einsum, not np.dot: a BLAS dot wakes OpenBLAS's threads (measured 24 ms CPU for
+    # this 22k-element product on the loaded 2-core machine, einsum well under 1 ms)
+    aa, bb, ab = (float(np.einsum("i,i->", x, y)) for x, y in ((a, a), (b, b), (a, b)))
+    den = float(np.sqrt(aa * bb))
+    return abs(ab / den) if den > 0 else 0.0
 
 
 def _rigid_itk(init):
