@@ -28,7 +28,7 @@ Run (bench venv: elastix and pystackreg are installed there only):
     PYTHONPATH=src /work/venv-bench/bin/python benchmarks/bench_intensity_speed.py \\
         [--repeats 3] [--cases camera_noise_gamma,brain_rigid_3d] [--before /tmp/before/src] \\
         [--before LABEL=/another/src ...] \\
-        [--peers elastix,pystackreg] [--out /tmp/intensity_speed.json]
+        [--peers elastix,pystackreg] [--no-pause] [--out /tmp/intensity_speed.json]
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ sys.path.insert(0, sys.argv[1])
 import report, report_cases as rc
 from napari_registration import register
 builders = json.loads(sys.argv[2])
+if sys.argv[3] == "nopause":
+    # this checkout's code with the ITK stage never paused for the polish: the old
+    # pipeline, with its seconds per ITK level recorded
+    from napari_registration.backends import intensity
+    intensity._defer_mode = lambda ndim, transform: None
 cache = {}
 for line in sys.stdin:
     job = json.loads(line)
@@ -89,8 +94,8 @@ for line in sys.stdin:
 
 
 class Ours:
-    def __init__(self, label, src):
-        self.label, self.src = label, src
+    def __init__(self, label, src, nopause=False):
+        self.label, self.src, self.nopause = label, src, nopause
         self.name = f"ours ({label}): intensity"
 
     def applies(self, case):
@@ -98,7 +103,8 @@ class Ours:
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=str(self.src))
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(HERE), json.dumps(BUILDERS)],
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(HERE), json.dumps(BUILDERS),
+                                      "nopause" if self.nopause else "-"],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
 
@@ -168,6 +174,9 @@ def main(argv=None):
                              "may be given several times")
     parser.add_argument("--peers", default="elastix,pystackreg",
                         help="report methods to run beside ours (substrings of their names)")
+    parser.add_argument("--no-pause", action="store_true",
+                        help="also run this checkout with the ITK stage never paused for the "
+                             "polish (the old pipeline, timed per ITK level)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
@@ -180,6 +189,9 @@ def main(argv=None):
         label, _, path = b.rpartition("=")
         versions.append((label or "before", path))
     runners = [Ours(label, src) for label, src in versions]
+    if args.no_pause:
+        versions.append(("no pause", args.src))
+        runners.append(Ours("no pause", args.src, nopause=True))
     runners += _peers(args.peers.split(","))
     for r in runners:
         r.start()
