@@ -17,8 +17,10 @@ Pipeline
    information, regular-step gradient descent with a per-level estimated step, scales
    from physical shift), one ITK run per level on bin-averaged copies, skipping levels
    coarser than half the search grid.
-4. **Deformable stage**: a B-spline (L-BFGS-B) or a demons field on top of the linear
-   result. The result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
+4. **Deformable stage**: a B-spline or a demons field on top of the linear result. 2D
+   same-contrast B-splines use the spline Gauss-Newton engine of :mod:`core.deform`;
+   3D, multi-modal pairs and a named optimizer use ITK (L-BFGS-B by default). The
+   result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
 5. **Polish** (linear transforms, ``polish=True``): a Gauss-Newton pass on a cubic-spline
    pyramid (:mod:`core.refine`) for same-contrast pairs; in 3D, on intensity-remapped
    images for pairs of different contrast (:func:`_remapped_polish`). With a polish to
