@@ -30,7 +30,7 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
         # an even subsample estimates the percentiles as well and, on volumes, keeps one
         # GIL-holding np.percentile call from freezing napari's GUI for ~0.1-0.2 s
         values = values[:: values.size // PERCENTILE_SAMPLES]
-    lo, hi = np.percentile(values, [low, high])
+    lo, hi = percentiles(values, [low, high])
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
@@ -38,6 +38,67 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
     out = image - np.float32(lo)  # one new float32 array, then in place
     out /= np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out) if clip else out
+
+
+# below this many values np.percentile's one partition is as fast as the bracket search
+_BRACKET_MIN = 65_536
+_BRACKET_SAMPLE = 8_192
+
+
+def percentiles(values, q) -> np.ndarray:
+    """``np.percentile(values, q)`` (its default "linear" method), the same numbers, in
+    about a third of the time on large float arrays.
+
+    np.percentile partitions every value; the result needs only the two order statistics
+    around each requested rank. Here a sorted strided sample of ~8k values gives a narrow
+    value range that must hold them; one pass counts the values below the range and
+    collects those inside, and only these are partitioned. The range is checked (enough
+    values below and inside); if it misses, or NaNs are present, np.percentile is called.
+    The interpolation repeats numpy's arithmetic step by step (tested for equality)."""
+    v = np.asarray(values).ravel()
+    q = np.asarray(q, dtype=np.float64)
+    n = v.size
+    if n < _BRACKET_MIN or v.dtype.kind != "f" or q.ndim != 1:
+        return np.percentile(v, q)
+    # numpy's virtual index for method "linear", as numpy computes it
+    qf = np.true_divide(q, 100)
+    virtual = (n - 1) * qf
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above, below = virtual >= n - 1, virtual < 0
+    prev_i = np.where(above, n - 1, np.where(below, 0, prev)).astype(np.intp)
+    next_i = np.where(above, n - 1, np.where(below, 0, nxt)).astype(np.intp)
+    gamma = virtual - np.where(above, -1, np.where(below, 0, prev))
+    sample = np.sort(v[:: max(1, n // _BRACKET_SAMPLE)])
+    m = sample.size
+    stats: dict[int, float] = {}
+    for r0, r1 in zip(prev_i, next_i):
+        if r0 in stats and r1 in stats:
+            continue
+        p = r0 / max(n - 1, 1)
+        centre = p * (m - 1)
+        margin = 4.0 * np.sqrt(m * p * (1 - p)) + 32
+        i_lo, i_hi = int(np.floor(centre - margin)), int(np.ceil(centre + margin))
+        lo_v = sample[i_lo] if i_lo > 0 else -np.inf
+        hi_v = sample[i_hi] if i_hi < m - 1 else np.inf
+        n_below = int(np.count_nonzero(v < lo_v))
+        inside = v[(v >= lo_v) & (v <= hi_v)]
+        n_above = int(np.count_nonzero(v > hi_v))
+        if (n_below + inside.size + n_above != n  # NaNs
+                or n_below > r0 or n_below + inside.size <= r1):
+            return np.percentile(v, q)
+        k = sorted({int(r0) - n_below, int(r1) - n_below})
+        part = np.partition(inside, k)
+        stats[int(r0)] = part[int(r0) - n_below]
+        stats[int(r1)] = part[int(r1) - n_below]
+    a = np.array([stats[int(i)] for i in prev_i], dtype=v.dtype)
+    b = np.array([stats[int(i)] for i in next_i], dtype=v.dtype)
+    # numpy's _lerp: a + (b - a) * t, or b - (b - a) * (1 - t) where t >= 0.5
+    diff = b - a
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe",
+                dtype=out.dtype)
+    return out
 
 
 def mse(a, b, mask=None) -> float:
