@@ -16,18 +16,7 @@ def _tre(a, b, shape):
 
 
 def test_occlusion_does_not_pull_the_affine_fit():
-    from skimage import data
-
-    fixed = data.camera()[64:320, 96:352].astype(np.float32) / 255
-    lin = np.array([[1.03, 0.04], [-0.03, 0.98]])
-    c = (np.array(fixed.shape) - 1) / 2
-    m = np.eye(3)
-    m[:2, :2] = lin
-    m[:2, 2] = c - lin @ c + (2.5, -1.5)
-    truth = Transform(m)
-    moving = resample(fixed, truth.inverse(), fixed.shape, order=3)
-    moving[150:230, 30:110] = 0.9  # something in front of the scene in one image only
-    start = Transform(m @ np.array([[1, 0, 0.6], [0, 1, -0.4], [0, 0, 1.0]]))  # ~0.7 px off
+    fixed, moving, truth, start = _occluded_affine_pair()  # the start is ~0.7 px off
     plain, _ = refine_linear(fixed, moving, start, model="affine", robust=None)
     robust, info = refine_linear(fixed, moving, start, model="affine")
     e_plain, e_robust = _tre(plain, truth, fixed.shape), _tre(robust, truth, fixed.shape)
@@ -59,7 +48,7 @@ def _occluded_affine_pair():
     m[:2, 2] = c - lin @ c + (2.5, -1.5)
     truth = Transform(m)
     moving = resample(fixed, truth.inverse(), fixed.shape, order=3)
-    moving[150:230, 30:110] = 0.9
+    moving[150:230, 30:110] = 0.9  # something in front of the scene in one image only
     return fixed, moving, truth, Transform(m @ np.array([[1, 0, 0.6], [0, 1, -0.4], [0, 0, 1.0]]))
 
 
