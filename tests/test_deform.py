@@ -37,16 +37,20 @@ def _smooth_field(shape, amplitude, cells, seed):
 def deformed(camera):
     """moving(x + u(x)) = camera(x): u is the backward field the engine fits."""
     u = _smooth_field(camera.shape, 1.5, 5, seed=1)
-    # moving = camera pulled through the inverse: sample camera at q - u(q) (fixed point
-    # iteration for the inverse of x -> x + u(x))
-    idx = np.indices(camera.shape).astype(np.float64)
+    return _pulled_through(camera, u), u
+
+
+def _pulled_through(image, u):
+    """The image seen through the backward field ``u``: moving(x + u(x)) = image(x), made
+    by sampling the image at q - u(q) (a fixed-point iteration for the inverse of
+    x -> x + u(x))."""
+    idx = np.indices(image.shape).astype(np.float64)
     x = idx.copy()
     for _ in range(30):
         ux = np.stack([ndimage.map_coordinates(u[..., k], x, order=1, mode="nearest")
                        for k in range(2)])
         x = idx - ux
-    moving = ndimage.map_coordinates(camera, x, order=3, mode="nearest").astype(np.float32)
-    return moving, u
+    return ndimage.map_coordinates(image, x, order=3, mode="nearest").astype(np.float32)
 
 
 def test_hessian_matches_brute_force():
@@ -169,13 +173,7 @@ def test_big_image_finest_level_takes_few_steps():
 
     fixed = data.camera().astype(np.float32) / 255
     u = _smooth_field(fixed.shape, 2.0, 4, seed=3)
-    idx = np.indices(fixed.shape).astype(np.float64)
-    x = idx.copy()
-    for _ in range(30):
-        ux = np.stack([ndimage.map_coordinates(u[..., k], x, order=1, mode="nearest")
-                       for k in range(2)])
-        x = idx - ux
-    moving = ndimage.map_coordinates(fixed, x, order=3, mode="nearest").astype(np.float32)
+    moving = _pulled_through(fixed, u)
     field, info = deform.register_bspline(fixed, moving, grid_spacing=24.0)
     assert info["levels"][-1] == 1 and info["iterations"][-1] <= 5
     assert field.shape == (512, 512, 2)
