@@ -71,3 +71,30 @@ def test_auto_gets_clipped_images_equal_to_the_clipped_pipeline(monkeypatch):
         if not sm:  # bright detail beyond the 99.5th percentile kept in the linear copy
             assert linear[0].max() > 1.0 >= f.max()
             np.testing.assert_array_equal(np.clip(linear[0], 0, 1), f)
+
+
+def test_an_affine_request_takes_the_similarity_start_without_polishing_it(monkeypatch):
+    """For an affine request the Fourier similarity is only the start of the affine
+    Gauss-Newton pass: its own spline polish (a similarity fitted to a sheared pair,
+    declined) and the full-resolution re-search that a declined polish triggers cost
+    0.3 s on the report's retina pair and gave the same affine result."""
+    from napari_registration.backends import fourier
+
+    def boom(*a, **kw):
+        raise AssertionError("fourier polished a start that the affine pass replaces")
+
+    monkeypatch.setattr(fourier, "_refine_spline", boom)
+    fixed = _camera(2)
+    c = (np.array(fixed.shape) - 1) / 2
+    lin = np.array([[1.04, 0.06], [-0.05, 0.96]])  # shear: no similarity fits it
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = c - lin @ c + (3.2, -2.1)
+    truth = Transform(m)
+    moving = _warp_by_truth(fixed, truth).astype(np.float32)
+    r = register(fixed, moving, method="auto", transform="affine", warp=False, score=False)
+    searched = [s for s in r.info["stages"] if (s["method"], s["model"]) == ("fourier", "similarity")]
+    assert searched and searched[0]["error"] is None
+    chosen = r.info["stages"][r.info["chosen"]["stage"]]
+    assert (chosen["method"], chosen["model"]) == ("polish", "affine")
+    assert tre_against_truth(r.transform, truth, grid_points(fixed.shape))["mean"] < 0.01

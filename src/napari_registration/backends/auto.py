@@ -687,7 +687,8 @@ def _fast_path(run, transform, model, stages, judge, record, stop_ncc, fraction,
                                 "log-polar, then Gauss-Newton on a cubic-spline pyramid at full "
                                 "resolution: any rotation, precise and fast on same-contrast pairs"),
              fraction=fraction(), shrink=affine,
-             **({"fallback": False} if "fallback" in opts else {}))
+             **({"fallback": False} if "fallback" in opts else {}),
+             **({"refine": False, "upsample": 10} if affine and "refine" in opts else {}))
     if tf is None or not (affine or (stages[-1].get("spline_refine") or {}).get("accepted")):
         return None
     index = len(stages) - 1
