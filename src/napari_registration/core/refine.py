@@ -358,9 +358,17 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # 3D it is 12 passes over the volume, not measured against the steps it saves
             grad_w = _spline_gradient_at(f_l, idx)
         else:
-            grads = np.gradient(f_l.astype(np.float64))
-            grad_w = np.stack([g.ravel()[idx] for g in grads], axis=1)
-            del grads
+            # np.gradient's interior central differences, taken at the samples only (they
+            # are interior pixels): the same float64 values without three full-volume
+            # gradient arrays
+            flat = f_l.ravel()
+            strides = np.cumprod((f_l.shape[1:] + (1,))[::-1])[::-1]
+            grad_w = np.empty((idx.size, ndim))
+            for d in range(ndim):
+                hi = flat[idx + strides[d]].astype(np.float64)
+                hi -= flat[idx - strides[d]]
+                hi /= 2.0
+                grad_w[:, d] = hi
         grad_w /= factor * f_sp
         xc = pts - centre
         cols = [np.einsum("nd,ed,ne->n", xc, g, grad_w) for g in gens]
