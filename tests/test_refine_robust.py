@@ -37,15 +37,21 @@ def test_robust_pass_keeps_a_clean_fit():
     assert _tre(out, truth, fixed.shape) < 0.01
 
 
+def _affine_about_centre(lin, shape, shift):
+    """Homogeneous matrix of the linear part ``lin`` about the image centre, then ``shift``."""
+    lin = np.asarray(lin, float)
+    c = (np.array(shape) - 1) / 2
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = c - lin @ c + np.asarray(shift, float)
+    return m
+
+
 def _occluded_affine_pair():
     from skimage import data
 
     fixed = data.camera()[64:320, 96:352].astype(np.float32) / 255
-    lin = np.array([[1.03, 0.04], [-0.03, 0.98]])
-    c = (np.array(fixed.shape) - 1) / 2
-    m = np.eye(3)
-    m[:2, :2] = lin
-    m[:2, 2] = c - lin @ c + (2.5, -1.5)
+    m = _affine_about_centre([[1.03, 0.04], [-0.03, 0.98]], fixed.shape, (2.5, -1.5))
     truth = Transform(m)
     moving = resample(fixed, truth.inverse(), fixed.shape, order=3)
     moving[150:230, 30:110] = 0.9  # something in front of the scene in one image only
@@ -89,11 +95,7 @@ def test_retina_affine_floor_needs_the_biweight_pass():
     hi = data.retina()[:1408, :1408, 1].astype(np.float32)
     fixed = hi.reshape(704, 2, 704, 2).mean(axis=(1, 3))
     fixed = (fixed - fixed.min()) / np.ptp(fixed)
-    lin = np.array([[1.04, 0.06], [-0.05, 0.96]])
-    c = (np.array(fixed.shape) - 1) / 2
-    m = np.eye(3)
-    m[:2, :2] = lin
-    m[:2, 2] = c - lin @ c + (6.0, -9.0)
+    m = _affine_about_centre([[1.04, 0.06], [-0.05, 0.96]], fixed.shape, (6.0, -9.0))
     truth = Transform(m)
     moving = np.clip(resample(fixed, truth.inverse(), fixed.shape, order=3), 0, 1)
     start = Transform(m @ np.array([[1, 0, 0.6], [0, 1, -0.4], [0, 0, 1.0]]))
