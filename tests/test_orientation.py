@@ -69,14 +69,21 @@ def _phys_grid(img, n=5, margin=0.25):
     return np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in idx])[:, ::-1]
 
 
+def _rotated_pair(tmp_path, shift_xyz, angles, moving_name):
+    """The fixed image as ``fixed.nii.gz`` and the same scene shifted by ``shift_xyz`` on a
+    grid rotated by ``angles`` (deg) as ``moving_name``; returns both SimpleITK images."""
+    fixed = _fixed_image()
+    moving = _on_rotated_grid(fixed, shift_xyz, _rotation_itk(*angles))
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / moving_name))
+    return fixed, moving
+
+
 def test_same_scene_on_a_rotated_grid_registers_in_physical_space(tmp_path, capsys):
     # the moving file is the same object, shifted by a known physical amount, sampled on a
     # grid rotated 25 deg (and tilted 10) against the fixed file's: only the headers say so
-    fixed = _fixed_image()
     shift_xyz = np.array([3.5, -2.25, 4.0])
-    moving = _on_rotated_grid(fixed, shift_xyz, _rotation_itk(25.0, 10.0))
-    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
-    sitk.WriteImage(moving, str(tmp_path / "moving.mha"))
+    fixed, moving = _rotated_pair(tmp_path, shift_xyz, (25.0, 10.0), "moving.mha")
     out = tmp_path / "out"
     code = main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.mha"),
                  "--method", "intensity", "--transform", "rigid", "-o", "seed=0",
@@ -159,11 +166,8 @@ def test_placement_matches_itk_physical_points():
 def test_batch_registers_rotated_headers_in_physical_space_and_resumes(tmp_path, capsys):
     # the batch command takes the same physical-space path as `register` for such files,
     # and a rerun skips the finished pair (its outputs are all there with their sizes)
-    fixed = _fixed_image()
     shift_xyz = np.array([2.0, -1.5, 3.0])
-    moving = _on_rotated_grid(fixed, shift_xyz, _rotation_itk(20.0, 0.0))
-    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
-    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    fixed, moving = _rotated_pair(tmp_path, shift_xyz, (20.0, 0.0), "moving.nii.gz")
     out = tmp_path / "batch"
     args = ["batch", str(tmp_path / "moving.nii.gz"), "--fixed", str(tmp_path / "fixed.nii.gz"),
             "--method", "intensity", "--transform", "rigid", "-o", "seed=0", "--out", str(out),
