@@ -89,25 +89,14 @@ def rotating(n=30, size=320, seed=5):
     shifted; returns frames and the truths (frame k world -> frame 0 world)."""
     from skimage import data
 
-    from napari_registration import Transform
-    from napari_registration.core.resample import resample
+    from napari_registration.data import rigid_drift_stack
 
     base = data.camera().astype(np.float32) / 255.0
     rng = np.random.default_rng(seed)
     angles = np.clip(np.cumsum(rng.normal(0, 0.6, n)), -3, 3)
     shifts = np.cumsum(rng.normal(0, 1.0, (n, 2)), axis=0)
     angles[0], shifts[0] = 0.0, 0.0
-    c0 = (np.array(base.shape) - size) / 2
-    centre = (np.full(2, size) - 1) / 2
-    frames, truths = [], []
-    for a, s in zip(angles, shifts):
-        truth = Transform.from_rotation(float(a), center=centre, shift=s)
-        # frame_k(p) = frame_0(truth(p)) = base(truth(p) + c0): resample pulls back
-        # through the inverse of the transform it is given
-        to_base = Transform.from_translation(c0).matrix @ truth.matrix
-        frames.append(resample(base, Transform(np.linalg.inv(to_base)), (size, size), order=3))
-        truths.append(truth)
-    return np.stack(frames).astype(np.float32), truths
+    return rigid_drift_stack(base, angles, shifts, (np.array(base.shape) - size) / 2, size)
 
 
 def main(argv=None):

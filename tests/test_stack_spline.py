@@ -301,8 +301,7 @@ def test_translation_warp_matches_resample(dtype, shape, spacing):
 def rotating_series(n=8, size=160, seed=5, big_turn=None):
     """Crops of camera turned about the crop centre (a random walk within +-3 degrees)
     and shifted: frames and truths (frame k world -> frame 0 world)."""
-    from napari_registration import Transform
-    from napari_registration.core.resample import resample
+    from napari_registration.data import rigid_drift_stack
 
     base = _image("camera", blur=0.7)
     rng = np.random.default_rng(seed)
@@ -311,15 +310,7 @@ def rotating_series(n=8, size=160, seed=5, big_turn=None):
     angles[0], shifts[0] = 0.0, 0.0
     if big_turn is not None:
         angles[big_turn] = 40.0
-    c0 = np.array([150.0, 170.0])
-    centre = (np.full(2, size) - 1) / 2
-    frames, truths = [], []
-    for a, s in zip(angles, shifts):
-        truth = Transform.from_rotation(float(a), center=centre, shift=s)
-        to_base = Transform.from_translation(c0).matrix @ truth.matrix
-        frames.append(resample(base, Transform(np.linalg.inv(to_base)), (size, size), order=3))
-        truths.append(truth)
-    return np.stack(frames).astype(np.float32), truths
+    return rigid_drift_stack(base, angles, shifts, (150.0, 170.0), size)
 
 
 def rigid_tre(transforms, truths, shape):

@@ -81,6 +81,24 @@ def grid_points(shape, spacing=None, n: int = 7, margin: float = 0.15) -> np.nda
     return np.stack([g.ravel() for g in mesh], axis=1) * spacing
 
 
+def rigid_drift_stack(base, angles, shifts, corner, size: int):
+    """Frames of ``size`` x ``size`` cut from ``base`` at ``corner`` (row, col), frame k
+    turned by ``angles[k]`` degrees about the frame centre and shifted by ``shifts[k]``;
+    returns the float32 stack and the truths (frame k world -> frame 0 world).
+    ``angles[0]``/``shifts[0]`` should be 0 so that frame 0 is the reference."""
+    to_corner = Transform.from_translation(np.asarray(corner, float)).matrix
+    centre = (np.full(2, size) - 1) / 2
+    frames, truths = [], []
+    for a, s in zip(angles, shifts):
+        truth = Transform.from_rotation(float(a), center=centre, shift=s)
+        # frame_k(p) = frame_0(truth(p)) = base(truth(p) + corner): resample pulls back
+        # through the inverse of the transform it is given
+        to_base = to_corner @ truth.matrix
+        frames.append(resample(base, Transform(np.linalg.inv(to_base)), (size, size), order=3))
+        truths.append(truth)
+    return np.stack(frames).astype(np.float32), truths
+
+
 def tre_against_truth(estimated: Transform, truth: Transform, fixed_points) -> dict:
     """TRE (world units) of an estimated moving -> fixed transform: fixed points are
     sent to the moving image by the truth and brought back by the estimate."""
