@@ -193,7 +193,7 @@ def resample(
             # (no (N, D) point list through the world), spread over threads
             m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
 
-            def chunk(start, stop):
+            def projective_chunk(start, stop):
                 axes = [np.arange(start, stop, dtype=float)] + [g.astype(float) for g in grids]
                 axes = [a.reshape([-1 if i == k else 1 for i in range(ndim)]) for k, a in enumerate(axes)]
                 w = m[ndim, ndim] + sum(m[ndim, k] * axes[k] for k in range(ndim))
@@ -203,7 +203,7 @@ def resample(
                 ndimage.map_coordinates(work, coords, order=order, mode="constant", cval=cval,
                                         prefilter=False, output=out[start:stop])
 
-            _run_slabs(chunk, output_shape[0], per_plane, threads)
+            _run_slabs(projective_chunk, output_shape[0], per_plane, threads)
         else:
             step = max(1, 2_000_000 // max(per_plane, 1))
             for start in range(0, output_shape[0], step):
