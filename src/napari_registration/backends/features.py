@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ..core.parallel import n_workers, run_all
+from ..core.parallel import n_workers, run_all, split
 from ..core.register import BackendResult, RegistrationCancelled, RegistrationError
 from ..core.transform import Transform
 
@@ -296,8 +296,6 @@ def _knn_parallel(kind, detector, query, train, k, workers):
     """:func:`_knn` with the queries cut into ``workers`` blocks matched at once (brute
     force only: each query's neighbours do not depend on the other queries, so the result
     is the one of a single call; OpenCV releases the GIL while it matches)."""
-    from ..core.parallel import run_all, split
-
     if kind != "bf" or workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
         return _knn(_matcher(kind, detector), query, train, k)
     parts = split(len(query), min(workers, len(query) // MIN_QUERIES_PER_THREAD))
