@@ -98,3 +98,40 @@ def test_an_affine_request_takes_the_similarity_start_without_polishing_it(monke
     chosen = r.info["stages"][r.info["chosen"]["stage"]]
     assert (chosen["method"], chosen["model"]) == ("polish", "affine")
     assert tre_against_truth(r.transform, truth, grid_points(fixed.shape))["mean"] < 0.01
+
+
+def test_3d_rigid_runs_intensity_first_and_skips_the_shift_when_it_is_aligned(monkeypatch):
+    """3D rigid: intensity from scratch (its own start search) goes before the Fourier
+    shift; when it ends clearly aligned the shift, its scoring and the cubic-spline judge
+    are not computed (they cost half the intensity run on a 3D brain and never changed
+    the choice), and the result is intensity's."""
+    from napari_registration.core import refine
+    from napari_registration.data import volume_pair
+
+    def boom(*a, **kw):
+        raise AssertionError("LinearJudge built for a clearly aligned 3D result")
+
+    monkeypatch.setattr(refine, "LinearJudge", boom)
+    fixed, moving, truth, spacing = volume_pair()
+    geo = dict(fixed_spacing=spacing, moving_spacing=spacing, seed=0, warp=False, score=False)
+    r = register(fixed, moving, method="auto", transform="rigid", **geo)
+    ran = [(s["method"], s["model"]) for s in r.info["stages"]]
+    assert ran == [("none", "identity"), ("intensity", "rigid")]
+    skipped = [(s["method"], s["on"]) for s in r.info["skipped"]]
+    assert ("fourier", "intensities") in skipped and ("fourier", "gradient magnitude") in skipped
+    assert tre_against_truth(r.transform, truth, grid_points(fixed.shape, spacing))["mean"] < 0.05
+
+
+def test_3d_rigid_still_runs_the_shift_after_intensity_when_not_aligned():
+    """With no early stop (stop_ncc=None) every stage runs: the Fourier shifts follow the
+    intensity run from scratch in 3D, and auto still keeps the best candidate."""
+    from napari_registration.data import volume_pair
+
+    fixed, moving, truth, spacing = volume_pair()
+    geo = dict(fixed_spacing=spacing, moving_spacing=spacing, seed=0, warp=False, score=False)
+    r = register(fixed, moving, method="auto", transform="rigid", stop_ncc=None, **geo)
+    ran = [(s["method"], s["model"], s["on"]) for s in r.info["stages"]]
+    assert ran[1] == ("intensity", "rigid", "intensities")
+    assert ("fourier", "translation", "intensities") in ran[2:]
+    assert ("fourier", "translation", "gradient magnitude") in ran[2:]
+    assert tre_against_truth(r.transform, truth, grid_points(fixed.shape, spacing))["mean"] < 0.05
