@@ -65,23 +65,46 @@ def test_same_contrast_2d_skips_itk_levels_without_losing_accuracy(camera256):
     assert e_fast < 0.02 and e_fast <= e_full, (e_fast, e_full)
 
 
-def test_same_contrast_3d_defers_only_the_finest_level():
-    """3D: the coarser ITK level runs (a declined 3D polish costs more than it), the
-    finest waits for the polish."""
+def test_same_contrast_3d_skips_itk_levels_after_the_search():
+    """3D rigid, same contrast: the polish (with its own pyramid levels down to 12 voxels
+    per axis) is accepted right after the coarse search, so no ITK level runs, and the
+    result is as close as before (when the coarser ITK level ran first)."""
     from napari_registration.data import volume_pair
 
     fixed, moving, truth, spacing = volume_pair()
     r = register(fixed, moving, method="intensity", transform="rigid", fixed_spacing=spacing,
                  moving_spacing=spacing, seed=0, warp=False, score=False)
     stage = r.info["stage"]
-    n = len(stage["shrink_factors"])
-    assert n >= 2 and stage["levels_run"] == n - 1 == len(stage["iterations"])
+    assert len(stage["shrink_factors"]) >= 2 and stage["levels_run"] == 0
     assert stage["finest_level"] == "deferred" and r.info["polish"]["accepted"]
+    assert len(r.info["polish"]["levels"]) >= 2  # a start one search cell away needs them
     # ITK's full stage alone ends at 0.009-0.018 mm here (seeds 0-2); the polish from
     # the coarser level at 0.001-0.02 (it sometimes stops after one step at its noise
     # floor, from either start): a fiftieth of the 1 mm in-plane voxel is the bar
     grid = grid_points(fixed.shape, spacing)
     assert tre_against_truth(r.transform, truth, grid)["mean"] < 0.03
+
+
+def test_same_contrast_3d_affine_defers_only_the_finest_level():
+    """3D affine: from the rigid search result the polish would decline (scale and shear
+    move the corners), so the coarser ITK level runs first; the finest waits for the
+    polish, which samples a random subset of every non-flat voxel."""
+    from napari_registration.data import volume_pair
+
+    fixed, _, _, spacing = volume_pair()
+    centre = (np.array(fixed.shape) - 1) / 2 * np.array(spacing)
+    lin = np.array([[1.03, 0.02, 0.0], [0.0, 0.97, 0.03], [-0.02, 0.0, 1.02]])
+    truth = Transform.from_linear(lin, centre, shift=(2.0, -3.0, 1.5))
+    moving = _warp_by_truth(fixed, truth, output_spacing=spacing,
+                            input_spacing=spacing).astype(np.float32)
+    r = register(fixed, moving, method="intensity", transform="affine", fixed_spacing=spacing,
+                 moving_spacing=spacing, seed=0, warp=False, score=False)
+    stage = r.info["stage"]
+    n = len(stage["shrink_factors"])
+    assert n >= 2 and stage["levels_run"] == n - 1 == len(stage["iterations"])
+    assert stage["finest_level"] == "deferred" and r.info["polish"]["accepted"]
+    grid = grid_points(fixed.shape, spacing)
+    assert tre_against_truth(r.transform, truth, grid)["mean"] < 0.05
 
 
 def test_polish_declines_then_the_finest_level_runs(camera256):
@@ -136,9 +159,11 @@ def test_polish_false_is_honoured_in_rescaled_units(camera256):
 
 
 def test_3d_different_contrast_skips_the_attempt_and_matches_the_full_run():
-    """3D, contrast folded (many-to-one): |NCC| on the last ITK level is far below 0.9, so
-    no polish is tried at the pause (a 3D attempt that declines costs ~0.1-0.2 s); the
-    finest level then runs, and the result is the one ITK's full stage gives."""
+    """3D, contrast folded (many-to-one): the attempt after the search declines at the
+    polish's coarsest level; |NCC| on the last ITK level is far below 0.9, so no polish
+    is tried before the finest level (an attempt at full resolution that declines costs
+    ~0.1-0.2 s); the finest level then runs, and the result is the one ITK's full stage
+    gives."""
     from napari_registration.backends import intensity
     from napari_registration.data import volume_pair
 
@@ -150,7 +175,11 @@ def test_3d_different_contrast_skips_the_attempt_and_matches_the_full_run():
     r = register(fixed, folded, **kw)
     stage, polish = r.info["stage"], r.info["polish"]
     assert stage["ncc_coarse"] < 0.9 and stage["finest_level"] == "run"
-    assert polish["declined_before"][0]["reason"].startswith("skipped")
+    # after the search: tried on the polish's coarsest level and declined there (cheap);
+    # before the finest ITK level: not tried at all
+    first, second = polish["declined_before"]
+    assert first["itk_levels_run"] == 0 and first["reason"].startswith("declined")
+    assert second["reason"].startswith("skipped")
     grid = grid_points(fixed.shape, spacing)
     assert tre_against_truth(r.transform, truth, grid)["mean"] < 0.5
     original = intensity._defer_mode

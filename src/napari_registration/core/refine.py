@@ -171,7 +171,8 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
                   levels=None, start_error_px: float = 2.0, iterations: int = 40,
                   max_samples: int | None = None, tolerance: float = 1e-4,
                   min_ncc: float = 0.5, robust: float | None | str = "auto",
-                  cancel=None, robust_gate: float | None = None) -> tuple[Transform, dict]:
+                  cancel=None, robust_gate: float | None = None,
+                  samples: str = "strong") -> tuple[Transform, dict]:
     """Refine a linear ``transform`` (moving world -> fixed world) of kind ``model``.
 
     Parameters
@@ -187,8 +188,16 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     iterations : int
         At most this many Gauss-Newton iterations per level.
     max_samples : int or None
-        At most this many fixed pixels per level (those with the strongest gradient;
-        None: 2**17 in 2D, 2**15 in 3D).
+        At most this many fixed pixels per level (None: 2**17 in 2D, 2**15 in 3D),
+        chosen as ``samples`` says.
+    samples : {"strong", "random"}
+        Which pixels when there are more than ``max_samples`` (interior pixels with a
+        non-zero gradient; the fixed mask applies): "strong", the stronger-gradient half,
+        evenly spread in raster order (deterministic; flat areas carry little signal);
+        "random", a seeded random subset of all of them (deterministic too). The strong
+        half alone biased a 12-parameter 3D fit (MNI T1 3x2x2 mm affine: 0.076 mm with
+        any number of its pixels, 0.033 with every pixel); 2**16 random pixels of all
+        reached 0.033-0.036 at a quarter of the cost of every pixel.
     tolerance : float
         Stop a level when an update moves no pixel of the fixed grid by more than this
         many pixels (of the finest level).
@@ -218,9 +227,11 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     """
     if robust == "auto":
         robust = 4.685 if np.ndim(fixed) == 2 else None
+    if samples not in ("strong", "random"):
+        raise ValueError(f"refine_linear: samples must be 'strong' or 'random'; got {samples!r}")
     common = dict(model=model, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
                   fixed_mask=fixed_mask, moving_mask=moving_mask, iterations=iterations,
-                  max_samples=max_samples, tolerance=tolerance, cancel=cancel)
+                  max_samples=max_samples, tolerance=tolerance, cancel=cancel, samples=samples)
     # the biweight pass works on the finest level the least-squares pass sampled: the
     # level's samples, spline coefficients and Jacobian are made once for both
     common["level_cache"] = {}
@@ -259,7 +270,8 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                    max_samples: int | None = None, tolerance: float = 1e-4,
                    min_ncc: float = 0.5, robust: float | None = None,
                    cancel=None, level_cache: dict | None = None,
-                   biweight_probe: float | None = None) -> tuple[Transform, dict]:
+                   biweight_probe: float | None = None,
+                   samples: str = "strong") -> tuple[Transform, dict]:
     """refine_linear's passes: least squares (``robust=None``) or Tukey's biweight.
     ``level_cache`` (factor -> sampled level) lets a second pass on the same images reuse
     the first one's levels. ``biweight_probe`` (a cutoff): record in
@@ -333,7 +345,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         idx = np.flatnonzero(mag > 0)
         # coarse levels only steer: fewer samples; the finest sets the precision
         cap = max_samples if factor == levels[-1] else min(max_samples, 2 ** 14)
-        if idx.size > cap:
+        if samples == "random" and idx.size > cap:
+            pick = np.random.default_rng(0).choice(idx.size, cap, replace=False)
+            pick.sort()  # raster order: the interpolation then reads memory in order
+            idx = idx[pick]
+        elif idx.size > cap:
             # the stronger-gradient half (flat areas carry no alignment signal), then an
             # evenly spread subset of it: deterministic, and not only the sharpest edges
             # (the strongest-gradient pixels alone conditioned 3D affine poorly)
