@@ -25,8 +25,9 @@ Stages (each one optional, each one recorded in ``info["stages"]``):
 2. **refine**: ``intensity`` (SimpleITK, with its spline Gauss-Newton polish) with the
    requested transform model: from scratch right after the cheap Fourier translation
    (its own centre and rotation search; the slower coarse stages are skipped when it
-   is clearly aligned), and again from the best coarse candidate when that one lies
-   more than 2 pixels away (large rotations, scale changes).
+   is clearly aligned; in 3D it runs first, and the Fourier translations only when it
+   is not clearly aligned), and again from the best coarse candidate when that one
+   lies more than 2 pixels away (large rotations, scale changes).
 
 Every candidate is scored by mutual information (robust across modalities) or
 normalised cross-correlation (same modality; ``metric="auto"`` picks by the pair) on the

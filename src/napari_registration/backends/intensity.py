@@ -1083,9 +1083,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         of different contrast (|NCC| < 0.98) get it on intensity-remapped images (one
         image's intensities replaced by the other's conditional means), so multi-modal
         results gain too (MNI T1 vs grey-matter map: ~0.1 mm -> ~0.07 mm).
-        When the polish is on, the ITK linear stage first stops short (2D: after the
-        coarse search; 3D rigid: before its finest level) and the polish is tried from
-        there; ITK's remaining levels run only when it declines. ``info["stage"]``
+        When the polish is on, the ITK linear stage first stops short (after the coarse
+        search and again before its finest level; 3D affine: before its finest level
+        only) and the polish is tried from there; ITK's remaining levels run only when
+        it declines. ``info["stage"]``
         records ``levels_run`` and ``finest_level`` ("deferred" or "run"),
         ``info["polish"]["declined_before"]`` the attempts that declined. So with the
         polish on, options of the ITK stage (metric, optimizer, sampling, iterations)
@@ -1162,10 +1163,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     # so a seeded run sets the process-wide default and restores it afterwards
     # with a polish to follow, the ITK linear stage pauses: the polish's Gauss-Newton
     # pass at full resolution replaces the rest whenever it is accepted (same-contrast
-    # pairs), and the rest runs only when the polish declines. 2D pauses right after the
-    # coarse search too (the polish then starts on its own coarser levels, cheap in 2D,
-    # and a decline costs ~5 ms); 3D only before the finest level (there a declined
-    # polish costs ~0.2 s and the coarser ITK level little)
+    # pairs), and the rest runs only when the polish declines. It pauses right after the
+    # coarse search (the polish then starts on its own coarser levels, and a decline
+    # there costs ~5 ms in 2D, a block-mean pyramid and one interpolation in 3D) and
+    # again before the finest level; 3D affine only before the finest (_defer_mode)
     defer = None
     if polish and transform in LINEAR and shrink_factors is None:
         defer = _defer_mode(ndim, transform)
