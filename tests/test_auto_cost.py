@@ -124,7 +124,7 @@ def test_3d_rigid_runs_intensity_first_and_skips_the_shift_when_it_is_aligned(mo
 
 def test_3d_rigid_still_runs_the_shift_after_intensity_when_not_aligned():
     """With no early stop (stop_ncc=None) every stage runs: the Fourier shifts follow the
-    intensity run from scratch in 3D, and auto still keeps the best candidate."""
+    intensity run from scratch in 3D, on coarse copies, and auto still ends precise."""
     from napari_registration.data import volume_pair
 
     fixed, moving, truth, spacing = volume_pair()
@@ -134,4 +134,8 @@ def test_3d_rigid_still_runs_the_shift_after_intensity_when_not_aligned():
     assert ran[1] == ("intensity", "rigid", "intensities")
     assert ("fourier", "translation", "intensities") in ran[2:]
     assert ("fourier", "translation", "gradient magnitude") in ran[2:]
+    # 3D coarse shifts run on copies of at most 64 voxels per axis (a quarter of
+    # coarse_size: 64^3 voxels are as many as a 512^2 image), not the 48 x 96 x 96 volume
+    shifts = [s for s in r.info["stages"] if s["method"] == "fourier"]
+    assert all("at most 64 px per axis" in s["why"] and s["error"] is None for s in shifts)
     assert tre_against_truth(r.transform, truth, grid_points(fixed.shape, spacing))["mean"] < 0.05

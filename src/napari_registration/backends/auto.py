@@ -226,7 +226,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         from the best coarse candidate when that one lies elsewhere.
     coarse_size : int
         The Fourier stages run on copies downsampled to at most this many pixels per
-        axis (same world coordinates); 0 keeps full resolution.
+        axis (3D: a quarter of it, at least 32: 64^3 voxels are as many as 512^2
+        pixels) (same world coordinates); 0 keeps full resolution. A 3D translation
+        request runs its Fourier stage at full resolution.
     stop_ncc : float or None
         Skip the remaining (slower) coarse stages once a candidate reaches this absolute
         normalised cross-correlation (on the stronger-gradient half of the fixed image,
@@ -295,12 +297,13 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             f_img, m_img = linear_copy
         fs, ms, f_msk, m_msk = f_sp, m_sp, fixed_mask, moving_mask
         if shrink and coarse_size:
-            f_img, fs = _shrink(f_img, f_sp, coarse_size)
-            m_img, ms = _shrink(m_img, m_sp, coarse_size)
+            size = coarse_size if ndim == 2 else max(32, int(coarse_size) // 4)
+            f_img, fs = _shrink(f_img, f_sp, size)
+            m_img, ms = _shrink(m_img, m_sp, size)
             if f_img.shape != fixed.shape or m_img.shape != moving.shape:
-                why = why + f"; on a copy of at most {int(coarse_size)} px per axis"
-                f_msk = None if fixed_mask is None else _shrink(fixed_mask, f_sp, coarse_size)[0] > 0.5
-                m_msk = None if moving_mask is None else _shrink(moving_mask, m_sp, coarse_size)[0] > 0.5
+                why = why + f"; on a copy of at most {int(size)} px per axis"
+                f_msk = None if fixed_mask is None else _shrink(fixed_mask, f_sp, size)[0] > 0.5
+                m_msk = None if moving_mask is None else _shrink(moving_mask, m_sp, size)[0] > 0.5
         if rep == "gradient magnitude":
             f_img, m_img = _structure(f_img, fs), _structure(m_img, ms)
         lo, hi = fraction
