@@ -1233,14 +1233,11 @@ def _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing, fix
     from ..core.refine import refine_linear
 
     t = time.perf_counter()
-    # 3D affine: every strong-gradient voxel up to 2**19 (refine's default keeps an evenly
-    # spread 2**15 in raster order, whose regular pattern biased the 12-parameter fit:
-    # MNI T1 3x2x2 mm affine 0.076 mm with 32k such samples, 0.033 with all 260k, the
-    # same with 32k random ones; rigid was not affected: 0.002 mm either way)
-    # 3D affine: 2**16 random samples of all non-flat voxels (refine's default, the
-    # stronger-gradient half, biased the 12-parameter fit: MNI T1 3x2x2 mm 0.076 mm
-    # against 0.033-0.036 with every voxel or this random subset, at a quarter of the
-    # cost of every voxel); rigid was not affected (0.005 mm either way)
+    # 3D affine: 2**16 random samples of all non-flat voxels. Refine's default, the
+    # stronger-gradient half, biased the 12-parameter fit whatever its subset (evenly
+    # spread or random, 2**15 to 2**17: MNI T1 3x2x2 mm 0.076 mm); every non-flat voxel
+    # (the former cap of 2**19 took all ~260k) or 2**16 random ones of them: 0.033-0.036,
+    # the latter at a quarter of the cost; rigid was not affected (0.005 mm either way)
     affine3d = fixed.ndim == 3 and transform == "affine"
     max_samples = 2 ** 16 if affine3d else None
     levels = None
