@@ -87,11 +87,18 @@ def to_uint8(image, mask=None) -> np.ndarray:
     ``normalize=False`` with raw intensities) is first rescaled by its 0.5/99.5
     percentiles (inside ``mask`` if given). NaNs become 0."""
     a = np.asarray(image, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if 0.0 <= lo and hi <= 1.0:
+        # the core's [0, 1] images (NaN or inf would have failed the test): the values
+        # below in three passes instead of six; x * 255 + 0.5 <= 255.5 truncates to 255
+        out = np.multiply(a, np.float32(255.0))
+        out += np.float32(0.5)
+        return out.astype(np.uint8)
     finite = np.isfinite(a)
     if not finite.all():
         a = np.where(finite, a, 0.0)
+        lo, hi = float(a.min()), float(a.max())
     del finite
-    lo, hi = float(a.min()), float(a.max())
     offset, gain = 0.0, 255.0
     if lo < 0.0 or hi > 1.0:
         sample = a[mask] if mask is not None and mask.any() else a
@@ -280,6 +287,26 @@ def _knn(matcher, query, train, k):
     return idx, dist
 
 
+def _knn_bf(detector, query, train, k):
+    """Brute-force :func:`_knn`: ``cv2.batchDistance``, the function OpenCV's BFMatcher
+    runs for one train set, hence the same neighbours and distances (ties included),
+    returned as arrays instead of one DMatch object per neighbour (converting those cost
+    ~1 ms per 1000 queries)."""
+    import cv2
+
+    if len(query) == 0 or len(train) < k:
+        return _knn(_matcher("bf", detector), query, train, k)
+    sift = detector == "sift"
+    dist, idx = cv2.batchDistance(query, train, cv2.CV_32F if sift else cv2.CV_32S,
+                                  normType=_norm_for(detector), K=int(k))
+    idx = np.asarray(idx, dtype=np.int64).reshape(len(query), k)
+    dist = np.asarray(dist, dtype=np.float64).reshape(len(query), k)
+    missing = idx < 0
+    if missing.any():
+        idx[missing], dist[missing] = -1, np.inf
+    return idx, dist
+
+
 def _matcher(kind: str, detector: str):
     import cv2
 
@@ -296,11 +323,12 @@ def _knn_parallel(kind, detector, query, train, k, workers):
     """:func:`_knn` with the queries cut into ``workers`` blocks matched at once (brute
     force only: each query's neighbours do not depend on the other queries, so the result
     is the one of a single call; OpenCV releases the GIL while it matches)."""
-    if kind != "bf" or workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+    if kind != "bf":
         return _knn(_matcher(kind, detector), query, train, k)
+    if workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+        return _knn_bf(detector, query, train, k)
     parts = split(len(query), min(workers, len(query) // MIN_QUERIES_PER_THREAD))
-    out = run_all([lambda a=a, b=b: _knn(_matcher(kind, detector), query[a:b], train, k)
-                   for a, b in parts])
+    out = run_all([lambda a=a, b=b: _knn_bf(detector, query[a:b], train, k) for a, b in parts])
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
@@ -356,6 +384,7 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
 # costs ~1-2 ms (ORB on 512^2 photos: 600 keypoints per image)
 GUIDED_MIN_PAIRS = 600 * 600
 GUIDED_SEED = 500       # strongest keypoints per image matched all-against-all first
+GUIDED_SEED_REFINE = False  # the seed fit only predicts where to look (radius 6 px)
 GUIDED_NEIGHBOURS = 8   # fixed keypoints examined around each predicted position
 GUIDED_RADIUS = 2.0     # search radius around each prediction, in reproj_threshold units
 
@@ -366,6 +395,10 @@ def descriptor_distance(a, b, detector: str) -> np.ndarray:
     if detector == "sift":
         d = np.asarray(a, np.float32) - np.asarray(b, np.float32)
         return np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.ndim == 2 and a.shape[1] % 8 == 0 and a.dtype == b.dtype == np.uint8:
+        # ORB's 32 bytes as four 64-bit words: an eighth of the elements to count
+        a, b = a.view(np.uint64), b.view(np.uint64)
     return _popcount_rows(np.bitwise_xor(a, b)).astype(np.float64)
 
 
@@ -373,11 +406,12 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def _popcount_rows(x, table: bool = False) -> np.ndarray:
-    """Set bits per row of a uint8 array (np.bitwise_count needs numpy >= 2; a lookup
-    table otherwise, or with ``table=True``)."""
+    """Set bits per row of an unsigned integer array (np.bitwise_count needs numpy >= 2;
+    a lookup table on the bytes otherwise, or with ``table=True``)."""
     if not table and hasattr(np, "bitwise_count"):
         return np.bitwise_count(x).sum(axis=1, dtype=np.int64)
-    return _POPCOUNT8[x].sum(axis=1, dtype=np.int64)
+    x = np.ascontiguousarray(x)
+    return _POPCOUNT8[x.view(np.uint8).reshape(len(x), -1)].sum(axis=1, dtype=np.int64)
 
 
 def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
@@ -411,14 +445,16 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
     order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
     a, b = a[order], b[order]
     m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator, threshold=threshold,
-                     confidence=confidence, max_iters=max_iters, refine=True, seed=seed)
+                     confidence=confidence, max_iters=max_iters, refine=GUIDED_SEED_REFINE, seed=seed)
     if m0 is None or inl.sum() < need or not np.all(np.isfinite(m0)):
         return None
     cap = float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
     pred = _project(m0, m_pts)
     ok = np.all(np.isfinite(pred), axis=1)
     k = min(GUIDED_NEIGHBOURS, len(f_pts))
-    _, nb = cKDTree(f_pts).query(np.where(ok[:, None], pred, 1e300), k=k,
+    # an unbalanced tree builds in half the time; the neighbours found are the same
+    tree = cKDTree(f_pts, balanced_tree=False, compact_nodes=False)
+    _, nb = tree.query(np.where(ok[:, None], pred, 1e300), k=k,
                                  distance_upper_bound=float(radius))
     nb = nb.reshape(len(m_pts), k)
     rows, cols = np.nonzero(nb < len(f_pts))
