@@ -135,6 +135,36 @@ def test_guided_matches_are_one_to_one_and_near_the_truth():
                                  max_iters=5000, seed=0) is None
 
 
+def test_guided_matching_tries_a_larger_seed_when_the_small_one_fails(monkeypatch):
+    fixed, moving, truth = _pair("camera")
+    f8, m8 = features.to_uint8(fixed), features.to_uint8(moving)
+    f_xy, f_desc, f_resp = features.detect(f8, None, "orb", 5000, with_response=True)
+    m_xy, m_desc, m_resp = features.detect(m8, None, "orb", 5000, with_response=True)
+    f_pts, m_pts = features.xy_to_rowcol(f_xy), features.xy_to_rowcol(m_xy)
+    kw = dict(detector="orb", transform="similarity", ratio=0.75, radius=6.0, estimator="ransac",
+              threshold=3.0, confidence=0.999, max_iters=5000, seed=0)
+    calls = []
+    real_match = features.match
+
+    def counting_match(dm, df, **opts):
+        calls.append(len(dm))
+        return real_match(dm, df, **opts)
+
+    monkeypatch.setattr(features, "match", counting_match)
+    # 8 keypoints a side cannot give the 12 seed matches a similarity needs: the next seed
+    monkeypatch.setattr(features, "GUIDED_SEEDS", (8, 400))
+    mi, fi = features.match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, **kw)
+    assert calls == [8, 400]
+    assert len(mi) > 500
+    err = np.linalg.norm(truth.apply(m_pts[mi]) - f_pts[fi], axis=1)
+    assert np.mean(err < 3.0) > 0.9
+    # a seed that succeeds is the only one matched
+    calls.clear()
+    monkeypatch.setattr(features, "GUIDED_SEEDS", (300, 400))
+    features.match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, **kw)
+    assert calls == [300]
+
+
 @pytest.mark.parametrize("detector", ["orb", "sift", "akaze"])
 def test_descriptor_distance_is_opencvs(detector):
     fixed, moving, _ = _pair("coins")

@@ -383,8 +383,9 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
 # (below) replaces all-against-all matching of binary descriptors: under it a full match
 # costs ~1-2 ms (ORB on 512^2 photos: 600 keypoints per image)
 GUIDED_MIN_PAIRS = 600 * 600
-GUIDED_SEED = 500       # strongest keypoints per image matched all-against-all first
-GUIDED_SEED_REFINE = False  # the seed fit only predicts where to look (radius 6 px)
+# strongest keypoints per image matched all-against-all first (300^2 comparisons, ~0.6 ms
+# for ORB); the larger seed only when the smaller gives no fit
+GUIDED_SEEDS = (300, 1000)
 GUIDED_NEIGHBOURS = 8   # fixed keypoints examined around each predicted position
 GUIDED_RADIUS = 2.0     # search radius around each prediction, in reproj_threshold units
 
@@ -419,8 +420,10 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
                  confidence: float, max_iters: int, seed: int, workers: int = 1):
     """Guided matching: ``(moving_idx, fixed_idx)``, or None when the seed fit fails.
 
-    1. The ``GUIDED_SEED`` strongest keypoints of each image are matched all against all
-       (Lowe's ratio test) and ``transform`` is fitted robustly to them.
+    1. The ``GUIDED_SEEDS[0]`` strongest keypoints of each image are matched all against
+       all (Lowe's ratio test) and ``transform`` is fitted robustly to them (without the
+       least-squares refits: it only predicts where to look); if that fails, the next
+       seed size is tried.
     2. Every moving keypoint is then compared only with the fixed keypoints within
        ``radius`` of where that fit puts it (at most ``GUIDED_NEIGHBOURS``); it keeps the
        nearest descriptor if that passes the ratio test against the second nearest there
@@ -430,23 +433,32 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
     The caller fits the model to these matches as it does to all-against-all ones, so a
     poor seed cannot bias the result beyond which pairs are offered. Points are (N, 2)
     in fitting units (about fixed pixels), like ``radius``; descriptors and responses
-    per keypoint. Costs ~GUIDED_SEED^2 + N * GUIDED_NEIGHBOURS comparisons instead of
+    per keypoint. Costs ~GUIDED_SEEDS[0]^2 + N * GUIDED_NEIGHBOURS comparisons instead of
     N_moving * N_fixed."""
     from scipy.spatial import cKDTree
 
-    ms = np.sort(np.argsort(-np.asarray(m_resp), kind="stable")[:GUIDED_SEED])
-    fs = np.sort(np.argsort(-np.asarray(f_resp), kind="stable")[:GUIDED_SEED])
-    a, b, _ = match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio, matcher="bf",
-                    seed=seed, workers=workers)
+    order_m = np.argsort(-np.asarray(m_resp), kind="stable")
+    order_f = np.argsort(-np.asarray(f_resp), kind="stable")
     need = max(3 * MIN_POINTS[transform], 12)
-    if len(a) < need:
-        return None
-    a, b = ms[a], fs[b]
-    order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
-    a, b = a[order], b[order]
-    m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator, threshold=threshold,
-                     confidence=confidence, max_iters=max_iters, refine=GUIDED_SEED_REFINE, seed=seed)
-    if m0 is None or inl.sum() < need or not np.all(np.isfinite(m0)):
+    m0 = None
+    for size in GUIDED_SEEDS:
+        # the strongest `size` of each image; a larger seed only when a smaller one failed
+        ms, fs = np.sort(order_m[:size]), np.sort(order_f[:size])
+        a, b, _ = match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio, matcher="bf",
+                        seed=seed, workers=workers)
+        if len(a) >= need:
+            a, b = ms[a], fs[b]
+            order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
+            a, b = a[order], b[order]
+            m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator,
+                             threshold=threshold, confidence=confidence, max_iters=max_iters,
+                             refine=False, seed=seed)
+            if m0 is not None and inl.sum() >= need and np.all(np.isfinite(m0)):
+                break
+            m0 = None
+        if size >= min(len(m_pts), len(f_pts)):
+            break
+    if m0 is None:
         return None
     cap = float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
     pred = _project(m0, m_pts)
@@ -455,7 +467,7 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
     # an unbalanced tree builds in half the time; the neighbours found are the same
     tree = cKDTree(f_pts, balanced_tree=False, compact_nodes=False)
     _, nb = tree.query(np.where(ok[:, None], pred, 1e300), k=k,
-                                 distance_upper_bound=float(radius))
+                       distance_upper_bound=float(radius))
     nb = nb.reshape(len(m_pts), k)
     rows, cols = np.nonzero(nb < len(f_pts))
     dist = np.full(nb.shape, np.inf)
