@@ -489,19 +489,25 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
 
 # ------------------------------------------------------------------ model fitting
 def _umeyama(src, dst, with_scale: bool) -> np.ndarray:
-    """Least-squares rotation (+ uniform scale) + translation mapping src -> dst (3x3)."""
+    """Least-squares rotation (+ uniform scale) + translation mapping src -> dst (3x3).
+
+    Umeyama's solution written out for 2D: with centred points and their cross
+    covariance C, the best proper rotation has angle atan2(C10 - C01, C00 + C11) and the
+    best scale is the length of that vector over the variance of src (the SVD form's
+    values to rounding, at a fifth of its cost; the fit runs up to six times per call)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
-    cov = d.T @ s / len(src)
-    u, sv, vt = np.linalg.svd(cov)
-    e = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        e[1, 1] = -1
-    rot = u @ e @ vt
+    n = len(src)
+    c00, c01 = float(d[:, 0] @ s[:, 0]) / n, float(d[:, 0] @ s[:, 1]) / n
+    c10, c11 = float(d[:, 1] @ s[:, 0]) / n, float(d[:, 1] @ s[:, 1]) / n
+    x, y = c00 + c11, c10 - c01
+    norm = float(np.hypot(x, y))
+    cos, sin = (x / norm, y / norm) if norm > 0 else (1.0, 0.0)
+    rot = np.array([[cos, -sin], [sin, cos]])
     scale = 1.0
     if with_scale:
-        var = (s ** 2).sum() / len(src)
-        scale = float((sv * np.diag(e)).sum() / var) if var > 0 else 1.0
+        var = float((s * s).sum()) / n
+        scale = norm / var if var > 0 else 1.0
     m = np.eye(3)
     m[:2, :2] = scale * rot
     m[:2, 2] = mu_d - scale * rot @ mu_s
@@ -517,8 +523,11 @@ def _lstsq_affine(src, dst) -> np.ndarray:
 
 
 def _project(m, pts) -> np.ndarray:
-    h = np.hstack([pts, np.ones((len(pts), 1))]) @ m.T
-    return h[:, :2] / h[:, 2:3]
+    pts = np.asarray(pts, dtype=np.float64)
+    out = pts @ m[:2, :2].T + m[:2, 2]
+    if m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0:
+        return out
+    return out / (pts @ m[2, :2] + m[2, 2])[:, None]
 
 
 def _translation_consensus(src, dst, estimator, threshold, max_iters, confidence, rng):
