@@ -815,11 +815,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         once); 0 = the whole image at once.
     guided : bool
         Binary descriptors (ORB, AKAZE, BRISK), many keypoints, matcher="auto", no
-        cross_check: match the strongest 500 of each image first, fit, then compare each
-        keypoint only with the fixed keypoints near where that fit puts it
-        (2 x reproj_threshold) instead of with all of them; the final fit is made to these
-        matches as usual. Falls back to matching all against all when the first fit
-        fails. False = always all against all. (SIFT's detection costs far more than its
+        cross_check: match the strongest 300 of each image first (1000 if those give no
+        fit), fit, then compare each keypoint only with the fixed keypoints near where that
+        fit puts it (2 x reproj_threshold) instead of with all of them; the final fit is made
+        to these matches as usual. Falls back to matching all against all when no seed fit
+        succeeds. False = always all against all. (SIFT's detection costs far more than its
         matching, and all-against-all was more accurate there.)
     """
     _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, confidence,
