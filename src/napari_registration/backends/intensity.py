@@ -82,6 +82,11 @@ def _defer_mode(ndim, transform):
 # before any measurement (0, the value the docs and presets already suggested), not tuned
 _DEFAULT_SEED = 0
 
+# the 2D finest ITK level after coarser ones: first step in pixels, and the stop as a
+# multiple of `convergence` (see _linear_stage)
+_FINE_FIRST_STEP = 0.25
+_FINE_STOP = 5.0
+
 _OUTSIDE = ("All samples map outside", "Too many samples map outside", "samples map outside")
 
 
@@ -724,8 +729,8 @@ def _linear_stage(kind, fixed_img, moving_img, *, ndim, init, rotation_search, m
             # steps below 5x `convergence`: ~10 iterations instead of ~14 (the level's
             # random samples limit the precision: over seeds 0-3 on six 2D multi-modal
             # pairs the median TRE moved by about 5 %)
-            _set_optimizer(R, opt, learning_rate, iterations, 5 * convergence,
-                           fixed_img.GetSpacing(), max_step=0.25)
+            _set_optimizer(R, opt, learning_rate, iterations, _FINE_STOP * convergence,
+                           fixed_img.GetSpacing(), max_step=_FINE_FIRST_STEP)
         else:
             _set_optimizer(R, opt, learning_rate, iterations, convergence, fixed_img.GetSpacing())
         if moving_initial is not None:
