@@ -109,6 +109,10 @@ def main(argv=None):
     ap.add_argument("--stages", default="moon_similarity,astronaut_homography",
                     help="(--round3) cases for the one-thread stage table")
     ap.add_argument("--out", default=str(HERE / "results" / "features_round3.json"))
+    ap.add_argument("--detectors", default="orb,sift",
+                    help="(--round3) which keypoint detectors to compare")
+    ap.add_argument("--fast-warp", action="store_true",
+                    help="(--round3) also time before/now with fast_warp=True (OpenCV's warp)")
     args = ap.parse_args(argv)
     if args.round3:
         return round3(args)
@@ -424,7 +428,9 @@ def round3(args):
         if case.points is None:
             case.points = grid_points(case.shape, case.spacing)
         variants = {}
-        for det, peer in (("orb", OpenCVOrb()), ("sift", OpenCVSift())):
+        dets = args.detectors.split(",")
+        for det, peer in [(d, p) for d, p in (("orb", OpenCVOrb()), ("sift", OpenCVSift()))
+                          if d in dets]:
             kw = {"detector": det}
             variants[f"raw OpenCV {det.upper()}"] = (
                 lambda peer=peer: peer.run(case), lambda raw, peer=peer: peer.mapper(case, raw))
@@ -435,6 +441,13 @@ def round3(args):
                         case.fixed, case.moving, method="features", transform=case.model,
                         score=False, **kw),
                     lambda raw: raw.transform.apply_inverse)
+            if args.fast_warp:
+                for label, pkg in versions:
+                    variants[f"ours {det} {label}, fast_warp"] = (
+                        lambda pkg=pkg, kw=kw: pkg.register(
+                            case.fixed, case.moving, method="features", transform=case.model,
+                            score=False, fast_warp=True, **kw),
+                        lambda raw: raw.transform.apply_inverse)
             variants[f"ours {det} now, threads=1"] = (
                 lambda kw=kw: now.register(case.fixed, case.moving, method="features",
                                            transform=case.model, score=False, threads=1, **kw),
@@ -454,7 +467,7 @@ def round3(args):
                 variants[k][0]()
                 wall[k].append(time.perf_counter() - t)
                 cpu[k].append(time.process_time() - c)
-        for det in ("orb", "sift"):
+        for det in args.detectors.split(","):
             base = f"raw OpenCV {det.upper()}"
             for k in [n for n in names if det in n.lower()]:
                 rows.append({"case": name, "variant": k,
@@ -467,7 +480,7 @@ def round3(args):
                       f"({rows[-1]['wall_x_raw']:.2f}x)  cpu {rows[-1]['cpu_s'] * 1e3:7.1f} ms "
                       f"({rows[-1]['cpu_x_raw']:.2f}x)  TRE {tre[k]:.4f}  {info[k]}", flush=True)
     stages = [stage_table(getattr(report_cases, c)(), det, before, args.repeats)
-              for c in args.stages.split(",") if c for det in ("orb", "sift")]
+              for c in args.stages.split(",") if c for det in args.detectors.split(",")]
     out = {"stages": stages, "command": "bench_features.py --round3 " + " ".join(
                f"--{k} {v}" for k, v in (("repeats", args.repeats), ("before", args.before),
                                           ("cases", args.cases))),

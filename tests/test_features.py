@@ -103,6 +103,21 @@ def test_to_uint8_maps_unit_range_and_rescales_other_ranges():
     assert raw.min() == -500  # input untouched
 
 
+def test_to_uint8_of_unit_images_rounds_half_up_and_leaves_input():
+    rng = np.random.default_rng(3)
+    a = rng.random((64, 80)).astype(np.float32)
+    a[0, :6] = [0.0, 1.0, 0.5 / 255, 1.5 / 255, 254.5 / 255, np.nextafter(np.float32(1), 0)]
+    before = a.copy()
+    want = np.floor(a.astype(np.float32) * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+    np.testing.assert_array_equal(features.to_uint8(a), want)
+    np.testing.assert_array_equal(a, before)
+    # NaN or inf is not a unit image: zero there, the rest stretched by percentiles
+    b = a.copy()
+    b[5, 5], b[6, 6] = np.nan, np.inf
+    u = features.to_uint8(b)
+    assert u[5, 5] == 0 and u[6, 6] == 0 and u.max() == 255
+
+
 # ---------------------------------------------------------------- accuracy on photos
 CASES = [("astronaut", "homography", 1), ("camera", "affine", 2), ("coins", "similarity", 3)]
 

@@ -135,6 +135,36 @@ def test_guided_matches_are_one_to_one_and_near_the_truth():
                                  max_iters=5000, seed=0) is None
 
 
+def test_guided_matching_tries_a_larger_seed_when_the_small_one_fails(monkeypatch):
+    fixed, moving, truth = _pair("camera")
+    f8, m8 = features.to_uint8(fixed), features.to_uint8(moving)
+    f_xy, f_desc, f_resp = features.detect(f8, None, "orb", 5000, with_response=True)
+    m_xy, m_desc, m_resp = features.detect(m8, None, "orb", 5000, with_response=True)
+    f_pts, m_pts = features.xy_to_rowcol(f_xy), features.xy_to_rowcol(m_xy)
+    kw = dict(detector="orb", transform="similarity", ratio=0.75, radius=6.0, estimator="ransac",
+              threshold=3.0, confidence=0.999, max_iters=5000, seed=0)
+    calls = []
+    real_match = features.match
+
+    def counting_match(dm, df, **opts):
+        calls.append(len(dm))
+        return real_match(dm, df, **opts)
+
+    monkeypatch.setattr(features, "match", counting_match)
+    # 8 keypoints a side cannot give the 12 seed matches a similarity needs: the next seed
+    monkeypatch.setattr(features, "GUIDED_SEEDS", (8, 400))
+    mi, fi = features.match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, **kw)
+    assert calls == [8, 400]
+    assert len(mi) > 500
+    err = np.linalg.norm(truth.apply(m_pts[mi]) - f_pts[fi], axis=1)
+    assert np.mean(err < 3.0) > 0.9
+    # a seed that succeeds is the only one matched
+    calls.clear()
+    monkeypatch.setattr(features, "GUIDED_SEEDS", (300, 400))
+    features.match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, **kw)
+    assert calls == [300]
+
+
 @pytest.mark.parametrize("detector", ["orb", "sift", "akaze"])
 def test_descriptor_distance_is_opencvs(detector):
     fixed, moving, _ = _pair("coins")
@@ -153,3 +183,35 @@ def test_popcount_table_equals_bitwise_count():
     want = np.array([sum(bin(v).count("1") for v in row) for row in x.tolist()])
     np.testing.assert_array_equal(features._popcount_rows(x, table=True), want)
     np.testing.assert_array_equal(features._popcount_rows(x), want)
+
+
+@pytest.mark.parametrize("detector,make", [
+    ("orb", lambda rng, n: rng.integers(0, 256, (n, 32), dtype=np.uint8)),
+    ("akaze", lambda rng, n: rng.integers(0, 256, (n, 61), dtype=np.uint8)),
+    ("sift", lambda rng, n: (rng.random((n, 128)) * 200).astype(np.float32)),
+])
+@pytest.mark.parametrize("n_query,n_train,k", [(700, 500, 2), (40, 1, 1), (0, 30, 2), (60, 1, 2)])
+def test_brute_force_knn_arrays_equal_opencvs_knnmatch(detector, make, n_query, n_train, k):
+    """Brute force reads cv2.batchDistance's arrays instead of DMatch objects: the same
+    neighbours and distances as BFMatcher.knnMatch, ties and short train sets included."""
+    rng = np.random.default_rng(n_query + n_train)
+    query, train = make(rng, n_query), make(rng, n_train)
+    if detector == "orb":
+        query[1::7] = train[0]  # exact duplicates: ties at distance 0 and equal seconds
+    want_idx, want_dist = features._knn(features._matcher("bf", detector), query, train, k)
+    idx, dist = features._knn_bf(detector, query, train, k)
+    assert idx.shape == want_idx.shape == (n_query, k)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_binary_descriptor_distance_in_64_bit_words_equals_bytes():
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+    b = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+    want = features._popcount_rows(np.bitwise_xor(a, b), table=True)
+    got = features.descriptor_distance(a, b, "orb")
+    np.testing.assert_array_equal(got, want)
+    # rows that are views into a larger array (not contiguous) too
+    np.testing.assert_array_equal(features.descriptor_distance(a[::2], b[::2], "orb"), want[::2])
+    assert features._popcount_rows(np.bitwise_xor(a, b).view(np.uint64), table=True).tolist() == want.tolist()

@@ -61,3 +61,28 @@ def test_tight_refit_leaves_few_or_perfect_points_alone():
     dst2 = np.vstack([exact] * 3)
     inl2 = np.ones(len(src2), bool)
     np.testing.assert_array_equal(features._tight_refit(truth, src2, dst2, inl2, "similarity"), truth)
+
+
+def test_closed_form_2d_umeyama_equals_the_svd_solution():
+    """The rigid/similarity refit writes Umeyama's SVD solution out for 2D: same matrix
+    to rounding, including clouds whose best fit would be a mirror (proper rotation)."""
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        n = int(rng.integers(2, 120))
+        src = rng.normal(0, rng.uniform(1, 300), (n, 2))
+        a = rng.uniform(-np.pi, np.pi)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        dst = src @ (rng.uniform(0.3, 3) * rot).T + rng.normal(0, 40, 2)
+        dst += rng.normal(0, rng.uniform(0, 5), (n, 2))
+        if trial % 5 == 0:
+            dst[:, 0] *= -1
+        for with_scale in (True, False):
+            mu_s, mu_d = src.mean(0), dst.mean(0)
+            u, sv, vt = np.linalg.svd((dst - mu_d).T @ (src - mu_s) / n)
+            e = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+            scale = (sv * np.diag(e)).sum() / ((src - mu_s) ** 2).sum() * n if with_scale else 1.0
+            want = np.eye(3)
+            want[:2, :2] = scale * u @ e @ vt
+            want[:2, 2] = mu_d - want[:2, :2] @ mu_s
+            got = features._umeyama(src, dst, with_scale)
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9 * (1 + np.abs(want).max()))

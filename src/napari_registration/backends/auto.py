@@ -239,8 +239,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         discarded (a tiny overlap can score deceptively well).
     seed : int or None
         Seed of the ``intensity`` stages' random metric sampling: with a seed the same
-        inputs give the identical transform (``features`` is always seeded); None
-        leaves it unseeded (faster: SimpleITK then uses every thread).
+        inputs give the identical transform (``features`` is always seeded); None uses
+        ``intensity``'s default (a fixed seed: identical in 2D; in 3D every SimpleITK
+        thread, results equal to the last digits).
 
     Every candidate is scored when it is made (on its own overlap, for the early stop)
     and, at the end, all of them again on one common footing: the same fixed pixels

@@ -87,11 +87,18 @@ def to_uint8(image, mask=None) -> np.ndarray:
     ``normalize=False`` with raw intensities) is first rescaled by its 0.5/99.5
     percentiles (inside ``mask`` if given). NaNs become 0."""
     a = np.asarray(image, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if 0.0 <= lo and hi <= 1.0:
+        # the core's [0, 1] images (NaN or inf would have failed the test): the values
+        # below in three passes instead of six; x * 255 + 0.5 <= 255.5 truncates to 255
+        out = np.multiply(a, np.float32(255.0))
+        out += np.float32(0.5)
+        return out.astype(np.uint8)
     finite = np.isfinite(a)
     if not finite.all():
         a = np.where(finite, a, 0.0)
+        lo, hi = float(a.min()), float(a.max())
     del finite
-    lo, hi = float(a.min()), float(a.max())
     offset, gain = 0.0, 255.0
     if lo < 0.0 or hi > 1.0:
         sample = a[mask] if mask is not None and mask.any() else a
@@ -280,6 +287,26 @@ def _knn(matcher, query, train, k):
     return idx, dist
 
 
+def _knn_bf(detector, query, train, k):
+    """Brute-force :func:`_knn`: ``cv2.batchDistance``, the function OpenCV's BFMatcher
+    runs for one train set, hence the same neighbours and distances (ties included),
+    returned as arrays instead of one DMatch object per neighbour (converting those cost
+    ~1 ms per 1000 queries)."""
+    import cv2
+
+    if len(query) == 0 or len(train) < k:
+        return _knn(_matcher("bf", detector), query, train, k)
+    sift = detector == "sift"
+    dist, idx = cv2.batchDistance(query, train, cv2.CV_32F if sift else cv2.CV_32S,
+                                  normType=_norm_for(detector), K=int(k))
+    idx = np.asarray(idx, dtype=np.int64).reshape(len(query), k)
+    dist = np.asarray(dist, dtype=np.float64).reshape(len(query), k)
+    missing = idx < 0
+    if missing.any():
+        idx[missing], dist[missing] = -1, np.inf
+    return idx, dist
+
+
 def _matcher(kind: str, detector: str):
     import cv2
 
@@ -296,11 +323,12 @@ def _knn_parallel(kind, detector, query, train, k, workers):
     """:func:`_knn` with the queries cut into ``workers`` blocks matched at once (brute
     force only: each query's neighbours do not depend on the other queries, so the result
     is the one of a single call; OpenCV releases the GIL while it matches)."""
-    if kind != "bf" or workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+    if kind != "bf":
         return _knn(_matcher(kind, detector), query, train, k)
+    if workers <= 1 or len(query) < 2 * MIN_QUERIES_PER_THREAD:
+        return _knn_bf(detector, query, train, k)
     parts = split(len(query), min(workers, len(query) // MIN_QUERIES_PER_THREAD))
-    out = run_all([lambda a=a, b=b: _knn(_matcher(kind, detector), query[a:b], train, k)
-                   for a, b in parts])
+    out = run_all([lambda a=a, b=b: _knn_bf(detector, query[a:b], train, k) for a, b in parts])
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
@@ -355,7 +383,9 @@ def match(desc_moving, desc_fixed, *, detector: str, ratio: float = 0.75,
 # (below) replaces all-against-all matching of binary descriptors: under it a full match
 # costs ~1-2 ms (ORB on 512^2 photos: 600 keypoints per image)
 GUIDED_MIN_PAIRS = 600 * 600
-GUIDED_SEED = 500       # strongest keypoints per image matched all-against-all first
+# strongest keypoints per image matched all-against-all first (300^2 comparisons, ~0.6 ms
+# for ORB); the larger seed only when the smaller gives no fit
+GUIDED_SEEDS = (300, 1000)
 GUIDED_NEIGHBOURS = 8   # fixed keypoints examined around each predicted position
 GUIDED_RADIUS = 2.0     # search radius around each prediction, in reproj_threshold units
 
@@ -366,6 +396,10 @@ def descriptor_distance(a, b, detector: str) -> np.ndarray:
     if detector == "sift":
         d = np.asarray(a, np.float32) - np.asarray(b, np.float32)
         return np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.ndim == 2 and a.shape[1] % 8 == 0 and a.dtype == b.dtype == np.uint8:
+        # ORB's 32 bytes as four 64-bit words: an eighth of the elements to count
+        a, b = a.view(np.uint64), b.view(np.uint64)
     return _popcount_rows(np.bitwise_xor(a, b)).astype(np.float64)
 
 
@@ -373,11 +407,12 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def _popcount_rows(x, table: bool = False) -> np.ndarray:
-    """Set bits per row of a uint8 array (np.bitwise_count needs numpy >= 2; a lookup
-    table otherwise, or with ``table=True``)."""
+    """Set bits per row of an unsigned integer array (np.bitwise_count needs numpy >= 2;
+    a lookup table on the bytes otherwise, or with ``table=True``)."""
     if not table and hasattr(np, "bitwise_count"):
         return np.bitwise_count(x).sum(axis=1, dtype=np.int64)
-    return _POPCOUNT8[x].sum(axis=1, dtype=np.int64)
+    x = np.ascontiguousarray(x)
+    return _POPCOUNT8[x.view(np.uint8).reshape(len(x), -1)].sum(axis=1, dtype=np.int64)
 
 
 def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
@@ -385,8 +420,10 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
                  confidence: float, max_iters: int, seed: int, workers: int = 1):
     """Guided matching: ``(moving_idx, fixed_idx)``, or None when the seed fit fails.
 
-    1. The ``GUIDED_SEED`` strongest keypoints of each image are matched all against all
-       (Lowe's ratio test) and ``transform`` is fitted robustly to them.
+    1. The ``GUIDED_SEEDS[0]`` strongest keypoints of each image are matched all against
+       all (Lowe's ratio test) and ``transform`` is fitted robustly to them (without the
+       least-squares refits: it only predicts where to look); if that fails, the next
+       seed size is tried.
     2. Every moving keypoint is then compared only with the fixed keypoints within
        ``radius`` of where that fit puts it (at most ``GUIDED_NEIGHBOURS``); it keeps the
        nearest descriptor if that passes the ratio test against the second nearest there
@@ -396,30 +433,41 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
     The caller fits the model to these matches as it does to all-against-all ones, so a
     poor seed cannot bias the result beyond which pairs are offered. Points are (N, 2)
     in fitting units (about fixed pixels), like ``radius``; descriptors and responses
-    per keypoint. Costs ~GUIDED_SEED^2 + N * GUIDED_NEIGHBOURS comparisons instead of
+    per keypoint. Costs ~GUIDED_SEEDS[0]^2 + N * GUIDED_NEIGHBOURS comparisons instead of
     N_moving * N_fixed."""
     from scipy.spatial import cKDTree
 
-    ms = np.sort(np.argsort(-np.asarray(m_resp), kind="stable")[:GUIDED_SEED])
-    fs = np.sort(np.argsort(-np.asarray(f_resp), kind="stable")[:GUIDED_SEED])
-    a, b, _ = match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio, matcher="bf",
-                    seed=seed, workers=workers)
+    order_m = np.argsort(-np.asarray(m_resp), kind="stable")
+    order_f = np.argsort(-np.asarray(f_resp), kind="stable")
     need = max(3 * MIN_POINTS[transform], 12)
-    if len(a) < need:
-        return None
-    a, b = ms[a], fs[b]
-    order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
-    a, b = a[order], b[order]
-    m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator, threshold=threshold,
-                     confidence=confidence, max_iters=max_iters, refine=True, seed=seed)
-    if m0 is None or inl.sum() < need or not np.all(np.isfinite(m0)):
+    m0 = None
+    for size in GUIDED_SEEDS:
+        # the strongest `size` of each image; a larger seed only when a smaller one failed
+        ms, fs = np.sort(order_m[:size]), np.sort(order_f[:size])
+        a, b, _ = match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio, matcher="bf",
+                        seed=seed, workers=workers)
+        if len(a) >= need:
+            a, b = ms[a], fs[b]
+            order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
+            a, b = a[order], b[order]
+            m0, inl, _ = fit(m_pts[a], f_pts[b], transform, estimator=estimator,
+                             threshold=threshold, confidence=confidence, max_iters=max_iters,
+                             refine=False, seed=seed)
+            if m0 is not None and inl.sum() >= need and np.all(np.isfinite(m0)):
+                break
+            m0 = None
+        if size >= min(len(m_pts), len(f_pts)):
+            break
+    if m0 is None:
         return None
     cap = float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
     pred = _project(m0, m_pts)
     ok = np.all(np.isfinite(pred), axis=1)
     k = min(GUIDED_NEIGHBOURS, len(f_pts))
-    _, nb = cKDTree(f_pts).query(np.where(ok[:, None], pred, 1e300), k=k,
-                                 distance_upper_bound=float(radius))
+    # an unbalanced tree builds in half the time; the neighbours found are the same
+    tree = cKDTree(f_pts, balanced_tree=False, compact_nodes=False)
+    _, nb = tree.query(np.where(ok[:, None], pred, 1e300), k=k,
+                       distance_upper_bound=float(radius))
     nb = nb.reshape(len(m_pts), k)
     rows, cols = np.nonzero(nb < len(f_pts))
     dist = np.full(nb.shape, np.inf)
@@ -441,19 +489,25 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
 
 # ------------------------------------------------------------------ model fitting
 def _umeyama(src, dst, with_scale: bool) -> np.ndarray:
-    """Least-squares rotation (+ uniform scale) + translation mapping src -> dst (3x3)."""
+    """Least-squares rotation (+ uniform scale) + translation mapping src -> dst (3x3).
+
+    Umeyama's solution written out for 2D: with centred points and their cross
+    covariance C, the best proper rotation has angle atan2(C10 - C01, C00 + C11) and the
+    best scale is the length of that vector over the variance of src (the SVD form's
+    values to rounding, at a fifth of its cost; the fit runs up to six times per call)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
-    cov = d.T @ s / len(src)
-    u, sv, vt = np.linalg.svd(cov)
-    e = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        e[1, 1] = -1
-    rot = u @ e @ vt
+    n = len(src)
+    c00, c01 = float(d[:, 0] @ s[:, 0]) / n, float(d[:, 0] @ s[:, 1]) / n
+    c10, c11 = float(d[:, 1] @ s[:, 0]) / n, float(d[:, 1] @ s[:, 1]) / n
+    x, y = c00 + c11, c10 - c01
+    norm = float(np.hypot(x, y))
+    cos, sin = (x / norm, y / norm) if norm > 0 else (1.0, 0.0)
+    rot = np.array([[cos, -sin], [sin, cos]])
     scale = 1.0
     if with_scale:
-        var = (s ** 2).sum() / len(src)
-        scale = float((sv * np.diag(e)).sum() / var) if var > 0 else 1.0
+        var = float((s * s).sum()) / n
+        scale = norm / var if var > 0 else 1.0
     m = np.eye(3)
     m[:2, :2] = scale * rot
     m[:2, 2] = mu_d - scale * rot @ mu_s
@@ -469,8 +523,11 @@ def _lstsq_affine(src, dst) -> np.ndarray:
 
 
 def _project(m, pts) -> np.ndarray:
-    h = np.hstack([pts, np.ones((len(pts), 1))]) @ m.T
-    return h[:, :2] / h[:, 2:3]
+    pts = np.asarray(pts, dtype=np.float64)
+    out = pts @ m[:2, :2].T + m[:2, 2]
+    if m[2, 0] == 0.0 and m[2, 1] == 0.0 and m[2, 2] == 1.0:
+        return out
+    return out / (pts @ m[2, :2] + m[2, 2])[:, None]
 
 
 def _translation_consensus(src, dst, estimator, threshold, max_iters, confidence, rng):
@@ -758,11 +815,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         once); 0 = the whole image at once.
     guided : bool
         Binary descriptors (ORB, AKAZE, BRISK), many keypoints, matcher="auto", no
-        cross_check: match the strongest 500 of each image first, fit, then compare each
-        keypoint only with the fixed keypoints near where that fit puts it
-        (2 x reproj_threshold) instead of with all of them; the final fit is made to these
-        matches as usual. Falls back to matching all against all when the first fit
-        fails. False = always all against all. (SIFT's detection costs far more than its
+        cross_check: match the strongest 300 of each image first (1000 if those give no
+        fit), fit, then compare each keypoint only with the fixed keypoints near where that
+        fit puts it (2 x reproj_threshold) instead of with all of them; the final fit is made
+        to these matches as usual. Falls back to matching all against all when no seed fit
+        succeeds. False = always all against all. (SIFT's detection costs far more than its
         matching, and all-against-all was more accurate there.)
     """
     _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, confidence,
