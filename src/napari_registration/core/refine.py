@@ -562,6 +562,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         # fall outside the moving image instead of rebuilding it from (N, P) copies
         sd_all = lv["sd"]
         h_all = np.einsum("pn,qn->pq", sd_all, sd_all)
+        h_irls = None
         for n_it in range(1, int(iterations) + 1):
             if cancel is not None and cancel():
                 break
@@ -573,7 +574,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                     w_all, res_all = np.zeros(len(ok)), np.zeros(len(ok))
                     w_all[ok], res_all[ok] = w, res
                     w, res = w_all, res_all
-                h = np.einsum("pn,n,qn->pq", sd_all, w, sd_all)
+                if h_irls is None:
+                    # the weighted matrix of the level's first weights, kept: the weights
+                    # set the fixed point through b (now the current ones); the matrix
+                    # only scales the steps (same results and step counts measured, and
+                    # the (P, P, N) contraction cost ~8 ms per step at 131k samples)
+                    h_irls = np.einsum("pn,n,qn->pq", sd_all, w, sd_all)
+                h = h_irls
                 b = np.einsum("pn,n,n->p", sd_all, w, res)
             elif n_out == 0:
                 h = h_all
