@@ -136,3 +136,11 @@ def test_smooth_rejects_a_negative_sigma():
     fixed, moving, truth, start = _occluded_affine_pair()
     with pytest.raises(ValueError, match="smooth"):
         refine_linear(fixed, moving, start, model="affine", smooth=-1.0)
+
+
+def test_smooth_rejects_a_non_number():
+    import pytest
+
+    fixed, moving, truth, start = _occluded_affine_pair()
+    with pytest.raises(ValueError, match="smooth"):
+        refine_linear(fixed, moving, start, model="affine", smooth="strong")

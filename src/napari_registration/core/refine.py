@@ -217,8 +217,10 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
         frame). The residual left at the true alignment is mostly interpolation error of
         the finest detail (near the sampling limit), and it is correlated with the
         image gradient, so it biases the fit; a light blur removes most of that detail
-        and little of the alignment signal. Measured from the least-squares result on
-        60 synthetic pairs of five tuning photos: mean TRE 9.2e-4 -> 5.7e-4 px (0.6).
+        and little of the alignment signal. Measured from ~1 px off on 60 synthetic
+        pairs of five photos (both preprocessed copies): geometric-mean TRE 9.2e-4 ->
+        5.8e-4 px; the report's retina_affine 6.4e-4 -> 6.9e-5 (docs/benchmarks.md,
+        "2D linear precision, round 4"). Only with ``robust``.
         The least-squares levels stay on the unsmoothed images (a blur widens
         zero-filled borders, which pulled a plain least-squares fit 0.02 px off; the
         biweight drops them), and ``robust_gate`` is not used (the probe is of the
@@ -233,11 +235,17 @@ def refine_linear(fixed, moving, transform: Transform, *, model: str,
     """
     if robust == "auto":
         robust = 4.685 if np.ndim(fixed) == 2 else None
-    if smooth == "auto":
+    if isinstance(smooth, str) and smooth == "auto":
         smooth = 0.6 if np.ndim(fixed) == 2 else None
-    if smooth is not None and not (np.isfinite(float(smooth)) and float(smooth) >= 0):
-        raise ValueError(f"refine_linear: smooth must be None, 'auto' or a sigma >= 0 (pixels); got {smooth!r}")
-    smooth = float(smooth) if smooth else None
+    if smooth is not None:
+        try:
+            sigma = float(smooth)
+        except (TypeError, ValueError):
+            sigma = float("nan")
+        if not (np.isfinite(sigma) and sigma >= 0):
+            raise ValueError("refine_linear: smooth must be None, 'auto' or a Gaussian sigma "
+                             f">= 0 (finest fixed pixels); got {smooth!r}")
+        smooth = sigma or None
     common = dict(model=model, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing,
                   fixed_mask=fixed_mask, moving_mask=moving_mask, iterations=iterations,
                   max_samples=max_samples, tolerance=tolerance, cancel=cancel)
