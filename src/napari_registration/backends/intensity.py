@@ -66,6 +66,10 @@ SAMPLINGS = ("random", "regular", "none")
 INITS = ("auto", "moments", "geometry", "none")
 DEMONS = ("diffeomorphic", "fast_symmetric", "classic")
 LINEAR = ("translation", "rigid", "similarity", "affine")
+# 2D: the core also hands over a linear (unclipped) rescale of both images; the
+# Gauss-Newton polish (blind to gain and offset) runs on it, as auto's and fourier's do,
+# so that the three polish the same images; ITK's metric keeps the clipped ones
+LINEAR_COPY = True
 
 
 def _defer_mode(ndim, transform):
@@ -1037,7 +1041,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              demons_iterations: int = 50,
              demons_smoothing: float = 2.0,
              threads: int | None = None,
-             polish: bool = True) -> BackendResult:
+             polish: bool = True, linear_copy=None) -> BackendResult:
     """Intensity-based registration with SimpleITK.
 
     Options
@@ -1150,7 +1154,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             rotation_search=rotation_search, linear_stage=linear_stage,
             grid_spacing=_scaled(grid_spacing, 1.0 / unit),
             mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
-            demons_smoothing=demons_smoothing, threads=threads, polish=polish)
+            demons_smoothing=demons_smoothing, threads=threads, polish=polish,
+            linear_copy=linear_copy)
         info = dict(out.info, world_unit_scale=unit)
         return BackendResult(rescale_world(out.transform, unit), info, out.extras)
     sitk = _sitk()
@@ -1221,6 +1226,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                     mesh_size=mesh_size, demons=demons, demons_iterations=demons_iterations,
                     demons_smoothing=demons_smoothing, threads=threads, progress=progress,
                     cancel=cancel, t0=t0, defer=defer)
+    # 2D: the polish runs on the core's linear copy when it made one (see LINEAR_COPY)
+    polish_pair = (tuple(linear_copy) if linear_copy is not None and ndim == 2
+                   else (fixed, moving))
     declined = []
     more = resume is not None
     while more:
@@ -1248,7 +1256,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         progress(reached[0], f"polish: Gauss-Newton on a cubic-spline pyramid, full resolution "
                              f"last (after {stage.get('levels_run')} of "
                              f"{len(stage['shrink_factors'])} ITK levels)")
-        polished = _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing,
+        polished = _polish(result, *polish_pair, transform, fixed_spacing, moving_spacing,
                            fixed_mask, moving_mask, cancel, remap=False, start_error_px=err_px)
         if polished.info["polish"].get("accepted"):
             if declined:
@@ -1270,7 +1278,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         result.info["polish"] = {"accepted": False, "reason": skip["reason"],
                                  "declined_before": declined}
     elif polish and transform in LINEAR:
-        result = _polish(result, fixed, moving, transform, fixed_spacing, moving_spacing,
+        result = _polish(result, *polish_pair, transform, fixed_spacing, moving_spacing,
                          fixed_mask, moving_mask, cancel)
         if declined:
             result.info["polish"]["declined_before"] = declined
