@@ -340,8 +340,11 @@ def _brain_deformed(name, title, seed, amplitude, cells=5) -> Case | None:
         return None
     rng = np.random.default_rng(seed)
     coarse = rng.normal(0, amplitude, (cells, cells, cells, 3))
-    zoom = [n / cells for n in fixed.shape] + [1]
-    field_mm = ndimage.zoom(coarse, zoom, order=3)[:fixed.shape[0], :fixed.shape[1], :fixed.shape[2]]
+    zoom = [n / cells for n in fixed.shape]
+    # per component (a 4D zoom with factor 1 on the last axis gives the same field at
+    # ~8x the time)
+    field_mm = np.stack([ndimage.zoom(coarse[..., k], zoom, order=3) for k in range(3)], axis=-1)
+    field_mm = field_mm[:fixed.shape[0], :fixed.shape[1], :fixed.shape[2]]
     truth = Transform(steps=[FieldStep(field_mm.astype(np.float32), spacing=spacing,
                                        direction="forward")])
     return Case(name, title, "nilearn MNI152 2009a T1 template (package data)", "deformable",
