@@ -538,7 +538,7 @@ def register_bspline_3d(fixed, moving, *, valid=None, grid_spacing=(6.0, 6.0, 6.
                         iterations: int = 20, tolerance: float = 0.01,
                         energy_tolerance: float = 0.0, coarse_energy_tolerance: float = 0.002,
                         min_side: int = 12, step_budget: int | None = 2 ** 21,
-                        min_iterations: int = 4, cg_iterations: int = 10, cg_tolerance: float = 1e-2,
+                        min_iterations: int = 4, cg_iterations: int = 5, cg_tolerance: float = 1e-2,
                         gradient_order: int = 1,
                         robust: bool = False, fixed_mask=None,
                         progress=None, cancel=None) -> tuple[np.ndarray, dict]:
