@@ -245,6 +245,18 @@ def test_3d_engine_recovers_a_smooth_field(volume3d):
     assert info["grid_shapes"][-1] == [11, 7, 7]     # 33 / 3, 39 / 6, 37 / 6 rounded up
 
 
+def test_3d_engine_identity_affine_changes_nothing(volume3d):
+    """moving_affine = identity takes the affine sampling branch and gives the same
+    field; a singular matrix is refused."""
+    fixed, moving, _, sp = volume3d
+    kw = dict(spacing=sp, grid_spacing=(6, 12, 12), levels=2)
+    a, _ = deform.register_bspline_3d(fixed, moving, **kw)
+    b, _ = deform.register_bspline_3d(fixed, moving, moving_affine=np.eye(4), **kw)
+    assert np.abs(a).max() > 0.3 and np.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="moving_affine"):
+        deform.register_bspline_3d(fixed, moving, moving_affine=np.zeros((4, 4)))
+
+
 def test_3d_engine_input_checks_and_cancel(volume3d):
     fixed = volume3d[0]
     with pytest.raises(ValueError, match="3D volumes"):

@@ -18,8 +18,8 @@ Pipeline
    from physical shift), one ITK run per level on bin-averaged copies, skipping levels
    coarser than half the search grid.
 4. **Deformable stage**: a B-spline or a demons field on top of the linear result. 2D
-   same-contrast B-splines use the spline Gauss-Newton engine of :mod:`core.deform`;
-   3D, multi-modal pairs and a named optimizer use ITK (L-BFGS-B by default). The
+   and 3D same-contrast B-splines use the spline Gauss-Newton engine of
+   :mod:`core.deform`; multi-modal pairs and a named optimizer use ITK (L-BFGS-B). The
    result is one :class:`Transform`: ``MatrixStep`` then ``FieldStep``.
 5. **Polish** (linear transforms, ``polish=True``): a Gauss-Newton pass on a cubic-spline
    pyramid (:mod:`core.refine`) for same-contrast pairs; in 3D, on intensity-remapped
@@ -1069,10 +1069,10 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         to 1 while it runs (restored afterwards). Without a seed the coarse search is
         still deterministic; the fine stage samples differently each run.
     optimizer : str
-        "auto" (regular-step gradient descent for linear; for B-splines in 2D a
-        Gauss-Newton on the spline coefficients, :mod:`core.deform`, when the images
+        "auto" (regular-step gradient descent for linear; for B-splines in 2D and 3D
+        a Gauss-Newton on the spline coefficients, :mod:`core.deform`, when the images
         are linearly related in intensity, |NCC| >= 0.5 after the linear stage, else
-        and in 3D L-BFGS-B), "regular_step", "gradient_descent" (learning rate
+        ITK's L-BFGS-B on Mattes MI), "regular_step", "gradient_descent" (learning rate
         estimated each iteration), "lbfgsb" (a named optimizer keeps ITK's B-spline).
     learning_rate : float or None
         Initial step in world units (None: estimated per level, about one voxel of
