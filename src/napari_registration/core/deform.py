@@ -649,7 +649,8 @@ def register_bspline_3d(fixed, moving, *, valid=None, grid_spacing=(6.0, 6.0, 6.
             for corner in np.ndindex(2, 2, 2):
                 if any(corner):
                     vok &= vl[tuple(slice(c, c + n - 1) for c, n in zip(corner, nm))]
-        grid = np.indices(nl).astype(np.float64)
+        ramps = [np.arange(n, dtype=np.float64).reshape([-1 if k == a else 1 for k in range(nd)])
+                 for a, n in enumerate(nl)]
         n_c = int(np.prod(mshape))
         volume = float(np.prod(fixed.shape)) * float(np.prod(rel))
         reg = _regularizer_nd(mshape, h, rel, regularization, stiffness, volume)
@@ -663,22 +664,27 @@ def register_bspline_3d(fixed, moving, *, valid=None, grid_spacing=(6.0, 6.0, 6.
 
         def evaluate(c):
             u = field_of(c)
+            # sample positions in the moving volume's level grid, built axis by axis
+            # from 1D index ramps (no volume-sized index grids: 3D peak memory)
+            q = np.empty((nd,) + nl)
             if aff is None:
-                q = grid + np.moveaxis(u, -1, 0) / f
+                for a in range(nd):
+                    np.add(ramps[a], u[..., a] / f, out=q[a])
             else:
-                # fixed full-resolution voxel + u, through the affine, to the moving
-                # volume's level grid
-                x = grid * f + (f - 1) / 2.0 + np.moveaxis(u, -1, 0)
-                q = np.tensordot(aff[:3, :3], x, axes=(1, 0))
-                q += (aff[:3, 3] - (f - 1) / 2.0)[:, None, None, None]
-                q /= f
+                # fixed full-resolution voxel f i + (f - 1) / 2 + u, through the affine
+                half = (f - 1) / 2.0
+                for b in range(nd):
+                    q[b] = aff[b, :nd].sum() * half + aff[b, nd] - half
+                    for a in range(nd):
+                        q[b] += aff[b, a] * (f * ramps[a] + u[..., a])
+                    q[b] /= f
             mw = ndimage.map_coordinates(mc, q, order=3, mode="mirror", prefilter=False)
-            lo = np.floor(q).astype(np.intp)
             inside = fm.copy()
             for a in range(nd):
-                inside &= (lo[a] >= 0) & (lo[a] < nm[a] - 1)
+                lo = np.floor(q[a])
+                inside &= (lo >= 0) & (lo < nm[a] - 1)
             if not all_valid:
-                idx = tuple(np.clip(lo[a], 0, nm[a] - 2) for a in range(nd))
+                idx = tuple(np.clip(np.floor(q[a]).astype(np.intp), 0, nm[a] - 2) for a in range(nd))
                 inside &= vok[idx]
             return u, q, mw, inside
 
