@@ -789,7 +789,7 @@ def _bspline_stage(fixed_img, moving_img, linear_tx, *, ndim, metric, bins, opti
         out = _spline_engine(fixed_img, moving_img, linear_tx, fixed_mask_img, moving_mask_img,
                              grid_spacing=grid_spacing, mesh_size=mesh_size, extent=extent,
                              iterations=iterations, progress=progress, cancel=cancel,
-                             start=start, span=span, metric=metric)
+                             start=start, span=span, metric=metric, threads=threads)
         if out is not None:
             return out
     tx = sitk.BSplineTransformInitializer(fixed_img, mesh, 3)
@@ -827,7 +827,7 @@ def _bspline_stage(fixed_img, moving_img, linear_tx, *, ndim, metric, bins, opti
 
 def _spline_engine(fixed_img, moving_img, linear_tx, fixed_mask_img, moving_mask_img, *,
                    grid_spacing, mesh_size, extent, iterations, progress, cancel, start, span,
-                   metric):
+                   metric, threads=0):
     """The 2D and 3D B-spline stage by Gauss-Newton on the spline coefficients
     (:mod:`core.deform`: :func:`register_bspline` in 2D, :func:`register_bspline_3d` in
     3D); None when the images are not related by a linear intensity change (|NCC| < 0.5
@@ -890,7 +890,7 @@ def _spline_engine(fixed_img, moving_img, linear_tx, fixed_mask_img, moving_mask
         field, einfo = register_bspline_3d(fixed, moving, valid=valid, fixed_mask=fmask,
                                            grid_spacing=final, spacing=sp, moving_affine=aff,
                                            iterations=min(int(iterations), 20), progress=prog,
-                                           cancel=cancel)
+                                           cancel=cancel, threads=threads or 0)
     else:
         field, einfo = register_bspline(fixed, moving, valid=valid, fixed_mask=fmask,
                                         grid_spacing=final, iterations=min(int(iterations), 20),
