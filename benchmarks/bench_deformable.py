@@ -50,6 +50,34 @@ def methods(which):
     return out
 
 
+def cpu_before_after(builders, repeats):
+    """Ours (engine) and ours (optimizer="lbfgsb", the ITK path) interleaved in this
+    process: median wall and CPU seconds (time.process_time, all threads) and TRE."""
+    import numpy as np
+
+    from napari_registration import register
+    from napari_registration.data import grid_points, tre_against_truth
+
+    for build in builders:
+        case = build()
+        if case is None:
+            continue
+        pts = case.points if case.points is not None else grid_points(case.shape, case.spacing)
+        rows = {"engine": [], "lbfgsb": []}
+        for _ in range(repeats):
+            for name, kw in (("engine", {}), ("lbfgsb", {"optimizer": "lbfgsb"})):
+                t0, c0 = time.perf_counter(), time.process_time()
+                r = register(case.fixed, case.moving, method="intensity", transform="bspline",
+                             fixed_spacing=case.spacing, moving_spacing=case.spacing, **kw)
+                rows[name].append((time.perf_counter() - t0, time.process_time() - c0,
+                                   tre_against_truth(r.transform, case.truth, pts)["mean"]))
+        med = {k: np.median(np.array(v), axis=0) for k, v in rows.items()}
+        for k, (w, c, t) in med.items():
+            print(f"{case.name:22s} {k:7s} wall {w:6.2f} s  cpu {c:6.2f} s  TRE {t:.3f}")
+        w, c, t = med["engine"] / med["lbfgsb"]
+        print(f"{case.name:22s} engine / lbfgsb: wall x{w:.2f}  cpu x{c:.2f}  TRE x{t:.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -57,8 +85,13 @@ def main(argv=None):
     p.add_argument("--methods", default="", help="comma-separated substrings of method names")
     p.add_argument("--slow", type=float, default=10.0, help="pairs slower than this run once")
     p.add_argument("--out", default=str(HERE / "results" / "deformable.json"))
+    p.add_argument("--cpu", action="store_true",
+                   help="only ours vs ours (lbfgsb), interleaved, wall and CPU medians")
     args = p.parse_args(argv)
     builders = [BUILDERS[c.strip()] for c in args.cases.split(",") if c.strip()]
+    if args.cpu:
+        cpu_before_after(builders, args.repeats)
+        return
     t0 = time.perf_counter()
     cases, avail, skipped, skipped_cases, runs, done = report.run(
         builders, methods(args.methods), args.repeats, 2.0, slow=args.slow)
