@@ -5,9 +5,9 @@
 "before" is the same call with ``optimizer="lbfgsb"``: exactly the previous default
 path (ITK's L-BFGS-B on an 8-cell mesh in 2D, 4 in 3D), which is still selectable.
 Peers are the accuracy report's own (``report_methods``): SimpleITK notebook settings,
-itk-elastix (affine then bspline default maps), ANTsPy SyN. Cases: the report's two
-deformable ones and a 3D one built here (MNI T1 3x2x2 mm under a smooth random field,
-up to ~6 mm; the 3D path is unchanged, measured so that it is seen not to be worse).
+itk-elastix (affine then bspline default maps), ANTsPy SyN. Cases: the report's three
+deformable ones (``report_cases``; brain_deformable_3d is MNI T1 3x2x2 mm under a smooth
+random field, up to ~7 mm, where the 3D engine of ``core/deform.py`` runs since round 4).
 
 Everything goes through ``report.run`` (same timing, peak memory, TRE and interleaving
 as the report: repeat 1 runs every method on every case, then repeat 2, ...).
@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -36,33 +35,9 @@ import report_cases  # noqa: E402
 import report_methods  # noqa: E402
 
 
-def brain_deformable_3d():
-    """MNI152 T1 at 3x2x2 mm under a smooth random forward field (5^3 control values,
-    cubic, sigma 2.5 mm, clipped to the volume)."""
-    from scipy import ndimage
-
-    from napari_registration.core.transform import FieldStep, Transform
-
-    fixed, spacing = report_cases._brain_anisotropic()
-    if fixed is None:
-        return None
-    rng = np.random.default_rng(5)
-    coarse = rng.normal(0, 2.5, (5, 5, 5, 3))
-    zoom = [n / 5 for n in fixed.shape] + [1]
-    field_mm = ndimage.zoom(coarse, zoom, order=3)[:fixed.shape[0], :fixed.shape[1], :fixed.shape[2]]
-    truth = Transform(steps=[FieldStep(field_mm.astype(np.float32), spacing=spacing,
-                                       direction="forward")])
-    moving = report_cases._moving_from(fixed, truth, spacing)
-    return report_cases.Case(
-        "brain_deformable_3d", "MNI152 T1, 3x2x2 mm, smooth random deformation",
-        "nilearn MNI152 2009a T1 template (package data)", "deformable", fixed=fixed,
-        moving=moving, truth=truth, spacing=spacing,
-        note=f"max displacement {float(np.abs(field_mm).max()):.1f} mm")
-
-
 BUILDERS = {"camera_deformable": report_cases.camera_deformable,
             "stereo_motorcycle": report_cases.stereo_motorcycle,
-            "brain_deformable_3d": brain_deformable_3d}
+            "brain_deformable_3d": report_cases.brain_deformable_3d}
 
 
 def methods(which):
@@ -75,6 +50,34 @@ def methods(which):
     return out
 
 
+def cpu_before_after(builders, repeats):
+    """Ours (engine) and ours (optimizer="lbfgsb", the ITK path) interleaved in this
+    process: median wall and CPU seconds (time.process_time, all threads) and TRE."""
+    import numpy as np
+
+    from napari_registration import register
+    from napari_registration.data import grid_points, tre_against_truth
+
+    for build in builders:
+        case = build()
+        if case is None:
+            continue
+        pts = case.points if case.points is not None else grid_points(case.shape, case.spacing)
+        rows = {"engine": [], "lbfgsb": []}
+        for _ in range(repeats):
+            for name, kw in (("engine", {}), ("lbfgsb", {"optimizer": "lbfgsb"})):
+                t0, c0 = time.perf_counter(), time.process_time()
+                r = register(case.fixed, case.moving, method="intensity", transform="bspline",
+                             fixed_spacing=case.spacing, moving_spacing=case.spacing, **kw)
+                rows[name].append((time.perf_counter() - t0, time.process_time() - c0,
+                                   tre_against_truth(r.transform, case.truth, pts)["mean"]))
+        med = {k: np.median(np.array(v), axis=0) for k, v in rows.items()}
+        for k, (w, c, t) in med.items():
+            print(f"{case.name:22s} {k:7s} wall {w:6.2f} s  cpu {c:6.2f} s  TRE {t:.3f}")
+        w, c, t = med["engine"] / med["lbfgsb"]
+        print(f"{case.name:22s} engine / lbfgsb: wall x{w:.2f}  cpu x{c:.2f}  TRE x{t:.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -82,8 +85,13 @@ def main(argv=None):
     p.add_argument("--methods", default="", help="comma-separated substrings of method names")
     p.add_argument("--slow", type=float, default=10.0, help="pairs slower than this run once")
     p.add_argument("--out", default=str(HERE / "results" / "deformable.json"))
+    p.add_argument("--cpu", action="store_true",
+                   help="only ours vs ours (lbfgsb), interleaved, wall and CPU medians")
     args = p.parse_args(argv)
     builders = [BUILDERS[c.strip()] for c in args.cases.split(",") if c.strip()]
+    if args.cpu:
+        cpu_before_after(builders, args.repeats)
+        return
     t0 = time.perf_counter()
     cases, avail, skipped, skipped_cases, runs, done = report.run(
         builders, methods(args.methods), args.repeats, 2.0, slow=args.slow)

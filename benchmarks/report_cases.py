@@ -330,6 +330,35 @@ def brain_affine_3d() -> Case | None:
                 fixed=fixed, moving=_moving_from(fixed, truth, spacing), truth=truth, spacing=spacing)
 
 
+def _brain_deformed(name, title, seed, amplitude, cells=5) -> Case | None:
+    """MNI152 T1 at 3x2x2 mm under a smooth random forward field (``cells``^3 control
+    values drawn with sd ``amplitude`` mm, cubic)."""
+    from scipy import ndimage
+
+    fixed, spacing = _brain_anisotropic()
+    if fixed is None:
+        return None
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(0, amplitude, (cells, cells, cells, 3))
+    zoom = [n / cells for n in fixed.shape]
+    # per component (a 4D zoom with factor 1 on the last axis gives the same field at
+    # ~8x the time)
+    field_mm = np.stack([ndimage.zoom(coarse[..., k], zoom, order=3) for k in range(3)], axis=-1)
+    field_mm = field_mm[:fixed.shape[0], :fixed.shape[1], :fixed.shape[2]]
+    truth = Transform(steps=[FieldStep(field_mm.astype(np.float32), spacing=spacing,
+                                       direction="forward")])
+    return Case(name, title, "nilearn MNI152 2009a T1 template (package data)", "deformable",
+                fixed=fixed, moving=_moving_from(fixed, truth, spacing), truth=truth,
+                spacing=spacing, note=f"max displacement {float(np.abs(field_mm).max()):.1f} mm")
+
+
+def brain_deformable_3d() -> Case | None:
+    """MNI152 T1 at 3x2x2 mm under a smooth random field (5^3 control values, sd 2.5 mm,
+    up to ~6 mm)."""
+    return _brain_deformed("brain_deformable_3d", "MNI152 T1, 3x2x2 mm, smooth random deformation",
+                           seed=5, amplitude=2.5)
+
+
 def blobs_rigid_3d() -> Case:
     from napari_registration.data import volume_pair
 
@@ -414,6 +443,14 @@ def cell_deformable() -> Case:
                 note=f"max displacement {float(np.abs(field_).max()):.1f} px")
 
 
+def brain_deformable_3d_b() -> Case | None:
+    """Another smooth random field on the 3x2x2 mm MNI152 T1: other seed, 6^3 control
+    values, sd 3 mm (held out)."""
+    return _brain_deformed("brain_deformable_3d_b",
+                           "MNI152 T1, 3x2x2 mm, another smooth random deformation (held out)",
+                           seed=23, amplitude=3.0, cells=6)
+
+
 def camera_rotation_150() -> Case:
     """A large rotation (150 degrees) of a real photo, with its background: what a
     local optimiser does not reach unless its start search covers it."""
@@ -426,7 +463,7 @@ def camera_rotation_150() -> Case:
 
 
 HELD_OUT = ("astronaut_rigid", "chelsea_similarity", "brain_rigid_2mm", "brain_t1_vs_gm_3d",
-            "retina_affine_acquired", "cell_deformable")
+            "retina_affine_acquired", "cell_deformable", "brain_deformable_3d_b")
 
 
 # ---------------------------------------------------------------------------- stack
@@ -462,7 +499,8 @@ ALL = [camera_translation, coins_rigid, moon_similarity, retina_affine, astronau
        ihc_multimodal, brain_multimodal_2d, camera_noise_gamma, camera_deformable,
        stereo_motorcycle, brain_rigid_3d, brain_affine_3d, moon_stack,
        camera_rotation_150, astronaut_rigid, chelsea_similarity, brain_rigid_2mm,
-       brain_t1_vs_gm_3d, retina_affine_acquired, cell_deformable]
+       brain_t1_vs_gm_3d, retina_affine_acquired, cell_deformable, brain_deformable_3d,
+       brain_deformable_3d_b]
 # blobs_rigid_3d is in QUICK only: it needs no neuroimaging package, and brain_rigid_3d
 # covers 3D rigid with real anatomy in the full report
 QUICK = [camera_translation, coins_rigid, ihc_multimodal, blobs_rigid_3d, moon_stack]

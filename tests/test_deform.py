@@ -1,8 +1,8 @@
-"""The 2D B-spline engine (core.deform): Gauss-Newton on spline coefficients.
+"""The B-spline engine (core.deform): Gauss-Newton on spline coefficients, 2D and 3D.
 
 Known smooth fields in, recovered fields out; the Gauss-Newton matrix against a brute
-force one; the intensity backend picks the engine for same-contrast 2D pairs and keeps
-SimpleITK for the rest (3D, mutual information, an explicit ITK optimizer).
+force one; the intensity backend picks the engine for same-contrast 2D and 3D pairs and
+keeps SimpleITK for the rest (mutual information, an explicit ITK optimizer).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _pulled_through(image, u):
     x = idx.copy()
     for _ in range(30):
         ux = np.stack([ndimage.map_coordinates(u[..., k], x, order=1, mode="nearest")
-                       for k in range(2)])
+                       for k in range(image.ndim)])
         x = idx - ux
     return ndimage.map_coordinates(image, x, order=3, mode="nearest").astype(np.float32)
 
@@ -194,3 +194,118 @@ def test_halving_the_grid_keeps_the_field_exactly():
     assert fine.shape == (*mf, 2)
     again = deform.field_from_coefficients(fine, [deform.basis(pos[a], 6.0, mf[a]) for a in range(2)])
     assert np.abs(again - field).max() < 1e-10
+
+
+# ------------------------------------------------------------------------------- 3D
+@pytest.fixture(scope="module")
+def volume3d():
+    """A smooth random texture (34 x 40 x 38 voxels of 2 x 1 x 1 units) and the same
+    volume seen through a known smooth backward field (voxels, up to ~2 voxels)."""
+    rng = np.random.default_rng(4)
+    vol = ndimage.gaussian_filter(rng.random((34, 40, 38)), 1.5)
+    vol = ((vol - vol.min()) / np.ptp(vol)).astype(np.float32)
+    coarse = rng.normal(0, 0.8, (4, 4, 4, 3))
+    u = np.stack([ndimage.zoom(coarse[..., k], [n / 4 for n in vol.shape], order=3)
+                  for k in range(3)], axis=-1)[:34, :40, :38]
+    return vol, _pulled_through(vol, u), u, (2.0, 1.0, 1.0)
+
+
+def test_3d_products_match_brute_force():
+    """The separable field, its projection and the Jacobi diagonal of J^T W J against
+    the explicit tensor-product basis."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(5)
+    n, h = (9, 11, 13), (4.0, 5.0, 4.0)
+    m = tuple(deform.n_coefficients(n[a], h[a]) for a in range(3))
+    b = [deform.basis(np.arange(n[a]), h[a], m[a]) for a in range(3)]
+    phi = np.einsum("ia,jb,kc->ijkabc", *b).reshape(np.prod(n), np.prod(m))
+    c = rng.normal(size=m)
+    assert np.allclose(deform._tensor(c, [sparse.csr_matrix(x) for x in b]).ravel(), phi @ c.ravel())
+    r = rng.normal(size=n)
+    assert np.allclose(deform._tensor(r, [sparse.csr_matrix(x.T) for x in b]).ravel(), phi.T @ r.ravel())
+    w = rng.random(n)
+    diag = deform._tensor(w, [sparse.csr_matrix((x * x).T) for x in b]).ravel()
+    assert np.allclose(diag, np.einsum("xk,x,xk->k", phi, w.ravel(), phi))
+
+
+def test_3d_engine_recovers_a_smooth_field(volume3d):
+    fixed, moving, u, sp = volume3d
+    before_f, before_m = fixed.copy(), moving.copy()
+    field, info = deform.register_bspline_3d(fixed, moving, spacing=sp, grid_spacing=(3, 6, 6))
+    assert np.array_equal(fixed, before_f) and np.array_equal(moving, before_m)
+    assert field.shape == fixed.shape + (3,)
+    inner = (slice(4, -4), slice(6, -6), slice(6, -6))
+    err = np.linalg.norm((field - u) * sp, axis=-1)[inner]
+    start = np.linalg.norm(u * sp, axis=-1)[inner]
+    assert start.mean() > 1.0                  # there was something to recover
+    # measured: mean 0.030 units of a 1.05 mean field
+    assert err.mean() < 0.06, (err.mean(), start.mean())
+    assert info["levels"][-1] == 1 and len(info["iterations"]) == len(info["levels"])
+    assert info["grid_shapes"][-1] == [11, 7, 7]     # 33 / 3, 39 / 6, 37 / 6 rounded up
+
+
+def test_3d_engine_identity_affine_changes_nothing(volume3d):
+    """moving_affine = identity takes the affine sampling branch and gives the same
+    field; a singular matrix is refused."""
+    fixed, moving, _, sp = volume3d
+    kw = dict(spacing=sp, grid_spacing=(6, 12, 12), levels=2)
+    a, _ = deform.register_bspline_3d(fixed, moving, **kw)
+    b, _ = deform.register_bspline_3d(fixed, moving, moving_affine=np.eye(4), **kw)
+    assert np.abs(a).max() > 0.3 and np.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="moving_affine"):
+        deform.register_bspline_3d(fixed, moving, moving_affine=np.zeros((4, 4)))
+
+
+def test_3d_engine_input_checks_and_cancel(volume3d):
+    fixed = volume3d[0]
+    with pytest.raises(ValueError, match="3D volumes"):
+        deform.register_bspline_3d(fixed[0], fixed[0])
+    with pytest.raises(ValueError, match="same shape"):
+        deform.register_bspline_3d(fixed, fixed[:-1])
+    with pytest.raises(ValueError, match="grid_spacing"):
+        deform.register_bspline_3d(fixed, fixed, grid_spacing=0.5)
+    with pytest.raises(ValueError, match="spacing"):
+        deform.register_bspline_3d(fixed, fixed, spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="valid"):
+        deform.register_bspline_3d(fixed, fixed, valid=np.ones((3, 3, 3), bool))
+    with pytest.raises(RegistrationCancelled):
+        deform.register_bspline_3d(fixed, fixed, cancel=lambda: True)
+
+
+def test_intensity_bspline_3d_uses_the_engine_and_round_trips(volume3d, tmp_path):
+    """Same-contrast 3D with anisotropic voxels: the engine runs by default, lands close
+    to the truth without folds, and the transform survives save/load (and SimpleITK reads
+    the same mapping from the .h5)."""
+    import SimpleITK as sitk
+
+    from napari_registration.core.transform import load_transform, save_transform
+
+    fixed, moving, u, sp = volume3d
+    truth = Transform(steps=[FieldStep((u * sp).astype(np.float32), spacing=sp,
+                                       direction="backward")])
+    pts = grid_points(fixed.shape, sp)
+    r = register(fixed, moving, method="intensity", transform="bspline", seed=0,
+                 fixed_spacing=sp, moving_spacing=sp, grid_spacing=6.0)
+    d = r.info["deformable"]
+    assert d["engine"] == "spline Gauss-Newton" and d["optimizer"] == "gauss_newton"
+    assert d["grid_shapes"][-1] == [11, 7, 7]        # 6 world units: 3 x 6 x 6 voxels
+    start = tre_against_truth(Transform(np.eye(4)), truth, pts)["mean"]
+    ours = tre_against_truth(r.transform, truth, pts)["mean"]
+    # measured: 0.030 from 1.06 (ITK's L-BFGS-B path, optimizer="lbfgsb": 0.112)
+    assert start > 1.0 and ours < 0.06, (ours, start)
+    assert r.info["jacobian_determinant"]["folded_voxels"] == 0
+    path = save_transform(r.transform, tmp_path / "bspline3d.h5")
+    back = load_transform(path)
+    some = pts[::7]
+    assert np.allclose(back.apply_inverse(some), r.transform.apply_inverse(some), atol=1e-3)
+    tx = sitk.ReadTransform(str(path))
+    theirs = np.array([tx.TransformPoint(tuple(p[::-1].tolist())) for p in some])[:, ::-1]
+    assert np.allclose(theirs, r.transform.apply_inverse(some), atol=1e-3)
+    # a pair without a linear intensity relation stays on ITK's mutual information
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(256)
+    scrambled = perm[(np.clip(moving, 0, 1) * 255).astype(int)].astype(np.float32) / 255
+    r2 = register(fixed, scrambled, method="intensity", transform="bspline", seed=0,
+                  fixed_spacing=sp, moving_spacing=sp, iterations=5)
+    assert "engine" not in r2.info["deformable"]

@@ -1,4 +1,4 @@
-"""Deformable registration by Gauss-Newton on cubic B-spline coefficients (2D).
+"""Deformable registration by Gauss-Newton on cubic B-spline coefficients (2D and 3D).
 
 The displacement ``u(x) = sum_k c_k beta3(x / h - k + 1)`` (per axis, in pixels of the
 fixed grid, control points every ``h`` pixels, one outside each border) is fitted so
@@ -13,6 +13,9 @@ the gradient ``B0.T @ G @ B1``, and the Gauss-Newton matrix is assembled from th
 control-point offsets whose supports overlap, so an iteration costs a few small matrix
 products and one sparse solve. Moving samples and gradients come from the image's
 cubic spline (:func:`core.refine.spline_gradient_from_coefficients`).
+
+:func:`register_bspline_3d` is the same model for volumes (voxel spacing honoured in the
+penalty), solving each step's normal equations matrix-free by conjugate gradients.
 
 Pure numpy/scipy: no napari, Qt, OpenCV or SimpleITK.
 """
@@ -457,3 +460,347 @@ def _gain_offset(mw, fl, w):
         return 1.0, mf - mm
     a = float((w * dm * (fl - mf)).sum()) / var
     return a, mf - a * mm
+
+
+# ------------------------------------------------------------------------------- 3D
+def _along(arr: np.ndarray, mat, axis: int) -> np.ndarray:
+    """``mat`` (scipy sparse, (p, n)) applied along ``axis`` of ``arr`` (length n there)."""
+    if axis == 0:
+        sh = arr.shape
+        return (mat @ arr.reshape(sh[0], -1)).reshape((mat.shape[0],) + sh[1:])
+    if axis == arr.ndim - 1:
+        sh = arr.shape
+        return (mat @ arr.reshape(-1, sh[-1]).T).T.reshape(sh[:-1] + (mat.shape[0],))
+    moved = np.moveaxis(arr, axis, 0)
+    sh = moved.shape
+    out = (mat @ moved.reshape(sh[0], -1)).reshape((mat.shape[0],) + sh[1:])
+    return np.moveaxis(out, 0, axis)
+
+
+def _tensor(arr: np.ndarray, mats) -> np.ndarray:
+    """``arr`` with one matrix applied along each axis (the separable tensor product)."""
+    out = arr
+    for axis, m in enumerate(mats):
+        out = _along(out, m, axis)
+    return np.ascontiguousarray(out)
+
+
+def _kron_axis(ops, shape):
+    """Sparse operators ``ops`` ({axis: matrix on that axis}) on the raveled grid
+    ``shape`` (identity along the other axes)."""
+    from scipy import sparse
+
+    out = None
+    for a, m in enumerate(shape):
+        f = ops[a] if a in ops else sparse.identity(m, format="csr")
+        out = f if out is None else sparse.kron(out, f, format="csr")
+    return out
+
+
+def _regularizer_nd(shape, h, r, regularization, stiffness, volume):
+    """Bending (second derivatives, mixed ones twice) and membrane (first derivatives)
+    energies of a field on a control grid of ``shape`` with control spacing ``h``
+    (pixels) on pixels of relative size ``r`` per axis (world units over their
+    geometric mean), per unit of image volume ``volume`` (same relative units): one
+    sparse matrix on all components' coefficients (component a counts with r_a^2)."""
+    from scipy import sparse
+
+    nd = len(shape)
+    step = np.asarray(h, float) * np.asarray(r, float)          # control spacing, world
+
+    def d2(m):
+        if m < 3:
+            return sparse.csr_matrix((0, m))
+        return sparse.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(m - 2, m), format="csr")
+
+    def d1(m):
+        return sparse.diags([-1.0, 1.0], [0, 1], shape=(m - 1, m), format="csr")
+
+    cell = float(np.prod(step)) / volume
+    bend = None
+    memb = None
+    for i in range(nd):
+        a = _kron_axis({i: d2(shape[i])}, shape) / step[i] ** 2
+        t = a.T @ a
+        bend = t if bend is None else bend + t
+        for j in range(i + 1, nd):
+            c = _kron_axis({i: d1(shape[i]), j: d1(shape[j])}, shape) / (step[i] * step[j])
+            bend = bend + 2.0 * (c.T @ c)
+        b = _kron_axis({i: d1(shape[i])}, shape) / step[i]
+        memb = b.T @ b if memb is None else memb + b.T @ b
+    one = (regularization * bend + stiffness * memb) * cell
+    return sparse.block_diag([one * float(ra) ** 2 for ra in r]).tocsr()
+
+
+def _map_slabs(image, q, order, workers):
+    """``ndimage.map_coordinates`` (mirror, prefiltered) of ``q`` (D, n0, ...) in slabs
+    along n0 on ``workers`` threads (ndimage releases the GIL; the same values)."""
+    from scipy import ndimage
+
+    from .parallel import run_all, split
+
+    n0 = q.shape[1]
+    if workers <= 1 or n0 < 2 * workers:
+        return ndimage.map_coordinates(image, q, order=order, mode="mirror", prefilter=False)
+    out = np.empty(q.shape[1:])
+
+    def part(lo, hi):
+        return lambda: ndimage.map_coordinates(image, q[:, lo:hi], order=order, mode="mirror",
+                                               prefilter=False, output=out[lo:hi])
+
+    run_all([part(lo, hi) for lo, hi in split(n0, workers)])
+    return out
+
+
+def register_bspline_3d(fixed, moving, *, valid=None, grid_spacing=(6.0, 6.0, 6.0),
+                        spacing=(1.0, 1.0, 1.0), levels: int = 4,
+                        regularization: float = 0.05, stiffness: float = 1e-3,
+                        iterations: int = 20, tolerance: float = 0.01,
+                        energy_tolerance: float = 0.0, coarse_energy_tolerance: float = 0.002,
+                        min_side: int = 12, step_budget: int | None = 2 ** 21,
+                        min_iterations: int = 4, cg_iterations: int = 5, cg_tolerance: float = 1e-2,
+                        gradient_order: int = 1,
+                        robust: bool = False, fixed_mask=None, moving_affine=None,
+                        threads: int = 0, progress=None, cancel=None) -> tuple[np.ndarray, dict]:
+    """The 3D counterpart of :func:`register_bspline` (same model, levels, gain/offset,
+    Tukey weights, bending + membrane penalty), for volumes.
+
+    In 3D a control point's coefficients couple with 7^3 neighbours per component, so
+    the Gauss-Newton matrix is not assembled (on a 116 x 94 x 65 volume with a 6-voxel
+    grid it would hold ~10^7 entries): each step solves the damped normal equations by
+    conjugate gradients whose matrix-vector product goes through the separable field
+    (``J v`` is the field of coefficients ``v`` times the image gradient, ``J^T r`` the
+    projection of ``r`` back), with a Jacobi preconditioner (the diagonal is separable
+    too). Memory stays a few volume-sized arrays.
+
+    ``moving_affine`` (4 x 4, or None: identity) maps a fixed voxel index to a moving
+    voxel index: the moving volume is then sampled at ``A (x + u(x))`` on its own grid
+    (any shape; ``valid`` is on that grid) instead of being resampled through a linear
+    stage first, which would interpolate it twice (brain_deformable_3d through
+    ``register``: 1.124 mm with the resampled volume, 1.064 mm this way).
+
+    ``threads``: image samples are interpolated in slabs on this many threads (0: the
+    cores this process may use).
+
+    ``spacing`` is the voxel size (world units per axis): the penalty is on the field in
+    world units, so an anisotropic volume is smoothed alike in every direction.
+    ``grid_spacing`` is in voxels per axis at the finest level. Returns (field in voxels
+    per axis, on the fixed grid; info) like :func:`register_bspline`.
+
+    Defaults that differ from 2D, measured on brain_deformable_3d (MNI T1 3x2x2 mm,
+    63 x 117 x 99, grid (4, 6, 6) voxels, one run each on a loaded machine, CPU s):
+
+    - ``gradient_order=1``: the moving image's gradient at the warped points by linear
+      interpolation of its spline gradient (order 3: TRE 1.185 mm, 21.4 s; order 1:
+      1.072 mm, 17.7 s), the warped image itself stays cubic.
+    - ``cg_iterations=5`` (CG to ``cg_tolerance`` or this many products; 20: 1.072 mm,
+      17.7 s; 10: 1.044 mm, 14.1 s; 5: 1.022 mm, 8.7 s, coarse levels then take more
+      but cheaper steps): an inexact step is tested by the energy anyway.
+    - ``robust=False``: Tukey's scale is the residuals' median absolute value, and on a
+      volume whose background is mostly empty (both images 0) that median is ~0, so the
+      weights drop every voxel with a residual (TRE 2.88 mm with it).
+    - ``min_side=12``: a 63-slice volume gets block factors 4, 4, 2, 1 (16: 2, 2, 2, 1,
+      1.179 mm at 33 s).
+    - ``stiffness`` as in 2D (1e-4: 1.202 mm), ``regularization`` as in 2D (0.01: 1.186).
+    """
+    from scipy import ndimage, sparse
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    t_start = time.perf_counter()
+    fixed = np.asarray(fixed, np.float64)
+    moving = np.asarray(moving, np.float64)
+    if fixed.ndim != 3 or moving.ndim != 3 or (moving_affine is None and fixed.shape != moving.shape):
+        raise ValueError("register_bspline_3d needs two 3D volumes of the same shape (or a "
+                         f"moving_affine); got {fixed.shape} and {moving.shape}")
+    nd = 3
+    aff = None
+    if moving_affine is not None:
+        aff = np.asarray(moving_affine, float)
+        if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+            raise ValueError(f"moving_affine must be a finite invertible 4 x 4 matrix; got {aff.shape}")
+    valid = np.ones(moving.shape, bool) if valid is None else np.asarray(valid, bool)
+    fmask = np.ones(fixed.shape, bool) if fixed_mask is None else np.asarray(fixed_mask, bool)
+    if valid.shape != moving.shape or fmask.shape != fixed.shape:
+        raise ValueError("valid and fixed_mask must have the moving and fixed volumes' shapes "
+                         f"{moving.shape} and {fixed.shape}; got {valid.shape} and {fmask.shape}")
+    hs = np.broadcast_to(np.asarray(grid_spacing, float), (nd,)).copy()
+    if not np.all(np.isfinite(hs)) or np.any(hs < 1):
+        raise ValueError(f"grid_spacing must be at least one voxel; got {hs.tolist()}")
+    sp = np.broadcast_to(np.asarray(spacing, float), (nd,)).copy()
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be positive; got {sp.tolist()}")
+    rel = sp / float(np.exp(np.mean(np.log(sp))))
+    from .parallel import n_workers
+
+    workers = n_workers(threads)
+    progress = progress or (lambda f, m: None)
+    cancel = cancel or (lambda: False)
+
+    sched = _levels(fixed.shape, hs, max(1, int(levels)), min_side)
+    coeffs = None
+    prev_h = None
+    info = {"levels": [], "iterations": [], "grid_shapes": [], "seconds": 0.0, "cg": []}
+    rms = None
+    for li, (f, h) in enumerate(sched):
+        fl = _block_mean(fixed, f).astype(np.float64)
+        ml = _block_mean(moving, f).astype(np.float64)
+        vl = _block_mean(valid.astype(np.float32), f) > 0.999
+        fm = _block_mean(fmask.astype(np.float32), f) > 0.5
+        nl = fl.shape
+        nm = ml.shape
+        pos = [f * np.arange(n) + (f - 1) / 2.0 for n in nl]
+        mshape = tuple(n_coefficients(fixed.shape[a], h[a]) for a in range(nd))
+        dense = [basis(pos[a], h[a], mshape[a]) for a in range(nd)]
+        fwd = [sparse.csr_matrix(b) for b in dense]                # (n, m)
+        back = [sparse.csr_matrix(b.T) for b in dense]             # (m, n)
+        back_sq = [sparse.csr_matrix((b * b).T) for b in dense]
+        if coeffs is None:
+            coeffs = np.zeros(mshape + (nd,))
+        elif np.allclose(prev_h, 2 * h) and all(2 * c + 2 >= m for c, m in zip(coeffs.shape, mshape)):
+            coeffs = _refine_half(coeffs, mshape)
+        else:
+            full = [np.arange(n, dtype=float) for n in fixed.shape]
+            old_b = [sparse.csr_matrix(basis(full[a], prev_h[a], coeffs.shape[a])) for a in range(nd)]
+            pinv = [sparse.csr_matrix(np.linalg.pinv(basis(full[a], h[a], mshape[a]))) for a in range(nd)]
+            coeffs = np.stack([_tensor(_tensor(coeffs[..., d], old_b), pinv) for d in range(nd)], -1)
+        prev_h = h
+        sd = float(fl[fm].std()) if fm.any() else float(fl.std())
+        scale = 1.0 / max(sd * sd, 1e-12)
+        mc = ndimage.spline_filter(ml, order=3, mode="mirror")
+        gp = spline_gradient_from_coefficients(mc)
+        gc = [ndimage.spline_filter(g, order=3, mode="mirror") for g in gp] if gradient_order == 3 else None
+        all_valid = bool(vl.all())
+        if not all_valid:
+            vok = vl[:-1, :-1, :-1].copy()
+            for corner in np.ndindex(2, 2, 2):
+                if any(corner):
+                    vok &= vl[tuple(slice(c, c + n - 1) for c, n in zip(corner, nm))]
+        ramps = [np.arange(n, dtype=np.float64).reshape([-1 if k == a else 1 for k in range(nd)])
+                 for a, n in enumerate(nl)]
+        n_c = int(np.prod(mshape))
+        volume = float(np.prod(fixed.shape)) * float(np.prod(rel))
+        reg = _regularizer_nd(mshape, h, rel, regularization, stiffness, volume)
+        lam = 1e-3
+        its = 0
+        cg_its = []
+        weights_robust = None
+
+        def field_of(c):
+            return np.stack([_tensor(c[..., d], fwd) for d in range(nd)], axis=-1)
+
+        def evaluate(c):
+            u = field_of(c)
+            # sample positions in the moving volume's level grid, built axis by axis
+            # from 1D index ramps (no volume-sized index grids: 3D peak memory)
+            q = np.empty((nd,) + nl)
+            if aff is None:
+                for a in range(nd):
+                    np.add(ramps[a], u[..., a] / f, out=q[a])
+            else:
+                # fixed full-resolution voxel f i + (f - 1) / 2 + u, through the affine
+                half = (f - 1) / 2.0
+                for b in range(nd):
+                    q[b] = aff[b, :nd].sum() * half + aff[b, nd] - half
+                    for a in range(nd):
+                        q[b] += aff[b, a] * (f * ramps[a] + u[..., a])
+                    q[b] /= f
+            mw = _map_slabs(mc, q, 3, workers)
+            inside = fm.copy()
+            for a in range(nd):
+                lo = np.floor(q[a])
+                inside &= (lo >= 0) & (lo < nm[a] - 1)
+            if not all_valid:
+                idx = tuple(np.clip(np.floor(q[a]).astype(np.intp), 0, nm[a] - 2) for a in range(nd))
+                inside &= vok[idx]
+            return u, q, mw, inside
+
+        def energy(c, mw, inside, wrob):
+            w = inside.astype(np.float64) if wrob is None else inside * wrob
+            sw = max(float(w.sum()), 1.0)
+            a_, b_ = _gain_offset(mw, fl, w)
+            r = a_ * mw + b_ - fl
+            flat = np.moveaxis(c, -1, 0).ravel()
+            e = float((w * r * r).sum()) / sw * scale + float(flat @ (reg @ flat))
+            return e, r, w, sw, a_
+
+        u, q, mw, inside = evaluate(coeffs)
+        e, r, w, sw, gain = energy(coeffs, mw, inside, None)
+        n_it = int(iterations)
+        if step_budget:
+            n_it = min(n_it, max(int(min_iterations), int(step_budget // int(np.prod(nl)))))
+        for it in range(n_it):
+            if cancel():
+                raise RegistrationCancelled("registration cancelled")
+            if robust and li > 0:
+                sigma = 1.4826 * float(np.median(np.abs(r[inside]))) if inside.any() else 0.0
+                if sigma > 0:
+                    z = r / (4.685 * sigma)
+                    weights_robust = np.where(np.abs(z) < 1, (1 - z * z) ** 2, 0.0)
+                    e, r, w, sw, gain = energy(coeffs, mw, inside, weights_robust)
+            g = [gain * _map_slabs(gc[a] if gradient_order == 3 else gp[a], q, gradient_order,
+                                   workers) / f for a in range(nd)]
+            if aff is not None:
+                # d m(A (x + u)) / d u_a = sum_b A[b, a] dm/dq_b
+                g = [sum(aff[b, a] * g[b] for b in range(nd)) for a in range(nd)]
+            ws = w * scale / sw
+            flat = np.moveaxis(coeffs, -1, 0).ravel()
+            grad = np.concatenate([_tensor(ws * r * g[a], back).ravel() for a in range(nd)])
+            grad = grad + reg @ flat
+            diag = np.concatenate([_tensor(ws * g[a] * g[a], back_sq).ravel()
+                                   for a in range(nd)]) + reg.diagonal()
+
+            def jtwj(v):
+                s = np.zeros(nl)
+                for a in range(nd):
+                    s += g[a] * _tensor(v[a * n_c:(a + 1) * n_c].reshape(mshape), fwd)
+                s *= ws
+                return np.concatenate([_tensor(s * g[a], back).ravel() for a in range(nd)])
+
+            accepted = False
+            for _ in range(6):
+                dd = diag + lam * (diag + 1e-12 * max(diag.max(), 1e-30))
+                op = LinearOperator((nd * n_c,) * 2, dtype=np.float64,
+                                    matvec=lambda v, dd=dd: jtwj(v) + reg @ v + (dd - diag) * v)
+                pre = LinearOperator((nd * n_c,) * 2, dtype=np.float64,
+                                     matvec=lambda v, dd=dd: v / np.where(dd > 0, dd, 1.0))
+                count = [0]
+
+                def cb(_x, count=count):
+                    count[0] += 1
+                try:
+                    step, _ = cg(op, -grad, rtol=cg_tolerance, maxiter=int(cg_iterations), M=pre, callback=cb)
+                except TypeError:  # scipy < 1.12 calls it tol
+                    step, _ = cg(op, -grad, tol=cg_tolerance, maxiter=int(cg_iterations), M=pre, callback=cb)
+                cg_its.append(count[0])
+                new = coeffs + np.moveaxis(step.reshape((nd,) + mshape), 0, -1)
+                u2, q2, mw2, inside2 = evaluate(new)
+                e2, r2, w2, sw2, gain2 = energy(new, mw2, inside2, weights_robust)
+                if e2 < e and np.all(np.isfinite(step)):
+                    accepted = True
+                    break
+                lam *= 10.0
+            its += 1
+            if not accepted:
+                break
+            lam = max(lam / 10.0, 1e-6)
+            moved = float(np.abs(u2 - u).max())
+            gain_e = (e - e2) / max(e, 1e-30)
+            coeffs, u, q, mw, inside = new, u2, q2, mw2, inside2
+            e, r, w, sw, gain = e2, r2, w2, sw2, gain2
+            progress((li + (it + 1) / n_it) / len(sched),
+                     f"bspline: level {li + 1}/{len(sched)}, iteration {it + 1}, "
+                     f"energy {e:.5g}")
+            last = li == len(sched) - 1
+            if moved < tolerance or gain_e < (energy_tolerance if last else coarse_energy_tolerance):
+                break
+        rms = float(np.sqrt((w * r * r).sum() / sw))
+        info["levels"].append(int(f))
+        info["iterations"].append(its)
+        info["cg"].append(cg_its)
+        info["grid_shapes"].append([int(m) - 3 for m in mshape])
+    full = [np.arange(n, dtype=float) for n in fixed.shape]
+    fb = [sparse.csr_matrix(basis(full[a], prev_h[a], coeffs.shape[a])) for a in range(nd)]
+    field = np.stack([_tensor(coeffs[..., d], fb) for d in range(nd)], axis=-1)
+    info["rms"] = rms
+    info["seconds"] = time.perf_counter() - t_start
+    return field, info
