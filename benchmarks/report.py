@@ -809,6 +809,8 @@ def main(argv=None):
         cmd += f" --cases {args.cases}"
     if args.methods:
         cmd += f" --methods {args.methods}"
+    if args.budget != parser.get_default("budget"):
+        cmd += f" --budget {args.budget:g}"
     payload = {
         "command": cmd, "started": started, "repeats": done, "repeats_asked": repeats,
         "budget_s": args.budget, "slow_s": args.slow, "threshold": args.threshold,
