@@ -140,17 +140,28 @@ def _spline_gradient_at(image: np.ndarray, idx: np.ndarray) -> np.ndarray:
             out[:, axis] = g.ravel()[idx]
         return out
     del r, k
+    # the eight neighbours, each gathered once (np.take on a shifted view of the
+    # coefficients with one shifted index array: no index arithmetic per neighbour)
     flat = c.ravel()
+    base = idx - (cols + 1)                   # >= 0: the samples are interior
+    nb = {}
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            if di or dj:
+                start = (di + 1) * cols + (dj + 1)
+                nb[di, dj] = np.take(flat[start:], base)
+    del base
     out = np.empty((idx.size, 2))
     tmp = np.empty(idx.size)
-    for axis, (along, across) in enumerate(((cols, 1), (1, cols))):
-        # derivative (-1/2, 0, 1/2) along ``along`` at the three positions across,
-        # then the value kernel (1/6, 2/3, 1/6) across them
+    for axis in range(2):
+        # derivative (-1/2, 0, 1/2) along the axis at the three positions across it,
+        # then the value kernel (1/6, 2/3, 1/6) across them (the order of the filters)
         acc = out[:, axis]
-        for shift, weight in ((-across, 1 / 6), (0, 2 / 3), (across, 1 / 6)):
-            np.subtract(flat[idx + (shift + along)], flat[idx + (shift - along)], out=tmp)
+        for t, weight in ((-1, 1 / 6), (0, 2 / 3), (1, 1 / 6)):
+            hi, lo = ((1, t), (-1, t)) if axis == 0 else ((t, 1), (t, -1))
+            np.subtract(nb[hi], nb[lo], out=tmp)
             tmp *= 0.5 * weight
-            if shift == -across:
+            if t == -1:
                 acc[...] = tmp
             else:
                 acc += tmp
@@ -454,7 +465,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # evenly spread subset of it: deterministic, and not only the sharpest edges
             # (the strongest-gradient pixels alone conditioned 3D affine poorly)
             sel = mag.ravel()[idx]
-            strong = idx[sel >= np.median(sel)]
+            strong = idx[sel >= _median(sel)]
             del sel
             if strong.size > cap:
                 strong = strong[np.linspace(0, strong.size - 1, cap).astype(np.int64)]
@@ -730,19 +741,26 @@ def _gain_residual(m, t, gain, offset, out=None):
     return res
 
 
+def _median(a: np.ndarray, overwrite: bool = False) -> float:
+    """np.median of a 1D float array (the same value) with one selection: for an even
+    size the lower middle value is the maximum of the lower part, not a second
+    selection (np.median selects both; the selections were ~2 ms per call at 131k).
+    ``overwrite``: reorder ``a`` itself instead of a copy."""
+    a = a if overwrite else a.copy()
+    k = a.size // 2
+    a.partition(k)
+    if a.size % 2:
+        return float(a[k])
+    return 0.5 * (float(a[:k].max()) + float(a[k]))
+
+
 def _tukey(res, cutoff, out=None):
     """Tukey biweight weights of residuals ``res`` with cutoff ``cutoff`` robust standard
     deviations (MAD), and the mean loss as an RMS-like number. One array of the size of
     ``res`` is made, or ``out`` used (the median is taken in it, then it becomes the
     weights)."""
     a = np.abs(res, out=out)
-    k = a.size // 2
-    if a.size % 2:
-        a.partition(k)
-        med = float(a[k])
-    else:
-        a.partition((k - 1, k))
-        med = 0.5 * (float(a[k - 1]) + float(a[k]))
+    med = _median(a, overwrite=True)
     c = cutoff * (med / 0.6745) + 1e-12
     u = np.multiply(res, 1.0 / c, out=a)
     np.square(u, out=u)
