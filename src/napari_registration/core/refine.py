@@ -555,7 +555,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
         (RMS of the residual; with ``robust`` (or ``cutoff``), the biweight loss on the
-        same scale)."""
+        same scale) and the biweight weights of that residual (None without a cutoff)."""
         cutoff = cutoff or robust
         if ok.all():
             t, m = lv["values"], vals
@@ -591,8 +591,9 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                     break
                 g = (float(np.einsum("i,i,i->", w, m, t)) - sw * mw * tw) / vmw
                 res = _gain_residual(m, t, g, tw - g * mw, out=res)
-            return res, abs(ncc), tukey(res, cutoff, out=w)[1]
-        return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size))
+            w, loss = tukey(res, cutoff, out=w)
+            return res, abs(ncc), loss, w  # the weights: the next step's, as they are
+        return res, abs(ncc), float(np.sqrt(_dot(res, res) / res.size)), None
 
     fine_px = float(f_sp.min())  # world size of one finest pixel (smallest axis)
     corners = np.array(np.meshgrid(*[[0.0, (n - 1) * s] for n, s in zip(fixed.shape, f_sp)],
@@ -641,10 +642,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         for n_it in range(1, int(iterations) + 1):
             if cancel is not None and cancel():
                 break
-            res, _, rms = cur
+            res, _, rms, w_fit = cur
             n_out = len(ok) - int(np.count_nonzero(ok))
             if robust:  # iteratively reweighted: the matrix changes with the weights
-                w = tukey(res)[0]
+                # the fit's own biweight weights of this residual (same cutoff)
+                w = w_fit if w_fit is not None else tukey(res)[0]
                 if n_out:  # weight 0 outside: no (N, P) copies of the Jacobian
                     w_all, res_all = np.zeros(len(ok)), np.zeros(len(ok))
                     w_all[ok], res_all[ok] = w, res
@@ -715,7 +717,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                 rb = fit(lv, vals, ok, cutoff=biweight_probe)
                 if rb is not None:
                     info["biweight_step_px"] = _biweight_step(
-                        rb[0], tukey(rb[0], biweight_probe)[0],
+                        rb[0], rb[3],
                         lv["sd"] if ok.all() else lv["sd"][:, ok], gens, ndim,
                         model, corners) / fine_px
                 if level_cache is not None:
