@@ -115,16 +115,19 @@ def _spline_gradient(image: np.ndarray) -> list[np.ndarray]:
     return spline_gradient_from_coefficients(c)
 
 
-def _spline_gradient_at(image: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _spline_gradient_at(image: np.ndarray, idx: np.ndarray, coeffs=None) -> np.ndarray:
     """(N, 2) values of :func:`_spline_gradient` of a 2D ``image`` at the flat indices
     ``idx``: the same numbers (to rounding). Interior pixels (the refinement's samples)
     take the separable 3x3 kernel from the spline coefficients at their six neighbours
     that it weights: no image-size passes beyond the coefficients themselves (the four
-    full-image correlations cost ~40 ms at 704^2, the gathers ~3 ms for 131k samples)."""
+    full-image correlations cost ~40 ms at 704^2, the gathers ~3 ms for 131k samples).
+    ``coeffs``: the image's cubic-spline coefficients (float64, mirror) when made
+    already."""
     from scipy import ndimage
 
     image = np.asarray(image)
-    c = ndimage.spline_filter(np.asarray(image, np.float64), order=3, mode="mirror")
+    c = (ndimage.spline_filter(np.asarray(image, np.float64), order=3, mode="mirror")
+         if coeffs is None else coeffs)
     rows, cols = image.shape
     idx = np.asarray(idx, np.int64)
     r, k = np.divmod(idx, cols)
@@ -369,8 +372,10 @@ def _smoothed_pair(fixed, moving, transform: Transform, sigma: float, fixed_spac
     world = sigma * float(f_sp.min())
     scale = abs(float(np.linalg.det(np.asarray(transform.matrix)[:ndim, :ndim]))) ** (1.0 / ndim)
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
-    return (ndimage.gaussian_filter(fixed, world / f_sp),
-            ndimage.gaussian_filter(moving, world / scale / m_sp))
+    from .parallel import run_all
+
+    return tuple(run_all([lambda: ndimage.gaussian_filter(fixed, world / f_sp),
+                          lambda: ndimage.gaussian_filter(moving, world / scale / m_sp)]))
 
 
 def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spacing=None,
@@ -433,7 +438,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         # world of level index i: (i * factor + (factor - 1) / 2) * spacing
         f_off = (factor - 1) / 2 * f_sp
         m_off = (factor - 1) / 2 * m_sp
-        coeffs = ndimage.spline_filter(m_l, order=3, mode="mirror", output=np.float64)
+        f_coeffs = None
+        if ndim == 2:
+            # both images' spline coefficients (the fixed one's for the exact gradient
+            # below), on two cores at once when there are (the prefilter releases the GIL)
+            coeffs, f_coeffs = _prefilter_pair(m_l, f_l)
+        else:
+            coeffs = ndimage.spline_filter(m_l, order=3, mode="mirror", output=np.float64)
         # samples: interior pixels (one pixel margin for the central differences),
         # ranked by the squared central-difference gradient (np.gradient's values, in
         # float64, computed on the interior in one scratch array: no full-size gradients)
@@ -483,7 +494,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # the Jacobian from the exact gradient of the spline model (samples above were
             # chosen on the central differences: either ranks edges alike). 2D only: in
             # 3D it is 12 passes over the volume, not measured against the steps it saves
-            grad_w = _spline_gradient_at(f_l, idx)
+            grad_w = _spline_gradient_at(f_l, idx, coeffs=f_coeffs)
         else:
             # np.gradient's interior central differences, taken at the samples only (they
             # are interior pixels): the same float64 values without three full-volume
@@ -541,8 +552,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # (no compacted copies of the indices; they are masked out downstream)
             for d in range(ndim):
                 np.clip(idx[d], 0, lv["m_shape"][d] - 1, out=idx[d])
-        vals = ndimage.map_coordinates(lv["coeffs"], idx, order=3, mode="mirror",
-                                       prefilter=False)
+        vals = _interpolate(lv["coeffs"], idx)
         if not ok.all():
             vals[~ok] = 0.0
         return vals, ok
@@ -733,6 +743,48 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     if not info["accepted"]:
         return transform, info
     return Transform(np.linalg.inv(warp)), info
+
+
+def _prefilter_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cubic-spline coefficients (float64, mirror) of two images; on two threads when
+    there are two cores and the images are not tiny (scipy releases the GIL)."""
+    from scipy import ndimage
+
+    from .parallel import n_workers, run_all
+
+    def pre(x):
+        return lambda: ndimage.spline_filter(x, order=3, mode="mirror", output=np.float64)
+    if n_workers() > 1 and min(a.size, b.size) >= _PARALLEL_SAMPLES:
+        return tuple(run_all([pre(a), pre(b)]))
+    return pre(a)(), pre(b)()
+
+
+# below this many samples one thread interpolates (a thread's start-up is ~0.1 ms)
+_PARALLEL_SAMPLES = 2 ** 15
+
+
+def _interpolate(coeffs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Cubic-spline values at the (D, N) indices ``idx`` (``coeffs`` prefiltered, mirror
+    boundary): ``map_coordinates``, over contiguous runs of the samples at once on the
+    process's cores when there are many (it releases the GIL; each value depends on its
+    own index only, so the result is the same array)."""
+    from scipy import ndimage
+
+    from .parallel import n_workers, run_all, split
+
+    n = idx.shape[1]
+    workers = n_workers()
+    if workers <= 1 or n < _PARALLEL_SAMPLES:
+        return ndimage.map_coordinates(coeffs, idx, order=3, mode="mirror", prefilter=False)
+    out = np.empty(n, coeffs.dtype)
+
+    def part(a, b):
+        def run():
+            ndimage.map_coordinates(coeffs, idx[:, a:b], output=out[a:b], order=3,
+                                    mode="mirror", prefilter=False)
+        return run
+    run_all([part(a, b) for a, b in split(n, min(workers, n // _PARALLEL_SAMPLES))])
+    return out
 
 
 def _gain_residual(m, t, gain, offset, out=None):
