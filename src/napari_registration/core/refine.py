@@ -422,45 +422,13 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
     from_c = np.linalg.inv(to_c)
     info: dict = {"model": model, "levels": levels, "iterations": [], "accepted": False}
 
-    ahead: dict = {}  # factor -> (thread, result box) of a level sampled in the background
-
     def sample_level(factor):
-        if factor in ahead:
-            thread, box = ahead.pop(factor)
-            thread.join()
-            if "error" in box:
-                raise box["error"]
-            if level_cache is not None:
-                level_cache[(factor, factor == levels[-1])] = box["level"]
-            return box["level"]
         if level_cache is not None:
             key = (factor, factor == levels[-1])  # the sample cap differs on the finest
             if key not in level_cache:
                 level_cache[key] = _sample_level(factor)
             return level_cache[key]
         return _sample_level(factor)
-
-    def sample_ahead(factor):
-        """Sample ``factor``'s level on another thread while the coarser levels iterate
-        (its prefilters, Gaussians and large array passes release the GIL): the finest
-        level's set-up (~0.1 s at 704^2) then costs little wall time on a free core."""
-        import threading
-
-        from .parallel import n_workers
-
-        if (factor in ahead or n_workers() < 2
-                or (level_cache is not None and (factor, factor == levels[-1]) in level_cache)):
-            return
-        box: dict = {}
-
-        def run():
-            try:
-                box["level"] = _sample_level(factor)
-            except BaseException as err:  # re-raised where the level is used
-                box["error"] = err
-        thread = threading.Thread(target=run, daemon=True, name="napari-registration-level")
-        ahead[factor] = (thread, box)
-        thread.start()
 
     def _sample_level(factor):
         from scipy import ndimage
@@ -668,9 +636,6 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             info.update(reason=f"declined: |NCC| {cur[1]:.2f} < {min_ncc} at the start (the "
                                "images are not linearly related in intensity)", ncc_start=cur[1])
             break
-        if factor == levels[0] and len(levels) > 1 and fixed.size >= 4 * _PARALLEL_SAMPLES:
-            # not declined: the finest level will be needed; sample it meanwhile
-            sample_ahead(levels[-1])
         n_it = 0
         # a coarse level only has to hand the next one a start well inside its capture
         # range: 1/100 of its own pixel is plenty (the finest level sets the precision)
@@ -773,8 +738,6 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
                 info["reason"] = "the residual did not drop; start kept"
         else:
             info["reason"] = "too little overlap"
-    for thread, _ in ahead.values():  # a level sampled ahead but not reached (cancelled)
-        thread.join()
     info["seconds"] = time.perf_counter() - t0
     info["evaluations"] = n_eval[0]  # spline interpolations of the moving image's samples
     if not info["accepted"]:
