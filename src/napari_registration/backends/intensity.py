@@ -500,6 +500,10 @@ def _shrink(img, target_spacing, sigma=None, mask=False):
     return small
 
 
+# the coarse search's starts on the cores (see _coarse_search); False: one thread
+_SEARCH_THREADS = True
+
+
 def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric, bins,
                    fixed_mask_img, moving_mask_img, threads, cancel, progress, span,
                    target_voxels=4000, keep=3, iterations=30, base=None):
@@ -548,11 +552,13 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     # ITK single-threaded (2D, or a seed): the starts are evaluated, and the best ones
     # optimised, in Python threads on the cores (SimpleITK releases the GIL; every
     # method is separate and runs every voxel, so the results are those of one thread:
-    # the same values, combined in the same order). retina_affine, 2 cores: the search's
-    # wall time ~170 -> ~100 ms
+    # the same values, combined in the same order), when a core is free
+    # (core.refine._spare_cores). retina_affine at load ~1 on 2 cores: the starts'
+    # metric 60 -> 45 ms, the three optimisations 68 -> 37 ms of wall time
     from ..core.parallel import n_workers, run_all, split
+    from ..core.refine import _spare_cores
 
-    workers = n_workers() if threads == 1 else 1
+    workers = n_workers() if (threads == 1 and _SEARCH_THREADS and _spare_cores()) else 1
 
     def in_parallel(fn, items):
         if workers <= 1 or len(items) <= 1:

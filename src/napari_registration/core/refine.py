@@ -374,8 +374,9 @@ def _smoothed_pair(fixed, moving, transform: Transform, sigma: float, fixed_spac
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
     from .parallel import run_all
 
-    return tuple(run_all([lambda: ndimage.gaussian_filter(fixed, world / f_sp),
-                          lambda: ndimage.gaussian_filter(moving, world / scale / m_sp)]))
+    tasks = [lambda: ndimage.gaussian_filter(fixed, world / f_sp),
+             lambda: ndimage.gaussian_filter(moving, world / scale / m_sp)]
+    return tuple(run_all(tasks) if _spare_cores() else [t() for t in tasks])
 
 
 def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spacing=None,
@@ -754,11 +755,35 @@ def _prefilter_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     def pre(x):
         return lambda: ndimage.spline_filter(x, order=3, mode="mirror", output=np.float64)
-    if n_workers() > 1 and min(a.size, b.size) >= _PARALLEL_SAMPLES:
+    if min(a.size, b.size) >= _PARALLEL_SAMPLES and _spare_cores():
         return tuple(run_all([pre(a), pre(b)]))
     return pre(a)(), pre(b)()
 
 
+# interpolation and prefilters of large levels on the cores; False: one thread
+_THREADS = True
+
+
+def _spare_cores() -> bool:
+    """Whether splitting work over threads can pay: ``_THREADS``, more than one core,
+    and by the 1-minute load average one of them free. The same results either way;
+    on the 2-core machine under load 3-6 the threads lengthened retina_affine's wall
+    time by 7-12 % (the GIL hand-overs wait for a core), while with a free core the
+    halves run side by side."""
+    import os
+
+    from .parallel import n_workers
+
+    if not _THREADS:
+        return False
+    n = n_workers()
+    if n < 2:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return True
+    return load < n - 0.5
 # below this many samples one thread interpolates (a thread's start-up is ~0.1 ms)
 _PARALLEL_SAMPLES = 2 ** 15
 
@@ -773,7 +798,7 @@ def _interpolate(coeffs: np.ndarray, idx: np.ndarray) -> np.ndarray:
     from .parallel import n_workers, run_all, split
 
     n = idx.shape[1]
-    workers = n_workers()
+    workers = n_workers() if _spare_cores() else 1
     if workers <= 1 or n < _PARALLEL_SAMPLES:
         return ndimage.map_coordinates(coeffs, idx, order=3, mode="mirror", prefilter=False)
     out = np.empty(n, coeffs.dtype)
