@@ -558,10 +558,11 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             vals[~ok] = 0.0
         return vals, ok
 
-    def tukey(res, cutoff=None, out=None):
+    def tukey(res, cutoff=None, out=None, loss=True):
         """Biweight weights and mean loss (as an RMS-like number) of residuals (one
-        array of their size is made for the weights, or ``out`` is used)."""
-        return _tukey(res, cutoff or robust, out)
+        array of their size is made for the weights, or ``out`` is used; ``loss``
+        False: the weights only, the loss None)."""
+        return _tukey(res, cutoff or robust, out, loss)
 
     def fit(lv, vals, ok, cutoff=None):
         """Gain/offset fit, residual (gain * moving + offset - fixed), |ncc|, loss
@@ -592,7 +593,7 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
             # place once its weights are known)
             w = None
             for _ in range(3):
-                w = tukey(res, cutoff, out=w)[0]
+                w = tukey(res, cutoff, out=w, loss=False)[0]
                 sw = float(w.sum())
                 if sw <= 0:
                     break
@@ -833,9 +834,10 @@ def _median(a: np.ndarray, overwrite: bool = False) -> float:
     return 0.5 * (float(a[:k].max()) + float(a[k]))
 
 
-def _tukey(res, cutoff, out=None):
+def _tukey(res, cutoff, out=None, loss=True):
     """Tukey biweight weights of residuals ``res`` with cutoff ``cutoff`` robust standard
-    deviations (MAD), and the mean loss as an RMS-like number. One array of the size of
+    deviations (MAD), and the mean loss as an RMS-like number (None when ``loss`` is
+    False: the gain/offset rounds need the weights only). One array of the size of
     ``res`` is made, or ``out`` used (the median is taken in it, then it becomes the
     weights)."""
     a = np.abs(res, out=out)
@@ -845,6 +847,9 @@ def _tukey(res, cutoff, out=None):
     np.square(u, out=u)
     np.minimum(u, 1.0, out=u)
     np.subtract(1.0, u, out=u)                      # 1 - u^2
+    if not loss:
+        np.square(u, out=u)
+        return u, None
     cube = float(np.einsum("i,i,i->", u, u, u))
     np.square(u, out=u)                             # the weights (1 - u^2)^2
     return u, float(np.sqrt(max(c * c / 6.0 * (1.0 - cube / u.size), 0.0)))
