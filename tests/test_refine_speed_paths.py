@@ -85,3 +85,15 @@ def test_coarse_search_threads_or_not_same_result(monkeypatch):
         out.append((r.transform.matrix, r.info["stage"]["search"]["runs"]))
     np.testing.assert_array_equal(out[0][0], out[1][0])
     assert out[0][1] == out[1][1]
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(64, 64), (67, 90)])
+def test_block_mean_is_the_reshaped_mean(factor, shape):
+    img = np.random.default_rng(factor).random(shape).astype(np.float32) * 1000
+    n0, n1 = (shape[0] // factor) * factor, (shape[1] // factor) * factor
+    ref = img[:n0, :n1].reshape(n0 // factor, factor, n1 // factor, factor).mean(
+        axis=(1, 3), dtype=np.float32)
+    before = img.copy()
+    np.testing.assert_array_equal(refine._block_mean(img, factor), ref)
+    np.testing.assert_array_equal(img, before)

@@ -38,6 +38,21 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     a = np.asarray(image, np.float32)
     crop = tuple(slice(0, (n // factor) * factor) for n in a.shape)
     a = a[crop]
+    if a.ndim == 2 and factor in (2, 4):
+        # the same float32 sums in the same order as the mean below (each block row
+        # left to right, then the rows top to bottom; bit-identical, checked in
+        # tests/test_refine_speed_paths.py), from strided views: ~10x faster at 704^2
+        rows = []
+        for i in range(factor):
+            r = a[i::factor, 0::factor].copy()
+            for j in range(1, factor):
+                r += a[i::factor, j::factor]
+            rows.append(r)
+        out = rows[0]
+        for r in rows[1:]:
+            out += r
+        out /= np.float32(factor * factor)
+        return out
     shape = []
     for n in a.shape:
         shape += [n // factor, factor]
