@@ -664,7 +664,8 @@ def _refine_linear(fixed, moving, transform: Transform, *, model: str, fixed_spa
         # it does not change with the warp); an iteration subtracts the few samples that
         # fall outside the moving image instead of rebuilding it from (N, P) copies
         sd_all = lv["sd"]
-        h_all = np.einsum("pn,qn->pq", sd_all, sd_all)
+        # (the biweight steps use their own weighted matrix: no plain one for them)
+        h_all = None if robust else np.einsum("pn,qn->pq", sd_all, sd_all)
         h_irls = None
         for n_it in range(1, int(iterations) + 1):
             if cancel is not None and cancel():
