@@ -211,3 +211,25 @@ def test_the_baseline_score_needs_no_interpolation_and_is_unchanged():
             w2, m2 = _warp_with_mask(moving, shift, out, geo, sub)
             np.testing.assert_array_equal(w2, resample(moving, shift, out, **geo))
             assert not m2.all()
+
+
+def test_auto_scores_equal_compare_exactly():
+    """auto's stage scores (no MSE, overlap values picked once, identity shortcut) are
+    core.metrics.compare's ncc and mi to the last bit, with and without a fixed mask."""
+    from napari_registration.backends.auto import _score
+    from napari_registration.core.metrics import compare
+    from napari_registration.core.resample import overlap_mask, resample
+
+    fixed = _camera(2)
+    rng = np.random.default_rng(5)
+    moving = _warp_by_truth(fixed, Transform.from_rotation(20.0, center=(127.5, 127.5))).astype(np.float32)
+    for tf in (Transform.identity(2), Transform.from_translation([2.3, -4.1]),
+               Transform.from_rotation(-20.0, center=(127.5, 127.5))):
+        for fmask in (None, rng.random(fixed.shape) > 0.3):
+            got = _score(fixed, moving, tf, (1.0, 1.0), (1.0, 1.0), fmask)
+            geo = dict(output_spacing=(1.0, 1.0), input_spacing=(1.0, 1.0))
+            mask = overlap_mask(moving.shape, tf, fixed.shape, **geo)
+            if fmask is not None:
+                mask &= fmask
+            want = compare(fixed, resample(moving, tf, fixed.shape, **geo), mask, with_ssim=False)
+            assert (got["ncc"], got["mi"], got["overlap"]) == (want["ncc"], want["mi"], want["overlap"])
