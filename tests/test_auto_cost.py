@@ -139,3 +139,97 @@ def test_3d_rigid_still_runs_the_shift_after_intensity_when_not_aligned():
     shifts = [s for s in r.info["stages"] if s["method"] == "fourier"]
     assert all("at most 64 px per axis" in s["why"] and s["error"] is None for s in shifts)
     assert tre_against_truth(r.transform, truth, grid_points(fixed.shape, spacing))["mean"] < 0.05
+
+
+def test_a_clear_large_rotation_never_builds_the_spline_judge(monkeypatch):
+    """camera turned 150 degrees (rigid): the Fourier fast path clears stop_ncc on its own
+    overlap, and the coarse Fourier shift before it is misaligned (|NCC| ~0.26): the
+    judge is needed neither to stop, nor to rank the two, nor to pick what to polish."""
+    from napari_registration.core import refine
+
+    def boom(*a, **kw):
+        raise AssertionError("LinearJudge built on a clear rotation")
+
+    monkeypatch.setattr(refine, "LinearJudge", boom)
+    fixed = _camera(2)
+    c = (np.array(fixed.shape) - 1) / 2
+    truth = Transform.from_rotation(150.0, center=c, shift=(3.5, -2.5))
+    moving = _warp_by_truth(fixed, truth).astype(np.float32)
+    r = register(fixed, moving, method="auto", transform="rigid", warp=False, score=False)
+    chosen = r.info["stages"][r.info["chosen"]["stage"]]
+    assert (chosen["method"], chosen["model"]) == ("fourier", "rigid")
+    assert chosen["aligned_ncc"] >= 0.98
+    shift = [s for s in r.info["stages"] if (s["method"], s["model"]) == ("fourier", "translation")]
+    assert shift and "not rescored" in shift[0]["score"]["footing"]
+    assert r.info["metric"] == "ncc" and r.info["score"] == chosen["score"]["ncc"]
+    assert tre_against_truth(r.transform, truth, grid_points(fixed.shape))["mean"] < 0.01
+
+
+def test_hopeless_needs_a_clearly_aligned_anchor_and_lower_mutual_information():
+    """Only candidates misaligned next to a clearly aligned one are left out of the
+    judge: not without such an anchor, and never the best by mutual information."""
+    from napari_registration.backends.auto import _hopeless
+
+    def st(ncc, mi):
+        return {"score": {"ncc": ncc, "mi": mi, "overlap": 1.0}}
+
+    ident = Transform.identity(2)
+    real = [(0, ident), (1, ident), (2, ident)]
+    stages = [st(0.97, 2.0), st(0.3, 0.2), st(-0.2, 0.1)]
+    assert _hopeless(stages, real, {}) == {1, 2}
+    # the anchor may be clearly aligned by the judge only
+    stages[0]["score"]["ncc"] = 0.9
+    assert _hopeless(stages, real, {}) == set()
+    assert _hopeless(stages, real, {0: 0.99}) == {1, 2}
+    # a misaligned-looking candidate with the highest mutual information stays
+    stages[2]["score"]["mi"] = 3.0
+    assert _hopeless(stages, real, {0: 0.99}) == {1}
+    # no anchor: nothing dropped; fine-textured but aligned candidates stay
+    assert _hopeless([st(0.91, 1.3), st(0.6, 0.5)], real[:2], {}) == set()
+    assert _hopeless([st(0.99, 1.3), st(0.6, 0.5)], real[:2], {}) == set()
+
+
+def test_the_baseline_score_needs_no_interpolation_and_is_unchanged():
+    """On one grid the identity (every baseline) is scored from the moving image's own
+    pixels: bit for bit what resampling gives, at every subsampling step."""
+    from napari_registration.backends.auto import _warp_with_mask
+    from napari_registration.core.resample import overlap_mask, resample
+
+    rng = np.random.default_rng(3)
+    for shape in ((64, 80), (33, 20, 27)):
+        moving = rng.random(shape).astype(np.float32)
+        ident = Transform.identity(len(shape))
+        for k in (1, 2, 3):
+            sub = tuple(slice(None, None, k) for _ in shape)
+            out = moving[sub].shape
+            geo = dict(output_spacing=(float(k),) * len(shape), input_spacing=(1.0,) * len(shape))
+            warped, mask = _warp_with_mask(moving, ident, out, geo, sub)
+            np.testing.assert_array_equal(warped, resample(moving, ident, out, **geo))
+            np.testing.assert_array_equal(mask, overlap_mask(moving.shape, ident, out, **geo))
+            # any other transform is resampled as before
+            shift = Transform.from_translation([0.5] * len(shape))
+            w2, m2 = _warp_with_mask(moving, shift, out, geo, sub)
+            np.testing.assert_array_equal(w2, resample(moving, shift, out, **geo))
+            assert not m2.all()
+
+
+def test_auto_scores_equal_compare_exactly():
+    """auto's stage scores (no MSE, overlap values picked once, identity shortcut) are
+    core.metrics.compare's ncc and mi to the last bit, with and without a fixed mask."""
+    from napari_registration.backends.auto import _score
+    from napari_registration.core.metrics import compare
+    from napari_registration.core.resample import overlap_mask, resample
+
+    fixed = _camera(2)
+    rng = np.random.default_rng(5)
+    moving = _warp_by_truth(fixed, Transform.from_rotation(20.0, center=(127.5, 127.5))).astype(np.float32)
+    for tf in (Transform.identity(2), Transform.from_translation([2.3, -4.1]),
+               Transform.from_rotation(-20.0, center=(127.5, 127.5))):
+        for fmask in (None, rng.random(fixed.shape) > 0.3):
+            got = _score(fixed, moving, tf, (1.0, 1.0), (1.0, 1.0), fmask)
+            geo = dict(output_spacing=(1.0, 1.0), input_spacing=(1.0, 1.0))
+            mask = overlap_mask(moving.shape, tf, fixed.shape, **geo)
+            if fmask is not None:
+                mask &= fmask
+            want = compare(fixed, resample(moving, tf, fixed.shape, **geo), mask, with_ssim=False)
+            assert (got["ncc"], got["mi"], got["overlap"]) == (want["ncc"], want["mi"], want["overlap"])

@@ -37,6 +37,10 @@ NDIMS = (2,)
 DESCRIPTION = ("OpenCV keypoints (SIFT, ORB, AKAZE, BRISK) matched and fitted robustly "
                "(RANSAC/MAGSAC/LMedS): large motions, perspective; 2D")
 
+# the core hands this backend its 0.5/99.5-percentile stretch as uint8 (what the
+# detectors read), made in one pass, instead of a float32 image to convert here
+UINT8_INPUT = True
+
 DETECTORS = ("sift", "orb", "akaze", "brisk")
 MATCHERS = ("auto", "bf", "flann")
 ESTIMATORS = ("ransac", "usac_magsac", "lmeds")
@@ -51,6 +55,9 @@ _AUTO_FLANN_PAIRS = {"float": 2000 * 2000, "binary": 4000 * 4000}
 # fixed + moving pixels up to which both images are detected at once (two threads): the
 # detectors' memory (SIFT ~230 bytes per pixel) then stays at what one tiled image needs
 CONCURRENT_DETECT_PIXELS = 2 * 1024 * 1024
+# SIFT's pyramids take ~230 bytes per pixel: both at once only up to about what one
+# tile of detect_tiled holds (1.5 x 1024^2), so its peak stays at one tile's
+CONCURRENT_SIFT_PIXELS = 1_600_000
 
 _SIMPLER = {"homography": "transform='affine' or 'similarity'",
             "affine": "transform='similarity' or 'rigid'", "similarity": "transform='rigid'",
@@ -769,6 +776,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     """Detect keypoints in both images, match their descriptors and fit ``transform``
     robustly, in world coordinates.
 
+    ``fixed`` and ``moving`` as uint8 are detected as they are (the core's stretched
+    images, see ``UINT8_INPUT``); any other dtype goes through :func:`to_uint8`.
+
     Options
     -------
     detector : {"sift", "orb", "akaze", "brisk"}
@@ -848,15 +858,19 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         workers = n_workers(threads)
 
         def detect_one(img, msk):
-            return detect_tiled(to_uint8(img, msk), msk, detector, n_features, threshold,
+            # uint8 is the core's stretched image (UINT8_INPUT): detected as it is
+            u8 = img if img.dtype == np.uint8 else to_uint8(img, msk)
+            return detect_tiled(u8, msk, detector, n_features, threshold,
                                 tile_size=int(tile_size), stop=stop, with_response=True)
 
-        if (workers > 1 and detector != "sift"
-                and f_img.size + m_img.size <= CONCURRENT_DETECT_PIXELS):
+        limit = CONCURRENT_SIFT_PIXELS if detector == "sift" else CONCURRENT_DETECT_PIXELS
+        if workers > 1 and f_img.size + m_img.size <= limit:
             # both images at once: OpenCV releases the GIL while it detects; larger images
-            # go one after the other (tiled), which bounds the detector's memory. Not SIFT:
-            # OpenCV already spreads its pyramids over threads, and two at once cost more
-            # CPU and time on a busy 2-core machine (bench_features.py --round3)
+            # go one after the other (tiled), which bounds the detector's memory. SIFT too:
+            # OpenCV spreads only parts of it over its threads (the upscale and the first
+            # octave's blurs run on one), so two at once took 19 % less wall time for the
+            # same CPU on 2 cores at load ~1 (retina 704^2; at load 10, round 3, they cost
+            # 10-20 % more: a busy machine has no idle core to give)
             (f_xy, f_desc, f_resp), (m_xy, m_desc, m_resp) = run_all(
                 [lambda: detect_one(f_img, f_mask), lambda: detect_one(m_img, m_mask)])
         else:

@@ -18,14 +18,12 @@ import numpy as np
 PERCENTILE_SAMPLES = 1_000_000
 
 
-def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5,
-                     clip: bool = True) -> np.ndarray:
-    """Rescale so the ``low``/``high`` percentiles map to 0/1 (float32), clipped to [0, 1]
-    unless ``clip=False`` (then values beyond the percentiles keep their detail)."""
-    image = np.asarray(image, dtype=np.float32)
+def _normalize_range(image: np.ndarray, mask, low, high):
+    """The ``(lo, hi)`` that :func:`robust_normalize` maps to 0/1, or None when the
+    result is all zeros (nothing selected, or a constant selection)."""
     values = image[mask] if mask is not None else image.ravel()
     if values.size == 0:
-        return np.zeros_like(image)
+        return None
     if values.size > PERCENTILE_SAMPLES:
         # an even subsample estimates the percentiles as well and, on volumes, keeps one
         # GIL-holding np.percentile call from freezing napari's GUI for ~0.1-0.2 s
@@ -34,10 +32,65 @@ def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
+        return None
+    return lo, hi
+
+
+def robust_normalize(image: np.ndarray, mask: np.ndarray | None = None, low=0.5, high=99.5,
+                     clip: bool = True) -> np.ndarray:
+    """Rescale so the ``low``/``high`` percentiles map to 0/1 (float32), clipped to [0, 1]
+    unless ``clip=False`` (then values beyond the percentiles keep their detail)."""
+    image = np.asarray(image, dtype=np.float32)
+    rng = _normalize_range(image, mask, low, high)
+    if rng is None:
         return np.zeros_like(image)
+    lo, hi = rng
     out = image - np.float32(lo)  # one new float32 array, then in place
     out /= np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out) if clip else out
+
+
+# rows of float32 scratch per block in robust_normalize_uint8 (~256 KB: stays in cache)
+_U8_BLOCK = 65_536
+
+
+def robust_normalize_uint8(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
+                           high=99.5) -> np.ndarray:
+    """``robust_normalize(image, mask, low, high)`` (clipped) as uint8, rounded half up:
+    bit for bit ``floor(robust_normalize(...) * 255 + 0.5)`` in float32, which is what
+    OpenCV's detectors are given. Computed in blocks of rows through one small float32
+    scratch, so the only image-sized allocation is the uint8 result (the float32 image
+    and its scaled copy are never made: fresh pages cost more than the arithmetic)."""
+    image = np.asarray(image, dtype=np.float32)
+    out = np.empty(image.shape, dtype=np.uint8)
+    rng = _normalize_range(image, mask, low, high)
+    if rng is None:
+        out.fill(0)
+        return out
+    lo, span = np.float32(rng[0]), np.float32(rng[1] - rng[0])
+    flat_in = image.reshape(-1) if image.flags.c_contiguous else None
+    flat_out = out.reshape(-1)
+    if flat_in is None:  # a strided view: row blocks of the array itself
+        rows = max(1, _U8_BLOCK // max(1, int(np.prod(image.shape[1:]))))
+        for r in range(0, image.shape[0], rows):
+            b = np.subtract(image[r:r + rows], lo)
+            b /= span
+            np.clip(b, 0.0, 1.0, out=b)
+            b *= np.float32(255.0)
+            b += np.float32(0.5)
+            out[r:r + rows] = b  # truncation toward zero = floor (b >= 0.5)
+        return out
+    scratch = np.empty(min(_U8_BLOCK, flat_in.size), dtype=np.float32)
+    for a in range(0, flat_in.size, _U8_BLOCK):
+        src = flat_in[a:a + _U8_BLOCK]
+        b = scratch[:src.size]
+        np.subtract(src, lo, out=b)
+        b /= span
+        np.clip(b, 0.0, 1.0, out=b)
+        b *= np.float32(255.0)
+        b += np.float32(0.5)
+        np.copyto(flat_out[a:a + src.size], b, casting="unsafe")
+    return out
 
 
 # below this many values np.percentile's one partition is as fast as the bracket search
@@ -52,8 +105,9 @@ def percentiles(values, q) -> np.ndarray:
     np.percentile partitions every value; the result needs only the two order statistics
     around each requested rank. Here a sorted strided sample of ~8k values gives a narrow
     value range that must hold them; one pass counts the values below the range and
-    collects those inside, and only these are partitioned. The range is checked (enough
-    values below and inside); if it misses, or NaNs are present, np.percentile is called.
+    collects those inside (a tail rank's range is open on one side: one comparison), and
+    only these are partitioned. The range is checked (enough values below and inside);
+    if it misses, or NaNs are present (a sum, checked first), np.percentile is called.
     The interpolation repeats numpy's arithmetic step by step (tested for equality)."""
     v = np.asarray(values).ravel()
     q = np.asarray(q, dtype=np.float64)
@@ -69,6 +123,10 @@ def percentiles(values, q) -> np.ndarray:
     prev_i = np.where(above, n - 1, np.where(below, 0, prev)).astype(np.intp)
     next_i = np.where(above, n - 1, np.where(below, 0, nxt)).astype(np.intp)
     gamma = virtual - np.where(above, -1, np.where(below, 0, prev))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: NaN, then numpy's
+        total = np.add.reduce(v)
+    if np.isnan(total):  # one pass, no copy: NaN anywhere makes the sum NaN
+        return np.percentile(v, q)
     sample = np.sort(v[:: max(1, n // _BRACKET_SAMPLE)])
     m = sample.size
     stats: dict[int, float] = {}
@@ -81,11 +139,18 @@ def percentiles(values, q) -> np.ndarray:
         i_lo, i_hi = int(np.floor(centre - margin)), int(np.ceil(centre + margin))
         lo_v = sample[i_lo] if i_lo > 0 else -np.inf
         hi_v = sample[i_hi] if i_hi < m - 1 else np.inf
-        n_below = int(np.count_nonzero(v < lo_v))
-        inside = v[(v >= lo_v) & (v <= hi_v)]
-        n_above = int(np.count_nonzero(v > hi_v))
-        if (n_below + inside.size + n_above != n  # NaNs
-                or n_below > r0 or n_below + inside.size <= r1):
+        # a rank in a tail (the 0.5/99.5 percentiles of the normalisation) has a
+        # one-sided bracket: one comparison pass instead of three
+        if lo_v == -np.inf:
+            n_below = 0
+            inside = v[v <= hi_v]
+        elif hi_v == np.inf:
+            inside = v[v >= lo_v]
+            n_below = n - inside.size
+        else:
+            n_below = int(np.count_nonzero(v < lo_v))
+            inside = v[(v >= lo_v) & (v <= hi_v)]
+        if n_below > r0 or n_below + inside.size <= r1:
             return np.percentile(v, q)
         k = sorted({int(r0) - n_below, int(r1) - n_below})
         part = np.partition(inside, k)

@@ -236,8 +236,11 @@ def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
 
     # float32 input is used as is (no copy: it is only read); see the fill below
     g = to_grey(a) if is_rgb else np.asarray(a, dtype=np.float32)
-    finite = np.isfinite(g)
-    if not finite.all():
+    # min and max are needed below anyway, and NaN/inf anywhere shows in them (NaN
+    # propagates): no boolean image unless something is not finite
+    lo, hi = float(g.min()), float(g.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(g)
         bad = ~finite
         if g is a or np.shares_memory(g, a):
             g = g.copy()
@@ -251,8 +254,9 @@ def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
         # every NaN/inf lies outside the mask: give them a finite value (the backends
         # never look there) so that normalisation and resampling stay finite
         g[bad] = float(np.min(g[finite & mask]))
-    if float(g.max()) == float(g.min()):
-        raise ValueError(f"{name} image is constant (every pixel = {float(g.min())}): there is nothing to align")
+        lo, hi = float(g.min()), float(g.max())
+    if hi == lo:
+        raise ValueError(f"{name} image is constant (every pixel = {lo}): there is nothing to align")
     return g
 
 
@@ -484,7 +488,7 @@ def register(
     def backend_cancel():
         return bool(cancel is not None and cancel())
 
-    from .preprocess import prepare
+    from .preprocess import prepare, prepare_uint8
 
     report(0.0, "preprocessing")
     should_stop()
@@ -498,7 +502,15 @@ def register(
         backend_opts["linear_copy"] = tuple(
             prepare(img, spacing=sp, mask=msk, smooth_=core["smooth"], clip=False)
             for img, sp, msk in ((fixed_g, f_sp, fixed_mask), (moving_g, m_sp, moving_mask)))
-    if linear_copy and not core["smooth"]:
+    # a backend that reads 8-bit images only (features: OpenCV's detectors) says so
+    # (UINT8_INPUT = True) and gets the same stretch as uint8, made in one pass: no
+    # float32 copies for it to convert
+    uint8_input = (getattr(mod, "UINT8_INPUT", False) and clip and not linear_copy
+                   and core["normalize"] and not core["equalize"] and not core["smooth"])
+    if uint8_input:
+        f_prep = prepare_uint8(fixed_g, mask=fixed_mask)
+        m_prep = prepare_uint8(moving_g, mask=moving_mask)
+    elif linear_copy and not core["smooth"]:
         # same percentiles, same rescale: the clipped images are the linear ones clipped
         # (bit for bit), without computing the percentiles a second time
         f_prep, m_prep = (np.clip(img, 0.0, 1.0) for img in backend_opts["linear_copy"])
