@@ -762,6 +762,24 @@ def docs_from(path: Path):
     print(f"rewrote docs from {path}")
 
 
+def select_builders(spec: str) -> list:
+    """The case builders named in ``spec`` (comma-separated builder or case names), in
+    the report's order. An unknown name stops the run with the valid names: a typo used
+    to drop its case silently and the report ran without it."""
+    pool = list(dict.fromkeys(report_cases.ALL + report_cases.QUICK))
+    by_name = {b.__name__: b for b in pool}
+    for builder, case in report_cases.CASE_NAMES.items():
+        by_name.setdefault(case, by_name[builder])
+    want = [w.strip() for w in spec.split(",") if w.strip()]
+    unknown = [w for w in want if w not in by_name]
+    if unknown or not want:
+        names = ", ".join(sorted(by_name))
+        raise SystemExit(f"--cases: unknown case(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from: {names}")
+    chosen = {by_name[w] for w in want}
+    return [b for b in pool if b in chosen]
+
+
 def main(argv=None):
     import warnings
 
@@ -789,8 +807,7 @@ def main(argv=None):
 
     builders = report_cases.QUICK if args.quick else report_cases.ALL
     if args.cases:
-        want = args.cases.split(",")
-        builders = [b for b in report_cases.ALL if b.__name__ in want]
+        builders = select_builders(args.cases)
     repeats = args.repeats or (1 if args.quick else 3)
     methods = report_methods.all_methods()
     if args.methods:

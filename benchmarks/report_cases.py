@@ -506,6 +506,10 @@ ALL = [camera_translation, coins_rigid, moon_similarity, retina_affine, astronau
 QUICK = [camera_translation, coins_rigid, ihc_multimodal, blobs_rigid_3d, moon_stack]
 
 
+# builders whose case carries another name (both are accepted by report.py --cases)
+CASE_NAMES = {"brain_multimodal_2d": "brain_t1_vs_gm_2d"}
+
+
 def build(builders) -> tuple[list[Case], list[str]]:
     """Build cases; return them and the names of builders that were skipped (their data
     package is not installed)."""

@@ -105,3 +105,19 @@ def test_replace_section_keeps_other_sections():
     assert "## Accuracy and speed report" in out
     again = report.replace_section(out, "report", "R2", title="Accuracy and speed report")
     assert again.count("## Accuracy and speed report") == 1 and "R2" in again
+
+
+def test_cases_option_takes_builder_and_case_names_in_report_order():
+    got = report.select_builders("moon_similarity, brain_t1_vs_gm_2d,camera_translation")
+    assert [b.__name__ for b in got] == ["camera_translation", "moon_similarity",
+                                         "brain_multimodal_2d"]
+    assert report.select_builders("brain_multimodal_2d") == [report_cases.brain_multimodal_2d]
+
+
+def test_cases_option_refuses_an_unknown_name_and_lists_the_valid_ones():
+    with pytest.raises(SystemExit) as err:
+        report.select_builders("moon_similarity,moon_similarty")
+    msg = str(err.value)
+    assert "moon_similarty" in msg and "camera_translation" in msg and "brain_t1_vs_gm_2d" in msg
+    with pytest.raises(SystemExit):
+        report.select_builders(" , ")
