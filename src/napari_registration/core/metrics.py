@@ -68,28 +68,28 @@ def robust_normalize_uint8(image: np.ndarray, mask: np.ndarray | None = None, lo
         out.fill(0)
         return out
     lo, span = np.float32(rng[0]), np.float32(rng[1] - rng[0])
-    flat_in = image.reshape(-1) if image.flags.c_contiguous else None
-    flat_out = out.reshape(-1)
-    if flat_in is None:  # a strided view: row blocks of the array itself
-        rows = max(1, _U8_BLOCK // max(1, int(np.prod(image.shape[1:]))))
-        for r in range(0, image.shape[0], rows):
-            b = np.subtract(image[r:r + rows], lo)
-            b /= span
-            np.clip(b, 0.0, 1.0, out=b)
-            b *= np.float32(255.0)
-            b += np.float32(0.5)
-            out[r:r + rows] = b  # truncation toward zero = floor (b >= 0.5)
-        return out
-    scratch = np.empty(min(_U8_BLOCK, flat_in.size), dtype=np.float32)
-    for a in range(0, flat_in.size, _U8_BLOCK):
-        src = flat_in[a:a + _U8_BLOCK]
-        b = scratch[:src.size]
+
+    def stretch(src, dst, b):
+        """``dst[...] = floor(clip((src - lo) / span, 0, 1) * 255 + 0.5)`` through the
+        float32 scratch ``b`` (truncation toward zero = floor: b >= 0.5)."""
         np.subtract(src, lo, out=b)
         b /= span
         np.clip(b, 0.0, 1.0, out=b)
         b *= np.float32(255.0)
         b += np.float32(0.5)
-        np.copyto(flat_out[a:a + src.size], b, casting="unsafe")
+        np.copyto(dst, b, casting="unsafe")
+
+    if image.flags.c_contiguous:  # flat blocks through one scratch
+        flat_in, flat_out = image.reshape(-1), out.reshape(-1)
+        scratch = np.empty(min(_U8_BLOCK, flat_in.size), dtype=np.float32)
+        for a in range(0, flat_in.size, _U8_BLOCK):
+            src = flat_in[a:a + _U8_BLOCK]
+            stretch(src, flat_out[a:a + src.size], scratch[:src.size])
+    else:  # a strided view: row blocks of the array itself
+        rows = max(1, _U8_BLOCK // max(1, int(np.prod(image.shape[1:]))))
+        for r in range(0, image.shape[0], rows):
+            src = image[r:r + rows]
+            stretch(src, out[r:r + rows], np.empty(src.shape, dtype=np.float32))
     return out
 
 
