@@ -79,7 +79,8 @@ def test_coarse_search_threads_or_not_same_result(monkeypatch):
     moving = _warp_by_truth(fixed, truth).astype(np.float32)
     out = []
     for spare in (False, True):
-        monkeypatch.setattr(refine, "_spare_cores", lambda spare=spare: spare)
+        # the load-average test both the search and the refinement ask
+        monkeypatch.setattr("napari_registration.core.parallel.spare_cores", lambda spare=spare: spare)
         monkeypatch.setattr("napari_registration.core.parallel.n_workers", lambda threads=0: 2)
         r = register(fixed, moving, method="intensity", transform="rigid", score=False)
         out.append((r.transform.matrix, r.info["stage"]["search"]["runs"]))
@@ -97,3 +98,12 @@ def test_block_mean_is_the_reshaped_mean(factor, shape):
     before = img.copy()
     np.testing.assert_array_equal(refine._block_mean(img, factor), ref)
     np.testing.assert_array_equal(img, before)
+
+
+def test_map_parts_keeps_the_order_and_runs_every_item():
+    from napari_registration.core.parallel import map_parts
+
+    items = list(range(11))
+    for workers in (1, 2, 3, 20):
+        assert map_parts(lambda x: x * x, items, workers) == [x * x for x in items]
+    assert map_parts(lambda x: x, [], 4) == []

@@ -553,19 +553,11 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     # optimised, in Python threads on the cores (SimpleITK releases the GIL; every
     # method is separate and runs every voxel, so the results are those of one thread:
     # the same values, combined in the same order), when a core is free
-    # (core.refine._spare_cores). retina_affine at load ~1 on 2 cores: the starts'
+    # (core.parallel.spare_cores). retina_affine at load ~1 on 2 cores: the starts'
     # metric 60 -> 45 ms, the three optimisations 68 -> 37 ms of wall time
-    from ..core.parallel import n_workers, run_all, split
-    from ..core.refine import _spare_cores
+    from ..core.parallel import map_parts, n_workers, spare_cores
 
-    workers = n_workers() if (threads == 1 and _SEARCH_THREADS and _spare_cores()) else 1
-
-    def in_parallel(fn, items):
-        if workers <= 1 or len(items) <= 1:
-            return [fn(item) for item in items]
-        parts = split(len(items), workers)
-        done = run_all([lambda a=a, b=b: [fn(item) for item in items[a:b]] for a, b in parts])
-        return [r for part in done for r in part]
+    workers = n_workers() if (threads == 1 and _SEARCH_THREADS and spare_cores()) else 1
 
     def score(candidate):  # 1) the metric at a start
         name, centre, offset, angles = candidate
@@ -581,7 +573,7 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
             value = np.inf
         return (value, name, centre, offset, angles)
 
-    scored = in_parallel(score, candidates)
+    scored = map_parts(score, candidates, workers)
     scored.sort(key=lambda c: c[0])
     chosen = [c for c in scored if np.isfinite(c[0])][:keep]
 
@@ -610,7 +602,7 @@ def _coarse_search(fixed_img, moving_img, *, init, ndim, rotation_search, metric
     if cancel():
         raise _Stopped
     progress(0.0, f"coarse search: optimising the best {len(chosen)} starts")
-    finals = in_parallel(optimise, chosen)
+    finals = map_parts(optimise, chosen, workers)
     runs = []
     best = None
     for (value0, name, centre, offset, angles), (value, tx) in zip(chosen, finals):

@@ -61,3 +61,30 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     parts = max(1, min(int(parts), int(n)))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def spare_cores() -> bool:
+    """Whether splitting one call's work over threads can pay: more than one core, and by
+    the 1-minute load average one of them free. Callers give the same results either way;
+    on the 2-core machine under load 3-6 such threads lengthened retina_affine's wall time
+    by 7-12 % (the GIL hand-overs wait for a core), while with a free core the pieces run
+    side by side (docs/benchmarks.md, "2D affine intensity speed, round 5")."""
+    n = n_workers()
+    if n < 2:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return True
+    return load < n - 0.5
+
+
+def map_parts(fn: Callable[[object], object], items: Sequence, workers: int) -> list:
+    """``[fn(item) for item in items]``, the items cut into at most ``workers`` contiguous
+    runs that go through :func:`run_all` at once; the results in the items' order."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    done = run_all([lambda a=a, b=b: [fn(item) for item in items[a:b]]
+                    for a, b in split(len(items), workers)])
+    return [r for part in done for r in part]

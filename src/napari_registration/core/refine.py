@@ -768,7 +768,7 @@ def _prefilter_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
     there are two cores and the images are not tiny (scipy releases the GIL)."""
     from scipy import ndimage
 
-    from .parallel import n_workers, run_all
+    from .parallel import run_all
 
     def pre(x):
         return lambda: ndimage.spline_filter(x, order=3, mode="mirror", output=np.float64)
@@ -782,25 +782,12 @@ _THREADS = True
 
 
 def _spare_cores() -> bool:
-    """Whether splitting work over threads can pay: ``_THREADS``, more than one core,
-    and by the 1-minute load average one of them free. The same results either way;
-    on the 2-core machine under load 3-6 the threads lengthened retina_affine's wall
-    time by 7-12 % (the GIL hand-overs wait for a core), while with a free core the
-    halves run side by side."""
-    import os
+    """``_THREADS`` and :func:`.parallel.spare_cores` (a core free by the load average)."""
+    from .parallel import spare_cores
 
-    from .parallel import n_workers
+    return _THREADS and spare_cores()
 
-    if not _THREADS:
-        return False
-    n = n_workers()
-    if n < 2:
-        return False
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not Unix
-        return True
-    return load < n - 0.5
+
 # below this many samples one thread interpolates (a thread's start-up is ~0.1 ms)
 _PARALLEL_SAMPLES = 2 ** 15
 
