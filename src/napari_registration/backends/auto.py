@@ -284,14 +284,6 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     ndim = fixed.ndim
     f_sp, m_sp = tuple(fixed_spacing), tuple(moving_spacing)
     methods = [m for m in available_methods() if m not in ("auto", "landmarks")]
-    infos: dict[str, dict] = {}
-
-    def info_of(method):
-        # method_info inspects the backend's signature (~0.2 ms): once per method and call
-        if method not in infos:
-            infos[method] = method_info(method)
-        return infos[method]
-
     stages: list[dict] = []
     candidates: list[tuple[float, int, Transform]] = []  # (own score, stage index, transform)
     rank = "mi" if metric == "auto" else metric
@@ -303,7 +295,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     def supports(method, model):
         if method not in methods:
             return False
-        info = info_of(method)
+        info = method_info(method)
         return model in info["transforms"] and (info["ndims"] is None or ndim in info["ndims"])
 
     def record(entry, tf):
@@ -480,9 +472,9 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
     intensity_opts = {}
     if n_refine:
-        if seed is not None and "seed" in info_of("intensity")["options"]:
+        if seed is not None and "seed" in method_info("intensity")["options"]:
             intensity_opts["seed"] = int(seed)
-        mi_opts, uses_mi = _mi_metric_option("mi" if metric == "auto" else metric, info_of)
+        mi_opts, uses_mi = _mi_metric_option("mi" if metric == "auto" else metric)
         intensity_opts.update(mi_opts)
         mi_why = ", mutual information" if uses_mi else ""
 
@@ -514,7 +506,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         # for other models it is a coarse start
         full = transform == "translation"
         run(method, model, why, rep=rep, fraction=fraction(), shrink=not full,
-            **({} if full else _fourier_coarse_options(info_of)))
+            **({} if full else _fourier_coarse_options()))
     # one contrast or two? On a multi-modal pair the Fourier log-polar stage and its
     # Gauss-Newton polish (both need one contrast) only fail, at up to 3x intensity's own
     # cost (IHC stains, MR T1 vs grey matter): intensity goes first, then the verdict is
@@ -529,7 +521,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     def fast():
         return _fast_path(run, transform, fast_model, stages, judge, record, stop_ncc,
                           fraction, *(linear_copy or (fixed, moving)), f_sp, m_sp,
-                          fixed_mask, moving_mask, cancel, info_of)
+                          fixed_mask, moving_mask, cancel)
 
     fast_done = None
     if fast_model and not multi:
@@ -588,7 +580,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
             done_stages[0] += 1  # the full-resolution Fourier stage, not run
     # a coarse Fourier shift is only a start: a 1/10 px peak, no re-correlation passes
     # (the 1/100 px refinement cost as much as the intensity run on a 3D brain)
-    coarse_fourier = _fourier_coarse_options(info_of)
+    coarse_fourier = _fourier_coarse_options()
     for method, model, rep, why in coarse:
         done = clearly_aligned()
         if done is not None:
@@ -643,7 +635,7 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
                                     "of all candidates")
 
     # ---- intensity from the best coarse candidate, when it lies elsewhere
-    if n_refine and "init" in info_of("intensity")["options"]:
+    if n_refine and "init" in method_info("intensity")["options"]:
         starts = [c for c in candidates if c[2].is_linear and not c[2].is_projective
                   and stages[c[1]]["method"] not in ("intensity", "none")]
         if starts:
@@ -722,11 +714,11 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
 
 
 def _fast_path(run, transform, model, stages, judge, record, stop_ncc, fraction, fixed, moving,
-               f_sp, m_sp, fixed_mask, moving_mask, cancel, info_of=method_info):
+               f_sp, m_sp, fixed_mask, moving_mask, cancel):
     """Fourier ``model`` (rigid/similarity) at full resolution with its spline polish and,
     for an affine request, an affine Gauss-Newton pass from it; returns the stage that
     reached ``stop_ncc`` (by the same-contrast judge) with the requested model, or None."""
-    opts = info_of("fourier")["options"]
+    opts = method_info("fourier")["options"]
     affine = transform == "affine"
     # affine: the similarity is only a start for the affine pass, so it runs on the
     # coarse copy (its own spline stage, fitting a similarity to an affine pair at full
@@ -953,9 +945,9 @@ def _rescore_common(fixed, moving, stages, candidates, baseline_index, f_sp, m_s
     return "mi"
 
 
-def _fourier_coarse_options(info_of=method_info) -> dict:
+def _fourier_coarse_options() -> dict:
     """Options that make a Fourier translation a cheap coarse start (where it has them)."""
-    opts = info_of("fourier")["options"]
+    opts = method_info("fourier")["options"]
     return {k: v for k, v in (("upsample", 10), ("iterations", 0)) if k in opts}
 
 
@@ -963,12 +955,12 @@ def _refine_model(transform: str) -> str:
     return "affine" if transform == "homography" else transform
 
 
-def _mi_metric_option(metric: str, info_of=method_info) -> tuple[dict, bool]:
+def _mi_metric_option(metric: str) -> tuple[dict, bool]:
     """Options selecting mutual information in the intensity backend (if it has such an
     option), and whether it then uses mutual information."""
     if metric != "mi":
         return {}, False
-    opts = info_of("intensity")["options"]
+    opts = method_info("intensity")["options"]
     if "metric" not in opts:
         return {}, False
     default = str(opts["metric"]).lower()

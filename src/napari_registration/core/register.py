@@ -176,29 +176,42 @@ def method_info(method: str) -> dict:
     """Transforms, dimensions, description and options (name -> default) of a method,
     for widgets and documentation."""
     mod = _backend(method)
-    sig = inspect.signature(mod.register)
-    options = {
-        name: p.default
-        for name, p in sig.parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _BACKEND_PLUMBING
-    }
-    annotations = {
-        name: p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
-        for name, p in sig.parameters.items()
-        if name in options and p.annotation is not inspect.Parameter.empty
-    }
+    options, annotations, doc = _signature_info(mod.register)
     return {
         "name": method,
         "description": getattr(mod, "DESCRIPTION", ""),
         "transforms": tuple(mod.TRANSFORMS),
         "ndims": getattr(mod, "NDIMS", None),
-        "options": options,
+        "options": dict(options),
         # option -> its annotation as text (e.g. "float | None", "Literal['orb', 'sift']"):
         # lets a widget offer None or a fixed set of choices
-        "annotations": annotations,
+        "annotations": dict(annotations),
         # the backend's docstring: its "Options" section documents each option
-        "doc": inspect.getdoc(mod.register) or "",
+        "doc": doc,
     }
+
+
+# backend register function -> (options, annotations, doc): inspecting a signature costs
+# ~0.2 ms, and register() and auto ask for the same methods on every call (a replaced or
+# reloaded backend has another function object, so it is inspected afresh)
+_SIGNATURES: dict = {}
+
+
+def _signature_info(fn) -> tuple[dict, dict, str]:
+    if fn not in _SIGNATURES:
+        sig = inspect.signature(fn)
+        options = {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _BACKEND_PLUMBING
+        }
+        annotations = {
+            name: p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+            for name, p in sig.parameters.items()
+            if name in options and p.annotation is not inspect.Parameter.empty
+        }
+        _SIGNATURES[fn] = (options, annotations, inspect.getdoc(fn) or "")
+    return _SIGNATURES[fn]
 
 
 _BACKEND_PLUMBING = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
