@@ -191,9 +191,9 @@ def method_info(method: str) -> dict:
     }
 
 
-# backend register function -> (options, annotations, doc): inspecting a signature costs
-# ~0.2 ms, and register() and auto ask for the same methods on every call (a replaced or
-# reloaded backend has another function object, so it is inspected afresh)
+# backend register function -> (options, annotations, doc): register() and auto ask for
+# the same methods on every call, and the signature does not change between them (a
+# replaced or reloaded backend has another function object, so it is inspected afresh)
 _SIGNATURES: dict = {}
 
 
