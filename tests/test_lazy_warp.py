@@ -128,7 +128,11 @@ def test_each_block_reads_only_its_region():
     read = sum(int(np.prod([s.stop - s.start for s in key])) for key in rec.reads)
     # a 256^2 block rotated by 3 degrees needs a few 256^2 input chunks, never the image
     assert read <= 9 * 256 * 256, read
-    np.testing.assert_array_equal(block, resample(image, t, image.shape)[768:1024, 1024:1280])
+    eager = resample(image, t, image.shape)[768:1024, 1024:1280]
+    # ITK walks each output row from its first pixel, so a block's values can differ from
+    # the whole image's in the last bit (1 pixel of 65536 here); the footprint never
+    np.testing.assert_array_equal(block == 0, eager == 0)
+    np.testing.assert_array_max_ulp(block, eager, maxulp=1)
 
 
 def test_lazy_false_computes_and_bad_order(camera):

@@ -3,8 +3,10 @@
 :func:`lazy_resample` returns a dask array on the output (fixed) grid. Each output block
 is one task that reads only the region of the input (moving) image its pixels pull back
 into (plus a one-pixel margin for interpolation), and warps it with the same
-:func:`~.resample.resample` the eager path uses, so values are identical to
-``resample(image.compute(), ...)`` for linear (order 1) and nearest (labels) warps.
+:func:`~.resample.resample` the eager path uses, so values are those of
+``resample(image.compute(), ...)``: identical for nearest (labels) warps, and for linear
+(order 1) ones up to the last bit of float rounding (ITK's resampler steps along each
+output row from its first pixel, and a block's rows start elsewhere).
 
 Nothing here imports napari or Qt; dask is imported when a lazy warp is asked for.
 """
