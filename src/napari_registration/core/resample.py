@@ -251,8 +251,8 @@ _ITK = None
 ITK_MAX_VOXELS = 2 ** 24
 # how far (pixels) outside the first/last pixel centre a source point still counts as
 # inside: above the rounding of coordinates in double precision (~1e-11 px at 1e5 px),
-# below any estimated shift (so a frame shifted by 2.0000003 px loses its edge row,
-# as with scipy and `stack_refine.translate_linear`)
+# below any estimated shift (so a frame shifted by 2.0000003 px loses its edge row, as
+# on scipy's path); `stack_refine.translate_linear` uses the same rule
 INSIDE_TOL = 1e-9
 
 

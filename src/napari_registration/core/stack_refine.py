@@ -109,10 +109,12 @@ def _run(block, axis, start, length):
 
 def translate_linear(image: np.ndarray, offset) -> np.ndarray:
     """``out[x] = image(x + offset)`` with linear interpolation, 0 where ``x + offset``
-    falls outside ``[0, n - 1]`` on any axis: what ``scipy.ndimage.affine_transform``
-    (identity matrix, ``order=1``, ``mode="constant"``) computes, in a few vectorised
-    multiply-adds per axis instead of a general per-pixel pull-back (~5x faster on a
-    320 x 320 frame). float32 / float64 in, same dtype out."""
+    falls outside ``[0, n - 1]`` on any axis by more than ``resample.INSIDE_TOL`` (1e-9
+    px): what :func:`~.resample.resample` computes, in a few vectorised multiply-adds per
+    axis instead of a general per-pixel pull-back (~5x faster on a 320 x 320 frame).
+    float32 / float64 in, same dtype out."""
+    from .resample import INSIDE_TOL
+
     a = np.asarray(image)
     out_dtype = a.dtype
     block = a
@@ -120,7 +122,7 @@ def translate_linear(image: np.ndarray, offset) -> np.ndarray:
     for axis, (size, off) in enumerate(zip(a.shape, offset)):
         off = float(off)
         coords = np.arange(size) + off  # as scipy forms them: index + offset
-        inside = np.flatnonzero((coords >= 0) & (coords <= size - 1))
+        inside = np.flatnonzero((coords >= -INSIDE_TOL) & (coords <= size - 1 + INSIDE_TOL))
         if inside.size == 0:
             return np.zeros(a.shape, out_dtype)
         lo, hi = int(inside[0]), int(inside[-1]) + 1
@@ -128,9 +130,9 @@ def translate_linear(image: np.ndarray, offset) -> np.ndarray:
         base = int(np.floor(coords[lo]))
         frac = float(coords[lo] - base)
         length = hi - lo
-        # (x + offset rounds differently along the axis: near a whole number, the last
-        # sample's neighbour may be one past the end with a weight of ~1e-7: the edge
-        # value stands in for it)
+        # (x + offset rounds differently along the axis: near a whole number, the first
+        # or last sample's neighbour may be one past the edge with a weight of ~1e-7 or
+        # less: the edge value stands in for it)
         first = _run(block, axis, base, length)
         if frac == 0.0:
             block = first
