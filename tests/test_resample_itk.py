@@ -133,3 +133,29 @@ def test_large_inputs_and_other_orders_keep_scipy(monkeypatch):
     monkeypatch.setattr(rs, "ITK_MAX_VOXELS", 64 * 64 - 1)
     rs.resample(image, t, (64, 64))
     assert calls == [1]
+
+
+def test_overlap_mask_solved_per_row_is_the_warped_ones(monkeypatch):
+    """The row-by-row overlap mask is the footprint of a nearest-neighbour warp of ones
+    (what it was computed as before), and that of the linear warp."""
+    rng = np.random.default_rng(11)
+    for trial in range(16):
+        d = 2 if trial % 2 else 3
+        size = 150 if d == 2 else 36
+        in_shape = tuple(int(v) for v in rng.integers(size // 3, size, d))
+        out_shape = tuple(int(v) for v in rng.integers(size // 3, size, d))
+        t = _random_affine(rng, d)
+        geo = {}
+        if trial % 4 == 1:
+            geo = dict(input_spacing=rng.uniform(0.5, 2, d), output_spacing=rng.uniform(0.5, 2, d),
+                       input_origin=rng.normal(0, 3, d), output_origin=rng.normal(0, 3, d))
+        mask = rs.overlap_mask(in_shape, t, out_shape, **geo)
+        ones = rs.resample(np.ones(in_shape, np.uint8), t, out_shape, labels=True, **geo)
+        assert mask.dtype == bool and mask.shape == out_shape
+        np.testing.assert_array_equal(mask, ones.astype(bool))
+        warped = rs.resample(rng.random(in_shape).astype(np.float32) + 1, t, out_shape, **geo)
+        np.testing.assert_array_equal(mask, warped != 0)
+    # a projective map still warps ones
+    h = Transform(np.array([[1.0, 0.02, 3.0], [0.01, 1.0, -2.0], [1e-4, -2e-4, 1.0]]))
+    ones = rs.resample(np.ones((60, 70), np.uint8), h, (64, 66), labels=True).astype(bool)
+    np.testing.assert_array_equal(rs.overlap_mask((60, 70), h, (64, 66)), ones)

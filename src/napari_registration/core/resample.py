@@ -289,13 +289,18 @@ def _itk_linear(work, m, output_shape, cval, n_threads) -> np.ndarray:
     rf.SetNumberOfThreads(int(n_threads))
     out = sitk.GetArrayFromImage(rf.Execute(img))
     del img
-    lo, hi = _inside_runs(m, work.shape, output_shape)
-    small = np.int16 if output_shape[-1] < 2 ** 15 - 1 else np.int64  # cheaper compares
-    cols = np.arange(output_shape[-1], dtype=small)
-    outside = cols < lo.astype(small)[..., None]
-    outside |= cols > hi.astype(small)[..., None]
+    outside = _outside(*_inside_runs(m, work.shape, output_shape), output_shape[-1])
     np.copyto(out, out.dtype.type(cval), where=outside)
     return out
+
+
+def _outside(lo, hi, width) -> np.ndarray:
+    """Boolean mask, True outside each row's run of columns ``lo..hi``."""
+    small = np.int16 if width < 2 ** 15 - 1 else np.int64  # cheaper compares
+    cols = np.arange(width, dtype=small)
+    outside = cols < lo.astype(small)[..., None]
+    outside |= cols > hi.astype(small)[..., None]
+    return outside
 
 
 def _inside_runs(m, input_shape, output_shape, tol: float = INSIDE_TOL):
@@ -347,8 +352,24 @@ def _cv2_warp(image, m_index, output_shape, order, cval):
 
 
 def overlap_mask(input_shape, transform, output_shape, **geometry) -> np.ndarray:
-    """Boolean mask of the output grid points that fall inside the input image."""
-    ones = np.ones(tuple(input_shape), dtype=np.uint8)
+    """Boolean mask of the output grid points that fall inside the input image.
+
+    For an affine transform in 2D/3D it is solved row by row (:func:`_inside_runs`, the
+    rule of the linear warp: ``0 <= coordinate <= n - 1`` within 1e-9 px) instead of
+    warping an image of ones (a whole nearest-neighbour warp)."""
+    input_shape = tuple(int(v) for v in input_shape)
+    output_shape = tuple(int(v) for v in output_shape)
+    ndim = len(input_shape)
+    if (ndim in (2, 3) and len(output_shape) == ndim and transform.ndim == ndim
+            and transform.is_linear and not transform.is_projective
+            and set(geometry) <= {"output_spacing", "output_origin", "input_spacing", "input_origin"}):
+        out_sp = _geometry(geometry.get("output_spacing"), ndim, 1.0, "output_spacing")
+        out_or = _geometry(geometry.get("output_origin"), ndim, 0.0, "output_origin")
+        in_sp = _geometry(geometry.get("input_spacing"), ndim, 1.0, "input_spacing")
+        in_or = _geometry(geometry.get("input_origin"), ndim, 0.0, "input_origin")
+        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+        return ~_outside(*_inside_runs(m, input_shape, output_shape), output_shape[-1])
+    ones = np.ones(input_shape, dtype=np.uint8)
     return resample(ones, transform, output_shape, labels=True, **geometry).astype(bool)
 
 
