@@ -247,9 +247,10 @@ def _itk_available() -> bool:
 
 
 _ITK = None
-# largest input (voxels) warped through ITK: it needs its own copy of the input
-# (and of the output), so bigger images keep scipy's in-place slabs
-ITK_MAX_VOXELS = 2 ** 24
+# largest input (voxels) warped through ITK: it needs its own copy of the input, so
+# bigger images (where memory counts more than time: 256^3 is 2^24) keep scipy's slabs,
+# which need none
+ITK_MAX_VOXELS = 2 ** 23
 # how far (pixels) outside the first/last pixel centre a source point still counts as
 # inside: above the rounding of coordinates in double precision (~1e-11 px at 1e5 px),
 # below any estimated shift (so a frame shifted by 2.0000003 px loses its edge row, as
@@ -288,8 +289,9 @@ def _itk_linear(work, m, output_shape, cval, n_threads) -> np.ndarray:
     rf.SetDefaultPixelValue(float(cval))
     rf.SetOutputPixelType(sitk.sitkFloat32 if work.dtype == np.float32 else sitk.sitkFloat64)
     rf.SetNumberOfThreads(int(n_threads))
-    out = sitk.GetArrayFromImage(rf.Execute(img))
-    del img
+    result = rf.Execute(img)
+    del img  # ITK's copy of the input
+    out = _ItkPixels(result).array()  # the output's pixels, not a copy of them
     outside = _outside(*_inside_runs(m, work.shape, output_shape), output_shape[-1])
     np.copyto(out, out.dtype.type(cval), where=outside)
     return out
@@ -302,6 +304,24 @@ def _outside(lo, hi, width) -> np.ndarray:
     outside = cols < lo.astype(small)[..., None]
     outside |= cols > hi.astype(small)[..., None]
     return outside
+
+
+class _ItkPixels:
+    """A numpy array on an ITK image's pixel buffer that keeps the image alive (numpy's
+    ``base`` is this object): no copy of the output, which on a volume is the size of
+    the output. SimpleITK's own view keeps nothing alive."""
+
+    def __init__(self, image):
+        import SimpleITK as sitk
+
+        self._image = image
+        view = sitk.GetArrayViewFromImage(image)
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], False)  # ours to write: writable
+        self.__array_interface__ = interface
+
+    def array(self) -> np.ndarray:
+        return np.asarray(self)
 
 
 def _inside_runs(m, input_shape, output_shape, tol: float = INSIDE_TOL):
