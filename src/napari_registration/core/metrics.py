@@ -18,9 +18,10 @@ import numpy as np
 PERCENTILE_SAMPLES = 1_000_000
 
 
-def _normalize_range(image: np.ndarray, mask, low, high):
+def _normalize_range(image: np.ndarray, mask, low, high, finite: bool = False):
     """The ``(lo, hi)`` that :func:`robust_normalize` maps to 0/1, or None when the
-    result is all zeros (nothing selected, or a constant selection)."""
+    result is all zeros (nothing selected, or a constant selection). ``finite``: the
+    caller knows every value is finite (see :func:`percentiles`)."""
     values = image[mask] if mask is not None else image.ravel()
     if values.size == 0:
         return None
@@ -28,7 +29,7 @@ def _normalize_range(image: np.ndarray, mask, low, high):
         # an even subsample estimates the percentiles as well and, on volumes, keeps one
         # GIL-holding np.percentile call from freezing napari's GUI for ~0.1-0.2 s
         values = values[:: values.size // PERCENTILE_SAMPLES]
-    lo, hi = percentiles(values, [low, high])
+    lo, hi = percentiles(values, [low, high], finite=finite)
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
@@ -55,15 +56,17 @@ _U8_BLOCK = 65_536
 
 
 def robust_normalize_uint8(image: np.ndarray, mask: np.ndarray | None = None, low=0.5,
-                           high=99.5) -> np.ndarray:
+                           high=99.5, *, finite: bool = False) -> np.ndarray:
     """``robust_normalize(image, mask, low, high)`` (clipped) as uint8, rounded half up:
     bit for bit ``floor(robust_normalize(...) * 255 + 0.5)`` in float32, which is what
     OpenCV's detectors are given. Computed in blocks of rows through one small float32
     scratch, so the only image-sized allocation is the uint8 result (the float32 image
-    and its scaled copy are never made: fresh pages cost more than the arithmetic)."""
+    and its scaled copy are never made: fresh pages cost more than the arithmetic).
+    ``finite=True``: the caller has checked that no value is NaN or infinite (the core's
+    grey images), which spares :func:`percentiles` its NaN pass; the result is the same."""
     image = np.asarray(image, dtype=np.float32)
     out = np.empty(image.shape, dtype=np.uint8)
-    rng = _normalize_range(image, mask, low, high)
+    rng = _normalize_range(image, mask, low, high, finite=finite)
     if rng is None:
         out.fill(0)
         return out
@@ -98,7 +101,7 @@ _BRACKET_MIN = 65_536
 _BRACKET_SAMPLE = 8_192
 
 
-def percentiles(values, q) -> np.ndarray:
+def percentiles(values, q, *, finite: bool = False) -> np.ndarray:
     """``np.percentile(values, q)`` (its default "linear" method), the same numbers, in
     about a third of the time on large float arrays.
 
@@ -108,7 +111,9 @@ def percentiles(values, q) -> np.ndarray:
     collects those inside (a tail rank's range is open on one side: one comparison), and
     only these are partitioned. The range is checked (enough values below and inside);
     if it misses, or NaNs are present (a sum, checked first), np.percentile is called.
-    The interpolation repeats numpy's arithmetic step by step (tested for equality)."""
+    The interpolation repeats numpy's arithmetic step by step (tested for equality).
+    ``finite=True`` promises that no value is NaN or infinite (the caller checked; the
+    core's grey images are): the NaN pass is skipped (~0.15-0.3 ms per 512^2 image)."""
     v = np.asarray(values).ravel()
     q = np.asarray(q, dtype=np.float64)
     n = v.size
@@ -123,10 +128,11 @@ def percentiles(values, q) -> np.ndarray:
     prev_i = np.where(above, n - 1, np.where(below, 0, prev)).astype(np.intp)
     next_i = np.where(above, n - 1, np.where(below, 0, nxt)).astype(np.intp)
     gamma = virtual - np.where(above, -1, np.where(below, 0, prev))
-    with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: NaN, then numpy's
-        total = np.add.reduce(v)
-    if np.isnan(total):  # one pass, no copy: NaN anywhere makes the sum NaN
-        return np.percentile(v, q)
+    if not finite:
+        with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: NaN, then numpy's
+            total = np.add.reduce(v)
+        if np.isnan(total):  # one pass, no copy: NaN anywhere makes the sum NaN
+            return np.percentile(v, q)
     sample = np.sort(v[:: max(1, n // _BRACKET_SAMPLE)])
     m = sample.size
     stats: dict[int, float] = {}

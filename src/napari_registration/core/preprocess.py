@@ -67,10 +67,12 @@ def prepare(image, *, spacing=None, mask=None, normalize_: bool = True, equalize
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def prepare_uint8(image, *, mask=None) -> np.ndarray:
+def prepare_uint8(image, *, mask=None, finite: bool = False) -> np.ndarray:
     """``prepare(image, mask=mask)`` (robust [0, 1] normalisation, clipped) as uint8
     (x 255, rounded half up), bit for bit what a detector gets from the float image, in
-    one blocked pass: for backends that only read 8-bit images (``UINT8_INPUT``)."""
+    one blocked pass: for backends that only read 8-bit images (``UINT8_INPUT``).
+    ``finite=True``: the caller checked that every value is finite (same result, one
+    pass fewer)."""
     from .metrics import robust_normalize_uint8
 
-    return robust_normalize_uint8(image, mask)
+    return robust_normalize_uint8(image, mask, finite=finite)
