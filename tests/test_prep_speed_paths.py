@@ -230,3 +230,45 @@ def test_option_type_check_still_names_the_option():
         with pytest.raises(ValueError, match="n_features"):
             core_register.register(img, img, method="features", detector="orb",
                                    transform="rigid", n_features="many")
+
+
+# ------------------------------------------- OpenCV's threads during two detections
+def test_share_cores_restores_opencv_threads_when_nested():
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        want = max(1, parallel.n_workers() // 2)
+        with features._share_cores(2):
+            assert cv2.getNumThreads() == want
+            with features._share_cores(2):  # an overlapping user (another thread's call)
+                assert cv2.getNumThreads() == want
+            assert cv2.getNumThreads() == want  # still in use by the outer one
+        assert cv2.getNumThreads() == 3
+        with pytest.raises(RuntimeError):
+            with features._share_cores(2):
+                raise RuntimeError("a failed detection")
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_orb_pair_detection_keeps_opencv_setting_and_keypoints(monkeypatch):
+    """Two ORB detections at once with half the cores each for OpenCV: the keypoints and
+    the fit of one detection after the other (threads=1), and OpenCV's setting afterwards."""
+    from napari_registration import register
+
+    rng = np.random.default_rng(2)
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(rng.random((200, 220)), 2.0).astype(np.float32)
+    moving = ndimage.shift(img, (3.2, -4.7), order=1, mode="nearest").astype(np.float32)
+    before = cv2.getNumThreads()
+    monkeypatch.setattr(features, "n_workers", lambda threads=0: 2 if not threads else threads)
+    a = register(img, moving, method="features", detector="orb", transform="translation",
+                 score=False, warp=False)
+    assert cv2.getNumThreads() == before
+    b = register(img, moving, method="features", detector="orb", transform="translation",
+                 score=False, warp=False, threads=1)
+    for key in ("fixed_keypoints", "moving_keypoints", "fixed_matches", "moving_matches"):
+        np.testing.assert_array_equal(a.extras[key], b.extras[key])
+    np.testing.assert_array_equal(a.transform.matrix, b.transform.matrix)
