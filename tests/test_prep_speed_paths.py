@@ -50,35 +50,41 @@ def test_robust_normalize_uint8_finite_same_bits():
     np.testing.assert_array_equal(img, before)
 
 
-# ------------------------------------------------------- two stretches at once
-def test_prepare_pair_threads_same_arrays(monkeypatch):
-    rng = np.random.default_rng(1)
-    f = rng.random((256, 300), dtype=np.float32) ** 2
-    m = rng.random((240, 310), dtype=np.float32) * 5 - 1
-    f_mask = np.ones(f.shape, bool)
-    f_mask[:20] = False
-    copies = f.copy(), m.copy()
-    serial = [prepare_uint8(f, mask=f_mask), prepare_uint8(m)]
-    calls = []
-    real_run_all = parallel.run_all
+# --------------------------------------- the stretch in each detection thread
+@pytest.mark.parametrize("spacing,masked", [((1.0, 1.0), False), ((1.0, 1.6), True)])
+def test_stretch_in_backend_same_as_core_uint8(spacing, masked):
+    """register() hands the features backend its float32 grey images with stretch_uint8
+    (each detection thread stretches its own image): the keypoints, matches and transform
+    are those of the backend given the core's uint8 stretches (prepare_uint8), as before;
+    the caller's arrays are not modified."""
+    from scipy import ndimage
 
-    def spy(tasks):
-        calls.append(len(tasks))
-        return real_run_all(tasks)
+    from napari_registration import register
 
-    monkeypatch.setattr(parallel, "run_all", spy)
-    monkeypatch.setattr(parallel, "spare_cores", lambda: True)
-    got = core_register._prepare_pair_uint8(f, m, f_mask, None)
-    assert calls == [2]  # the threaded path ran
-    monkeypatch.setattr(parallel, "spare_cores", lambda: False)
-    one_by_one = core_register._prepare_pair_uint8(f, m, f_mask, None)
-    assert calls == [2]
-    for a, b, c in zip(got, one_by_one, serial):
-        assert a.dtype == np.uint8
-        np.testing.assert_array_equal(a, c)
-        np.testing.assert_array_equal(b, c)
-    np.testing.assert_array_equal(f, copies[0])
-    np.testing.assert_array_equal(m, copies[1])
+    rng = np.random.default_rng(4)
+    fixed = (ndimage.gaussian_filter(rng.random((220, 240)), 2.5) * 7 + 3).astype(np.float32)
+    moving = ndimage.shift(fixed, (2.6, -3.1), order=1, mode="nearest").astype(np.float32)
+    f_mask = m_mask = None
+    if masked:
+        f_mask = np.ones(fixed.shape, bool)
+        f_mask[:, :15] = False
+        m_mask = np.ones(moving.shape, bool)
+        m_mask[-10:] = False
+    copies = fixed.copy(), moving.copy()
+    got = register(fixed, moving, method="features", detector="orb", transform="rigid",
+                   fixed_spacing=spacing, moving_spacing=spacing, fixed_mask=f_mask,
+                   moving_mask=m_mask, score=False, warp=False)
+    np.testing.assert_array_equal(fixed, copies[0])
+    np.testing.assert_array_equal(moving, copies[1])
+    u8 = [prepare_uint8(img, mask=m) for img, m in ((fixed, f_mask), (moving, m_mask))]
+    want = features.register(u8[0], u8[1], transform="rigid", fixed_spacing=spacing,
+                             moving_spacing=spacing, progress=lambda f, m: None,
+                             cancel=lambda: False, fixed_mask=f_mask, moving_mask=m_mask,
+                             detector="orb")
+    for key in ("fixed_keypoints", "moving_keypoints", "fixed_matches", "moving_matches"):
+        np.testing.assert_array_equal(got.extras[key], want.extras[key])
+    np.testing.assert_array_equal(got.transform.matrix, want.transform.matrix)
+    assert "stretch_uint8" not in core_register.method_info("features")["options"]
 
 
 # ------------------------------------------------------------ guided matching

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from ..core.parallel import n_workers, run_all, spare_cores, split
+from ..core.preprocess import prepare_uint8
 from ..core.register import BackendResult, RegistrationCancelled, RegistrationError
 from ..core.transform import Transform
 
@@ -41,6 +42,10 @@ DESCRIPTION = ("OpenCV keypoints (SIFT, ORB, AKAZE, BRISK) matched and fitted ro
 # the core hands this backend its 0.5/99.5-percentile stretch as uint8 (what the
 # detectors read), made in one pass, instead of a float32 image to convert here
 UINT8_INPUT = True
+# ... and makes that stretch itself, in each image's detection thread (the core passes its
+# finite float32 grey images with stretch_uint8=True): one image's stretch then overlaps
+# the other's detection instead of both running before either detection starts
+UINT8_STRETCH = True
 
 DETECTORS = ("sift", "orb", "akaze", "brisk")
 MATCHERS = ("auto", "bf", "flann")
@@ -119,6 +124,16 @@ def to_uint8(image, mask=None) -> np.ndarray:
         block = (a[r:r + rows] - np.float32(offset)) * np.float32(gain) + np.float32(0.5)
         out[r:r + rows] = np.clip(block, 0, 255)
     return out
+
+
+def _square_size(shape, spacing, tolerance: float = 1.05) -> int:
+    """Pixels of :func:`square_pixels`' result for an image of ``shape`` (no resampling)."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.max() / spacing.min() <= tolerance:
+        return int(np.prod(shape))
+    ratio = spacing / float(spacing.min())
+    return int(np.prod([int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(shape, ratio)],
+                       dtype=float))
 
 
 def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
@@ -763,8 +778,8 @@ def _share_cores(parts: int):
     """OpenCV's own worker threads cut to the cores each of ``parts`` concurrent calls
     has (cores // parts, at least 1) while they run, then restored. Two ORB detections
     at once on 2 cores, each also handing work to OpenCV's 2-thread pool, cost ~4 ms more
-    CPU (22 vs 18 ms for moon's pair under report timing) and more wall time than with
-    one OpenCV thread each: the pool can only compete with the other detection. The
+    CPU (22 vs 18 ms for moon's pair under report timing) than with one OpenCV thread
+    each: the pool can only compete with the other detection. The
     setting is process-wide, so overlapping users (register_stack's workers) share one
     save/restore: the first one in saves it, the last one out puts it back."""
     import cv2
@@ -822,12 +837,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
              confidence: float = 0.999, max_iters: int = 5000, refine: bool = True,
              min_inliers: int = 10, max_scale: float = 10.0, isotropic: bool = True,
              seed: int = 0, threads: int = 0, tile_size: int = 1024,
-             guided: bool = True) -> BackendResult:
+             guided: bool = True, stretch_uint8: bool = False) -> BackendResult:
     """Detect keypoints in both images, match their descriptors and fit ``transform``
     robustly, in world coordinates.
 
     ``fixed`` and ``moving`` as uint8 are detected as they are (the core's stretched
-    images, see ``UINT8_INPUT``); any other dtype goes through :func:`to_uint8`.
+    images, see ``UINT8_INPUT``); any other dtype goes through :func:`to_uint8`. With
+    ``stretch_uint8`` (set by the core, not a user option: ``UINT8_STRETCH``) they are the
+    core's finite float32 grey images, and each image's detection thread first makes the
+    core's uint8 stretch of it (``preprocess.prepare_uint8``, bit for bit the same).
 
     Options
     -------
@@ -895,44 +913,49 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     m_sp = np.asarray(moving_spacing, dtype=np.float64)
     unit = float(f_sp.min())  # fitting units: world / unit ~ fixed pixels
     timings = {}
-    with _threads(threads):
+    # ORB, AKAZE, BRISK: what runs in parallel here (the two detections, the brute-force
+    # matching) is split over two threads of our own, so each gets half the cores for
+    # OpenCV's threads (keypoints and matches do not depend on it, tested); SIFT keeps
+    # OpenCV's setting (its detection is OpenCV's threads' work), as does `threads=`
+    share = _share_cores(2) if not threads and detector != "sift" else contextlib.nullcontext()
+    with _threads(threads), share:
         t = time.perf_counter()
         progress(0.0, f"{detector}: keypoints")
-        f_img, f_mask, f_det_sp = fixed, fixed_mask, f_sp
-        m_img, m_mask, m_det_sp = moving, moving_mask, m_sp
-        if isotropic:
-            f_img, f_mask, f_det_sp = square_pixels(fixed, f_sp, fixed_mask)
-            m_img, m_mask, m_det_sp = square_pixels(moving, m_sp, moving_mask)
         if int(tile_size) < 0:
             raise ValueError(f"tile_size must be >= 0 (0 = no tiles); got {tile_size}")
         workers = n_workers(threads)
 
-        def detect_one(img, msk):
+        def detect_one(img, msk, sp):
+            """One image's chain, on its own thread when both run at once: the core's
+            stretch (stretch_uint8), square pixels, keypoints; ``(xy, desc, resp, sp)``."""
+            if stretch_uint8:
+                img = prepare_uint8(img, mask=msk, finite=True)
+            if isotropic:
+                img, msk, sp = square_pixels(img, sp, msk)
             # uint8 is the core's stretched image (UINT8_INPUT): detected as it is
             u8 = img if img.dtype == np.uint8 else to_uint8(img, msk)
-            return detect_tiled(u8, msk, detector, n_features, threshold,
-                                tile_size=int(tile_size), stop=stop, with_response=True)
+            return detect_tiled(u8, msk, detector, n_features, threshold, tile_size=int(tile_size),
+                                stop=stop, with_response=True) + (sp,)
 
         limit = CONCURRENT_SIFT_PIXELS if detector == "sift" else CONCURRENT_DETECT_PIXELS
-        if workers > 1 and f_img.size + m_img.size <= limit:
+        sizes = [_square_size(np.shape(img), sp) if isotropic else np.size(img)
+                 for img, sp in ((fixed, f_sp), (moving, m_sp))]
+        if workers > 1 and sum(sizes) <= limit:
             # both images at once: OpenCV releases the GIL while it detects; larger images
             # go one after the other (tiled), which bounds the detector's memory. SIFT too:
             # OpenCV spreads only parts of it over its threads (the upscale and the first
             # octave's blurs run on one), so two at once took 19 % less wall time for the
             # same CPU on 2 cores at load ~1 (retina 704^2; at load 10, round 3, they cost
             # 10-20 % more: a busy machine has no idle core to give)
-            # ORB, AKAZE, BRISK: each detection gets half the cores for OpenCV's own
-            # threads (their keypoints do not depend on it, tested); SIFT keeps OpenCV's
-            # setting, and so does an explicit `threads`
-            share = (_share_cores(2) if not threads and detector != "sift"
-                     else contextlib.nullcontext())
-            with share:
-                (f_xy, f_desc, f_resp), (m_xy, m_desc, m_resp) = run_all(
-                    [lambda: detect_one(f_img, f_mask), lambda: detect_one(m_img, m_mask)])
+            # With stretch_uint8 each thread first makes its image's uint8 stretch, so one
+            # image's stretch overlaps the other's detection (~1.3 ms a 512^2 image)
+            (f_xy, f_desc, f_resp, f_det_sp), (m_xy, m_desc, m_resp, m_det_sp) = run_all(
+                [lambda: detect_one(fixed, fixed_mask, f_sp),
+                 lambda: detect_one(moving, moving_mask, m_sp)])
         else:
-            f_xy, f_desc, f_resp = detect_one(f_img, f_mask)
+            f_xy, f_desc, f_resp, f_det_sp = detect_one(fixed, fixed_mask, f_sp)
             stop()
-            m_xy, m_desc, m_resp = detect_one(m_img, m_mask)
+            m_xy, m_desc, m_resp, m_det_sp = detect_one(moving, moving_mask, m_sp)
         stop()
         timings["detect"] = time.perf_counter() - t
         f_pts = keypoints_to_world(f_xy, f_det_sp)

@@ -226,7 +226,7 @@ def _signature_info(fn) -> tuple[dict, dict, str]:
 
 
 _BACKEND_PLUMBING = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
-                     "fixed_mask", "moving_mask", "linear_copy"}
+                     "fixed_mask", "moving_mask", "linear_copy", "stretch_uint8"}
 
 
 # ------------------------------------------------------------------------- validation
@@ -519,7 +519,7 @@ def register(
     def backend_cancel():
         return bool(cancel is not None and cancel())
 
-    from .preprocess import prepare
+    from .preprocess import prepare, prepare_uint8
 
     report(0.0, "preprocessing")
     should_stop()
@@ -538,8 +538,17 @@ def register(
     # float32 copies for it to convert
     uint8_input = (getattr(mod, "UINT8_INPUT", False) and clip and not linear_copy
                    and core["normalize"] and not core["equalize"] and not core["smooth"])
-    if uint8_input:
-        f_prep, m_prep = _prepare_pair_uint8(fixed_g, moving_g, fixed_mask, moving_mask)
+    # ... and one that makes that stretch itself (UINT8_STRETCH: features, in each image's
+    # detection thread, so that one image's stretch overlaps the other's detection) gets
+    # the finite grey images and stretch_uint8=True
+    stretch_in_backend = uint8_input and getattr(mod, "UINT8_STRETCH", False)
+    if stretch_in_backend:
+        f_prep, m_prep = fixed_g, moving_g
+        backend_opts["stretch_uint8"] = True
+    elif uint8_input:
+        # _grey_float has made every value finite (or refused the image)
+        f_prep = prepare_uint8(fixed_g, mask=fixed_mask, finite=True)
+        m_prep = prepare_uint8(moving_g, mask=moving_mask, finite=True)
     elif linear_copy and not core["smooth"]:
         # same percentiles, same rescale: the clipped images are the linear ones clipped
         # (bit for bit), without computing the percentiles a second time
@@ -573,9 +582,10 @@ def register(
 
     # the backends get arrays of their own: with normalize=False (and no other
     # preprocessing) prepare() may hand back the caller's float32 array itself
-    if np.shares_memory(f_prep, fixed_raw):
+    # (stretch_uint8: the backend only reads the grey images to make its uint8 copies)
+    if not stretch_in_backend and np.shares_memory(f_prep, fixed_raw):
         f_prep = f_prep.copy()
-    if np.shares_memory(m_prep, moving_raw):
+    if not stretch_in_backend and np.shares_memory(m_prep, moving_raw):
         m_prep = m_prep.copy()
 
     report(0.05, f"{method}: {transform}")
@@ -634,26 +644,6 @@ def register(
         fixed_origin=tuple(float(v) for v in f_or), moving_shape=tuple(moving_g.shape),
         moving_spacing=tuple(float(v) for v in m_sp), moving_origin=tuple(float(v) for v in m_or),
     )
-
-
-# fixed + moving pixels from which the two uint8 stretches run at once (two threads): numpy
-# releases the GIL in the percentile passes and the blocked stretch; below this a thread
-# costs more than half an image's work
-PREPARE_PAIR_PIXELS = 2 * 128 * 128
-
-
-def _prepare_pair_uint8(fixed_g, moving_g, fixed_mask, moving_mask):
-    """``prepare_uint8`` of both images (the features backend's input), the two at once on
-    two threads when a core is free: the same arrays as one after the other."""
-    from .parallel import run_all, spare_cores
-    from .preprocess import prepare_uint8
-
-    # _grey_float has made every value finite (or refused the image)
-    tasks = [lambda: prepare_uint8(fixed_g, mask=fixed_mask, finite=True),
-             lambda: prepare_uint8(moving_g, mask=moving_mask, finite=True)]
-    if fixed_g.size + moving_g.size >= PREPARE_PAIR_PIXELS and spare_cores():
-        return tuple(run_all(tasks))
-    return tuple(t() for t in tasks)
 
 
 def as_cancel_check(cancel):
