@@ -489,11 +489,9 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
     k = min(GUIDED_NEIGHBOURS, len(f_pts))
     # an unbalanced tree builds in half the time; the neighbours found are the same
     tree = cKDTree(f_pts, balanced_tree=False, compact_nodes=False)
-    # the queries are independent: with a free core, scipy splits them over two threads
-    # (the same neighbours; ~2.5 ms for 1900 keypoints on one)
-    split_query = workers > 1 and len(m_pts) >= 2 * MIN_QUERIES_PER_THREAD and spare_cores()
+    # (scipy's workers=2 for these queries lost ~0.5 ms on moon, idle: thread starts)
     _, nb = tree.query(np.where(ok[:, None], pred, 1e300), k=k,
-                       distance_upper_bound=float(radius), workers=2 if split_query else 1)
+                       distance_upper_bound=float(radius))
     nb = nb.reshape(len(m_pts), k)
     # the descriptor distance of every (moving, neighbour) pair found, in one flat pass
     # (no 2D scatter); missing neighbours stay at inf
@@ -779,7 +777,7 @@ def _share_cores(parts: int):
     has (cores // parts, at least 1) while they run, then restored. Two ORB detections
     at once on 2 cores, each also handing work to OpenCV's 2-thread pool, cost ~4 ms more
     CPU (22 vs 18 ms for moon's pair under report timing) than with one OpenCV thread
-    each: the pool can only compete with the other detection. The
+    each on a busy machine: the pool can only compete with the other detection. The
     setting is process-wide, so overlapping users (register_stack's workers) share one
     save/restore: the first one in saves it, the last one out puts it back."""
     import cv2
@@ -913,11 +911,15 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
     m_sp = np.asarray(moving_spacing, dtype=np.float64)
     unit = float(f_sp.min())  # fitting units: world / unit ~ fixed pixels
     timings = {}
-    # ORB, AKAZE, BRISK: what runs in parallel here (the two detections, the brute-force
-    # matching) is split over two threads of our own, so each gets half the cores for
-    # OpenCV's threads (keypoints and matches do not depend on it, tested); SIFT keeps
-    # OpenCV's setting (its detection is OpenCV's threads' work), as does `threads=`
-    share = _share_cores(2) if not threads and detector != "sift" else contextlib.nullcontext()
+    # ORB, AKAZE, BRISK on a busy machine (no core free by the load average): what runs
+    # in parallel here (the two detections, the brute-force matching) is split over two
+    # threads of our own, so each gets half the cores for OpenCV's threads (keypoints and
+    # matches do not depend on it, tested). With a core free OpenCV's pool can take over
+    # when one detection ends first (moon, idle: ~0.4 ms less wall, ~0.8 ms more CPU).
+    # SIFT keeps OpenCV's setting (its detection is OpenCV's threads' work), as does an
+    # explicit `threads=`
+    share = (_share_cores(2) if not threads and detector != "sift" and not spare_cores()
+             else contextlib.nullcontext())
     with _threads(threads), share:
         t = time.perf_counter()
         progress(0.0, f"{detector}: keypoints")
