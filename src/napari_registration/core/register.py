@@ -64,7 +64,7 @@ CORE_OPTIONS = {
     "warp": True,             # resample moving onto the fixed grid
     "order": 1,               # interpolation order for the warped image
     "score": True,            # compute before/after metrics
-    "fast_warp": False,       # 2D linear: OpenCV's warp (~15x faster, 1/32-px weights)
+    "fast_warp": False,       # 2D linear: OpenCV's warp (~4x faster, 1/32-px weights)
 }
 
 
@@ -401,7 +401,7 @@ def register(
     **options
         Shared: ``normalize``, ``equalize`` (None/"hist"/"clahe"), ``smooth`` (world
         sigma), ``fixed_mask``, ``moving_mask``, ``rgb``, ``warp``, ``order``, ``score``,
-        ``fast_warp`` (2D linear warps with OpenCV: ~15x faster, 1/32-pixel weights).
+        ``fast_warp`` (2D linear warps with OpenCV: ~4x faster, 1/32-pixel weights).
         Per method: see :func:`method_info`.
         Big images: ``pixel_budget`` (pixels a side of the level the transform is
         estimated on; default 2048 for pyramids and dask arrays, off for numpy),
@@ -738,9 +738,10 @@ def apply_transform(image, transform: Transform, *, output_shape, output_spacing
 
     A dask ``image`` (or ``lazy=True``) gives a lazy dask array: each output block (shape
     ``chunks``; default the input's chunks) reads only the input region it needs, with
-    the same values as the eager warp (order 0 or 1). ``lazy=False`` computes a dask
-    input first and returns numpy. ``fast=True``: 2D linear warps with OpenCV (~15x
-    faster, parallel on threads; 1/32-pixel interpolation weights).
+    the same values as the eager warp (order 0; order 1 to the last bit of float
+    rounding). ``lazy=False`` computes a dask input first and returns numpy.
+    ``fast=True``: 2D linear warps with OpenCV (~4x faster than the exact warp, parallel
+    on threads; 1/32-pixel interpolation weights).
     """
     from .lazy import is_dask, lazy_resample
 
