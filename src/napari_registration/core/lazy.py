@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .resample import _geometry, index_to_world, resample, world_to_index
+from .resample import _geometry, index_map, resample
 from .transform import Transform
 
 __all__ = ["lazy_resample", "is_dask", "default_chunks", "warp_levels"]
@@ -47,7 +47,7 @@ def _pullback_bounds(transform, out_sp, out_or, in_sp, in_or, start, stop):
     for linear maps (the corners), sampled on a grid for projective/deformable ones."""
     ndim = len(start)
     if transform.is_linear and not transform.is_projective:
-        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+        m = index_map(transform, out_sp, out_or, in_sp, in_or)
         corners = np.array(list(itertools.product(*[(a, b - 1) for a, b in zip(start, stop)])), float)
         src = corners @ m[:ndim, :ndim].T + m[:ndim, ndim]
         return src.min(axis=0), src.max(axis=0), 0

@@ -44,6 +44,12 @@ def world_to_index(spacing, origin) -> np.ndarray:
     return np.linalg.inv(index_to_world(spacing, origin))
 
 
+def index_map(transform: Transform, out_sp, out_or, in_sp, in_or) -> np.ndarray:
+    """Homogeneous matrix of a linear ``transform``'s pull-back on the grids: output
+    (fixed) index -> output world -> input (moving) world -> input index."""
+    return world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+
+
 SLAB_VOXELS = 65_536  # output voxels per scipy call (~2-5 ms each)
 
 
@@ -52,7 +58,7 @@ def _run_slabs(slab, n_rows: int, per_row: int, threads: int) -> None:
     voxels, spread over threads (contiguous runs of slabs per thread). The slab layout
     depends only on the output shape, never on the thread count, so the result is the
     same on every machine."""
-    from .parallel import n_workers, run_all, split
+    from .parallel import run_all, split
 
     rows = max(1, SLAB_VOXELS // max(per_row, 1))
     slabs = [(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
@@ -158,21 +164,18 @@ def resample(
     else:
         work = image.astype(np.float32)
     out_dtype = work.dtype
+    # every linear branch below pulls the output grid back through this one matrix
+    m = index_map(transform, out_sp, out_or, in_sp, in_or) if transform.is_linear else None
 
     if (fast and ndim == 2 and transform.is_linear and order <= 1
             and work.dtype in (np.float32, np.uint8) and max(output_shape) < 32767
             and max(work.shape) < 32767):
-        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
         out = _cv2_warp(work, m, output_shape, order, cval)
     elif (order == 1 and ndim in (2, 3) and transform.is_linear and not transform.is_projective
-          and work.dtype in (np.float32, np.float64) and work.size <= ITK_MAX_VOXELS
-          and _itk_available()):
-        # the same exact interpolation in ITK's resampler, 3-6x faster than scipy's
-        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+          and work.dtype in (np.float32, np.float64) and work.size <= ITK_MAX_VOXELS):
+        # the same exact interpolation in ITK's resampler, 2-4x faster than scipy's
         out = _itk_linear(work, m, output_shape, cval, n_workers(threads))
     elif transform.is_linear and not transform.is_projective:
-        # output index -> output world -> moving world -> moving index, all linear
-        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
         if order > 1:
             work = ndimage.spline_filter(work, order=order, output=np.float64)
         out = np.empty(output_shape, dtype=out_dtype)
@@ -210,7 +213,6 @@ def resample(
             # a projective matrix: output index -> input index is one (D+1)x(D+1) matrix
             # followed by the perspective divide, evaluated by broadcasting over the grid
             # (no (N, D) point list through the world), spread over threads
-            m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
 
             def projective_chunk(start, stop):
                 axes = [np.arange(start, stop, dtype=float)] + [g.astype(float) for g in grids]
@@ -237,16 +239,6 @@ def resample(
     return out
 
 
-def _itk_available() -> bool:
-    global _ITK
-    if _ITK is None:
-        import importlib.util
-
-        _ITK = importlib.util.find_spec("SimpleITK") is not None
-    return _ITK
-
-
-_ITK = None
 # largest input (voxels) warped through ITK: it needs its own copy of the input, so
 # bigger images (where memory counts more than time: 256^3 is 2^24) keep scipy's slabs,
 # which need none
@@ -268,9 +260,10 @@ def _itk_linear(work, m, output_shape, cval, n_threads) -> np.ndarray:
     spreads the rows over ``n_threads`` threads. Only the border differs: ITK also
     samples points within half a pixel outside the image (its pixels are squares around
     their centres), scipy none outside ``0 <= coordinate <= n - 1``. The outside points
-    are set to ``cval`` here, decided with the very arithmetic scipy's slabs used
-    (:func:`_scipy_inside_runs`), so the warped image's footprint is unchanged to the
-    pixel."""
+    are set to ``cval`` here, row by row (:func:`_inside_runs`, within
+    :data:`INSIDE_TOL`): the footprint is scipy's, except that maps sending pixels
+    exactly onto pixels (90-degree rotations from cos/sin) keep the edge rows that
+    scipy's rounded coordinates dropped."""
     import SimpleITK as sitk
 
     ndim = work.ndim
@@ -388,7 +381,7 @@ def overlap_mask(input_shape, transform, output_shape, **geometry) -> np.ndarray
         out_or = _geometry(geometry.get("output_origin"), ndim, 0.0, "output_origin")
         in_sp = _geometry(geometry.get("input_spacing"), ndim, 1.0, "input_spacing")
         in_or = _geometry(geometry.get("input_origin"), ndim, 0.0, "input_origin")
-        m = world_to_index(in_sp, in_or) @ np.linalg.inv(transform.matrix) @ index_to_world(out_sp, out_or)
+        m = index_map(transform, out_sp, out_or, in_sp, in_or)
         return ~_outside(*_inside_runs(m, input_shape, output_shape), output_shape[-1])
     ones = np.ones(input_shape, dtype=np.uint8)
     return resample(ones, transform, output_shape, labels=True, **geometry).astype(bool)

@@ -229,14 +229,14 @@ def _translation_offset(transform, spacing, order, dtype):
     """For a linear warp (order 1) by a pure translation of a float or integer frame: the
     sampling offset (input index = output index + offset) that ``resample`` would use;
     None otherwise (the general path)."""
-    from .resample import index_to_world, world_to_index
+    from .resample import index_map
 
     if order != 1 or not transform.is_linear or transform.is_projective:
         return None
     if not (np.dtype(dtype) in (np.float32, np.float64) or np.dtype(dtype).kind in "iu"):
         return None
-    m = world_to_index(spacing, np.zeros(len(spacing))) @ np.linalg.inv(transform.matrix) \
-        @ index_to_world(spacing, np.zeros(len(spacing)))
+    zero = np.zeros(len(spacing))
+    m = index_map(transform, spacing, zero, spacing, zero)
     nd = len(spacing)
     if not np.allclose(m[:nd, :nd], np.eye(nd), rtol=0, atol=1e-12):
         return None
