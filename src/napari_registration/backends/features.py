@@ -126,14 +126,20 @@ def to_uint8(image, mask=None) -> np.ndarray:
     return out
 
 
-def _square_size(shape, spacing, tolerance: float = 1.05) -> int:
-    """Pixels of :func:`square_pixels`' result for an image of ``shape`` (no resampling)."""
+def _square_shape(shape, spacing, tolerance: float = 1.05) -> tuple[int, ...] | None:
+    """Shape of :func:`square_pixels`' result for an image of ``shape``, or None when its
+    pixels are square within ``tolerance`` (the image is used as it is)."""
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.max() / spacing.min() <= tolerance:
-        return int(np.prod(shape))
-    ratio = spacing / float(spacing.min())
-    return int(np.prod([int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(shape, ratio)],
-                       dtype=float))
+        return None
+    ratio = spacing / float(spacing.min())  # >= 1: how many new pixels per old one, per axis
+    return tuple(int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(shape, ratio))
+
+
+def _square_size(shape, spacing) -> int:
+    """Pixels of :func:`square_pixels`' result for an image of ``shape`` (no resampling)."""
+    square = _square_shape(shape, spacing)
+    return int(np.prod(shape if square is None else square, dtype=float))
 
 
 def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
@@ -147,11 +153,11 @@ def square_pixels(image, spacing, mask=None, tolerance: float = 1.05):
     import cv2
 
     spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.max() / spacing.min() <= tolerance:
+    shape = _square_shape(image.shape, spacing, tolerance)
+    if shape is None:
         return image, mask, spacing
     side = float(spacing.min())
-    ratio = spacing / side  # >= 1: how many new pixels per old one, per axis
-    shape = tuple(int(np.floor((n - 1) * r + 1e-9)) + 1 for n, r in zip(image.shape, ratio))
+    ratio = spacing / side
     if max(shape) > 32767 or np.prod(shape, dtype=float) > max(2 ** 24, 4 * image.size):
         # OpenCV cannot warp beyond 32767 px per side, and such a stretch is almost
         # surely a spacing in the wrong units
