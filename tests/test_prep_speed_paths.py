@@ -93,32 +93,17 @@ def test_stretch_in_backend_same_as_core_uint8(spacing, masked):
 # ------------------------------------------------------------ guided matching
 def _guided_reference(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector, transform,
                       ratio, radius, estimator, threshold, confidence, max_iters, seed):
-    """The guided matching as it was before round 6 (a stable sort of every row)."""
+    """The guided matching as it was before round 6 (a stable sort of every row, a 2D
+    scatter of the distances), after the seed step, which round 6 left as it was."""
     from scipy.spatial import cKDTree
 
-    order_m = np.argsort(-np.asarray(m_resp), kind="stable")
-    order_f = np.argsort(-np.asarray(f_resp), kind="stable")
-    need = max(3 * features.MIN_POINTS[transform], 12)
-    m0 = None
-    for size in features.GUIDED_SEEDS:
-        ms, fs = np.sort(order_m[:size]), np.sort(order_f[:size])
-        a, b, _ = features.match(m_desc[ms], f_desc[fs], detector=detector, ratio=ratio,
-                                 matcher="bf", seed=seed)
-        if len(a) >= need:
-            a, b = ms[a], fs[b]
-            order = np.lexsort((m_pts[a, 1], m_pts[a, 0], f_pts[b, 1], f_pts[b, 0]))
-            a, b = a[order], b[order]
-            m0, inl, _ = features.fit(m_pts[a], f_pts[b], transform, estimator=estimator,
-                                      threshold=threshold, confidence=confidence,
-                                      max_iters=max_iters, refine=False, seed=seed)
-            if m0 is not None and inl.sum() >= need and np.all(np.isfinite(m0)):
-                break
-            m0 = None
-        if size >= min(len(m_pts), len(f_pts)):
-            break
-    if m0 is None:
+    seeded = features._guided_seed(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp,
+                                   detector=detector, transform=transform, ratio=ratio,
+                                   estimator=estimator, threshold=threshold,
+                                   confidence=confidence, max_iters=max_iters, seed=seed)
+    if seeded is None:
         return None
-    cap = float(features.descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
+    m0, cap = seeded
     pred = features._project(m0, m_pts)
     ok = np.all(np.isfinite(pred), axis=1)
     k = min(features.GUIDED_NEIGHBOURS, len(f_pts))

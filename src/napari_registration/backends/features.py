@@ -444,28 +444,11 @@ def _popcount_rows(x, table: bool = False) -> np.ndarray:
     return _POPCOUNT8[x.view(np.uint8).reshape(len(x), -1)].sum(axis=1, dtype=np.int64)
 
 
-def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
-                 ratio: float, radius: float, estimator: str, threshold: float,
-                 confidence: float, max_iters: int, seed: int, workers: int = 1):
-    """Guided matching: ``(moving_idx, fixed_idx)``, or None when the seed fit fails.
-
-    1. The ``GUIDED_SEEDS[0]`` strongest keypoints of each image are matched all against
-       all (Lowe's ratio test) and ``transform`` is fitted robustly to them (without the
-       least-squares refits: it only predicts where to look); if that fails, the next
-       seed size is tried.
-    2. Every moving keypoint is then compared only with the fixed keypoints within
-       ``radius`` of where that fit puts it (at most ``GUIDED_NEIGHBOURS``); it keeps the
-       nearest descriptor if that passes the ratio test against the second nearest there
-       and is no farther than the seed inliers' farthest descriptor distance.
-    3. Each fixed keypoint keeps its closest moving one (one-to-one).
-
-    The caller fits the model to these matches as it does to all-against-all ones, so a
-    poor seed cannot bias the result beyond which pairs are offered. Points are (N, 2)
-    in fitting units (about fixed pixels), like ``radius``; descriptors and responses
-    per keypoint. Costs ~GUIDED_SEEDS[0]^2 + N * GUIDED_NEIGHBOURS comparisons instead of
-    N_moving * N_fixed."""
-    from scipy.spatial import cKDTree
-
+def _guided_seed(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector, transform, ratio,
+                 estimator, threshold, confidence, max_iters, seed, workers=1):
+    """Step 1 of :func:`match_guided`: the seed fit from the strongest keypoints, and the
+    seed inliers' farthest descriptor distance (the cap of step 2); None when no seed
+    size gives a fit."""
     order_m = np.argsort(-np.asarray(m_resp), kind="stable")
     order_f = np.argsort(-np.asarray(f_resp), kind="stable")
     need = max(3 * MIN_POINTS[transform], 12)
@@ -489,7 +472,38 @@ def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str,
             break
     if m0 is None:
         return None
-    cap = float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
+    return m0, float(descriptor_distance(m_desc[a[inl]], f_desc[b[inl]], detector).max())
+
+
+def match_guided(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, *, detector: str, transform: str,
+                 ratio: float, radius: float, estimator: str, threshold: float,
+                 confidence: float, max_iters: int, seed: int, workers: int = 1):
+    """Guided matching: ``(moving_idx, fixed_idx)``, or None when the seed fit fails.
+
+    1. The ``GUIDED_SEEDS[0]`` strongest keypoints of each image are matched all against
+       all (Lowe's ratio test) and ``transform`` is fitted robustly to them (without the
+       least-squares refits: it only predicts where to look); if that fails, the next
+       seed size is tried.
+    2. Every moving keypoint is then compared only with the fixed keypoints within
+       ``radius`` of where that fit puts it (at most ``GUIDED_NEIGHBOURS``); it keeps the
+       nearest descriptor if that passes the ratio test against the second nearest there
+       and is no farther than the seed inliers' farthest descriptor distance.
+    3. Each fixed keypoint keeps its closest moving one (one-to-one).
+
+    The caller fits the model to these matches as it does to all-against-all ones, so a
+    poor seed cannot bias the result beyond which pairs are offered. Points are (N, 2)
+    in fitting units (about fixed pixels), like ``radius``; descriptors and responses
+    per keypoint. Costs ~GUIDED_SEEDS[0]^2 + N * GUIDED_NEIGHBOURS comparisons instead of
+    N_moving * N_fixed."""
+    from scipy.spatial import cKDTree
+
+    seeded = _guided_seed(m_pts, f_pts, m_desc, f_desc, m_resp, f_resp, detector=detector,
+                          transform=transform, ratio=ratio, estimator=estimator,
+                          threshold=threshold, confidence=confidence, max_iters=max_iters,
+                          seed=seed, workers=workers)
+    if seeded is None:
+        return None
+    m0, cap = seeded
     pred = _project(m0, m_pts)
     ok = np.all(np.isfinite(pred), axis=1)
     k = min(GUIDED_NEIGHBOURS, len(f_pts))
