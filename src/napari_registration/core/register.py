@@ -202,13 +202,20 @@ def method_info(method: str) -> dict:
     }
 
 
-# backend register function -> (options, annotations, doc): register() and auto ask for
-# the same methods on every call, and the signature does not change between them (a
-# replaced or reloaded backend has another function object, so it is inspected afresh)
+# backend register function -> (options, annotations, doc, parameters): register() and
+# auto ask for the same methods on every call, and the signature does not change between
+# them (a replaced or reloaded backend has another function object, so it is inspected
+# afresh; inspect.signature costs ~0.2 ms a call)
 _SIGNATURES: dict = {}
 
 
 def _signature_info(fn) -> tuple[dict, dict, str]:
+    """The options (name -> default), their annotations as text, and the docstring of a
+    backend's register function."""
+    return _signature(fn)[:3]
+
+
+def _signature(fn) -> tuple:
     if fn not in _SIGNATURES:
         sig = inspect.signature(fn)
         options = {
@@ -221,7 +228,7 @@ def _signature_info(fn) -> tuple[dict, dict, str]:
             for name, p in sig.parameters.items()
             if name in options and p.annotation is not inspect.Parameter.empty
         }
-        _SIGNATURES[fn] = (options, annotations, inspect.getdoc(fn) or "")
+        _SIGNATURES[fn] = (options, annotations, inspect.getdoc(fn) or "", sig.parameters)
     return _SIGNATURES[fn]
 
 
@@ -340,15 +347,8 @@ def _check_option_type(method, key, value, default, annotation) -> None:
                          f"{default!r}); got {value!r} ({type(value).__name__})")
 
 
-# backend register function -> its signature's parameters (inspect.signature costs
-# ~0.2 ms a call; a replaced or reloaded backend is another function, inspected afresh)
-_PARAMETERS: dict = {}
-
-
 def _check_option_types(method, backend_register, backend_opts, core) -> None:
-    params = _PARAMETERS.get(backend_register)
-    if params is None:
-        params = _PARAMETERS[backend_register] = inspect.signature(backend_register).parameters
+    params = _signature(backend_register)[3]
     for key, value in backend_opts.items():
         p = params[key]
         _check_option_type(method, key, value, p.default, p.annotation)
