@@ -121,8 +121,9 @@ def resample(
     -----
     Linear interpolation (order 1) of a 2D or 3D image through an affine transform (up
     to :data:`ITK_MAX_VOXELS` input voxels) runs in ITK's resampler: the same exact
-    bilinear/trilinear interpolation as scipy's, to the last bit of float rounding,
-    2-4x faster on 512^2-704^2 images and 3-4x on small 3D volumes (docs/benchmarks.md,
+    bilinear/trilinear interpolation as scipy's, to the last bit of float rounding, in
+    1.3-2.4x less CPU time on 512^2-704^2 images and 2.4-2.9x less on 3D volumes (wall
+    time with the default threads: 1.3-1.75x and 2.3-2.6x less; docs/benchmarks.md,
     "Exact linear warp through ITK"), with the GIL released. Its threads split the
     output by rows, so the values do not depend on ``threads`` either. Every other case
     (orders 0 and 2-5, labels, projective and deformable transforms, larger inputs) runs
@@ -173,7 +174,7 @@ def resample(
         out = _cv2_warp(work, m, output_shape, order, cval)
     elif (order == 1 and ndim in (2, 3) and transform.is_linear and not transform.is_projective
           and work.dtype in (np.float32, np.float64) and work.size <= ITK_MAX_VOXELS):
-        # the same exact interpolation in ITK's resampler, 2-4x faster than scipy's
+        # the same exact interpolation in ITK's resampler, in less time than scipy's
         out = _itk_linear(work, m, output_shape, cval, n_workers(threads))
     elif transform.is_linear and not transform.is_projective:
         if order > 1:
