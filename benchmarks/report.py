@@ -352,13 +352,13 @@ def _why(v, case, table, methods, runs=()):
                      "counts as a tie here (below 0.1 px); `features` with detector='orb' is the "
                      "row 'ours: features (orb)'")
     if fast == "ours: features (orb)" and "ORB" in fast_peer and ratio > 1.25:
-        notes.append("`features` with ORB detects on the image stretched to its 0.5-99.5 "
-                     "percentiles, where ORB finds more corners than on the raw 8-bit image "
-                     "(moon: 1908 against 680), then matches them (guided by a first fit), "
-                     "refits on the inliers and warps with an exact interpolation (ITK's, ~4 ms "
-                     "on 512^2 against OpenCV's ~1 ms with 1/32-pixel weights); on images "
-                     "this small those steps are a large share of a fraction of a second "
-                     "(docs/benchmarks.md, 'Features (ORB) per-call costs, round 6')")
+        notes.append("`features` with ORB matches its keypoints twice (guided by a first "
+                     "fit), refits on the inliers and warps with an exact interpolation (ITK's, "
+                     "~4 ms on 512^2 against OpenCV's ~1 ms with 1/32-pixel weights); a dim "
+                     "image (too few FAST corners on its own 8-bit scale) is detected again on "
+                     "its percentile stretch, where ORB finds more corners; on images this "
+                     "small those steps are a large share of a fraction of a second "
+                     "(docs/benchmarks.md, 'ORB on the image's own 8-bit scale, round 7')")
     if fast == "ours: features" and "SIFT" in fast_peer and ratio > 1.25:
         notes.append("`features` spends ~90 % of its time in the same OpenCV SIFT "
                      "detectAndCompute as the peer (profiled), plus matching and a refinement "

@@ -233,7 +233,8 @@ def _signature(fn) -> tuple:
 
 
 _BACKEND_PLUMBING = {"transform", "fixed_spacing", "moving_spacing", "progress", "cancel",
-                     "fixed_mask", "moving_mask", "linear_copy", "stretch_uint8"}
+                     "fixed_mask", "moving_mask", "linear_copy", "stretch_uint8",
+                     "uint8_native"}
 
 
 # ------------------------------------------------------------------------- validation
@@ -262,7 +263,8 @@ def _as_image(name: str, image, rgb) -> tuple[np.ndarray, bool]:
     return a, is_rgb
 
 
-def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
+def _grey_float(name, a, is_rgb, mask=None) -> tuple[np.ndarray, float, float]:
+    """The finite float32 grey image of ``a`` and its (min, max)."""
     from .preprocess import to_grey
 
     # float32 input is used as is (no copy: it is only read); see the fill below
@@ -288,7 +290,20 @@ def _grey_float(name, a, is_rgb, mask=None) -> np.ndarray:
         lo, hi = float(g.min()), float(g.max())
     if hi == lo:
         raise ValueError(f"{name} image is constant (every pixel = {lo}): there is nothing to align")
-    return g
+    return g, lo, hi
+
+
+def _native_uint8_gain(raw, lo: float, hi: float) -> float | None:
+    """The gain that puts a grey image on its own 8-bit scale, or None when it has none:
+    1 for uint8 images (grey values 0..255), 255 for floating-point images within
+    [0, 1]; other dtypes and ranges (uint16, raw intensities) have no 8-bit scale of
+    their own and are only ever stretched."""
+    dtype = np.asarray(raw).dtype if not hasattr(raw, "dtype") else raw.dtype
+    if dtype == np.uint8:
+        return 1.0
+    if dtype.kind == "f" and 0.0 <= lo and hi <= 1.0:
+        return 255.0
+    return None
 
 
 def _spatial_shape(a, is_rgb) -> tuple:
@@ -474,8 +489,8 @@ def register(
     moving_raw, moving_rgb = _as_image("moving", moving, core["rgb"])
     fixed_mask = _mask("fixed_mask", core["fixed_mask"], _spatial_shape(fixed_raw, fixed_rgb))
     moving_mask = _mask("moving_mask", core["moving_mask"], _spatial_shape(moving_raw, moving_rgb))
-    fixed_g = _grey_float("fixed", fixed_raw, fixed_rgb, fixed_mask)
-    moving_g = _grey_float("moving", moving_raw, moving_rgb, moving_mask)
+    fixed_g, *fixed_range = _grey_float("fixed", fixed_raw, fixed_rgb, fixed_mask)
+    moving_g, *moving_range = _grey_float("moving", moving_raw, moving_rgb, moving_mask)
     if fixed_g.ndim != moving_g.ndim:
         raise ValueError(
             f"fixed is {fixed_g.ndim}D {fixed_g.shape} but moving is {moving_g.ndim}D "
@@ -545,6 +560,11 @@ def register(
     if stretch_in_backend:
         f_prep, m_prep = fixed_g, moving_g
         backend_opts["stretch_uint8"] = True
+        # ... and each image's own 8-bit scale, where it has one (a backend that says
+        # UINT8_NATIVE may detect on it before it stretches: features with ORB)
+        if getattr(mod, "UINT8_NATIVE", False):
+            backend_opts["uint8_native"] = (_native_uint8_gain(fixed_raw, *fixed_range),
+                                            _native_uint8_gain(moving_raw, *moving_range))
     elif uint8_input:
         # _grey_float has made every value finite (or refused the image)
         f_prep = prepare_uint8(fixed_g, mask=fixed_mask, finite=True)
