@@ -60,10 +60,16 @@ def test_native_gain_by_dtype_and_range(raw, lo, hi, want):
 
 
 def test_native_uint8_rounds_and_clips():
-    img = np.array([[0.0, 0.5 / 255, 0.999, 1.0]], np.float32)
-    np.testing.assert_array_equal(features.native_uint8(img, 255.0), [[0, 1, 255, 255]])
-    grey = np.array([[0.0, 12.49, 12.5, 254.6]], np.float32)
-    np.testing.assert_array_equal(features.native_uint8(grey, 1.0), [[0, 12, 13, 255]])
+    img = np.array([[0.0, 0.4 / 255, 0.6 / 255, 0.999, 1.0]], np.float32)
+    np.testing.assert_array_equal(features.native_uint8(img, 255.0), [[0, 0, 1, 255, 255]])
+    grey = np.array([[0.0, 12.49, 12.51, 254.6, 255.0]], np.float32)
+    np.testing.assert_array_equal(features.native_uint8(grey, 1.0), [[0, 12, 13, 255, 255]])
+    rng = np.random.default_rng(3)
+    img = rng.random((97, 131)).astype(np.float32)
+    want = np.clip(np.rint(img.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    got = features.native_uint8(img, 255.0)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
 
 
 def test_orb_on_a_bright_float_image_uses_its_own_scale():

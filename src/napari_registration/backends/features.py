@@ -142,13 +142,15 @@ def to_uint8(image, mask=None) -> np.ndarray:
 
 
 def native_uint8(image, gain: float) -> np.ndarray:
-    """A finite grey image on its own 8-bit scale: ``floor(image * gain + 0.5)`` clipped
-    to 0..255 (gain 1 for a uint8 image's grey values, 255 for an image in [0, 1]),
-    computed in float32 like :func:`to_uint8`."""
-    out = np.multiply(np.asarray(image, dtype=np.float32), np.float32(gain))
-    out += np.float32(0.5)
-    np.clip(out, 0.0, 255.0, out=out)
-    return out.astype(np.uint8)
+    """A finite, non-negative grey image on its own 8-bit scale: ``image * gain`` rounded
+    to the nearest integer (ties to even, as np.rint) and clipped to 0..255 (gain 1 for
+    a uint8 image's grey values, 255 for an image in [0, 1]). One OpenCV pass
+    (convertScaleAbs; the values are >= 0, so its absolute value changes nothing):
+    ~0.2 ms on 704^2 against ~0.8 ms for numpy's four."""
+    import cv2
+
+    with _cv2_errors("8-bit conversion"):
+        return cv2.convertScaleAbs(np.asarray(image, dtype=np.float32), alpha=float(gain))
 
 
 def count_corners(image_u8, mask=None, threshold=None) -> int:
