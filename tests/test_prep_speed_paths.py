@@ -243,6 +243,35 @@ def test_share_cores_restores_opencv_threads_when_nested():
         cv2.setNumThreads(before)
 
 
+def test_threads_and_share_cores_overlapping_restore_the_setting():
+    """A call with threads=N and a call that shares the cores, overlapping in either
+    order (two threads' calls): OpenCV's process-wide setting comes back as it was.
+    With two separate save/restores the one that left last put back the other's count."""
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        share = max(1, parallel.n_workers() // 2)
+        a, b = features._threads(5), features._share_cores(2)
+        a.__enter__()
+        assert cv2.getNumThreads() == 5
+        b.__enter__()
+        assert cv2.getNumThreads() == share  # the latest request holds while both run
+        a.__exit__(None, None, None)
+        assert cv2.getNumThreads() == share  # still in use by the other call
+        b.__exit__(None, None, None)
+        assert cv2.getNumThreads() == 3
+        b, a = features._share_cores(2), features._threads(5)
+        b.__enter__()
+        a.__enter__()
+        b.__exit__(None, None, None)
+        a.__exit__(None, None, None)
+        assert cv2.getNumThreads() == 3
+        with features._threads(0):  # 0 leaves OpenCV's setting alone
+            assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_orb_pair_detection_keeps_opencv_setting_and_keypoints(monkeypatch):
     """Two ORB detections at once with half the cores each for OpenCV: the keypoints and
     the fit of one detection after the other (threads=1), and OpenCV's setting afterwards."""

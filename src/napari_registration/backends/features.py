@@ -810,49 +810,48 @@ def check_model(m, transform, src_inliers, corners, max_scale: float):
 
 
 # ------------------------------------------------------------------------- backend
-@contextlib.contextmanager
-def _threads(n: int):
-    import cv2
+_CV_THREADS_LOCK = threading.Lock()
+_CV_THREADS_STATE = {"users": 0, "saved": None}
 
+
+@contextlib.contextmanager
+def _opencv_threads(n: int):
+    """OpenCV's worker threads set to ``n`` while the block runs (0: left alone). The
+    setting is process-wide, so every overlapping user (register_stack's workers, calls
+    from several threads) shares one save/restore: the first one in saves the setting,
+    each one sets its own count on entry (while calls overlap, the latest request holds:
+    OpenCV has no per-call count), and the last one out puts the saved setting back."""
     if not n:
         yield
         return
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(int(n))
+    import cv2
+
+    with _CV_THREADS_LOCK:
+        if _CV_THREADS_STATE["users"] == 0:
+            _CV_THREADS_STATE["saved"] = cv2.getNumThreads()
+        _CV_THREADS_STATE["users"] += 1
+        cv2.setNumThreads(int(n))
     try:
         yield
     finally:
-        cv2.setNumThreads(before)
+        with _CV_THREADS_LOCK:
+            _CV_THREADS_STATE["users"] -= 1
+            if _CV_THREADS_STATE["users"] == 0:
+                cv2.setNumThreads(_CV_THREADS_STATE["saved"])
 
 
-_SHARE_LOCK = threading.Lock()
-_SHARE_STATE = {"users": 0, "saved": None}
+def _threads(n: int):
+    """The user's ``threads=`` for OpenCV during the call (0 = OpenCV's setting)."""
+    return _opencv_threads(int(n))
 
 
-@contextlib.contextmanager
 def _share_cores(parts: int):
     """OpenCV's own worker threads cut to the cores each of ``parts`` concurrent calls
     has (cores // parts, at least 1) while they run, then restored. Two ORB detections
     at once on 2 cores, each also handing work to OpenCV's 2-thread pool, cost ~4 ms more
     CPU (22 vs 18 ms for moon's pair under report timing) than with one OpenCV thread
-    each on a busy machine: the pool can only compete with the other detection. The
-    setting is process-wide, so overlapping users (register_stack's workers) share one
-    save/restore: the first one in saves it, the last one out puts it back."""
-    import cv2
-
-    n = max(1, n_workers() // max(1, int(parts)))
-    with _SHARE_LOCK:
-        if _SHARE_STATE["users"] == 0:
-            _SHARE_STATE["saved"] = cv2.getNumThreads()
-            cv2.setNumThreads(n)
-        _SHARE_STATE["users"] += 1
-    try:
-        yield
-    finally:
-        with _SHARE_LOCK:
-            _SHARE_STATE["users"] -= 1
-            if _SHARE_STATE["users"] == 0:
-                cv2.setNumThreads(_SHARE_STATE["saved"])
+    each on a busy machine: the pool can only compete with the other detection."""
+    return _opencv_threads(max(1, n_workers() // max(1, int(parts))))
 
 
 def _validate(transform, detector, matcher, estimator, ratio, reproj_threshold, confidence,
