@@ -33,7 +33,7 @@ NOT_RUN: dict = {}
 
 def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
     """(line number, code, skipped) for every ```python block of a page."""
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     blocks = []
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip().splitlines()
@@ -87,7 +87,7 @@ def test_only_gui_or_cluster_code_is_skipped():
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_images_exist(page):
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     for target in IMAGE.findall(text):
         if "://" in target:
             continue
@@ -105,14 +105,14 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set[str]:
-    text = FENCE.sub("", page.read_text())
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_links_between_pages_resolve(page):
-    for target in LINK.findall(page.read_text()):
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
         if "://" in target or target.startswith("mailto:"):
             continue
         path, _, anchor = target.partition("#")

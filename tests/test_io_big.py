@@ -5,6 +5,7 @@ orientation from ITK headers; validation before native readers."""
 from __future__ import annotations
 
 import json
+import locale
 import threading
 
 import dask
@@ -136,21 +137,30 @@ def test_dicom_series_and_itk_orientation(tmp_path):
     img.SetOrigin((10.0, -5.0, 3.0))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for z in range(vol.shape[0]):
-        sl = img[:, :, z]
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # series UID
-        sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
-        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        sl.SetMetaData("0018|0050", "2.5")
-        sl.SetMetaData("0020|0013", str(z))
-        writer.SetFileName(str(folder / f"s{z:03d}.dcm"))
-        writer.Execute(sl)
+    # SimpleITK's DICOM writer (GDCM) switches the whole process to the "C" locale and
+    # leaves it there: Python's default text encoding becomes ASCII for every later test.
+    # The package never writes DICOM; the test puts the locale back
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        for z in range(vol.shape[0]):
+            sl = img[:, :, z]
+            sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # series UID
+            sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
+            sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+            sl.SetMetaData("0018|0050", "2.5")
+            sl.SetMetaData("0020|0013", str(z))
+            writer.SetFileName(str(folder / f"s{z:03d}.dcm"))
+            writer.Execute(sl)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    before = locale.setlocale(locale.LC_ALL)
     series = read_dicom_series(folder)
     assert series.levels[0].shape == vol.shape
     np.testing.assert_allclose(series.spacing, (2.5, 0.8, 0.7), atol=1e-6)
     np.testing.assert_allclose(series.origin, (3.0, -5.0, 10.0), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(series.levels[0]), vol)
     assert read_big(folder).meta["format"] == "dicom"
+    assert locale.setlocale(locale.LC_ALL) == before  # reading leaves the locale alone
 
     oblique = sitk.GetImageFromArray(vol.astype(np.float32))
     c, s = np.cos(0.3), np.sin(0.3)

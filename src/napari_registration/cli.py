@@ -458,7 +458,7 @@ def cmd_stack(args) -> int:
     for i, (d, fi) in enumerate(zip(drift, result.info["frames"])):
         b, a = (f"{fi[k]:.4f}" if fi.get(k) is not None else "" for k in ("ncc_before", "ncc_after"))
         lines.append(f"{i}," + ",".join(f"{v:.4f}" for v in d) + f",{b},{a},{fi.get('error', '')}")
-    write_atomic(out / "drift.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_atomic(out / "drift.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     report = result.to_dict()
     report["outputs"] = {"aligned": str(aligned), "drift": str(out / "drift.csv"),
                          "report": str(out / "report.json")}
@@ -501,7 +501,7 @@ def _read_checkpoint(path: Path, run_key: str, nframes: int) -> dict:
 
     known = {}
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return {}
     if not lines:
@@ -543,7 +543,7 @@ class _Checkpoint:
         keep = [json.dumps({"frame": i, "transform": t.to_dict(), "info": info}, default=str)
                 for i, (t, info) in sorted(self.known.items())]
         write_text_atomic(self.path, "\n".join([json.dumps({"run": self.run_key}), *keep]) + "\n")
-        self.fh = self.path.open("a")
+        self.fh = self.path.open("a", encoding="utf-8")
 
     def add(self, frame, step, info) -> None:
         if frame in self.known:
@@ -616,7 +616,7 @@ def _batch_item_big(fixed_path, moving_path, out, settings, t0) -> dict:
         channel=big.get("channel"), scheduler=None, _silent=True)
     with _local_threads():
         cmd_register_big(ns)
-    report = json.loads((Path(out) / "report.json").read_text())
+    report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
     return _item_summary(t0, report.get("metrics", {}))
 
 
@@ -701,7 +701,7 @@ def _finished(out: Path) -> bool:
     """An item is done when its report.json (written last) parses and every output it
     lists is there with the size it recorded; anything else is redone."""
     try:
-        report = json.loads((out / "report.json").read_text())
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         outputs = report["outputs"]
         sizes = report.get("output_bytes", {})
         for key, path in outputs.items():
@@ -817,7 +817,7 @@ def cmd_batch(args) -> int:
                "items": [{"fixed": str(f), "moving": str(m), "out": str(o), **status.get(k, {})}
                          for k, (f, m, o) in enumerate(items)]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "batch.json").write_text(json.dumps(summary, indent=1))
+    (Path(args.out) / "batch.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(f"batch: {summary['ok']} registered, {summary['skipped']} skipped, "
           f"{summary['failed']} failed of {total} in {summary['seconds']:.1f} s")
     for moving, message in failed:

@@ -405,7 +405,7 @@ def write_ome_zarr(path, data, *, spacing=None, origin=None, rgb: bool = False,
         if tmp.exists():
             shutil.rmtree(tmp)
         nz.to_ome_zarr(str(tmp), ms, metadata_only=True)
-        (tmp / _MARKER).write_text(json.dumps(plan))
+        (tmp / _MARKER).write_text(json.dumps(plan), encoding="utf-8")
     datasets = [ds.path for ds in ms.metadata.datasets]
     modes = label_levels(base_d, len(ms.images)) if labels and make_level is None else None
 
@@ -540,7 +540,7 @@ def label_levels(labels, n_levels: int) -> list:
 
 def _same_plan(tmp: Path, plan: dict) -> bool:
     try:
-        return json.loads((tmp / _MARKER).read_text()) == plan
+        return json.loads((tmp / _MARKER).read_text(encoding="utf-8")) == plan
     except (OSError, ValueError):
         return False
 

@@ -32,4 +32,4 @@ def write_atomic(path, write: Callable[[Path], object]) -> Path:
 
 def write_text_atomic(path, text: str) -> Path:
     """:func:`write_atomic` for a text file."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -219,7 +219,7 @@ def load_transforms(path: str | Path) -> TransformSeries:
         raise ValueError(f"{path} is larger than {MAX_FILE_BYTES // 2**20} MB: not a transform "
                          "series written by save_transforms")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); was it written by "
                          "save_transforms?") from None

@@ -43,7 +43,7 @@ def _is_series_file(path: Path) -> bool:
     try:
         if path.suffix.lower() != ".json" or path.stat().st_size > 512 * 1024 * 1024:
             return False
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and data.get("type") in (
