@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from interleave import time_interleaved  # noqa: E402 - benchmarks/ is on sys.path
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -203,17 +205,10 @@ def run_case(args, image):
     }
     for fn in variants.values():  # warm up: imports, OpenCV's first-call costs
         fn()
-    times = {k: [] for k in variants}
-    cpu = {k: [] for k in variants}  # CPU seconds of all threads: less hurt by a busy machine
     outputs = {}
     names = list(variants)
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no fixed position
-        for name in order:
-            t, c = time.perf_counter(), time.process_time()
-            outputs[name] = variants[name]()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+    # CPU seconds of all threads: less hurt by a busy machine
+    times, cpu = time_interleaved(variants, args.repeats, outputs=outputs)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
@@ -459,14 +454,7 @@ def round3(args):
             tre[k] = tre_of(case, mapper(raw))["mean"]
             info[k] = {key: raw.info.get(key) for key in ("keypoints_fixed", "matches", "inliers",
                                                            "matcher")} if hasattr(raw, "info") else {}
-        wall = {k: [] for k in names}
-        cpu = {k: [] for k in names}
-        for r in range(args.repeats):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                t, c = time.perf_counter(), time.process_time()
-                variants[k][0]()
-                wall[k].append(time.perf_counter() - t)
-                cpu[k].append(time.process_time() - c)
+        wall, cpu = time_interleaved({k: v[0] for k, v in variants.items()}, args.repeats)
         for det in args.detectors.split(","):
             base = f"raw OpenCV {det.upper()}"
             for k in [n for n in names if det in n.lower()]:

@@ -21,11 +21,12 @@ import contextlib
 import os
 import statistics as st
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from interleave import time_interleaved  # noqa: E402 - benchmarks/ is on sys.path
 
 
 def _cpu_snapshot():
@@ -102,22 +103,9 @@ def main(argv=None):
         for k, (run, mapper) in variants.items():  # warm up + accuracy
             tre[k] = tre_of(case, mapper(run()))["mean"]
         names = list(variants)
-        wall = {k: [] for k in names}
-        cpu = {k: [] for k in names}
         snap = _cpu_snapshot()
-        for i in range(a.repeats):
-            for k in names[i % len(names):] + names[:i % len(names)]:
-                box = {}
-
-                def timed(k=k):
-                    c0 = time.process_time()
-                    out = variants[k][0]()
-                    box["cpu"] = time.process_time() - c0
-                    return out
-
-                _, seconds, _ = measure(timed)
-                wall[k].append(seconds)
-                cpu[k].append(box["cpu"])
+        wall, cpu = time_interleaved({k: v[0] for k, v in variants.items()}, a.repeats,
+                                     measure=measure)
         busy = others_cores(snap, _cpu_snapshot())
         rw, rc = st.median(wall["raw ORB"]), st.median(cpu["raw ORB"])
         print(f"== {name} (warp={bool(a.warp)}, {a.repeats} repeats, other processes "

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from interleave import time_interleaved  # noqa: E402 - benchmarks/ is on sys.path
 
 
 def main(argv=None):
@@ -76,14 +77,8 @@ def main(argv=None):
             tre[k] = tre_of(case, mapper(r))["mean"]
             info = getattr(r, "info", {})
             counts[k] = (info.get("keypoints_fixed"), info.get("inliers"))
-        wall = {k: [] for k in names}
-        cpu = {k: [] for k in names}
-        for i in range(a.repeats):
-            for k in names[i % len(names):] + names[:i % len(names)]:
-                c = time.process_time()
-                _, seconds, _ = measure(variants[k][0])
-                cpu[k].append(time.process_time() - c)
-                wall[k].append(seconds)
+        wall, cpu = time_interleaved({k: v[0] for k, v in variants.items()}, a.repeats,
+                                     measure=measure)
         for det in a.det.split(","):
             w0, c0 = statistics.median(wall[f"raw {det}"]), statistics.median(cpu[f"raw {det}"])
             for k in [n for n in names if n.endswith(det)]:

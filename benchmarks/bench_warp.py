@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from interleave import time_interleaved  # noqa: E402 - benchmarks/ is on sys.path
+
 SHAPES = [(512, 512), (704, 704), (91, 109, 91), (160, 192, 160)]
 
 
@@ -65,15 +67,8 @@ def main(argv=None):
                 variants["opencv (fast)"] = lambda: rs.resample(image, t, shape, fast=True,
                                                                 threads=threads)
             outs = {k: f() for k, f in variants.items()}  # warm-up
-            wall = {k: [] for k in variants}
-            cpu = {k: [] for k in variants}
             names = list(variants)
-            for r in range(args.repeats):
-                for k in names[r % len(names):] + names[:r % len(names)]:
-                    w, c = time.perf_counter(), time.process_time()
-                    variants[k]()
-                    wall[k].append(time.perf_counter() - w)
-                    cpu[k].append(time.process_time() - c)
+            wall, cpu = time_interleaved(variants, args.repeats)
             inside = outs["scipy"] != 0
             for k in names:
                 row = dict(shape="x".join(map(str, shape)), threads=threads, variant=k,
