@@ -110,20 +110,24 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(ROUND3_CASES))
     ap.add_argument("--stages", default="moon_similarity,astronaut_homography",
                     help="(--round3) cases for the one-thread stage table")
-    ap.add_argument("--out", default=str(HERE / "results" / "features_round3.json"))
+    ap.add_argument("--out", default=None,
+                    help="where the JSON goes (default results/features.json, with --round3 "
+                         "results/features_round3.json)")
     ap.add_argument("--detectors", default="orb,sift",
                     help="(--round3) which keypoint detectors to compare")
     ap.add_argument("--fast-warp", action="store_true",
                     help="(--round3) also time before/now with fast_warp=True (OpenCV's warp)")
     args = ap.parse_args(argv)
     if args.round3:
+        args.out = args.out or str(HERE / "results" / "features_round3.json")
         return round3(args)
     images = ["retina", "astronaut"] if args.image == "both" else [args.image]
     results = {"cases": [run_case(args, image) for image in images]}
     if not args.skip_accuracy:
         results["accuracy"] = accuracy_table()
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "features.json").write_text(json.dumps(results, indent=2))
+    out = Path(args.out) if args.out else HERE / "results" / "features.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
 
 
