@@ -61,6 +61,8 @@ UINT8_STRETCH = True
 UINT8_NATIVE = True
 NATIVE_DETECTORS = ("orb",)
 NATIVE_MIN_CORNERS = 200
+# OpenCV's default FAST threshold of ORB (grey levels): the detector's and the corner count's
+ORB_FAST_THRESHOLD = 20
 
 DETECTORS = ("sift", "orb", "akaze", "brisk")
 MATCHERS = ("auto", "bf", "flann")
@@ -158,10 +160,15 @@ def count_corners(image_u8, mask=None, threshold=None) -> int:
     uint8 image at full resolution, inside ``mask`` if given."""
     import cv2
 
-    fast = cv2.FastFeatureDetector_create(threshold=20 if threshold is None else int(threshold))
-    cv_mask = None if mask is None else np.asarray(mask, dtype=np.uint8)
+    fast = cv2.FastFeatureDetector_create(
+        threshold=ORB_FAST_THRESHOLD if threshold is None else int(threshold))
     with _cv2_errors("FAST corners"):
-        return len(fast.detect(image_u8, cv_mask))
+        return len(fast.detect(image_u8, _cv_mask(mask)))
+
+
+def _cv_mask(mask):
+    """A boolean mask as OpenCV's detectors take it (uint8, 255 inside), or None."""
+    return None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
 
 
 def _square_shape(shape, spacing, tolerance: float = 1.05) -> tuple[int, ...] | None:
@@ -241,7 +248,7 @@ def _make_detector(detector: str, n_features: int, threshold):
                                enable_precise_upscale=True)
     if detector == "orb":
         return cv2.ORB_create(nfeatures=n if n > 0 else 100_000,
-                              fastThreshold=20 if threshold is None else int(threshold))
+                              fastThreshold=ORB_FAST_THRESHOLD if threshold is None else int(threshold))
     if detector == "akaze":
         return cv2.AKAZE_create(threshold=0.001 if threshold is None else float(threshold),
                                 max_points=n if n > 0 else -1)
@@ -258,8 +265,7 @@ def detect(image_u8, mask, detector: str, n_features: int, threshold=None, *,
     where keypoints are taken. ``with_response``: also each keypoint's detector
     response (strength), as a third value."""
     det = _make_detector(detector, n_features, threshold)
-    cv_mask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8) * 255
-    kps, desc = _detect_and_describe(det, image_u8, cv_mask, detector, n_features)
+    kps, desc = _detect_and_describe(det, image_u8, _cv_mask(mask), detector, n_features)
     if not kps or desc is None:
         return (np.empty((0, 2)), None) + ((np.empty(0),) if with_response else ())
     import cv2
@@ -313,9 +319,8 @@ def detect_tiled(image_u8, mask, detector: str, n_features: int, threshold=None,
             if sub_mask is not None and not sub_mask.any():
                 continue
             det = _make_detector(detector, per_tile, threshold)
-            cv_mask = None if sub_mask is None else np.ascontiguousarray(sub_mask, dtype=np.uint8) * 255
             sub = np.ascontiguousarray(image_u8[R0:R1, C0:C1])
-            kps, desc = _detect_and_describe(det, sub, cv_mask, detector, per_tile)
+            kps, desc = _detect_and_describe(det, sub, _cv_mask(sub_mask), detector, per_tile)
             if not kps or desc is None:
                 continue
             xy = np.asarray(cv2.KeyPoint_convert(kps), dtype=np.float64).reshape(-1, 2)
@@ -995,7 +1000,8 @@ def register(fixed, moving, *, transform, fixed_spacing, moving_spacing, progres
         def keypoints(u8, msk, sp):
             if isotropic:
                 u8, msk, sp = square_pixels(u8, sp, msk)
-            # uint8 is the core's stretched image (UINT8_INPUT): detected as it is
+            # uint8 (the image on its own 8-bit scale, or the core's stretch: UINT8_INPUT)
+            # is detected as it is
             u8 = u8 if u8.dtype == np.uint8 else to_uint8(u8, msk)
             return detect_tiled(u8, msk, detector, n_features, threshold, tile_size=int(tile_size),
                                 stop=stop, with_response=True) + (sp,)
