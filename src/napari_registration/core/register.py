@@ -293,15 +293,14 @@ def _grey_float(name, a, is_rgb, mask=None) -> tuple[np.ndarray, float, float]:
     return g, lo, hi
 
 
-def _native_uint8_gain(raw, lo: float, hi: float) -> float | None:
+def _native_uint8_gain(raw: np.ndarray, lo: float, hi: float) -> float | None:
     """The gain that puts a grey image on its own 8-bit scale, or None when it has none:
     1 for uint8 images (grey values 0..255), 255 for floating-point images within
     [0, 1]; other dtypes and ranges (uint16, raw intensities) have no 8-bit scale of
-    their own and are only ever stretched."""
-    dtype = np.asarray(raw).dtype if not hasattr(raw, "dtype") else raw.dtype
-    if dtype == np.uint8:
+    their own and are only ever stretched. ``raw``: the array :func:`_as_image` made."""
+    if raw.dtype == np.uint8:
         return 1.0
-    if dtype.kind == "f" and 0.0 <= lo and hi <= 1.0:
+    if raw.dtype.kind == "f" and 0.0 <= lo and hi <= 1.0:
         return 255.0
     return None
 
