@@ -458,7 +458,7 @@ def cmd_stack(args) -> int:
     for i, (d, fi) in enumerate(zip(drift, result.info["frames"])):
         b, a = (f"{fi[k]:.4f}" if fi.get(k) is not None else "" for k in ("ncc_before", "ncc_after"))
         lines.append(f"{i}," + ",".join(f"{v:.4f}" for v in d) + f",{b},{a},{fi.get('error', '')}")
-    write_atomic(out / "drift.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_text_atomic(out / "drift.csv", "\n".join(lines) + "\n")
     report = result.to_dict()
     report["outputs"] = {"aligned": str(aligned), "drift": str(out / "drift.csv"),
                          "report": str(out / "report.json")}
@@ -817,7 +817,7 @@ def cmd_batch(args) -> int:
                "items": [{"fixed": str(f), "moving": str(m), "out": str(o), **status.get(k, {})}
                          for k, (f, m, o) in enumerate(items)]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "batch.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_text_atomic(Path(args.out) / "batch.json", json.dumps(summary, indent=1))
     print(f"batch: {summary['ok']} registered, {summary['skipped']} skipped, "
           f"{summary['failed']} failed of {total} in {summary['seconds']:.1f} s")
     for moving, message in failed:
