@@ -49,7 +49,8 @@ UINT8_STRETCH = True
 # ... and, where an image has an 8-bit scale of its own (uint8, or floating point within
 # [0, 1]: the core passes uint8_native), ORB detects on that scale unless FAST (ORB's
 # corner test, same threshold) finds fewer than NATIVE_MIN_CORNERS corners there at full
-# resolution (~0.5 ms on 512^2); then it detects on the stretch. ORB's FAST threshold
+# resolution (~6 % of an ORB detection's time, benchmarks/bench_orb_scale.py); then it
+# detects on the stretch. ORB's FAST threshold
 # is in grey levels (20), so a stretch acts as a lower threshold: on the moon photograph
 # (0.5-99.5 percentiles 29..158 of 255, a gain of ~2) ORB found 1908 keypoints on the
 # stretched image against 680 on its own scale, at the same TRE (0.073 px), and the
@@ -147,8 +148,8 @@ def native_uint8(image, gain: float) -> np.ndarray:
     """A finite, non-negative grey image on its own 8-bit scale: ``image * gain`` rounded
     to the nearest integer (ties to even, as np.rint) and clipped to 0..255 (gain 1 for
     a uint8 image's grey values, 255 for an image in [0, 1]). One OpenCV pass
-    (convertScaleAbs; the values are >= 0, so its absolute value changes nothing):
-    ~0.2 ms on 704^2 against ~0.8 ms for numpy's four."""
+    (convertScaleAbs; the values are >= 0, so its absolute value changes nothing): 0.44x
+    the time of numpy's four passes on 704^2, one thread (benchmarks/bench_orb_scale.py)."""
     import cv2
 
     with _cv2_errors("8-bit conversion"):
