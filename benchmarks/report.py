@@ -352,8 +352,8 @@ def _why(v, case, table, methods, runs=()):
                      "counts as a tie here (below 0.1 px); `features` with detector='orb' is the "
                      "row 'ours: features (orb)'")
     if fast == "ours: features (orb)" and "ORB" in fast_peer and ratio > 1.25:
-        notes.append("`features` with ORB matches its keypoints twice (guided by a first "
-                     "fit), refits on the inliers and warps with an exact interpolation (ITK's, "
+        notes.append("`features` with ORB matches its strongest keypoints first, then the "
+                     "rest guided by that first fit, refits on the inliers and warps with an exact interpolation (ITK's, "
                      "~4 ms on 512^2 against OpenCV's ~1 ms with 1/32-pixel weights); a dim "
                      "image (too few FAST corners on its own 8-bit scale) is detected again on "
                      "its percentile stretch, where ORB finds more corners; on images this "
